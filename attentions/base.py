@@ -1,0 +1,399 @@
+"""The attention contract: typed knobs, the base module, and the registry.
+
+Every mechanism is one subclass of :class:`Attention` with a frozen dataclass of
+knobs. The harness, the reports and the CLI only ever talk to this interface, so
+none of them needs to know a mechanism by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+
+import torch
+from torch import nn
+
+HW = tuple[int, int]
+
+
+class KnobError(ValueError):
+    """A knob is unknown, of the wrong type or out of range."""
+
+
+class UnsupportedPoint(ValueError):
+    """A mechanism was asked to run at a point it declares it cannot run."""
+
+    def __init__(self, name: str, reasons: list[str]):
+        self.reasons = list(reasons)
+        super().__init__(f"{name} cannot run here: " + "; ".join(self.reasons))
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    """Base of every mechanism's knob dataclass.
+
+    Subclasses are ``@dataclass(frozen=True)`` with typed, defaulted fields and
+    override :meth:`check` to raise :class:`KnobError` naming the fix.
+    """
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise KnobError when a value is out of range."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is tuple:
+        args = get_args(tp)
+        return f"tuple[{_type_name(args[0])}, ...]" if args else "tuple"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert ``value`` (a Python value or a CLI string) to the annotated type."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        for choice in choices:
+            if value == choice or (isinstance(value, str) and value == str(choice)):
+                return choice
+        raise KnobError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        errors = []
+        # Prefer the scalar reading of "8" and the tuple reading of "16,8,8".
+        options = sorted(get_args(tp), key=lambda t: get_origin(t) is tuple)
+        if isinstance(value, str) and "," in value:
+            options = sorted(options, key=lambda t: get_origin(t) is not tuple)
+        for option in options:
+            try:
+                return _coerce(value, option, where)
+            except KnobError as exc:
+                errors.append(str(exc))
+        raise KnobError(f"{where} must be {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        (item_type, *_rest) = get_args(tp)
+        if isinstance(value, str):
+            parts = [p for p in value.replace(" ", "").split(",") if p]
+        elif isinstance(value, (list, tuple)):
+            parts = list(value)
+        else:
+            raise KnobError(f"{where} must be {_type_name(tp)}, got {value!r}")
+        if not parts:
+            raise KnobError(f"{where} must not be empty")
+        return tuple(_coerce(p, item_type, where) for p in parts)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise KnobError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise KnobError(f"{where} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise KnobError(f"{where} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise KnobError(f"{where} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise KnobError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+class Attention(nn.Module):
+    """Base class of every mechanism.
+
+    ``forward(x, hw, context=None, context_hw=None)`` takes ``x`` of shape
+    ``(B, prefix + H*W, dim)`` with the ``H*W`` tokens in row-major order and
+    returns a tensor of the same shape. Subclasses implement :meth:`_forward`,
+    :meth:`macs` and, where points can be refused, :meth:`_unsupported`.
+    """
+
+    name: ClassVar[str]
+    Knobs: ClassVar[type[Knobs]]
+    summary: ClassVar[str] = ""
+    # The knob that sets the mechanism's cost (None when only resolution does).
+    cost_knob: ClassVar[str | None] = None
+    # Big-O of time in the number of tokens N (for tables; the analytic count is exact).
+    complexity: ClassVar[str] = ""
+    supports_cross: ClassVar[bool] = False
+    requires_context: ClassVar[bool] = False
+    # Tokens that precede the H*W map (a CLS token, say).
+    prefix_tokens: ClassVar[int] = 0
+    # Implementations; "reference" is the plain PyTorch definition of correct.
+    impls: ClassVar[tuple[str, ...]] = ("reference", "fast")
+    default_impl: ClassVar[str] = "fast"
+
+    def __init__(self, dim: int, heads: int, knobs: Knobs, impl: str | None = None):
+        super().__init__()
+        if not isinstance(dim, int) or dim <= 0:
+            raise KnobError(f"dim must be a positive integer, got {dim!r}")
+        if not isinstance(heads, int) or heads <= 0:
+            raise KnobError(f"heads must be a positive integer, got {heads!r}")
+        if dim % heads:
+            raise KnobError(f"dim ({dim}) must be divisible by heads ({heads}); choose heads from {_divisors(dim)}")
+        self.dim = dim
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.knobs = knobs
+        self._impl = self.default_impl
+        self.impl = impl or self.default_impl
+
+    # ------------------------------------------------------------------ knobs
+    @classmethod
+    def knob_types(cls) -> dict[str, Any]:
+        hints = typing.get_type_hints(cls.Knobs)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls.Knobs)}
+
+    @classmethod
+    def knob_defaults(cls) -> dict[str, Any]:
+        return cls.Knobs().as_dict()
+
+    @classmethod
+    def make_knobs(cls, **values: Any) -> Knobs:
+        types_ = cls.knob_types()
+        unknown = sorted(set(values) - set(types_))
+        if unknown:
+            valid = ", ".join(f"{k}={v!r}" for k, v in cls.knob_defaults().items()) or "(none)"
+            raise KnobError(f"unknown knob(s) {', '.join(unknown)} for {cls.name}; valid knobs with defaults: {valid}")
+        coerced = {k: _coerce(v, types_[k], f"{cls.name} knob {k!r}") for k, v in values.items()}
+        return cls.Knobs(**coerced)
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """What `attnbench list` and the harness know of a mechanism."""
+        types_ = cls.knob_types()
+        return {
+            "name": cls.name,
+            "summary": cls.summary,
+            "knobs": {
+                k: {"default": _jsonable(v), "type": _type_name(types_[k])} for k, v in cls.knob_defaults().items()
+            },
+            "cost_knob": cls.cost_knob,
+            "cross": "required" if cls.requires_context else ("yes" if cls.supports_cross else "no"),
+            "complexity": cls.complexity,
+            "impls": list(cls.impls),
+            "prefix_tokens": cls.prefix_tokens,
+        }
+
+    # ------------------------------------------------------------------ impl
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        if value not in self.impls:
+            raise KnobError(f"impl {value!r} is not one of {self.name}'s implementations: {', '.join(self.impls)}")
+        self._impl = value
+
+    @property
+    def math(self) -> bool:
+        """True on the plain reference path (no fused kernels)."""
+        return self._impl == "reference"
+
+    # ------------------------------------------------------------------ contract
+    @property
+    def context_dim(self) -> int:
+        """Width of the context tokens in cross attention."""
+        return self.dim
+
+    @property
+    def context_prefix_tokens(self) -> int:
+        return self.prefix_tokens
+
+    def default_context_hw(self, hw: HW) -> HW:
+        return hw
+
+    def unsupported(
+        self,
+        batch: int,
+        hw: HW,
+        context_hw: HW | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> list[str]:
+        """Human reasons why this point cannot run (empty when it can)."""
+        reasons: list[str] = []
+        if batch < 1:
+            reasons.append(f"batch must be at least 1, got {batch}")
+        for label, value in (("hw", hw), ("context_hw", context_hw)):
+            if value is None:
+                continue
+            if len(value) != 2 or any((not isinstance(v, int)) or v < 1 for v in value):
+                reasons.append(f"{label} must be two positive integers (H, W), got {value!r}")
+        if reasons:
+            return reasons
+        if self.requires_context and context_hw is None:
+            context_hw = self.default_context_hw(hw)
+        reasons += self._unsupported(batch, hw, context_hw, dtype=dtype, device=device)
+        return reasons
+
+    def _unsupported(
+        self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
+    ) -> list[str]:
+        return []
+
+    def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
+        """Analytic multiply-adds of one forward call (see attentions/README)."""
+        raise NotImplementedError
+
+    def example_inputs(
+        self,
+        batch: int,
+        hw: HW,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        *,
+        cross: bool = False,
+        context_hw: HW | None = None,
+        seed: int = 0,
+    ) -> tuple:
+        """Positional arguments for ``forward``: ``(x, hw)`` or ``(x, hw, context, context_hw)``."""
+        if cross and not self.supports_cross:
+            raise ValueError(f"{self.name} does not support cross attention")
+        gen = torch.Generator().manual_seed(seed)
+        h, w = hw
+        # x: (B, prefix + H*W, C); q, k and v are projected from it, never aliased.
+        x = torch.randn(batch, self.prefix_tokens + h * w, self.dim, generator=gen)
+        x = x.to(device=device, dtype=dtype)
+        if not (cross or self.requires_context):
+            return (x, hw)
+        chw = context_hw or self.default_context_hw(hw)
+        ctx = torch.randn(batch, self.context_prefix_tokens + chw[0] * chw[1], self.context_dim, generator=gen)
+        return (x, hw, ctx.to(device=device, dtype=dtype), chw)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        hw: HW | None = None,
+        context: torch.Tensor | None = None,
+        context_hw: HW | None = None,
+    ) -> torch.Tensor:
+        hw, context_hw = self._check_inputs(x, hw, context, context_hw)
+        out = self._forward(x, hw, context, context_hw)
+        return out
+
+    def _forward(self, x: torch.Tensor, hw: HW, context: torch.Tensor | None, context_hw: HW | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_inputs(
+        self, x: torch.Tensor, hw: Any, context: torch.Tensor | None, context_hw: Any
+    ) -> tuple[HW, HW | None]:
+        if hw is None:
+            raise ValueError(f"{self.name}: pass hw=(H, W), the token map size of x")
+        hw = _as_hw(hw, "hw")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"{self.name}: x must have shape (batch, tokens, {self.dim}), got {tuple(x.shape)}; "
+                "flatten a (B, C, H, W) map with x.flatten(2).transpose(1, 2)"
+            )
+        expected = self.prefix_tokens + hw[0] * hw[1]
+        if x.shape[1] != expected:
+            raise ValueError(
+                f"{self.name}: x has {x.shape[1]} tokens but hw={hw} needs {expected}"
+                + (f" ({self.prefix_tokens} prefix + H*W)" if self.prefix_tokens else " (H*W)")
+            )
+        if context is None:
+            if self.requires_context:
+                raise ValueError(f"{self.name}: needs context= (the other branch's tokens) and context_hw=")
+            if context_hw is not None:
+                raise ValueError(f"{self.name}: context_hw given without context")
+        else:
+            if not self.supports_cross:
+                raise ValueError(f"{self.name} does not support cross attention; call it without context")
+            if context_hw is None:
+                raise ValueError(f"{self.name}: pass context_hw=(H, W) with context")
+            context_hw = _as_hw(context_hw, "context_hw")
+            want = self.context_prefix_tokens + context_hw[0] * context_hw[1]
+            if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[1:] != (want, self.context_dim):
+                raise ValueError(
+                    f"{self.name}: context must have shape ({x.shape[0]}, {want}, {self.context_dim}) "
+                    f"for context_hw={context_hw}, got {tuple(context.shape)}"
+                )
+        reasons = self.unsupported(x.shape[0], hw, context_hw, dtype=x.dtype, device=x.device)
+        if reasons:
+            raise UnsupportedPoint(self.name, reasons)
+        return hw, context_hw
+
+    def extra_repr(self) -> str:
+        knobs = ", ".join(f"{k}={v}" for k, v in self.knobs.as_dict().items())
+        return f"dim={self.dim}, heads={self.heads}, impl={self.impl}" + (f", {knobs}" if knobs else "")
+
+
+def _as_hw(value: Any, label: str) -> HW:
+    try:
+        h, w = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{label} must be a pair (H, W) of positive integers, got {value!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"{label} must be a pair (H, W) of positive integers, got {value!r}")
+    return (h, w)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ---------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[Attention]] = {}
+
+
+def register(cls: type[Attention]) -> type[Attention]:
+    """Class decorator: add a mechanism to the registry under ``cls.name``."""
+    if not dataclasses.is_dataclass(cls.Knobs) or not cls.Knobs.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        raise TypeError(f"{cls.__name__}.Knobs must be a frozen dataclass")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"mechanism {cls.name!r} registered twice")
+    if cls.cost_knob is not None and cls.cost_knob not in cls.knob_types():
+        raise TypeError(f"{cls.__name__}.cost_knob {cls.cost_knob!r} is not one of its knobs")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Names of the registered mechanisms, in registration order."""
+    return list(_REGISTRY)
+
+
+def get(name: str) -> type[Attention]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown mechanism {name!r}; available: {', '.join(available())}") from None
+
+
+def build(name: str, *, dim: int, heads: int, impl: str | None = None, **knobs: Any) -> Attention:
+    """Build a registered mechanism: ``build("swin", dim=96, heads=3, window=7)``."""
+    cls = get(name)
+    return cls(dim=dim, heads=heads, knobs=cls.make_knobs(**knobs), impl=impl)

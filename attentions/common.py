@@ -1,0 +1,118 @@
+"""Pieces written once and shared by the mechanisms.
+
+Projections, head split/merge, token <-> map reshapes, the one SDPA helper and
+the multiply-add counts of the parts they build from.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, h*d) -> (B, h, N, d)."""
+    b, n, c = t.shape
+    return t.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(B, h, N, d) -> (B, N, h*d)."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+def to_map(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W)."""
+    b, n, c = t.shape
+    return t.transpose(1, 2).reshape(b, c, hw[0], hw[1])
+
+
+def to_tokens(m: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C)."""
+    return m.flatten(2).transpose(1, 2)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    math: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v, the one place that calls SDPA.
+
+    q: (..., Nq, d), k: (..., Nk, d), v: (..., Nk, dv); bias is additive and
+    broadcastable to (..., Nq, Nk) (-inf masks a pair). ``math=True`` forces the
+    plain PyTorch path, which is the reference every fast path must match.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if math:
+        scores = (q @ k.transpose(-2, -1)) * scale  # (..., Nq, Nk)
+        if bias is not None:
+            scores = scores + bias
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        return probs @ v
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+class Projections(nn.Module):
+    """Query, key/value and output projections of multi-head attention.
+
+    Keys and values are projected from ``source`` (x itself, a reduced map, or a
+    second image's tokens in cross attention), so self and cross attention share
+    the same weights and code.
+    """
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, bias: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.kv = nn.Linear(kv_dim or dim, 2 * dim, bias=bias)
+        self.out = nn.Linear(dim, dim)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, h, N, d)."""
+        return split_heads(self.q(x), self.heads)
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, M, C') -> two (B, h, M, d)."""
+        k, v = self.kv(source).chunk(2, dim=-1)  # each (B, M, C)
+        return split_heads(k, self.heads), split_heads(v, self.heads)
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """(B, h, N, d) -> (B, N, C)."""
+        return self.out(merge_heads(o))
+
+    def macs(self, batch: int, nq: int, nkv: int) -> int:
+        """Multiply-adds of the q, kv and output projections."""
+        c = self.q.in_features
+        return batch * (nq * c * c + nkv * self.kv.in_features * 2 * c + nq * c * c)
+
+
+def attention_macs(batch: int, heads: int, nq: int, nk: int, head_dim: int) -> int:
+    """Multiply-adds of q k^T and of probs @ v for ``nq`` x ``nk`` pairs per head."""
+    return 2 * batch * heads * nq * nk * head_dim
+
+
+def linear_macs(tokens: int, c_in: int, c_out: int) -> int:
+    return tokens * c_in * c_out
+
+
+def conv_macs(out_hw: tuple[int, int], c_in: int, c_out: int, kernel: int, groups: int = 1) -> int:
+    """Multiply-adds of a 2-D convolution per image."""
+    return out_hw[0] * out_hw[1] * c_out * (c_in // groups) * kernel * kernel
+
+
+def norm_macs(tokens: int, channels: int) -> int:
+    """LayerNorm/GroupNorm with affine, counted the way fvcore does (5 per element with affine)."""
+    return 5 * tokens * channels
+
+
+def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1

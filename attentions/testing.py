@@ -1,0 +1,77 @@
+"""Parity checks of a fast path against the float32 reference.
+
+Used by the test-suite and by kernel authors: ``parity(module, impl, dtype, args)``
+runs the module's ``reference`` implementation in float32 and ``impl`` in
+``dtype`` on copies of the same weights and inputs, and returns the relative
+L2 error of the output and of every input and parameter gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .base import Attention
+
+# Relative L2 error allowed against the float32 reference, per dtype of the fast path.
+TOLERANCE: dict[torch.dtype, float] = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 3e-2,
+}
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, computed in float64."""
+    a, e = actual.detach().double(), expected.detach().double()
+    return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+
+def _cast_args(args: tuple, dtype: torch.dtype) -> tuple:
+    return tuple(
+        a.detach().to(dtype).requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        for a in args
+    )
+
+
+def outputs_and_grads(module: Attention, args: tuple, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Output and gradients of a fixed random projection of it, by name."""
+    module.zero_grad(set_to_none=True)
+    out = module(*args)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
+    (out.float() * weight).sum().backward()
+    found = {"output": out}
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.grad is not None:
+            found[f"grad input[{i}]"] = a.grad
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            found[f"grad {name}"] = p.grad
+    return found
+
+
+def parity(module: Attention, impl: str, dtype: torch.dtype, args: tuple) -> dict[str, float]:
+    """Relative errors of ``impl`` in ``dtype`` against the float32 reference."""
+    ref = copy.deepcopy(module).float()
+    ref.impl = "reference"
+    fast = copy.deepcopy(module).to(dtype)
+    fast.impl = impl
+    expected = outputs_and_grads(ref, _cast_args(args, torch.float32))
+    actual = outputs_and_grads(fast, _cast_args(args, dtype))
+    missing = sorted(set(expected) ^ set(actual))
+    if missing:
+        raise AssertionError(f"gradients present in only one path: {missing}")
+    return {name: rel_error(actual[name], expected[name]) for name in expected}
+
+
+def assert_parity(module: Attention, impl: str, dtype: torch.dtype, args: tuple, tol: float | None = None) -> None:
+    tol = TOLERANCE[dtype] if tol is None else tol
+    errors = parity(module, impl, dtype, args)
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    if bad:
+        worst = ", ".join(f"{k}: {v:.2e}" for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:6])
+        raise AssertionError(
+            f"{module.name} impl={impl} {dtype} differs from the float32 reference (tol {tol:.0e}): {worst}"
+        )

@@ -1,0 +1,183 @@
+"""Registry-driven tests: every mechanism, every implementation, self and cross."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attentions
+from attentions.testing import TOLERANCE, assert_parity
+
+DIM, HEADS, BATCH = 32, 2, 2
+# Candidate maps, non-square and not powers of two first; the first one a
+# mechanism's defaults accept is used.
+CANDIDATE_HW = [(12, 20), (14, 21), (24, 40), (28, 42), (28, 28), (56, 56)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def first_supported_hw(module: attentions.Attention) -> tuple[int, int]:
+    for hw in CANDIDATE_HW:
+        if not module.unsupported(BATCH, hw):
+            return hw
+    raise AssertionError(f"{module.name} refuses every candidate map: {module.unsupported(BATCH, CANDIDATE_HW[-1])}")
+
+
+def modes(name: str) -> list[str]:
+    cls = attentions.get(name)
+    if cls.requires_context:
+        return ["cross"]
+    return ["self", "cross"] if cls.supports_cross else ["self"]
+
+
+CASES = [(name, mode) for name in attentions.available() for mode in modes(name)]
+IDS = [f"{n}-{m}" for n, m in CASES]
+
+
+def make(name: str, mode: str, seed: int = 0) -> tuple[attentions.Attention, tuple]:
+    torch.manual_seed(seed)
+    module = attentions.build(name, dim=DIM, heads=HEADS)
+    hw = first_supported_hw(module)
+    args = module.example_inputs(BATCH, hw, cross=(mode == "cross"), seed=seed)
+    return module, args
+
+
+def test_all_eight_registered():
+    assert set(attentions.available()) == {
+        "full",
+        "linear",
+        "pvt",
+        "swin",
+        "quadtree",
+        "deformable",
+        "pooling",
+        "cross",
+    }
+
+
+@pytest.mark.parametrize("name", attentions.available())
+def test_declarations(name):
+    cls = attentions.get(name)
+    d = cls.describe()
+    assert d["name"] == name and d["summary"] and d["complexity"]
+    assert "reference" in cls.impls and cls.default_impl in cls.impls
+    if cls.cost_knob is not None:
+        assert cls.cost_knob in d["knobs"]
+    module = attentions.build(name, dim=DIM, heads=HEADS)
+    hw = first_supported_hw(module)
+    assert module.macs(BATCH, hw) > 0
+    # doubling the batch doubles the analytic count
+    assert module.macs(2 * BATCH, hw) == 2 * module.macs(BATCH, hw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("name", "mode"), CASES, ids=IDS)
+def test_forward_backward(name, mode, dtype):
+    module, args = make(name, mode)
+    module = module.to(dtype)
+    args = tuple(a.to(dtype).requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
+    out = module(*args)
+    assert out.shape == args[0].shape
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    out.float().square().mean().backward()
+    for pname, p in module.named_parameters():
+        assert p.grad is not None, f"{name}: parameter {pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name}: parameter {pname} has a non-finite gradient"
+    assert args[0].grad is not None and torch.isfinite(args[0].grad).all()
+
+
+FAST_CASES = [
+    (name, mode, impl) for (name, mode) in CASES for impl in attentions.get(name).impls if impl != "reference"
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("name", "mode", "impl"), FAST_CASES, ids=[f"{n}-{m}-{i}" for n, m, i in FAST_CASES])
+def test_fast_path_matches_reference(name, mode, impl, dtype):
+    module, args = make(name, mode)
+    module.impl = impl
+    reasons = module.unsupported(BATCH, args[1], args[3] if len(args) > 3 else None, dtype=dtype, device="cpu")
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    assert_parity(module, impl, dtype, args)
+
+
+def test_tolerances_are_per_dtype():
+    assert TOLERANCE[torch.float32] < TOLERANCE[torch.float16] < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("name", attentions.available())
+def test_tiny_map_runs_or_is_refused_with_a_reason(name):
+    module = attentions.build(name, dim=DIM, heads=HEADS)
+    for hw in [(7, 7), (1, 1), (5, 9), (30, 18)]:
+        reasons = module.unsupported(1, hw)
+        if reasons:
+            assert all(isinstance(r, str) and len(r) > 10 for r in reasons)
+            args = module.example_inputs(1, hw)
+            with pytest.raises(attentions.UnsupportedPoint):
+                module(*args)
+        else:
+            out = module(*module.example_inputs(1, hw))
+            assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", attentions.available())
+def test_bad_inputs_say_what_to_change(name):
+    module, args = make(name, modes(name)[0])
+    x, hw = args[0], args[1]
+    rest = args[2:]
+    with pytest.raises(ValueError, match="hw"):
+        module(x, None, *rest)
+    with pytest.raises(ValueError, match="tokens"):
+        module(x[:, :-1], hw, *rest)
+    with pytest.raises(ValueError, match="shape"):
+        module(x[..., :-1], hw, *rest)
+    with pytest.raises(ValueError, match="shape"):
+        module(x[0], hw, *rest)
+
+
+@pytest.mark.parametrize("name", attentions.available())
+def test_unknown_knob_lists_the_valid_ones(name):
+    with pytest.raises(attentions.KnobError) as info:
+        attentions.build(name, dim=DIM, heads=HEADS, no_such_knob=3)
+    for knob in attentions.get(name).knob_defaults():
+        assert knob in str(info.value)
+
+
+def test_unknown_mechanism_lists_the_available_ones():
+    with pytest.raises(KeyError, match="quadtree"):
+        attentions.build("quadtre", dim=DIM, heads=HEADS)
+
+
+def test_bad_dim_heads_and_impl():
+    with pytest.raises(attentions.KnobError, match="divisible"):
+        attentions.build("full", dim=30, heads=4)
+    with pytest.raises(attentions.KnobError, match="implementations"):
+        attentions.build("full", dim=32, heads=2, impl="warp-speed")
+
+
+def test_cross_is_refused_where_unsupported():
+    for name in attentions.available():
+        cls = attentions.get(name)
+        if cls.supports_cross:
+            continue
+        module = attentions.build(name, dim=DIM, heads=HEADS)
+        x, hw = module.example_inputs(1, first_supported_hw(module))
+        with pytest.raises(ValueError, match="cross"):
+            module(x, hw, x.clone(), hw)
+
+
+@pytest.mark.parametrize("name", attentions.available())
+def test_example_inputs_are_distinct_tensors(name):
+    module, args = make(name, modes(name)[0])
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    assert len({t.data_ptr() for t in tensors}) == len(tensors)
+
+
+def test_full_macs_by_hand():
+    # 8x8 tokens, C=32, 2 heads of 16: projections 4*64*32*32, scores and AV 2*64*64*32.
+    m = attentions.build("full", dim=32, heads=2)
+    assert m.macs(1, (8, 8)) == 4 * 64 * 32 * 32 + 2 * 64 * 64 * 32
+    assert math.isclose(m.macs(3, (8, 8)), 3 * m.macs(1, (8, 8)))

@@ -130,7 +130,8 @@ class Attention(nn.Module):
 
     ``forward(x, hw, context=None, context_hw=None)`` takes ``x`` of shape
     ``(B, prefix + H*W, dim)`` with the ``H*W`` tokens in row-major order and
-    returns a tensor of the same shape. Subclasses implement :meth:`_forward`,
+    returns a tensor of the same shape (of ``prefix + prod(output_hw(hw))``
+    tokens where a mechanism pools its queries). Subclasses implement :meth:`_forward`,
     :meth:`macs` and, where points can be refused, :meth:`_unsupported`.
     """
 
@@ -228,6 +229,10 @@ class Attention(nn.Module):
         return self.prefix_tokens
 
     def default_context_hw(self, hw: HW) -> HW:
+        return hw
+
+    def output_hw(self, hw: HW) -> HW:
+        """Token map of the output: ``hw`` unless the mechanism pools its queries."""
         return hw
 
     def unsupported(

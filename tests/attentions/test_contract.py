@@ -78,7 +78,8 @@ def test_forward_backward(name, mode, dtype):
     module = module.to(dtype)
     args = tuple(a.to(dtype).requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
     out = module(*args)
-    assert out.shape == args[0].shape
+    oh, ow = module.output_hw(args[1])
+    assert out.shape == (args[0].shape[0], module.prefix_tokens + oh * ow, DIM)
     assert out.dtype == dtype
     assert torch.isfinite(out).all()
     out.float().square().mean().backward()
@@ -156,6 +157,16 @@ def test_bad_dim_heads_and_impl():
         attentions.build("full", dim=30, heads=4)
     with pytest.raises(attentions.KnobError, match="implementations"):
         attentions.build("full", dim=32, heads=2, impl="warp-speed")
+
+
+@pytest.mark.parametrize("name", [n for n in attentions.available() if attentions.get(n).supports_cross])
+def test_cross_with_context_equal_to_x_is_self_attention(name):
+    cls = attentions.get(name)
+    if cls.requires_context or cls.prefix_tokens:
+        pytest.skip("cross-only mechanism: its own test covers this")
+    module, (x, hw) = make(name, "self")
+    module.impl = "reference"
+    torch.testing.assert_close(module(x, hw, x.clone(), hw), module(x, hw), rtol=1e-5, atol=1e-5)
 
 
 def test_cross_is_refused_where_unsupported():

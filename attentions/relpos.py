@@ -2,3 +2,99 @@
 MViTv2's decomposed tables and DAT's continuous bias table."""
 
 from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------- Swin
+# Liu et al., ICCV 2021: one learnable bias per head for every relative offset
+# (dh, dw) inside an M x M window, a table of (2M-1)^2 rows, read through a
+# precomputed index.
+
+
+def swin_table(window: int, heads: int) -> nn.Parameter:
+    """Learnable Swin bias table, ((2M-1)^2, heads), truncated normal with std 0.02 as in Swin."""
+    table = torch.empty((2 * window - 1) ** 2, heads)
+    nn.init.trunc_normal_(table, std=0.02)
+    return nn.Parameter(table)
+
+
+def swin_index(window_hw: tuple[int, int], table_window: int) -> torch.Tensor:
+    """Row of a table built for ``table_window`` (M) for each token pair of a window.
+
+    ``window_hw`` (wh, ww) may be smaller than M (a window shrunk to a small map);
+    it then reads only the offsets it has. Entry [i, j] is
+    ``(dh + M - 1) * (2M - 1) + (dw + M - 1)`` with (dh, dw) the position of
+    token i minus that of token j (tokens row-major in the window).
+    Returns a (wh*ww, wh*ww) long tensor.
+    """
+    wh, ww = window_hw
+    if wh > table_window or ww > table_window:
+        raise ValueError(f"window {window_hw} is larger than the table's window {table_window}")
+    rows, cols = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()  # (T,) each
+    dh = rows[:, None] - rows[None, :] + table_window - 1  # (T, T), in [0, 2M-2]
+    dw = cols[:, None] - cols[None, :] + table_window - 1  # (T, T)
+    return dh * (2 * table_window - 1) + dw
+
+
+def swin_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather the per-head bias of every token pair: (rows, heads) x (T, T) -> (heads, T, T)."""
+    t = index.shape[0]
+    return table[index.flatten()].view(t, t, -1).permute(2, 0, 1)
+
+
+# ---------------------------------------------------------------------------- MViTv2
+# Li et al., CVPR 2022: decomposed relative position, bias[q, k] = q . R_h[h_q - h_k]
+# + q . R_w[w_q - w_k], one table per axis of head_dim columns, resized to the
+# length the current resolution needs by 1-D linear interpolation.
+
+
+def mvit_table(length: int, head_dim: int) -> nn.Parameter:
+    """One axis of MViTv2's decomposed table, (length, head_dim), truncated normal with std 0.02."""
+    table = torch.empty(length, head_dim)
+    nn.init.trunc_normal_(table, std=0.02)
+    return nn.Parameter(table)
+
+
+def resize_table(table: torch.Tensor, length: int) -> torch.Tensor:
+    """(L, d) -> (length, d) by 1-D linear interpolation (align_corners=False, as MViTv2); as is when L == length."""
+    if table.shape[0] == length:
+        return table
+    resized = F.interpolate(table.t()[None], size=length, mode="linear")  # (1, d, length)
+    return resized[0].t()
+
+
+def mvit_index(q_size: int, k_size: int) -> torch.Tensor:
+    """(q_size, k_size) long: table row of each (query, key) pair along one axis.
+
+    When queries and keys have different strides, the coordinates of the shorter
+    axis are stretched to the longer one (MViTv2): q * max(k/q, 1) - k * max(q/k, 1),
+    shifted by (k_size - 1) * max(q/k, 1) to be non-negative and truncated to an
+    integer row, in [0, 2 * max(q_size, k_size) - 2].
+    """
+    q_ratio = max(k_size / q_size, 1.0)
+    k_ratio = max(q_size / k_size, 1.0)
+    dist = torch.arange(q_size)[:, None] * q_ratio - torch.arange(k_size)[None, :] * k_ratio  # (q, k)
+    dist = dist + (k_size - 1) * k_ratio
+    return dist.long()
+
+
+def mvit_bias(
+    q: torch.Tensor, q_hw: tuple[int, int], k_hw: tuple[int, int], table_h: torch.Tensor, table_w: torch.Tensor
+) -> torch.Tensor:
+    """Decomposed relative position bias of MViTv2.
+
+    q: (B, h, qh*qw, d) pooled queries (unscaled); tables (L, d). Each table is
+    resized to 2 * max(q, k) - 1 rows of its axis. Returns (B, h, qh*qw, kh*kw).
+    """
+    (qh, qw), (kh, kw) = q_hw, k_hw
+    b, heads, _, d = q.shape
+    rh = resize_table(table_h, 2 * max(qh, kh) - 1)[mvit_index(qh, kh).to(q.device)]  # (qh, kh, d)
+    rw = resize_table(table_w, 2 * max(qw, kw) - 1)[mvit_index(qw, kw).to(q.device)]  # (qw, kw, d)
+    qm = q.reshape(b, heads, qh, qw, d)  # (B, h, qh, qw, d)
+    bias_h = torch.einsum("bnyxd,ykd->bnyxk", qm, rh.to(q.dtype))  # (B, h, qh, qw, kh)
+    bias_w = torch.einsum("bnyxd,xkd->bnyxk", qm, rw.to(q.dtype))  # (B, h, qh, qw, kw)
+    bias = bias_h[..., :, None] + bias_w[..., None, :]  # (B, h, qh, qw, kh, kw)
+    return bias.reshape(b, heads, qh * qw, kh * kw)

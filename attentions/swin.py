@@ -1,1 +1,193 @@
-"""placeholder: being written"""
+"""Swin window attention (Liu et al., ICCV 2021).
+
+Tokens attend only within non-overlapping M x M windows, with a learnable
+relative position bias per head read from a ((2M-1)^2, heads) table through a
+precomputed index. With ``shift=True`` the map is rolled by -(M // 2) before
+partitioning (and back after), and a region mask keeps tokens from attending
+across the wrap-around: masked pairs get -100 added to their scores, as in the
+official code, so that no softmax row is ever empty (a padded query's row may
+hold only masked keys; it is cropped away, and -inf would turn its gradient
+into NaN).
+
+Small maps: as in the official code, when min(H, W) <= M the window shrinks to
+m = min(H, W) and the shift is switched off; the bias then reads the central
+(2m-1)^2 rows of the table. H and W must be multiples of the window; with
+``pad=True`` the map is zero-padded below and to the right up to the next
+multiples, the padded keys are masked (-100) and the padded queries cropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import HW, Attention, KnobError, Knobs, register
+from .common import Projections, attend, attention_macs
+from .relpos import swin_bias, swin_index, swin_table
+
+# Added to the score of a masked pair (the official Swin value).
+MASKED = -100.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SwinKnobs(Knobs):
+    # Side M of the square window (Swin-T/S/B use 7 at 224 px).
+    window: int = 7
+    # Shift the windows by M // 2 (Swin alternates False and True between blocks).
+    shift: bool = False
+    # Zero-pad H and W up to multiples of the window and mask the padding.
+    pad: bool = False
+    qkv_bias: bool = True
+
+    def check(self) -> None:
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise KnobError(f"swin knob 'window' must be a positive integer (Swin uses 7), got {self.window!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowLayout:
+    """How a map is cut into windows: window side m, shift s, padded map (hp, wp)."""
+
+    window: int
+    shift: int
+    padded_hw: HW
+
+    @property
+    def grid(self) -> HW:
+        return (self.padded_hw[0] // self.window, self.padded_hw[1] // self.window)
+
+    @property
+    def windows(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def window_layout(hw: HW, window: int, shift: bool) -> WindowLayout:
+    """The official rule: a map no larger than the window gets one window of min(H, W) and no shift."""
+    h, w = hw
+    if min(h, w) <= window:
+        m, s = min(h, w), 0
+    else:
+        m, s = window, (window // 2 if shift else 0)
+    return WindowLayout(m, s, (math.ceil(h / m) * m, math.ceil(w / m) * m))
+
+
+def window_mask(hw: HW, layout: WindowLayout) -> torch.Tensor | None:
+    """Which key each query of each window may see: (windows, T, T) bool, or None when all may.
+
+    In the rolled frame, rows [0, hp-m), [hp-m, hp-s) and [hp-s, hp) are three
+    regions (columns likewise); the last two wrapped around from the other side,
+    so a query sees only keys of its own region. Padded keys are never seen.
+    """
+    h, w = hw
+    m, s = layout.window, layout.shift
+    hp, wp = layout.padded_hw
+    if s == 0 and (hp, wp) == (h, w):
+        return None
+    region = torch.zeros(hp, wp, dtype=torch.long)
+    if s:
+        bounds = ((0, -m), (-m, -s), (-s, None))
+        for i, rows in enumerate(bounds):
+            for j, cols in enumerate(bounds):
+                region[slice(*rows), slice(*cols)] = 3 * i + j
+    valid = torch.zeros(hp, wp, dtype=torch.bool)
+    valid[:h, :w] = True
+    valid = torch.roll(valid, shifts=(-s, -s), dims=(0, 1))  # into the rolled frame
+    gh, gw = layout.grid
+    region = region.view(gh, m, gw, m).transpose(1, 2).reshape(gh * gw, m * m)  # (nW, T)
+    valid = valid.view(gh, m, gw, m).transpose(1, 2).reshape(gh * gw, m * m)  # (nW, T)
+    return (region[:, :, None] == region[:, None, :]) & valid[:, None, :]  # (nW, T, T)
+
+
+@register
+class SwinAttention(Attention):
+    name = "swin"
+    summary = (
+        "Swin window attention over M x M windows with a relative position bias table; shift=True rolls the "
+        "windows by M//2 with the region mask (-100 on masked pairs); pad=True zero-pads H and W to multiples of "
+        "M and masks the padded keys; maps with min(H, W) <= M use one window of min(H, W) and no shift"
+    )
+    Knobs = SwinKnobs
+    cost_knob = "window"
+    complexity = "O(N M^2)"
+    supports_cross = False
+
+    def __init__(self, dim: int, heads: int, knobs: SwinKnobs, impl: str | None = None):
+        super().__init__(dim, heads, knobs, impl)
+        self.proj = Projections(dim, heads, bias=knobs.qkv_bias)
+        self.table = swin_table(knobs.window, heads)  # ((2M-1)^2, h)
+        m = knobs.window
+        self.register_buffer("index", swin_index((m, m), m), persistent=False)  # (M*M, M*M)
+        self._masks: dict[tuple, torch.Tensor | None] = {}
+
+    def layout(self, hw: HW) -> WindowLayout:
+        return window_layout(hw, self.knobs.window, self.knobs.shift)
+
+    def _unsupported(
+        self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
+    ) -> list[str]:
+        lay = self.layout(hw)
+        if lay.padded_hw == tuple(hw) or self.knobs.pad:
+            return []
+        h, w = hw
+        m = lay.window
+        fits = [d for d in range(2, min(h, w) + 1) if h % d == 0 and w % d == 0]
+        hint = f"a window that divides both ({', '.join(map(str, fits[:6]))})" if fits else "another map size"
+        return [
+            f"swin: H={h} and W={w} must be multiples of the window {m}; pass pad=True to zero-pad "
+            f"to {lay.padded_hw[0]}x{lay.padded_hw[1]} (padded keys masked), or choose {hint}"
+        ]
+
+    def window_bias(self, hw: HW, device: torch.device) -> torch.Tensor:
+        """Relative position bias plus the shift/pad mask: (windows or 1, h, T, T), shared by both impls."""
+        lay = self.layout(hw)
+        m = lay.window
+        index = self.index if m == self.knobs.window else swin_index((m, m), self.knobs.window).to(device)
+        bias = swin_bias(self.table, index)[None]  # (1, h, T, T)
+        key = (tuple(hw), str(device))
+        if key not in self._masks:
+            allowed = window_mask(hw, lay)
+            self._masks[key] = None if allowed is None else (~allowed).float().mul(MASKED).to(device)
+        mask = self._masks[key]  # (nW, T, T) of 0 and -100, or None
+        if mask is not None:
+            bias = bias + mask[:, None].to(bias.dtype)  # (nW, h, T, T)
+        return bias
+
+    def _forward(self, x: torch.Tensor, hw: HW, context: torch.Tensor | None, context_hw: HW | None) -> torch.Tensor:
+        b, n, c = x.shape
+        h, w = hw
+        lay = self.layout(hw)
+        m, s = lay.window, lay.shift
+        hp, wp = lay.padded_hw
+        gh, gw = lay.grid
+        heads, d = self.heads, self.head_dim
+        # q, k, v side by side: the channels are [q | k | v], each (h, d) like split_heads.
+        qkv = torch.cat([self.proj.q(x), self.proj.kv(x)], dim=-1).view(b, h, w, 3 * c)  # (B, H, W, 3C)
+        if (hp, wp) != (h, w):
+            qkv = F.pad(qkv, (0, 0, 0, wp - w, 0, hp - h))  # (B, Hp, Wp, 3C)
+        if s:
+            qkv = torch.roll(qkv, shifts=(-s, -s), dims=(1, 2))
+        qkv = qkv.view(b, gh, m, gw, m, 3, heads, d)  # (B, gh, m, gw, m, 3, h, d)
+        qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, b, gh * gw, heads, m * m, d)  # (3, B, nW, h, T, d)
+        bias = self.window_bias(hw, x.device)  # (g, h, T, T), g = 1 or nW windows with their own mask
+        g = bias.shape[0]
+        # Four dimensions for SDPA's fused kernels, the bias broadcast over the leading one, never copied:
+        # windows with their own mask join the head dimension.
+        q, k, v = qkv.reshape(3, b * gh * gw // g, g * heads, m * m, d).unbind(0)  # (B*nW/g, g*h, T, d) each
+        o = attend(q, k, v, bias.reshape(1, g * heads, m * m, m * m), math=self.math)  # (B*nW/g, g*h, T, d)
+        o = o.view(b, gh, gw, heads, m, m, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, c)  # (B, Hp, Wp, C)
+        if s:
+            o = torch.roll(o, shifts=(s, s), dims=(1, 2))
+        o = o[:, :h, :w].reshape(b, n, c)  # (B, N, C)
+        return self.proj.out(o)
+
+    def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
+        # Projections of the H*W real tokens; scores and weighted sum over every
+        # pair inside each (padded) window, masked pairs included since they are computed.
+        lay = self.layout(hw)
+        n = hw[0] * hw[1]
+        t = lay.window**2
+        return self.proj.macs(batch, n, n) + attention_macs(batch * lay.windows, self.heads, t, t, self.head_dim)

@@ -1,1 +1,236 @@
-"""placeholder: being written"""
+"""Deformable attention (DAT, Xia et al., CVPR 2022).
+
+Every query attends to the same small set of keys and values, sampled from the
+input map at learned positions: a reference grid over the map, ``stride`` times
+coarser than the queries, moved by offsets that a small network predicts from
+the queries. Channels (and heads) are split into ``groups``; each group has its
+own sampling positions. A continuous relative-position bias is read from a
+learnable table at the query-to-sample displacements.
+
+Coordinates. All positions live in ``grid_sample``'s ``align_corners=True``
+frame of the query map: -1 and +1 are the centres of the first and last pixel,
+so one pixel is ``2 / (H - 1)`` (a map one pixel high or wide has every
+position at 0). Offsets (from the offset network's last 1x1 conv on),
+positions, bilinear weights and the bias table lookup are computed in float32
+whatever the input dtype (as autocast does for ``grid_sample``); the sampled
+features are cast back to the input dtype.
+
+Precision note: the gradient of a bilinear sample with respect to its position
+jumps when the position crosses a pixel boundary, so in bf16 (queries rounded,
+positions moved by ~0.01 pixel) the offset network's gradients can differ from
+the float32 reference by far more than rounding wherever a sample crosses one
+(and so can those of the query projection and of x, which feed it). Outputs and
+the gradients of the key, value and output projections and of the bias table
+agree to rounding.
+
+Choices where the official code (LeapLabTHU/DAT) is not followed to the letter:
+
+- Reference points are the centres of an ``Hk x Wk`` grid of equal cells over
+  the map, ``(j + 1/2) * H / Hk - 1/2`` in pixels. With ``stride=1`` they are
+  exactly the pixel centres. (The official code normalises
+  ``linspace(0.5, Hk - 0.5)`` by ``Hk - 1``, which puts the grid half a cell off
+  and its last row outside the map.)
+- Offsets are ``tanh(raw) * offset_range_factor / (Wk, Hk)`` in normalised units,
+  so they reach at most ``offset_range_factor / 2`` key cells (about
+  ``offset_range_factor * stride / 2`` pixels). The official code divides by
+  ``Hk - 1``, which is undefined for a one-row key grid. A factor of ``-1``
+  means unbounded: raw offsets, positions clamped to the map, as DAT does.
+- Offset channel 0 is the horizontal (x) offset, channel 1 the vertical (y), the
+  order ``grid_sample`` reads.
+
+Samples that fall outside the map read zeros (``padding_mode="zeros"``), and so
+do bias lookups beyond the table, as in DAT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import HW, Attention, KnobError, Knobs, register
+from .common import (
+    Projections,
+    attend,
+    attention_macs,
+    conv_macs,
+    conv_out,
+    norm_macs,
+    split_heads,
+    to_map,
+    to_tokens,
+)
+from .relpos import DeformableBiasTable
+
+
+@dataclasses.dataclass(frozen=True)
+class DeformableKnobs(Knobs):
+    # Reference grid is `stride` times coarser than the query map (DAT++: 8, 4, 2, 1 per stage).
+    stride: int = 2
+    # Depthwise kernel of the offset network (DAT++: 9, 7, 5, 3 per stage); padding kernel // 2
+    # unless kernel == stride, then 0.
+    kernel: int = 5
+    # Channel groups, each with its own sampling positions; must divide dim and heads.
+    groups: int = 1
+    # Offsets bounded by tanh * factor / (Wk, Hk); -1 for unbounded (DAT v1 uses 2, DAT++ -1).
+    offset_range_factor: float = 2.0
+    # Deformable relative position bias.
+    use_pe: bool = True
+    # (Ht, Wt): the bias table is heads x (2Ht-1) x (2Wt-1); a map of this size reads it at whole
+    # entries, other sizes interpolate it (DAT sizes it to the stage's map, 14x14 at stage 3).
+    table_hw: tuple[int, ...] = (14, 14)
+    qkv_bias: bool = True
+
+    def check(self) -> None:
+        for knob in ("stride", "kernel", "groups"):
+            value = getattr(self, knob)
+            if value < 1:
+                raise KnobError(f"deformable knob {knob!r} must be at least 1, got {value}")
+        if not (self.offset_range_factor >= 0 or self.offset_range_factor == -1):
+            raise KnobError(
+                "deformable knob 'offset_range_factor' must be >= 0 (offsets bounded by factor / key grid size) "
+                f"or -1 (unbounded), got {self.offset_range_factor}"
+            )
+        if len(self.table_hw) != 2 or any(t < 1 for t in self.table_hw):
+            raise KnobError(
+                f"deformable knob 'table_hw' must be two positive integers (Ht, Wt), e.g. 14,14; got {self.table_hw}"
+            )
+
+
+def normalise(p: torch.Tensor, size: int) -> torch.Tensor:
+    """Pixel coordinates -> grid_sample's align_corners=True frame (-1, +1: first, last pixel centre)."""
+    if size == 1:
+        return torch.zeros_like(p)
+    return p * (2.0 / (size - 1)) - 1.0
+
+
+def grid_points(size: int, cells: int, device: Any) -> torch.Tensor:
+    """Centres of ``cells`` equal cells over ``size`` pixels, in pixel coordinates (float32)."""
+    return (torch.arange(cells, device=device, dtype=torch.float32) + 0.5) * (size / cells) - 0.5
+
+
+@register
+class DeformableAttention(Attention):
+    name = "deformable"
+    summary = "DAT: keys/values sampled at learned offsets from a strided grid, continuous relative-position bias"
+    Knobs = DeformableKnobs
+    cost_knob = "stride"
+    complexity = "O(N^2 / stride^2)"
+
+    def __init__(self, dim: int, heads: int, knobs: DeformableKnobs, impl: str | None = None):
+        super().__init__(dim, heads, knobs, impl)
+        g = knobs.groups
+        if dim % g or heads % g:
+            raise KnobError(
+                f"deformable knob 'groups' ({g}) must divide dim ({dim}) and heads ({heads}); "
+                f"choose groups from {[d for d in range(1, heads + 1) if heads % d == 0 and dim % d == 0]}"
+            )
+        self.group_channels = dim // g
+        cg = self.group_channels
+        self.padding = 0 if knobs.kernel == knobs.stride else knobs.kernel // 2
+        self.proj = Projections(dim, heads, bias=knobs.qkv_bias)
+        # Offset network, shared by the groups: depthwise conv (stride) -> LayerNorm -> GELU -> 1x1 conv to 2.
+        self.offset_conv = nn.Conv2d(cg, cg, knobs.kernel, knobs.stride, self.padding, groups=cg)
+        self.offset_norm = nn.LayerNorm(cg)
+        self.offset_act = nn.GELU()
+        self.offset_out = nn.Conv2d(cg, 2, 1, bias=False)
+        self.rpe = DeformableBiasTable(heads, tuple(knobs.table_hw)) if knobs.use_pe else None
+
+    # ------------------------------------------------------------------ geometry
+    def key_hw(self, hw: HW) -> HW:
+        """Size of the reference grid (the offset network's output) for a query map ``hw``."""
+        k, s = self.knobs.kernel, self.knobs.stride
+        return conv_out(hw[0], k, s, self.padding), conv_out(hw[1], k, s, self.padding)
+
+    def reference_points(self, hw: HW, key_hw: HW, device: Any) -> torch.Tensor:
+        """(Hk, Wk, 2) float32 reference positions (x, y), normalised."""
+        ys = normalise(grid_points(hw[0], key_hw[0], device), hw[0])
+        xs = normalise(grid_points(hw[1], key_hw[1], device), hw[1])
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # each (Hk, Wk)
+        return torch.stack((gx, gy), dim=-1)
+
+    def query_points(self, hw: HW, device: Any) -> torch.Tensor:
+        """(H*W, 2) float32 positions (x, y) of the queries (pixel centres), normalised."""
+        ys = normalise(torch.arange(hw[0], device=device, dtype=torch.float32), hw[0])
+        xs = normalise(torch.arange(hw[1], device=device, dtype=torch.float32), hw[1])
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # each (H, W)
+        return torch.stack((gx, gy), dim=-1).reshape(-1, 2)
+
+    def offsets(self, q_map: torch.Tensor) -> torch.Tensor:
+        """Group query maps (B*g, Cg, H, W) -> offsets (B*g, Hk, Wk, 2), (x, y), normalised, float32."""
+        t = self.offset_conv(q_map)  # (B*g, Cg, Hk, Wk)
+        t = self.offset_norm(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over channels
+        # The last 1x1 conv runs in float32: its output is a position, and low-precision offsets would
+        # quantise it (bf16 resolves 1/256 of a unit, a fraction of a pixel on a large map).
+        raw = F.conv2d(self.offset_act(t).float(), self.offset_out.weight.float())  # (B*g, 2, Hk, Wk)
+        raw = raw.permute(0, 2, 3, 1)  # (B*g, Hk, Wk, 2)
+        factor = self.knobs.offset_range_factor
+        if factor < 0:
+            return raw
+        hk, wk = raw.shape[1], raw.shape[2]
+        scale = torch.tensor([factor / wk, factor / hk], device=raw.device, dtype=raw.dtype)
+        return raw.tanh() * scale
+
+    def positions(self, offsets: torch.Tensor, hw: HW) -> torch.Tensor:
+        """Sampling positions (B*g, Hk, Wk, 2): reference grid + offsets (clamped to the map when unbounded)."""
+        ref = self.reference_points(hw, (offsets.shape[1], offsets.shape[2]), offsets.device)
+        pos = ref + offsets  # (B*g, Hk, Wk, 2)
+        return pos.clamp(-1.0, 1.0) if self.knobs.offset_range_factor < 0 else pos
+
+    def sample(self, x_map: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Bilinear samples of x (B, C, H, W) at the groups' positions (B*g, Hk, Wk, 2) -> tokens (B, Hk*Wk, C)."""
+        b, c, h, w = x_map.shape
+        grouped = x_map.reshape(b * self.knobs.groups, self.group_channels, h, w)  # (B*g, Cg, H, W)
+        s = F.grid_sample(grouped.float(), pos, mode="bilinear", padding_mode="zeros", align_corners=True)
+        return to_tokens(s.reshape(b, c, pos.shape[1], pos.shape[2])).to(x_map.dtype)  # (B, Hk*Wk, C)
+
+    # ------------------------------------------------------------------ forward
+    def _forward(self, x: torch.Tensor, hw: HW, context: torch.Tensor | None, context_hw: HW | None) -> torch.Tensor:
+        b, g, cg = x.shape[0], self.knobs.groups, self.group_channels
+        q_tokens = self.proj.q(x)  # (B, N, C)
+        q_map = to_map(q_tokens, hw).reshape(b * g, cg, hw[0], hw[1])  # (B*g, Cg, H, W)
+        pos = self.positions(self.offsets(q_map), hw)  # (B*g, Hk, Wk, 2)
+        sampled = self.sample(to_map(x, hw), pos)  # (B, Ns, C)
+        k, v = self.proj.keys_values(sampled)  # each (B, h, Ns, d)
+        q = split_heads(q_tokens, self.heads)  # (B, h, N, d)
+        bias = None
+        if self.rpe is not None:
+            # (B, h, N, Ns): table read at query - sample displacements, per group
+            bias = self.rpe(self.query_points(hw, x.device), pos.flatten(1, 2), groups=g)
+        o = attend(q, k, v, bias, math=self.math)  # (B, h, N, d)
+        return self.proj.output(o)
+
+    # ------------------------------------------------------------------ contract
+    def _unsupported(
+        self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
+    ) -> list[str]:
+        s = self.knobs.stride
+        if min(hw) < s:
+            return [f"map {hw[0]}x{hw[1]} is smaller than the sampling stride {s}; use stride <= {min(hw)}"]
+        hk, wk = self.key_hw(hw)
+        if hk < 1 or wk < 1:
+            return [
+                f"the offset network (kernel {self.knobs.kernel}, stride {s}) leaves no reference points on a "
+                f"{hw[0]}x{hw[1]} map; use a smaller kernel or stride"
+            ]
+        return []
+
+    def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
+        n = hw[0] * hw[1]
+        hk, wk = self.key_hw(hw)
+        ns = hk * wk
+        g, cg = self.knobs.groups, self.group_channels
+        offset_net = g * (
+            conv_macs((hk, wk), cg, cg, self.knobs.kernel, groups=cg)  # depthwise conv
+            + norm_macs(ns, cg)  # LayerNorm
+            + conv_macs((hk, wk), cg, 2, 1)  # 1x1 conv to the two offsets
+        )
+        sampling = 4 * self.dim * ns  # grid_sample: 4 per output element
+        bias = self.rpe.macs(1, n, ns) if self.rpe is not None else 0
+        per_image = offset_net + sampling + bias
+        return (
+            self.proj.macs(batch, n, ns) + batch * per_image + attention_macs(batch, self.heads, n, ns, self.head_dim)
+        )

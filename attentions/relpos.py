@@ -98,3 +98,45 @@ def mvit_bias(
     bias_w = torch.einsum("bnyxd,xkd->bnyxk", qm, rw.to(q.dtype))  # (B, h, qh, qw, kw)
     bias = bias_h[..., :, None] + bias_w[..., None, :]  # (B, h, qh, qw, kh, kw)
     return bias.reshape(b, heads, qh * qw, kh * kw)
+
+
+# ---------------------------------------------------------------------------- DAT
+# Xia et al., CVPR 2022: a learnable (heads, 2Ht-1, 2Wt-1) table read by bilinear
+# interpolation at the continuous displacement between each query and each
+# sampled key, so it works for keys anywhere and at any resolution.
+
+
+class DeformableBiasTable(nn.Module):
+    """DAT's deformable relative position bias.
+
+    Positions are (x, y) in grid_sample's align_corners=True frame of the query
+    map ([-1, 1] from the first to the last pixel centre). A displacement
+    ``query - sample`` spans [-2, 2]; halved, it spans the table, whose centre
+    entry (Ht-1, Wt-1) is zero displacement. On a map of exactly Ht x Wt a whole
+    pixel of displacement moves one entry; other sizes stretch the table.
+    Lookups beyond the table read zero. Computed in float32.
+    """
+
+    def __init__(self, heads: int, table_hw: tuple[int, int]):
+        super().__init__()
+        self.heads = heads
+        self.table = nn.Parameter(torch.empty(heads, 2 * table_hw[0] - 1, 2 * table_hw[1] - 1))
+        nn.init.trunc_normal_(self.table, std=0.01)
+
+    def forward(self, query_pos: torch.Tensor, sample_pos: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """query_pos (Nq, 2), sample_pos (B*g, Ns, 2) -> bias (B, heads, Nq, Ns) in float32.
+
+        Group i's samples serve heads [i*h/g, (i+1)*h/g).
+        """
+        bg, ns, _ = sample_pos.shape
+        batch, hg = bg // groups, self.heads // groups
+        disp = (query_pos[None, :, None, :].float() - sample_pos[:, None, :, :].float()) * 0.5  # (B*g, Nq, Ns, 2)
+        table = self.table.float().reshape(1, groups, hg, *self.table.shape[1:])  # (1, g, h/g, 2Ht-1, 2Wt-1)
+        table = table.expand(batch, -1, -1, -1, -1).reshape(bg, hg, *self.table.shape[1:])  # (B*g, h/g, ., .)
+        # (B*g, h/g, Nq, Ns)
+        bias = F.grid_sample(table, disp, mode="bilinear", padding_mode="zeros", align_corners=True)
+        return bias.reshape(batch, self.heads, query_pos.shape[0], ns)
+
+    def macs(self, batch: int, nq: int, ns: int) -> int:
+        """grid_sample: 4 multiply-adds per output element."""
+        return 4 * batch * self.heads * nq * ns

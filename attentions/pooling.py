@@ -1,1 +1,159 @@
-"""placeholder: being written"""
+"""Pooling attention of MViTv2 (Li et al., CVPR 2022).
+
+Queries, keys and values are projected, split into heads and pooled per head
+on the token map: ``mode="conv"`` is a depthwise 3x3 convolution (padding 1,
+channels = head_dim, one set of weights shared by all heads, no bias) followed
+by LayerNorm(head_dim); ``"avg"`` and ``"max"`` pool with the same kernel,
+stride and padding and no norm; ``"none"`` does not pool. As in MViTv2 the
+queries pass through the pooling even at stride 1. Queries pool with stride
+``stride_q`` (the output then has fewer tokens, see ``output_hw``), keys and
+values with ``stride_kv`` (default 4: MViTv2's first stage, 56x56 -> 14x14).
+
+``rel_pos=True`` adds MViTv2's decomposed relative position bias
+``q . R_h[h_q - h_k] + q . R_w[w_q - w_k]`` (unscaled pooled q; coordinates of
+the map with the larger stride stretched to the other). The two learnable
+tables have ``2 * max(q, kv) - 1`` rows for a ``rel_pos_size`` square map
+(default 56, MViTv2's first stage at 224 px) and are resized per axis by 1-D
+linear interpolation to the length the current map needs, as MViTv2 does.
+``residual_pooling=True`` adds the pooled queries to the attention output.
+
+One deliberate difference from the official code: the LayerNorm after the key
+pooling has a scale but no additive bias. A vector added to every key shifts
+each query's scores by a constant, which softmax ignores, so that bias would
+never change an output and its gradient is identically zero (head_dim fewer
+parameters per block).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .base import HW, Attention, KnobError, Knobs, register
+from .common import Projections, attend, attention_macs, conv_macs, conv_out, linear_macs, norm_macs
+from .relpos import mvit_bias, mvit_table
+
+KERNEL = 3  # MViTv2's POOL_KVQ_KERNEL
+PADDING = KERNEL // 2
+MODES = ("conv", "avg", "max", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolingKnobs(Knobs):
+    mode: Literal["conv", "avg", "max", "none"] = "conv"
+    stride_q: int = 1
+    # MViTv2 pools keys and values to 14x14 in every stage: stride 4 at 56x56.
+    stride_kv: int = 4
+    rel_pos: bool = True
+    # Side of the square map at which the relative-position tables need no resizing.
+    rel_pos_size: int = 56
+    residual_pooling: bool = True
+    qkv_bias: bool = True
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise KnobError(f"pooling knob 'mode' must be one of {', '.join(map(repr, MODES))}, got {self.mode!r}")
+        for knob in ("stride_q", "stride_kv", "rel_pos_size"):
+            value = getattr(self, knob)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise KnobError(f"pooling knob {knob!r} must be a positive integer, got {value!r}")
+        if self.mode == "none" and (self.stride_q, self.stride_kv) != (1, 1):
+            raise KnobError(
+                f"pooling mode 'none' cannot stride (got stride_q={self.stride_q}, stride_kv={self.stride_kv}); "
+                "set stride_q=1 and stride_kv=1, or choose mode 'conv', 'avg' or 'max'"
+            )
+
+
+@register
+class PoolingAttention(Attention):
+    name = "pooling"
+    summary = (
+        "MViTv2 pooling attention: q, k, v pooled per head (depthwise 3x3 conv + LayerNorm, or avg/max) with "
+        "strides stride_q and stride_kv; decomposed relative position bias with tables linearly resized to the "
+        "map; residual pooling connection"
+    )
+    Knobs = PoolingKnobs
+    cost_knob = "stride_kv"
+    complexity = "O(N^2 / (s_q^2 s_kv^2))"
+    supports_cross = False
+
+    def __init__(self, dim: int, heads: int, knobs: PoolingKnobs, impl: str | None = None):
+        super().__init__(dim, heads, knobs, impl)
+        self.proj = Projections(dim, heads, bias=knobs.qkv_bias)
+        d = self.head_dim
+        self.pool_q, self.norm_q = self._pooling(knobs.stride_q)
+        self.pool_k, self.norm_k = self._pooling(knobs.stride_kv, keys=True)
+        self.pool_v, self.norm_v = self._pooling(knobs.stride_kv)
+        if knobs.rel_pos:
+            size = knobs.rel_pos_size
+            length = 2 * max(self._pooled(size, knobs.stride_q), self._pooled(size, knobs.stride_kv)) - 1
+            self.rel_pos_h = mvit_table(length, d)  # (L, d)
+            self.rel_pos_w = mvit_table(length, d)  # (L, d)
+
+    def _pooling(self, stride: int, keys: bool = False) -> tuple[nn.Module | None, nn.Module | None]:
+        d, mode = self.head_dim, self.knobs.mode
+        if mode == "conv":
+            conv = nn.Conv2d(d, d, KERNEL, stride=stride, padding=PADDING, groups=d, bias=False)
+            # The keys' norm has no additive bias: one vector added to every key shifts each query's scores
+            # by a constant, which softmax ignores, so that parameter would have an identically zero gradient.
+            return conv, nn.LayerNorm(d, eps=1e-6, bias=not keys)
+        if mode == "avg":
+            return nn.AvgPool2d(KERNEL, stride=stride, padding=PADDING), None
+        if mode == "max":
+            return nn.MaxPool2d(KERNEL, stride=stride, padding=PADDING), None
+        return None, None
+
+    def _pooled(self, size: int, stride: int) -> int:
+        return size if self.knobs.mode == "none" else conv_out(size, KERNEL, stride, PADDING)
+
+    def output_hw(self, hw: HW) -> HW:
+        return (self._pooled(hw[0], self.knobs.stride_q), self._pooled(hw[1], self.knobs.stride_q))
+
+    def kv_hw(self, hw: HW) -> HW:
+        """Token map of the pooled keys and values."""
+        return (self._pooled(hw[0], self.knobs.stride_kv), self._pooled(hw[1], self.knobs.stride_kv))
+
+    @staticmethod
+    def _pool(t: torch.Tensor, hw: HW, op: nn.Module | None, norm: nn.Module | None) -> tuple[torch.Tensor, HW]:
+        """Pool each head's (H, W) map: (B, h, H*W, d) -> (B, h, H'*W', d)."""
+        if op is None:
+            return t, hw
+        b, heads, _, d = t.shape
+        m = op(t.transpose(-2, -1).reshape(b * heads, d, *hw))  # (B*h, d, H', W')
+        out_hw = (m.shape[-2], m.shape[-1])
+        t = m.reshape(b, heads, d, out_hw[0] * out_hw[1]).transpose(-2, -1)  # (B, h, H'*W', d)
+        return (t if norm is None else norm(t)), out_hw
+
+    def _forward(self, x: torch.Tensor, hw: HW, context: torch.Tensor | None, context_hw: HW | None) -> torch.Tensor:
+        q = self.proj.queries(x)  # (B, h, N, d)
+        k, v = self.proj.keys_values(x)  # (B, h, N, d) each
+        q, q_hw = self._pool(q, hw, self.pool_q, self.norm_q)  # (B, h, Nq, d)
+        k, k_hw = self._pool(k, hw, self.pool_k, self.norm_k)  # (B, h, Nk, d)
+        v, _ = self._pool(v, hw, self.pool_v, self.norm_v)  # (B, h, Nk, d)
+        bias = mvit_bias(q, q_hw, k_hw, self.rel_pos_h, self.rel_pos_w) if self.knobs.rel_pos else None
+        o = attend(q, k, v, bias, math=self.math)  # (B, h, Nq, d)
+        if self.knobs.residual_pooling:
+            o = o + q
+        return self.proj.output(o)  # (B, Nq, C)
+
+    def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
+        c, d, heads = self.dim, self.head_dim, self.heads
+        (qh, qw), (kh, kw) = self.output_hw(hw), self.kv_hw(hw)
+        n, nq, nk = hw[0] * hw[1], qh * qw, kh * kw
+        # q and kv projections of all N tokens, output projection of the Nq pooled ones.
+        total = batch * (linear_macs(n, c, c) + linear_macs(n, c, 2 * c) + linear_macs(nq, c, c))
+        maps = batch * heads  # pooling runs on every head's map
+        if self.knobs.mode == "conv":
+            for out_hw, copies in (((qh, qw), 1), ((kh, kw), 2)):
+                tokens = out_hw[0] * out_hw[1]
+                total += copies * maps * (conv_macs(out_hw, d, d, KERNEL, groups=d) + norm_macs(tokens, d))
+        elif self.knobs.mode in ("avg", "max"):
+            total += maps * KERNEL * KERNEL * (nq + 2 * nk) * d
+        total += attention_macs(batch, heads, nq, nk, d)
+        if self.knobs.rel_pos:
+            # q . R_h over (Nq, kh) and q . R_w over (Nq, kw); resizing the tables is batch-independent (0).
+            total += maps * nq * (kh + kw) * d
+        return total

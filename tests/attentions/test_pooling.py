@@ -1,0 +1,209 @@
+"""MViTv2 pooling attention: no pooling is full attention, the decomposed bias pair by
+pair, the table resizing by hand, pooled shapes, residual pooling, the analytic
+count and the knobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attentions
+from attentions.common import attend, merge_heads
+from attentions.relpos import mvit_bias, mvit_index, resize_table
+from attentions.testing import assert_parity, rel_error
+
+IMPLS = ["reference", "fast"]
+
+
+def build(dim: int = 16, heads: int = 2, seed: int = 0, **knobs) -> attentions.Attention:
+    torch.manual_seed(seed)
+    module = attentions.build("pooling", dim=dim, heads=heads, **knobs)
+    if module.knobs.rel_pos:
+        with torch.no_grad():  # tables large enough to matter (the init has std 0.02)
+            module.rel_pos_h.normal_()
+            module.rel_pos_w.normal_()
+    return module
+
+
+def row(q: int, k: int, hq: int, hk: int) -> int:
+    """MViTv2's table row for query coordinate hq and key coordinate hk on one axis."""
+    q_ratio, k_ratio = max(k / q, 1.0), max(q / k, 1.0)
+    return int(hq * q_ratio - hk * k_ratio + (k - 1) * k_ratio)
+
+
+def resize_by_hand(table: torch.Tensor, length: int) -> torch.Tensor:
+    """1-D linear interpolation with half-pixel centres (align_corners=False), row by row."""
+    old = table.shape[0]
+    out = torch.empty(length, table.shape[1])
+    for i in range(length):
+        src = max((i + 0.5) * old / length - 0.5, 0.0)
+        lo = min(int(src), old - 1)
+        hi = min(lo + 1, old - 1)
+        frac = src - lo
+        out[i] = (1 - frac) * table[lo] + frac * table[hi]
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hw", [(6, 6), (5, 7)])
+def test_no_pooling_no_rel_pos_no_residual_is_full_attention(impl, hw):
+    module = build(mode="none", stride_q=1, stride_kv=1, rel_pos=False, residual_pooling=False, impl=impl)
+    full = attentions.build("full", dim=16, heads=2, impl="reference")
+    full.load_state_dict(module.state_dict())  # the same projections, nothing else
+    x, _ = module.example_inputs(2, hw)
+    assert rel_error(module(x, hw), full(x, hw)) < 1e-5
+
+
+@pytest.mark.parametrize(("q_hw", "k_hw"), [((4, 6), (2, 3)), ((3, 5), (3, 5)), ((2, 3), (4, 7))])
+@pytest.mark.parametrize("resize", [False, True])
+def test_decomposed_bias_pair_by_pair(q_hw, k_hw, resize):
+    torch.manual_seed(0)
+    (qh, qw), (kh, kw), d = q_hw, k_hw, 3
+    need_h, need_w = 2 * max(qh, kh) - 1, 2 * max(qw, kw) - 1
+    table_h = torch.randn(5 if resize else need_h, d)
+    table_w = torch.randn(5 if resize else need_w, d)
+    q = torch.randn(2, 2, qh * qw, d)  # (B, h, Nq, d)
+    got = mvit_bias(q, q_hw, k_hw, table_h, table_w)  # (B, h, Nq, Nk)
+    rh = resize_by_hand(table_h, need_h) if resize else table_h
+    rw = resize_by_hand(table_w, need_w) if resize else table_w
+    expected = torch.empty(2, 2, qh * qw, kh * kw)
+    for i in range(qh * qw):
+        for j in range(kh * kw):
+            r_h = rh[row(qh, kh, i // qw, j // kw)]
+            r_w = rw[row(qw, kw, i % qw, j % kw)]
+            expected[:, :, i, j] = q[:, :, i] @ r_h + q[:, :, i] @ r_w
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_table_rows_with_different_strides():
+    # 8 queries against 4 keys: key coordinates stretched by 2, rows 0..14 of a 15-row table
+    idx = mvit_index(8, 4)
+    assert idx[0].tolist() == [6, 4, 2, 0]
+    assert idx[7].tolist() == [13, 11, 9, 7]
+    assert mvit_index(4, 8)[0].tolist() == [7, 6, 5, 4, 3, 2, 1, 0]
+
+
+def test_tables_are_sized_for_rel_pos_size_and_not_resized_there():
+    module = build(stride_kv=4, rel_pos_size=56)
+    # 56x56 queries, 14x14 keys: 2 * 56 - 1 rows, as MViTv2's first stage
+    assert module.rel_pos_h.shape == module.rel_pos_w.shape == (111, 8)
+    assert resize_table(module.rel_pos_h, 111) is module.rel_pos_h
+    small = build(stride_q=2, stride_kv=4, rel_pos_size=14)  # 7x7 queries, 4x4 keys
+    assert small.rel_pos_h.shape == (13, 8)
+
+
+def test_resize_table_matches_linear_interpolation_by_hand():
+    table = torch.randn(7, 4)
+    torch.testing.assert_close(resize_table(table, 13), resize_by_hand(table, 13))
+    torch.testing.assert_close(resize_table(table, 3), resize_by_hand(table, 3))
+
+
+@pytest.mark.parametrize(
+    ("hw", "stride_q", "stride_kv", "q_hw", "kv_hw"),
+    [
+        ((8, 8), 2, 4, (4, 4), (2, 2)),
+        ((7, 10), 2, 2, (4, 5), (4, 5)),  # odd and non-square: ceil(H / s)
+        ((13, 9), 1, 4, (13, 9), (4, 3)),
+        ((2, 3), 2, 4, (1, 2), (1, 1)),  # map smaller than the kernel and the stride
+        ((1, 1), 2, 4, (1, 1), (1, 1)),
+    ],
+)
+def test_pooled_shapes(hw, stride_q, stride_kv, q_hw, kv_hw):
+    module = build(stride_q=stride_q, stride_kv=stride_kv)
+    assert module.output_hw(hw) == q_hw and module.kv_hw(hw) == kv_hw
+    x, _ = module.example_inputs(2, hw)
+    out = module(x, hw)
+    assert out.shape == (2, q_hw[0] * q_hw[1], 16)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mode", ["conv", "avg", "max"])
+def test_fast_matches_reference_with_query_stride(mode):
+    module = build(mode=mode, stride_q=2, stride_kv=2)
+    args = module.example_inputs(2, (7, 10))
+    assert_parity(module, "fast", torch.float32, args)
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_avg_and_max_pool_each_head_map(mode):
+    module = build(mode=mode, stride_q=2, stride_kv=3, rel_pos=False, impl="reference")
+    x, hw = module.example_inputs(1, (7, 9))
+    pool = F.avg_pool2d if mode == "avg" else F.max_pool2d
+    q = module.proj.queries(x)  # (1, h, N, d)
+    k, v = module.proj.keys_values(x)
+
+    def pooled(t: torch.Tensor, stride: int) -> torch.Tensor:
+        maps = [pool(t[0, i].t().reshape(1, -1, *hw), 3, stride, 1) for i in range(module.heads)]  # (1, d, h', w')
+        return torch.stack([m.flatten(2)[0].t() for m in maps])[None]  # (1, h, N', d)
+
+    q, k, v = pooled(q, 2), pooled(k, 3), pooled(v, 3)
+    expected = module.proj.output(attend(q, k, v, math=True) + q)
+    torch.testing.assert_close(module(x, hw), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_pooling_is_depthwise_shared_across_heads_then_layernorm():
+    module = build(heads=2, stride_q=2)
+    assert module.pool_q.weight.shape == (8, 1, 3, 3) and module.pool_q.stride == (2, 2)
+    assert module.pool_k.stride == module.pool_v.stride == (4, 4)
+    assert module.norm_q.normalized_shape == (8,)
+    # the key norm has no additive bias (softmax ignores it)
+    assert module.norm_k.bias is None and module.norm_v.bias is not None
+
+
+def test_residual_pooling_adds_the_pooled_queries():
+    with_res = build(stride_q=2, stride_kv=2)
+    without = build(stride_q=2, stride_kv=2, residual_pooling=False)
+    without.load_state_dict(with_res.state_dict())
+    x, hw = with_res.example_inputs(1, (6, 8))
+    q, _ = with_res._pool(with_res.proj.queries(x), hw, with_res.pool_q, with_res.norm_q)  # (1, h, 12, d)
+    diff = with_res(x, hw) - without(x, hw)
+    torch.testing.assert_close(diff, merge_heads(q) @ with_res.proj.out.weight.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_rel_pos_changes_the_output_and_trains_its_tables():
+    with_rel = build(stride_kv=2)
+    without = build(stride_kv=2, rel_pos=False)
+    without.load_state_dict(with_rel.state_dict(), strict=False)
+    x, hw = with_rel.example_inputs(1, (6, 10))
+    out = with_rel(x, hw)
+    assert rel_error(out, without(x, hw)) > 1e-3
+    out.square().sum().backward()  # through the resizing (6x10 is not the 56x56 reference)
+    assert with_rel.rel_pos_h.grad.abs().sum() > 0 and with_rel.rel_pos_w.grad.abs().sum() > 0
+
+
+def test_macs_by_hand():
+    # dim 32, 2 heads of 16, 8x8 map, stride_kv 2: 64 queries, 4x4 = 16 keys.
+    module = attentions.build("pooling", dim=32, heads=2, stride_kv=2)
+    projections = 64 * 32 * 32 + 64 * 32 * 64 + 64 * 32 * 32
+    pool_q = 2 * (64 * 16 * 9 + 5 * 64 * 16)  # per head: depthwise 3x3 conv + LayerNorm of 64 x 16
+    pool_kv = 2 * 2 * (16 * 16 * 9 + 5 * 16 * 16)  # keys and values, 16 tokens each
+    attention = 2 * 2 * 64 * 16 * 16  # scores and weighted sum
+    rel_pos = 2 * 64 * (4 + 4) * 16  # q . R_h over 4 key rows, q . R_w over 4 key columns
+    assert module.macs(1, (8, 8)) == projections + pool_q + pool_kv + attention + rel_pos == 387_072
+    # stride_q 2, avg pooling, no rel_pos: 16 queries, output projection of 16 tokens
+    avg = attentions.build("pooling", dim=32, heads=2, mode="avg", stride_q=2, stride_kv=2, rel_pos=False)
+    expected = 64 * 32 * 32 + 64 * 32 * 64 + 16 * 32 * 32 + 2 * 9 * (16 + 2 * 16) * 16 + 2 * 2 * 16 * 16 * 16
+    assert avg.macs(3, (8, 8)) == 3 * expected
+
+
+@pytest.mark.parametrize(
+    ("knobs", "match"),
+    [
+        ({"mode": "none"}, "stride_kv=1"),  # the default stride_kv is 4
+        ({"mode": "median"}, "'conv', 'avg', 'max', 'none'"),
+        ({"stride_q": 0}, "stride_q"),
+        ({"stride_kv": "two"}, "stride_kv"),
+        ({"rel_pos_size": -1}, "rel_pos_size"),
+    ],
+)
+def test_bad_knobs_say_what_to_change(knobs, match):
+    with pytest.raises(attentions.KnobError, match=match):
+        attentions.build("pooling", dim=16, heads=2, **knobs)
+
+
+def test_knobs_checked_when_built_directly():
+    from attentions.pooling import PoolingKnobs
+
+    with pytest.raises(attentions.KnobError, match="mode"):
+        PoolingKnobs(mode="median")  # type: ignore[arg-type]

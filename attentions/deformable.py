@@ -119,6 +119,7 @@ class DeformableAttention(Attention):
     Knobs = DeformableKnobs
     cost_knob = "stride"
     complexity = "O(N^2 / stride^2)"
+    knobs: DeformableKnobs
 
     def __init__(self, dim: int, heads: int, knobs: DeformableKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
@@ -137,7 +138,7 @@ class DeformableAttention(Attention):
         self.offset_norm = nn.LayerNorm(cg)
         self.offset_act = nn.GELU()
         self.offset_out = nn.Conv2d(cg, 2, 1, bias=False)
-        self.rpe = DeformableBiasTable(heads, tuple(knobs.table_hw)) if knobs.use_pe else None
+        self.rpe = DeformableBiasTable(heads, (knobs.table_hw[0], knobs.table_hw[1])) if knobs.use_pe else None
 
     # ------------------------------------------------------------------ geometry
     def key_hw(self, hw: HW) -> HW:

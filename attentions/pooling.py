@@ -69,6 +69,7 @@ class PoolingKnobs(Knobs):
 
 @register
 class PoolingAttention(Attention):
+    knobs: PoolingKnobs
     name = "pooling"
     summary = (
         "MViTv2 pooling attention: q, k, v pooled per head (depthwise 3x3 conv + LayerNorm, or avg/max) with "

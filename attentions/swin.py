@@ -104,6 +104,8 @@ def window_mask(hw: HW, layout: WindowLayout) -> torch.Tensor | None:
 
 @register
 class SwinAttention(Attention):
+    knobs: SwinKnobs
+    index: torch.Tensor
     name = "swin"
     summary = (
         "Swin window attention over M x M windows with a relative position bias table; shift=True rolls the "

@@ -10,18 +10,16 @@ learnable table at the query-to-sample displacements.
 Coordinates. All positions live in ``grid_sample``'s ``align_corners=True``
 frame of the query map: -1 and +1 are the centres of the first and last pixel,
 so one pixel is ``2 / (H - 1)`` (a map one pixel high or wide has every
-position at 0). Offsets (from the offset network's last 1x1 conv on),
-positions, bilinear weights and the bias table lookup are computed in float32
-whatever the input dtype (as autocast does for ``grid_sample``); the sampled
-features are cast back to the input dtype.
+position at 0). The query projection feeding the offset network, the offset
+network itself, positions, bilinear weights and the bias table lookup are
+computed in float32 whatever the input dtype (autocast off); the queries used
+for attention and the sampled features are cast back to the input dtype.
 
-Precision note: the gradient of a bilinear sample with respect to its position
-jumps when the position crosses a pixel boundary, so in bf16 (queries rounded,
-positions moved by ~0.01 pixel) the offset network's gradients can differ from
-the float32 reference by far more than rounding wherever a sample crosses one
-(and so can those of the query projection and of x, which feed it). Outputs and
-the gradients of the key, value and output projections and of the bias table
-agree to rounding.
+Why float32: the gradient of a bilinear sample with respect to its position
+jumps when the position crosses a pixel boundary. Positions computed from bf16
+queries move by ~0.01 pixel, enough to cross one on many samples, and the
+offset network's and query projection's gradients then differ from float32 by
+far more than rounding. In float32 the positions match and so do the gradients.
 
 Choices where the official code (LeapLabTHU/DAT) is not followed to the letter:
 
@@ -161,12 +159,20 @@ class DeformableAttention(Attention):
         return torch.stack((gx, gy), dim=-1).reshape(-1, 2)
 
     def offsets(self, q_map: torch.Tensor) -> torch.Tensor:
-        """Group query maps (B*g, Cg, H, W) -> offsets (B*g, Hk, Wk, 2), (x, y), normalised, float32."""
-        t = self.offset_conv(q_map)  # (B*g, Cg, Hk, Wk)
-        t = self.offset_norm(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over channels
-        # The last 1x1 conv runs in float32: its output is a position, and low-precision offsets would
-        # quantise it (bf16 resolves 1/256 of a unit, a fraction of a pixel on a large map).
-        raw = F.conv2d(self.offset_act(t).float(), self.offset_out.weight.float())  # (B*g, 2, Hk, Wk)
+        """Group query maps (B*g, Cg, H, W) -> offsets (B*g, Hk, Wk, 2), (x, y), normalised, float32.
+
+        The whole offset network runs in float32 on float32 queries, whatever the
+        module's dtype: its output is a position, and a position rounded to bf16
+        moves samples across pixel boundaries, where bilinear sampling's gradient
+        jumps (see the module docstring).
+        """
+        q_map = q_map.float()
+        conv, norm = self.offset_conv, self.offset_norm
+        t = F.conv2d(q_map, conv.weight.float(), conv.bias.float(), conv.stride, conv.padding, groups=conv.groups)
+        t = t.permute(0, 2, 3, 1)  # (B*g, Hk, Wk, Cg)
+        t = F.layer_norm(t, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+        t = self.offset_act(t).permute(0, 3, 1, 2)  # (B*g, Cg, Hk, Wk)
+        raw = F.conv2d(t, self.offset_out.weight.float())  # (B*g, 2, Hk, Wk)
         raw = raw.permute(0, 2, 3, 1)  # (B*g, Hk, Wk, 2)
         factor = self.knobs.offset_range_factor
         if factor < 0:
@@ -191,9 +197,13 @@ class DeformableAttention(Attention):
     # ------------------------------------------------------------------ forward
     def _forward(self, x: torch.Tensor, hw: HW, context: torch.Tensor | None, context_hw: HW | None) -> torch.Tensor:
         b, g, cg = x.shape[0], self.knobs.groups, self.group_channels
-        q_tokens = self.proj.q(x)  # (B, N, C)
-        q_map = to_map(q_tokens, hw).reshape(b * g, cg, hw[0], hw[1])  # (B*g, Cg, H, W)
-        pos = self.positions(self.offsets(q_map), hw)  # (B*g, Hk, Wk, 2)
+        with torch.autocast(x.device.type, enabled=False):
+            # Queries in float32 feed the offset network; attention gets them in x's dtype.
+            lin = self.proj.q
+            q32 = F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())  # (B, N, C)
+            q_map = to_map(q32, hw).reshape(b * g, cg, hw[0], hw[1])  # (B*g, Cg, H, W)
+            pos = self.positions(self.offsets(q_map), hw)  # (B*g, Hk, Wk, 2)
+        q_tokens = q32.to(x.dtype)
         sampled = self.sample(to_map(x, hw), pos)  # (B, Ns, C)
         k, v = self.proj.keys_values(sampled)  # each (B, h, Ns, d)
         q = split_heads(q_tokens, self.heads)  # (B, h, N, d)

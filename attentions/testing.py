@@ -53,13 +53,19 @@ def outputs_and_grads(module: Attention, args: tuple, seed: int = 0) -> dict[str
 
 
 def parity(module: Attention, impl: str, dtype: torch.dtype, args: tuple) -> dict[str, float]:
-    """Relative errors of ``impl`` in ``dtype`` against the float32 reference."""
-    ref = copy.deepcopy(module).float()
-    ref.impl = "reference"
+    """Relative errors of ``impl`` in ``dtype`` against the float32 reference.
+
+    Both paths see the same values: weights and inputs are rounded to ``dtype``
+    first and the reference runs on their float32 upcast, so the error measured
+    is the implementation's, not the rounding of its inputs.
+    """
     fast = copy.deepcopy(module).to(dtype)
     fast.impl = impl
-    expected = outputs_and_grads(ref, _cast_args(args, torch.float32))
-    actual = outputs_and_grads(fast, _cast_args(args, dtype))
+    ref = copy.deepcopy(fast).float()
+    ref.impl = "reference"
+    rounded = _cast_args(args, dtype)
+    expected = outputs_and_grads(ref, _cast_args(rounded, torch.float32))
+    actual = outputs_and_grads(fast, rounded)
     missing = sorted(set(expected) ^ set(actual))
     if missing:
         raise AssertionError(f"gradients present in only one path: {missing}")

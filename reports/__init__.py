@@ -1,1 +1,37 @@
+"""Reports: results -> a self-contained interactive HTML page, summary tables and run comparisons.
 
+Reads run directories with pandas only (never torch), so a report renders anywhere.
+"""
+
+from __future__ import annotations
+
+from reports.analysis import DEFAULT_BASELINE, crossover, fit_exponent, format_table, reference, summary_table
+from reports.compare import Comparison, FingerprintMismatch, compare, fingerprint_differences
+from reports.data import Run, RunError, load_run, tidy
+from reports.page import build_compare_page, build_report
+
+__all__ = [
+    "DEFAULT_BASELINE",
+    "Comparison",
+    "FingerprintMismatch",
+    "Run",
+    "RunError",
+    "build_compare_page",
+    "build_report",
+    "compare",
+    "crossover",
+    "fingerprint_differences",
+    "fit_exponent",
+    "format_table",
+    "load_run",
+    "reference",
+    "summary_table",
+    "summary_of",
+    "tidy",
+]
+
+
+def summary_of(runs: list[Run], baseline: str = DEFAULT_BASELINE):  # noqa: ANN201 - a DataFrame
+    """The summary table of ``runs`` at their reference point (what ``--format md|csv`` prints)."""
+    df = tidy(runs)
+    return summary_table(df, reference(df, baseline), baseline)

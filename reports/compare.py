@@ -1,0 +1,242 @@
+"""Run-to-run comparison: matched points, change in latency and memory, a verdict per point.
+
+A latency change is real only when the two runs' spreads do not overlap: the
+new run's p20-p80 interval lies wholly above (slower) or below (faster) the
+base run's. Points without a stored spread fall back to a relative noise band.
+Memory is deterministic, so any change beyond the threshold counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from reports.data import MIB, POINT_FIELDS, Run, tidy
+
+# Environment fields that differ between any two runs without making them incomparable.
+VOLATILE_ENV = ("time", "git_rev", "git_dirty", "hostname")
+# Statuses that mean a point broke (a newly skipped point is a configuration change, not a regression).
+BROKEN = ("oom", "error", "timeout")
+
+
+class FingerprintMismatch(ValueError):
+    """The two runs come from different environments."""
+
+    def __init__(self, differences: list[str]):
+        self.differences = differences
+        super().__init__(
+            "the runs have different environment fingerprints, so their numbers are not comparable:\n  "
+            + "\n  ".join(differences)
+            + "\npass --force to compare them anyway"
+        )
+
+
+def fingerprint_differences(base: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``field: base X, new Y`` for every environment field that differs (time, git and host excepted)."""
+    keys = [k for k in dict.fromkeys([*base, *new]) if k not in VOLATILE_ENV]
+    return [f"{k}: base {base.get(k)!r}, new {new.get(k)!r}" for k in keys if base.get(k) != new.get(k)]
+
+
+@dataclasses.dataclass
+class Comparison:
+    """Matched points (one row each) and what did not match."""
+
+    table: pd.DataFrame
+    only_base: pd.DataFrame
+    only_new: pd.DataFrame
+    differences: list[str]
+    fail_above: float
+
+    @property
+    def regressions(self) -> pd.DataFrame:
+        return self.table[self.table["regression"]]
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.table["regression"].any())
+
+
+MATCH_KEYS = [f for f in POINT_FIELDS if f != "tokens"]
+
+
+def latency_verdict(base: pd.Series, new: pd.Series, noise: float) -> str:
+    """faster, slower or within noise, from the p20/p80 spreads (or ``noise`` where a spread is missing)."""
+    spread = [base["latency_ms_p20"], base["latency_ms_p80"], new["latency_ms_p20"], new["latency_ms_p80"]]
+    if all(isinstance(v, float) and math.isfinite(v) for v in spread):
+        b20, b80, n20, n80 = spread
+        if n20 > b80:
+            return "slower"
+        if n80 < b20:
+            return "faster"
+        return "within noise"
+    change = new["latency_ms_median"] / base["latency_ms_median"] - 1.0
+    if change > noise:
+        return "slower"
+    if change < -noise:
+        return "faster"
+    return "within noise"
+
+
+def compare(base: Run, new: Run, fail_above: float = 0.10, noise: float = 0.05, force: bool = False) -> Comparison:
+    """Compare two runs point by point.
+
+    ``fail_above`` (a fraction) is the latency or memory growth beyond which a
+    point that got slower (or bigger) counts as a regression; a point that ran
+    in ``base`` but hits oom, error or timeout in ``new`` is one too. Raises
+    :class:`FingerprintMismatch` when the environments differ, unless ``force``.
+    """
+    differences = fingerprint_differences(base.env, new.env)
+    if differences and not force:
+        raise FingerprintMismatch(differences)
+    a, b = tidy([base]), tidy([new])
+    cols = MATCH_KEYS + [
+        "tokens",
+        "knobs_varied",
+        "status",
+        "reason",
+        "latency_ms_median",
+        "latency_ms_p20",
+        "latency_ms_p80",
+        "peak_bytes",
+        "noisy",
+    ]
+    a, b = a[cols].drop_duplicates(MATCH_KEYS, keep="last"), b[cols].drop_duplicates(MATCH_KEYS, keep="last")
+    merged = a.merge(b, on=MATCH_KEYS, how="outer", suffixes=("_base", "_new"), indicator=True)
+    only_base = merged[merged["_merge"] == "left_only"][MATCH_KEYS]
+    only_new = merged[merged["_merge"] == "right_only"][MATCH_KEYS]
+    both = merged[merged["_merge"] == "both"].drop(columns=["_merge"]).reset_index(drop=True)
+    rows = []
+    for _, r in both.iterrows():
+        rb = _side(r, "_base")
+        rn = _side(r, "_new")
+        row = {k: r[k] for k in MATCH_KEYS}
+        row["tokens"] = r["tokens_base"]
+        row["knobs_varied"] = r["knobs_varied_base"]
+        row.update(
+            {
+                "status_base": rb["status"],
+                "status_new": rn["status"],
+                "latency_ms_base": rb["latency_ms_median"],
+                "latency_ms_new": rn["latency_ms_median"],
+                "latency_change": math.nan,
+                "peak_mib_base": rb["peak_bytes"] / MIB,
+                "peak_mib_new": rn["peak_bytes"] / MIB,
+                "memory_change": math.nan,
+                "noisy": bool(rb["noisy"] or rn["noisy"]),
+            }
+        )
+        if rb["status"] == "ok" and rn["status"] == "ok":
+            row["latency_change"] = rn["latency_ms_median"] / rb["latency_ms_median"] - 1.0
+            if rb["peak_bytes"] > 0:
+                row["memory_change"] = rn["peak_bytes"] / rb["peak_bytes"] - 1.0
+            row["verdict"] = latency_verdict(rb, rn, noise)
+            slower = row["verdict"] == "slower" and row["latency_change"] > fail_above
+            bigger = row["memory_change"] > fail_above
+            row["regression"] = bool(slower or bigger)
+            if bigger and row["verdict"] != "slower":
+                row["verdict"] += ", memory grew"
+        elif rb["status"] == "ok":
+            row["verdict"] = f"now {rn['status']}"
+            row["regression"] = rn["status"] in BROKEN
+        elif rn["status"] == "ok":
+            row["verdict"] = f"runs now (was {rb['status']})"
+            row["regression"] = False
+        else:
+            row["verdict"] = f"{rb['status']} -> {rn['status']}"
+            row["regression"] = False
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        table = pd.DataFrame(columns=MATCH_KEYS + ["verdict", "regression", "latency_change", "memory_change"])
+    else:
+        order = np.where(table["regression"], 0, 1)
+        table = (
+            table.assign(_o=order, _c=-table["latency_change"].fillna(0))
+            .sort_values(["_o", "_c", "mechanism", "tokens"])
+            .drop(columns=["_o", "_c"])
+            .reset_index(drop=True)
+        )
+    return Comparison(table, only_base, only_new, differences, fail_above)
+
+
+def _side(r: pd.Series, suffix: str) -> pd.Series:
+    keys = ["status", "latency_ms_median", "latency_ms_p20", "latency_ms_p80", "peak_bytes", "noisy"]
+    return pd.Series({k: r[k + suffix] for k in keys})
+
+
+def display_table(cmp: Comparison) -> pd.DataFrame:
+    """The comparison as shown to a person: one row per matched point, changes in percent."""
+    t = cmp.table
+    if t.empty:
+        return pd.DataFrame()
+    return pd.DataFrame(
+        {
+            "mechanism": t["mechanism"],
+            "knobs": t["knobs_varied"],
+            "resolution": [f"{int(h)}x{int(w)}" for h, w in zip(t["height"], t["width"], strict=True)],
+            "batch": t["batch"],
+            "dtype": t["dtype"],
+            "pass": t["pass"],
+            "impl": t["impl"],
+            "base ms": t["latency_ms_base"],
+            "new ms": t["latency_ms_new"],
+            "latency change %": 100.0 * t["latency_change"],
+            "base MiB": t["peak_mib_base"],
+            "new MiB": t["peak_mib_new"],
+            "memory change %": 100.0 * t["memory_change"],
+            "verdict": t["verdict"] + np.where(t["noisy"], " (noisy)", ""),
+            "regression": np.where(t["regression"], "REGRESSION", ""),
+        }
+    )
+
+
+def summary_line(cmp: Comparison) -> str:
+    t = cmp.table
+    counts = t["verdict"].value_counts().to_dict() if not t.empty else {}
+    parts = [f"{len(t)} matched points"] + [f"{n} {v}" for v, n in sorted(counts.items())]
+    if len(cmp.only_base):
+        parts.append(f"{len(cmp.only_base)} only in base")
+    if len(cmp.only_new):
+        parts.append(f"{len(cmp.only_new)} only in new")
+    n_reg = int(t["regression"].sum()) if not t.empty else 0
+    parts.append(f"{n_reg} regressed beyond {100 * cmp.fail_above:g}%")
+    return ", ".join(parts)
+
+
+def parse_percent(text: str) -> float:
+    """'10%' or '10' -> 0.10 (always a percentage); raises ValueError naming the expected form."""
+    raw = str(text).strip().rstrip("%").strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"expected a percentage such as 10% or 2.5, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"expected a non-negative percentage such as 10%, got {text!r}")
+    return value / 100.0
+
+
+def terminal_table(cmp: Comparison) -> pd.DataFrame:
+    """A narrow view for the terminal: the point in one column, then base -> new and the change."""
+    t = cmp.table
+    if t.empty:
+        return pd.DataFrame()
+    point = [
+        f"{r['mechanism']}"
+        + (f" {r['knobs_varied']}" if r["knobs_varied"] != "-" else "")
+        + f" {int(r['height'])}x{int(r['width'])} b{r['batch']:g} {r['dtype']} {r['pass']} {r['impl']}"
+        for r in t.to_dict("records")
+    ]
+    return pd.DataFrame(
+        {
+            "point": point,
+            "base ms": t["latency_ms_base"],
+            "new ms": t["latency_ms_new"],
+            "latency %": 100.0 * t["latency_change"],
+            "memory %": 100.0 * t["memory_change"],
+            "verdict": t["verdict"] + np.where(t["noisy"], " (noisy)", "") + np.where(t["regression"], " !", ""),
+        }
+    )

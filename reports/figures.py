@@ -1,0 +1,441 @@
+"""Plotly figures of a report, one builder per section.
+
+Every builder returns a figure, or None when the data hold nothing for it (the
+page then says why instead of drawing an empty plot). All text taken from the
+results goes through :func:`esc` before it reaches plotly, so a mechanism or
+knob value such as ``<script>`` is shown as text.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from reports.analysis import METRIC_SCALE, METRICS, fit_exponent, in_side, is_gpu, with_baseline
+
+PASS_ORDER = ["fwd", "fwd+bwd"]
+PALETTE = qualitative.Plotly + qualitative.Dark24 + qualitative.Light24
+DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+SYMBOLS = ["circle", "square", "diamond", "triangle-up", "x", "cross", "star", "pentagon"]
+FONT = {"family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", "size": 12}
+
+
+def esc(text: Any) -> str:
+    """Escape results text for plotly labels: HTML entities, newlines as <br>."""
+    return html.escape(str(text)).replace("\n", "<br>")
+
+
+def colors(series: Sequence[str]) -> dict[str, str]:
+    """A stable colour per series (sorted order), shared by every figure of a report."""
+    return {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(sorted(set(series)))}
+
+
+def passes(df: pd.DataFrame) -> list[str]:
+    present = [str(p) for p in df["pass"].unique()]
+    return [p for p in PASS_ORDER if p in present] + sorted(p for p in present if p not in PASS_ORDER)
+
+
+def _layout(fig: go.Figure, title: str, height: int = 460) -> go.Figure:
+    fig.update_layout(
+        title={"text": esc(title), "x": 0.0, "xanchor": "left", "font": {"size": 15}},
+        template="plotly_white",
+        font=FONT,
+        height=height,
+        margin={"l": 60, "r": 20, "t": 70, "b": 50},
+        legend={"font": {"size": 11}, "groupclick": "togglegroup"},
+        hoverlabel={"align": "left", "font": {"size": 11}},
+    )
+    return fig
+
+
+def _exp_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _hover(points: pd.DataFrame) -> list[str]:
+    return [esc(h) for h in points["hover"]]
+
+
+HOVER = "%{customdata}<extra></extra>"
+
+
+def scaling(df: pd.DataFrame, side: dict[str, Any], metric: str, palette: dict[str, str]) -> go.Figure | None:
+    """``metric`` against tokens, log-log, one line per series, one panel per pass, exponents in the legend."""
+    ok = in_side(df[df["status"] == "ok"], side).dropna(subset=[metric])
+    ok = ok[ok[metric] > 0]
+    if ok.empty or ok["tokens"].nunique() < 2:
+        return None
+    pss = passes(ok)
+    if metric == "flops":
+        # FLOPs are counted for the forward pass whatever the timed pass: one panel.
+        ok = ok.drop_duplicates(["series", "tokens"]).assign(**{"pass": "forward"})
+        pss = ["forward"]
+    fig = make_subplots(rows=1, cols=len(pss), subplot_titles=[esc(p) for p in pss], horizontal_spacing=0.08)
+    scale = METRIC_SCALE[metric]
+    for series, g in ok.groupby("series", sort=True):
+        exps = {p: fit_exponent(gp["tokens"], gp[metric]) for p, gp in g.groupby("pass")}
+        name = f"{series}  ~N^" + " / ".join(_exp_text(exps.get(p)) for p in pss if p in exps)
+        for col, p in enumerate(pss, 1):
+            gp = g[g["pass"] == p].sort_values("tokens")
+            if gp.empty:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=gp["tokens"],
+                    y=gp[metric] * scale,
+                    mode="lines+markers",
+                    name=esc(name),
+                    legendgroup=esc(series),
+                    showlegend=col == 1 or not (g["pass"] == pss[0]).any(),
+                    line={"color": palette.get(str(series)), "dash": DASHES[0]},
+                    customdata=_hover(gp),
+                    hovertemplate=HOVER,
+                ),
+                row=1,
+                col=col,
+            )
+    fig.update_xaxes(type="log", title_text="tokens N = H x W")
+    fig.update_yaxes(type="log")
+    fig.update_yaxes(title_text=METRICS[metric], row=1, col=1)
+    legend_note = "exponent per pass: " + " / ".join(pss)
+    _layout(fig, f"{METRICS[metric]} against tokens (log-log; legend: fitted N^exponent, {legend_note})")
+    return fig
+
+
+def speedup(df: pd.DataFrame, side: dict[str, Any], baseline: str, palette: dict[str, str]) -> go.Figure | None:
+    """Speed-up and memory ratio against the baseline over tokens; above 1 means better than the baseline."""
+    ctx = with_baseline(in_side(df, side), baseline)
+    ctx = ctx[(ctx["mechanism"] != baseline) & (ctx["status"] == "ok") & (ctx["base_status"] == "ok")]
+    if ctx.empty:
+        return None
+    pss = passes(ctx)
+    titles = [esc(f"{what}, {p}") for what in ("speed-up", "memory ratio") for p in pss]
+    fig = make_subplots(rows=2, cols=len(pss), subplot_titles=titles, vertical_spacing=0.14, horizontal_spacing=0.08)
+    ctx = ctx.assign(mem_ratio=ctx["base_peak_bytes"] / ctx["peak_bytes"])
+    for series, g in ctx.groupby("series", sort=True):
+        first = True
+        for row, col_name in ((1, "speedup"), (2, "mem_ratio")):
+            for col, p in enumerate(pss, 1):
+                gp = g[g["pass"] == p].sort_values("tokens")
+                if gp.empty:
+                    continue
+                fig.add_trace(
+                    go.Scatter(
+                        x=gp["tokens"],
+                        y=gp[col_name],
+                        mode="lines+markers",
+                        name=esc(series),
+                        legendgroup=esc(series),
+                        showlegend=first,
+                        line={"color": palette.get(str(series))},
+                        customdata=_hover(gp),
+                        hovertemplate=f"{col_name.replace('_', ' ')} %{{y:.3g}}x<br>" + HOVER,
+                    ),
+                    row=row,
+                    col=col,
+                )
+                first = False
+    for row in (1, 2):
+        for col in range(1, len(pss) + 1):
+            fig.add_hline(y=1.0, line={"color": "#555", "width": 1, "dash": "dot"}, row=row, col=col)
+    fig.update_xaxes(type="log", title_text="tokens N = H x W", row=2)
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    fig.update_yaxes(title_text=esc(f"{baseline} latency / latency"), row=1, col=1)
+    fig.update_yaxes(title_text=esc(f"{baseline} memory / memory"), row=2, col=1)
+    _layout(fig, f"against {baseline} attention: above the dotted line = faster (top) or smaller (bottom)", 700)
+    return fig
+
+
+def knob_sensitivity(
+    df: pd.DataFrame, side: dict[str, Any], mechanism: str, knob: str, values: list[Any]
+) -> go.Figure | None:
+    """Latency, FLOPs and memory of one mechanism against one of its knobs, a line per resolution and pass.
+
+    The mechanism's other knobs are held at their most common setting.
+    """
+    from reports.data import knob_value_label, knobs_label
+
+    ok = in_side(df[(df["status"] == "ok") & (df["mechanism"] == mechanism)], side)
+    if ok.empty:
+        return None
+    others = [{k: v for k, v in kn.items() if k != knob} for kn in ok["knobs"] if knob in kn]
+    if not others:
+        return None
+    keyed = pd.Series([knobs_label(o) for o in others])
+    held = keyed.mode().iloc[0]
+    ok = ok[[knob in kn and knobs_label({k: v for k, v in kn.items() if k != knob}) == held for kn in ok["knobs"]]]
+    ok = ok.assign(knob_value=[knob_value_label(kn[knob]) for kn in ok["knobs"]])
+    order = [knob_value_label(v) for v in values]
+    if ok["knob_value"].nunique() < 2:
+        return None
+    metrics = ["latency_ms_median", "flops", "peak_bytes"]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[esc(METRICS[m]) for m in metrics], horizontal_spacing=0.07)
+    resolutions = ok.sort_values("tokens")["resolution"].unique().tolist()
+    res_color = {r: PALETTE[i % len(PALETTE)] for i, r in enumerate(resolutions)}
+    for (res, p), g in ok.groupby(["resolution", "pass"], sort=False):
+        if g["knob_value"].nunique() < 2:
+            continue
+        g = g.assign(rank=[order.index(v) if v in order else len(order) for v in g["knob_value"]]).sort_values("rank")
+        for col, m in enumerate(metrics, 1):
+            fig.add_trace(
+                go.Scatter(
+                    x=g["knob_value"],
+                    y=g[m] * METRIC_SCALE[m],
+                    mode="lines+markers",
+                    name=esc(f"{res}, {p}"),
+                    legendgroup=esc(f"{res}, {p}"),
+                    showlegend=col == 1,
+                    line={"color": res_color[res], "dash": DASHES[passes(ok).index(p) % len(DASHES)]},
+                    customdata=_hover(g),
+                    hovertemplate=HOVER,
+                ),
+                row=1,
+                col=col,
+            )
+    if not fig.data:
+        return None
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=order, title_text=esc(knob))
+    fig.update_yaxes(type="log")
+    held_text = held if held != "-" else "none"
+    _layout(fig, f"{mechanism}: cost against {knob} (other knobs held at {held_text}; line per resolution, pass)")
+    return fig
+
+
+def numeric_axis(
+    df: pd.DataFrame, side: dict[str, Any], axis: str, ref_tokens: float | None, palette: dict[str, str]
+) -> go.Figure | None:
+    """Latency and memory against a numeric side axis (batch, dim, heads), log-log with exponents."""
+    ctx = in_side(df[df["status"] == "ok"], side, skip=[axis])
+    if ctx.empty:
+        return None
+    # The resolution at which this axis was swept most widely (ties: the reference, then the largest).
+    spread = ctx.groupby("tokens")[axis].nunique()
+    if spread.max() < 2:
+        return None
+    best = spread[spread == spread.max()].index.tolist()
+    tokens = ref_tokens if ref_tokens in best else max(best)
+    ctx = _swept(ctx[ctx["tokens"] == tokens], axis)
+    pss = passes(ctx)
+    metrics = ["latency_ms_median", "peak_bytes"]
+    titles = [esc(f"{METRICS[m]}, {p}") for m in metrics for p in pss]
+    fig = make_subplots(rows=2, cols=len(pss), subplot_titles=titles, vertical_spacing=0.14)
+    for series, g in ctx.groupby("series", sort=True):
+        exps = {p: fit_exponent(gp[axis], gp["latency_ms_median"]) for p, gp in g.groupby("pass")}
+        name = f"{series}  latency ~{axis}^" + " / ".join(_exp_text(exps.get(p)) for p in pss if p in exps)
+        first = True
+        for row, m in enumerate(metrics, 1):
+            for col, p in enumerate(pss, 1):
+                gp = g[g["pass"] == p].sort_values(axis)
+                if gp.empty:
+                    continue
+                fig.add_trace(
+                    go.Scatter(
+                        x=gp[axis],
+                        y=gp[m] * METRIC_SCALE[m],
+                        mode="lines+markers",
+                        name=esc(name),
+                        legendgroup=esc(series),
+                        showlegend=first,
+                        line={"color": palette.get(str(series))},
+                        customdata=_hover(gp),
+                        hovertemplate=HOVER,
+                    ),
+                    row=row,
+                    col=col,
+                )
+                first = False
+    fig.update_xaxes(type="log", title_text=esc(axis), row=2)
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    side_text = f"{tokens:.0f} tokens"
+    _layout(fig, f"{axis} scaling at {side_text} (log-log; legend: fitted latency exponent per pass)", 700)
+    return fig
+
+
+def _swept(ctx: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """Only the (series, pass) curves that take at least two values of ``axis``."""
+    n = ctx.groupby(["series", "pass"])[axis].transform("nunique")
+    return ctx[n >= 2]
+
+
+def categorical_axis(df: pd.DataFrame, side: dict[str, Any], axis: str, ref_tokens: float | None) -> go.Figure | None:
+    """Grouped bars of latency and memory per series, one bar per value of a categorical axis (dtype, ...)."""
+    ctx = in_side(df[df["status"] == "ok"], side, skip=[axis])
+    if ctx.empty:
+        return None
+    spread = ctx.groupby("tokens")[axis].nunique()
+    if spread.max() < 2:
+        return None
+    best = spread[spread == spread.max()].index.tolist()
+    tokens = ref_tokens if ref_tokens in best else max(best)
+    ctx = _swept(ctx[ctx["tokens"] == tokens], axis)
+    pss = passes(ctx)
+    metrics = ["latency_ms_median", "peak_bytes"]
+    titles = [esc(f"{METRICS[m]}, {p}") for m in metrics for p in pss]
+    fig = make_subplots(rows=2, cols=len(pss), subplot_titles=titles, vertical_spacing=0.22)
+    values = sorted(ctx[axis].astype(str).unique())
+    for i, value in enumerate(values):
+        g_all = ctx[ctx[axis].astype(str) == value]
+        first = True
+        for row, m in enumerate(metrics, 1):
+            for col, p in enumerate(pss, 1):
+                g = g_all[g_all["pass"] == p].sort_values("series")
+                if g.empty:
+                    continue
+                fig.add_trace(
+                    go.Bar(
+                        x=[esc(s) for s in g["series"]],
+                        y=g[m] * METRIC_SCALE[m],
+                        name=esc(f"{axis} {value}"),
+                        legendgroup=esc(value),
+                        showlegend=first,
+                        marker={"color": PALETTE[i % len(PALETTE)]},
+                        customdata=_hover(g),
+                        hovertemplate=HOVER,
+                    ),
+                    row=row,
+                    col=col,
+                )
+                first = False
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(type="log")
+    fig.update_xaxes(tickangle=-30)
+    _layout(fig, f"{axis} comparison at {tokens:.0f} tokens", 760)
+    return fig
+
+
+def roofline(df: pd.DataFrame, palette: dict[str, str]) -> tuple[go.Figure | None, str]:
+    """Achieved FLOP/s against arithmetic intensity with the device's compute and bandwidth ceilings.
+
+    Bytes moved are not measured; the intensity divides the FLOPs executed by
+    the bytes the point allocated (peak above baseline) plus its baseline
+    (inputs and weights), each touched at least once, so it is an upper bound:
+    a point sits at or right of its true place. Returns the figure, or None and
+    a sentence saying why there is none.
+    """
+    on_gpu = df[df["device"].map(is_gpu)]
+    if on_gpu.empty:
+        return None, "no point ran on a GPU, so there is no device roofline to draw."
+    gpu = on_gpu[(on_gpu["status"] == "ok") & (on_gpu["tflops"] > 0)]
+    if gpu.empty:
+        return None, "no GPU point ran successfully with a FLOP count."
+    gpu = gpu[(gpu["peak_tflops"] > 0) & (gpu["bandwidth_gbs"] > 0)]
+    if gpu.empty:
+        names = ", ".join(sorted(on_gpu["device_name"].unique()))
+        return None, f"the peak FLOP/s and bandwidth of {names} are not in bench/hardware.py, so no ceilings are known."
+    # FLOPs executed per call, from the achieved rate (which counts fwd+bwd as 3 x forward).
+    executed = gpu["tflops"] * 1e12 * gpu["latency_ms_median"] * 1e-3
+    allocated = gpu["peak_bytes"].fillna(0) + gpu["baseline_bytes"].fillna(0)
+    gpu = gpu.assign(intensity=executed / allocated)
+    gpu = gpu[(allocated > 0)]
+    if gpu.empty:
+        return None, "no GPU point recorded its memory, so its intensity is unknown."
+    fig = go.Figure()
+    pss = passes(gpu)
+    for (series, p), g in gpu.groupby(["series", "pass"], sort=True):
+        fig.add_trace(
+            go.Scatter(
+                x=g["intensity"],
+                y=g["tflops"],
+                mode="markers",
+                name=esc(f"{series}, {p}"),
+                legendgroup=esc(series),
+                marker={"color": palette.get(str(series)), "symbol": SYMBOLS[pss.index(p) % len(SYMBOLS)], "size": 8},
+                customdata=_hover(g),
+                hovertemplate="intensity %{x:.3g} FLOP/B, %{y:.3g} TFLOP/s<br>" + HOVER,
+            )
+        )
+    lo, hi = gpu["intensity"].min() / 4, gpu["intensity"].max() * 4
+    ceilings = gpu.groupby(["device_name", "dtype"])[["peak_tflops", "bandwidth_gbs"]].first().reset_index()
+    many = ceilings["device_name"].nunique() > 1
+    for _, c in ceilings.iterrows():
+        peak, bw = c["peak_tflops"] * 1e12, c["bandwidth_gbs"] * 1e9
+        ridge = peak / bw
+        xs = [min(lo, ridge / 4), ridge, max(hi, ridge * 4)]
+        ys = [min(x * bw, peak) / 1e12 for x in xs]
+        label = f"ceiling {c['dtype']}: {c['peak_tflops']:.0f} TFLOP/s, {c['bandwidth_gbs']:.0f} GB/s"
+        if many:
+            label += f" ({c['device_name']})"
+        fig.add_trace(
+            go.Scatter(x=xs, y=ys, mode="lines", name=esc(label), line={"color": "#333", "dash": "dot", "width": 1.5})
+        )
+    fig.update_xaxes(type="log", title_text="arithmetic intensity (FLOP per byte allocated; an upper bound)")
+    fig.update_yaxes(type="log", title_text="achieved TFLOP/s (FLOPs = 2 x MACs)")
+    _layout(fig, "roofline: achieved FLOP/s against arithmetic intensity, with the device's ceilings", 560)
+    return fig, ""
+
+
+def accuracy_cost(train: pd.DataFrame) -> go.Figure | None:
+    """Accuracy against FLOPs (2 x MACs) of trained models, one marker per model, parameters in the hover."""
+    if train.empty:
+        return None
+    pts = train.dropna(subset=["accuracy", "flops"])
+    pts = pts[pts["flops"] > 0]
+    if pts.empty:
+        return None
+    fig = go.Figure()
+    for i, (model, g) in enumerate(pts.groupby("model", sort=True)):
+        hover = [
+            esc("\n".join(f"{k}: {v}" for k, v in r.items() if not _blank(v) and k not in ("kind",)))
+            for r in g.drop(columns=["flops"]).to_dict("records")
+        ]
+        fig.add_trace(
+            go.Scatter(
+                x=g["flops"] * 1e-9,
+                y=g["accuracy"],
+                mode="markers",
+                name=esc(model),
+                marker={"color": PALETTE[i % len(PALETTE)], "size": 10},
+                customdata=hover,
+                hovertemplate=HOVER,
+            )
+        )
+    fig.update_xaxes(type="log", title_text="GFLOPs per image (= 2 x MACs)")
+    fig.update_yaxes(title_text="accuracy")
+    _layout(fig, "accuracy against cost of trained models", 460)
+    return fig
+
+
+def _blank(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def change_figure(t: pd.DataFrame, fail_above: float) -> go.Figure:
+    """Latency change (%) of each matched point against tokens, coloured by verdict, threshold dotted."""
+    verdict_color = {"faster": "#1a9641", "slower": "#d7191c", "within noise": "#7f7f7f"}
+    fig = go.Figure()
+    for verdict, g in t.groupby(t["verdict"].str.split(",").str[0], sort=True):
+        hover = [
+            esc(
+                f"{r['mechanism']} {r['knobs_varied']} [{r['impl']}]\n{int(r['height'])}x{int(r['width'])}, "
+                f"batch {r['batch']:g}, {r['dtype']}, {r['pass']}\n"
+                f"{r['latency_ms_base']:.4g} -> {r['latency_ms_new']:.4g} ms ({100 * r['latency_change']:+.1f}%)\n"
+                f"verdict: {r['verdict']}" + (" (REGRESSION)" if r["regression"] else "")
+            )
+            for r in g.to_dict("records")
+        ]
+        fig.add_trace(
+            go.Scatter(
+                x=g["tokens"],
+                y=100 * g["latency_change"],
+                mode="markers",
+                name=esc(verdict),
+                marker={"color": verdict_color.get(str(verdict), "#444"), "size": 8},
+                customdata=hover,
+                hovertemplate=HOVER,
+            )
+        )
+    fig.add_hline(y=100 * fail_above, line={"color": "#d7191c", "dash": "dot", "width": 1})
+    fig.add_hline(y=0, line={"color": "#555", "width": 1})
+    fig.update_xaxes(type="log", title_text="tokens N = H x W")
+    fig.update_yaxes(title_text="latency change, new vs base (%)")
+    _layout(fig, f"latency change per matched point (dotted: the {100 * fail_above:g}% regression threshold)", 440)
+    return fig

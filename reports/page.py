@@ -1,0 +1,389 @@
+"""The self-contained HTML report: sections of tables and plotly figures, plotly.js inlined once.
+
+Every string taken from the results goes through ``html.escape`` (tables) or
+:func:`reports.figures.esc` (plot labels and hover text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import html
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import plotly.io as pio
+from plotly.offline import get_plotlyjs
+
+from reports import analysis, figures
+from reports.data import Run, knob_axes, knobs_label, plain, side_axes, tidy, train_rows
+
+NUMERIC_SIDE_AXES = ("batch", "dim", "heads")
+CATEGORICAL_SIDE_AXES = ("dtype", "compile", "cross", "device")
+# Environment fields that change between any two runs and say nothing about the machine.
+VOLATILE_ENV = ("time", "git_rev", "git_dirty", "hostname")
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #1d2330;
+       background: #f6f7f9; line-height: 1.45; }
+header { background: #1d2330; color: #fff; padding: 18px 32px; }
+header h1 { margin: 0 0 4px 0; font-size: 22px; }
+header p { margin: 0; color: #c8cdd8; font-size: 13px; }
+nav { padding: 8px 32px; background: #e8ebf0; font-size: 13px; position: sticky; top: 0; z-index: 10; }
+nav a { margin-right: 14px; color: #1f4f99; text-decoration: none; white-space: nowrap; }
+main { padding: 8px 32px 40px 32px; max-width: 1500px; }
+section { background: #fff; border: 1px solid #dde1e8; border-radius: 6px; padding: 14px 20px; margin: 18px 0; }
+h2 { font-size: 18px; margin: 4px 0 10px 0; }
+h3 { font-size: 15px; margin: 14px 0 6px 0; }
+p.note { color: #4a5263; font-size: 13px; margin: 6px 0; }
+p.empty { color: #6a7283; font-style: italic; }
+table { border-collapse: collapse; font-size: 12.5px; margin: 6px 0 10px 0; }
+th, td { border-bottom: 1px solid #e3e6ec; padding: 4px 10px; text-align: left; vertical-align: top; }
+th { background: #f0f2f6; font-weight: 600; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tr.diff td { background: #fff4d6; }
+.scroll { overflow-x: auto; }
+.warn { color: #8a4b00; }
+.good { color: #0a6b2c; }
+.bad { color: #a3161b; }
+"""
+
+
+@dataclasses.dataclass
+class Section:
+    id: str
+    title: str
+    body: list[str]
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def table_html(df: pd.DataFrame, row_class: Sequence[str] = ()) -> str:
+    """An HTML table with every cell escaped; numbers right-aligned to 3 significant digits."""
+    if df.empty:
+        return '<p class="empty">no rows</p>'
+    head = "".join(f"<th>{esc(c)}</th>" for c in df.columns)
+    body = []
+    for i, (_, r) in enumerate(df.iterrows()):
+        cells = []
+        for c in df.columns:
+            v = r[c]
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                cells.append(f'<td class="num">{esc(analysis.fmt_number(v))}</td>')
+            else:
+                cells.append(f"<td>{esc(v)}</td>")
+        rc = f' class="{row_class[i]}"' if i < len(row_class) and row_class[i] else ""
+        body.append(f"<tr{rc}>" + "".join(cells) + "</tr>")
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def _fig_html(fig: Any, div_id: str) -> str:
+    return pio.to_html(
+        fig,
+        full_html=False,
+        include_plotlyjs=False,
+        div_id=div_id,
+        config={"displaylogo": False, "responsive": True},
+    )
+
+
+def _empty(text: str) -> str:
+    return f'<p class="empty">{esc(text)}</p>'
+
+
+def build_report(runs: list[Run], baseline: str = analysis.DEFAULT_BASELINE) -> str:
+    """The whole report page for ``runs`` as one HTML string."""
+    df = tidy(runs)
+    train = train_rows(runs)
+    figs: list[tuple[str, Any]] = []
+
+    def fig(f: Any) -> str:
+        div_id = f"plot-{len(figs)}"
+        figs.append((div_id, f))
+        return _fig_html(f, div_id)
+
+    ref = analysis.reference(df, baseline)
+    palette = figures.colors(df["series"].tolist())
+    sections = [
+        _environment(runs),
+        _configuration(runs, df, ref, baseline),
+        _summary(df, ref, baseline),
+        _scaling(df, ref, palette, fig),
+        _crossover(df, ref, baseline, palette, fig),
+        _knobs(df, ref, fig),
+        _side_axes(df, ref, palette, fig),
+        _roofline(df, palette, fig),
+        _accuracy(train, fig),
+        _failures(df),
+    ]
+    names = ", ".join(r.name for r in runs)
+    nav = "".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in sections)
+    body = "".join(f'<section id="{s.id}"><h2>{esc(s.title)}</h2>{"".join(s.body)}</section>' for s in sections)
+    warnings = [w for r in runs for w in r.warnings]
+    warn_html = "".join(f'<p class="warn">{esc(w)}</p>' for w in warnings)
+    counts = df["status"].value_counts().to_dict() if not df.empty else {}
+    status_text = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no points"
+    generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>attnbench report: {esc(names)}</title>
+<style>{CSS}</style>
+<script type="text/javascript">{get_plotlyjs()}</script>
+</head><body>
+<header><h1>attnbench report</h1><p>{esc(names)} &middot; {esc(status_text)} &middot; generated {generated}</p></header>
+<nav>{nav}</nav>
+<main>{warn_html}{body}</main>
+</body></html>
+"""
+
+
+def _environment(runs: list[Run]) -> Section:
+    keys: list[str] = []
+    for r in runs:
+        keys += [k for k in r.env if k not in keys]
+    if not keys:
+        return Section("environment", "Environment", [_empty("no env.json in the run directories.")])
+    rows = []
+    diff = []
+    for k in keys:
+        values = [_env_value(r.env.get(k)) for r in runs]
+        rows.append({"field": k, **{r.name: v for r, v in zip(runs, values, strict=True)}})
+        diff.append("diff" if len(set(values)) > 1 and k not in VOLATILE_ENV else "")
+    body = [table_html(pd.DataFrame(rows), row_class=diff)]
+    if len(runs) > 1 and any(diff):
+        body.append('<p class="note">Highlighted rows differ between the runs: their numbers are not comparable.</p>')
+    return Section("environment", "Environment", body)
+
+
+def _env_value(v: Any) -> str:
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return "-" if v is None else str(v)
+
+
+def _configuration(runs: list[Run], df: pd.DataFrame, ref: analysis.Reference, baseline: str) -> Section:
+    body = []
+    if df.empty:
+        return Section("configuration", "Sweep configuration", [_empty("the runs hold no benchmark points.")])
+    mech_rows = []
+    for mech, g in df.groupby("mechanism", sort=True):
+        knob_sets = sorted(g["knobs_label"].unique())
+        mech_rows.append(
+            {
+                "mechanism": mech,
+                "knob settings": "; ".join(knob_sets),
+                "impl": ", ".join(sorted(g["impl"].unique())),
+                "resolutions": ", ".join(g.sort_values("tokens")["resolution"].unique()),
+                "points": len(g),
+                "ok": int((g["status"] == "ok").sum()),
+                "not run": int((g["status"] != "ok").sum()),
+            }
+        )
+    body.append("<h3>What was swept</h3>" + table_html(pd.DataFrame(mech_rows)))
+    axes = side_axes(df)
+    knobs = knob_axes(df)
+    lines = [f"pass: {', '.join(figures.passes(df))}"]
+    lines += [f"{k}: {', '.join(map(str, v))}" for k, v in axes.items()]
+    for mech, kv in knobs.items():
+        lines += [
+            f"{mech} {k}: {', '.join(knobs_label({k: x}).split('=', 1)[1] for x in vals)}" for k, vals in kv.items()
+        ]
+    body.append("<h3>Axes that vary</h3><ul>" + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul>")
+    fixed = {k: v for k, v in ref.side.items() if k not in axes}
+    if fixed:
+        body.append(
+            '<p class="note">Fixed for every point: '
+            + esc(", ".join(f"{k} {plain(v)}" for k, v in fixed.items()))
+            + "</p>"
+        )
+    body.append(
+        '<p class="note">Reference point for the summary and the curves (side axes at their most common values; '
+        f"the largest resolution at which {esc(baseline)} ran): {esc(ref.describe())}</p>"
+    )
+    for r in runs:
+        if r.sweep:
+            body.append(
+                f"<h3>sweep.json of {esc(r.name)}</h3><pre>{esc(json.dumps(r.sweep, indent=1, sort_keys=True))}</pre>"
+            )
+    return Section("configuration", "Sweep configuration", body)
+
+
+def _summary(df: pd.DataFrame, ref: analysis.Reference, baseline: str) -> Section:
+    title = "Summary at the reference point"
+    table = analysis.summary_table(df, ref, baseline)
+    if table.empty:
+        return Section("summary", title, [_empty("no point ran, so there is no reference point.")])
+    lead = f'<p class="note">At {esc(ref.describe())}. '
+    if not (df["mechanism"] == baseline).any():
+        lead += f"No {esc(baseline)} points in these runs, so no speed-up or memory saving. "
+    else:
+        lead += (
+            f"Speed-up = {esc(baseline)} latency / latency and memory saving = 1 - memory / {esc(baseline)} memory,"
+            f" against the fastest {esc(baseline)} implementation at the same point. "
+        )
+    lead += "Latency is the median; peak memory is above the inputs and weights.</p>"
+    return Section(
+        "summary",
+        title,
+        [lead, table_html(table), f'<p class="note">{esc(analysis.FLOPS_NOTE)}</p>'],
+    )
+
+
+def _scaling(df: pd.DataFrame, ref: analysis.Reference, palette: dict[str, str], fig: Any) -> Section:
+    body = []
+    for metric in analysis.METRICS:
+        f = figures.scaling(df, ref.side, metric, palette)
+        if f is not None:
+            body.append(fig(f))
+    if not body:
+        body = [_empty("fewer than two resolutions ran, so there is no curve to draw.")]
+    else:
+        body.insert(
+            0,
+            '<p class="note">One line per mechanism and knob setting at '
+            + esc(", ".join(f"{k} {plain(v)}" for k, v in ref.side.items()))
+            + ". The legend gives the least-squares exponent of each curve in N (tokens); 2 is quadratic.</p>",
+        )
+    return Section("scaling", "Scaling with resolution", body)
+
+
+def _crossover(df: pd.DataFrame, ref: analysis.Reference, baseline: str, palette: dict[str, str], fig: Any) -> Section:
+    title = f"Where each mechanism beats {baseline} attention"
+    if not ((df["mechanism"] == baseline) & (df["status"] == "ok")).any():
+        return Section("crossover", title, [_empty(f"no {baseline} point ran, so there is nothing to compare with.")])
+    table = analysis.crossovers(df, ref.side, baseline)
+    if table.empty:
+        return Section("crossover", title, [_empty(f"no other mechanism ran at a point where {baseline} ran.")])
+    shown = table[["series", "pass", "faster_than_baseline", "smaller_than_baseline", "note"]].rename(
+        columns={"faster_than_baseline": f"faster than {baseline}", "smaller_than_baseline": f"smaller than {baseline}"}
+    )
+    body = [
+        '<p class="note">The crossover resolution is interpolated log-log between the two measured resolutions that '
+        "bracket it (shown as the equivalent square map); the first measured resolution past it is given too.</p>",
+        table_html(shown),
+    ]
+    f = figures.speedup(df, ref.side, baseline, palette)
+    if f is not None:
+        body.append(fig(f))
+    return Section("crossover", title, body)
+
+
+def _knobs(df: pd.DataFrame, ref: analysis.Reference, fig: Any) -> Section:
+    title = "Cost-knob sensitivity"
+    body = []
+    for mech, kv in knob_axes(df).items():
+        for knob, values in kv.items():
+            f = figures.knob_sensitivity(df, ref.side, mech, knob, values)
+            if f is not None:
+                body.append(fig(f))
+    if not body:
+        body = [_empty("no mechanism's knob took more than one value at the reference setting, so there is no curve.")]
+    return Section("knobs", title, body)
+
+
+def _side_axes(df: pd.DataFrame, ref: analysis.Reference, palette: dict[str, str], fig: Any) -> Section:
+    title = "Batch, dtype and other axes"
+    body = []
+    axes = side_axes(df)
+    for axis in NUMERIC_SIDE_AXES:
+        if axis in axes:
+            f = figures.numeric_axis(df, ref.side, axis, ref.tokens, palette)
+            if f is not None:
+                body.append(fig(f))
+    for axis in CATEGORICAL_SIDE_AXES:
+        if axis in axes:
+            f = figures.categorical_axis(df, ref.side, axis, ref.tokens)
+            if f is not None:
+                body.append(fig(f))
+    if not body:
+        swept = ", ".join(a for a in axes if a != "impl")
+        why = f"{swept} varied, but never at one resolution" if swept else "batch, dtype and the other side axes"
+        body = [_empty(f"{why} {'were' if not swept else ''} not swept, so there is nothing to compare.".strip())]
+    return Section("axes", title, body)
+
+
+def _roofline(df: pd.DataFrame, palette: dict[str, str], fig: Any) -> Section:
+    f, why = figures.roofline(df, palette)
+    if f is None:
+        return Section("roofline", "Roofline", [_empty(f"No roofline: {why}")])
+    note = (
+        '<p class="note">Bytes moved are not measured: intensity = FLOPs executed / (peak memory above baseline + '
+        "baseline), each byte touched at least once, so intensity is an upper bound and points sit at or right of "
+        "their true place.</p>"
+    )
+    return Section("roofline", "Roofline", [note, fig(f)])
+
+
+def _accuracy(train: pd.DataFrame, fig: Any) -> Section:
+    title = "Accuracy against cost"
+    f = figures.accuracy_cost(train)
+    if f is None:
+        why = "no training results (rows with kind = train) in these runs." if train.empty else "no trained model "
+        if not train.empty:
+            why += "recorded both accuracy and MACs."
+        return Section("accuracy", title, [_empty(why)])
+    cols = [c for c in ("model", "accuracy", "flops", "params", "run") if c in train.columns]
+    table = train[cols].rename(columns={"flops": "FLOPs (2 x MACs)"})
+    return Section("accuracy", title, [fig(f), table_html(table)])
+
+
+def _failures(df: pd.DataFrame) -> Section:
+    title = "Points that did not run"
+    bad = df[df["status"] != "ok"]
+    if bad.empty:
+        return Section("failures", title, ['<p class="good">Every point ran.</p>'])
+    counts = bad.groupby(["status", "mechanism"]).size().reset_index(name="points")
+    cols = ["status", "mechanism", "knobs_label", "resolution", "batch", "dtype", "pass", "impl", "reason", "run"]
+    listing = bad.sort_values(["status", "mechanism", "tokens"])[cols].rename(columns={"knobs_label": "knobs"})
+    if listing["run"].nunique() == 1:
+        listing = listing.drop(columns=["run"])
+    return Section("failures", title, [table_html(counts), table_html(listing)])
+
+
+def build_compare_page(cmp: Any, base: Run, new: Run) -> str:
+    """The comparison of two runs as one self-contained HTML page: summary, plot of changes, full table."""
+    from reports.compare import display_table, summary_line
+
+    table = display_table(cmp)
+    body = [f'<p class="note">{esc(summary_line(cmp))}</p>']
+    if cmp.differences:
+        body.append(
+            '<p class="warn">Compared despite different environments (forced):</p><ul>'
+            + "".join(f"<li>{esc(d)}</li>" for d in cmp.differences)
+            + "</ul>"
+        )
+    figure_html = ""
+    t = cmp.table
+    ok = t[t["latency_change"].notna()] if not t.empty else t
+    if not ok.empty:
+        f = figures.change_figure(ok, cmp.fail_above)
+        figure_html = _fig_html(f, "plot-0")
+    row_class = ["diff" if r else "" for r in (t["regression"] if not t.empty else [])]
+    sections = [
+        Section("summary", "Summary", body),
+        Section("changes", "Latency change per point", [figure_html or _empty("no point ran in both runs.")]),
+        Section("points", "Matched points", [table_html(table, row_class=row_class)]),
+    ]
+    if len(cmp.only_base) or len(cmp.only_new):
+        unmatched = pd.concat(
+            [cmp.only_base.assign(only_in=base.name), cmp.only_new.assign(only_in=new.name)], ignore_index=True
+        )
+        sections.append(Section("unmatched", "Points in one run only", [table_html(unmatched)]))
+    title = f"attnbench comparison: {base.name} -> {new.name}"
+    main = "".join(f'<section id="{s.id}"><h2>{esc(s.title)}</h2>{"".join(s.body)}</section>' for s in sections)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title>
+<style>{CSS}</style>
+<script type="text/javascript">{get_plotlyjs()}</script>
+</head><body>
+<header><h1>{esc(title)}</h1><p>regression threshold {100 * cmp.fail_above:g}%</p></header>
+<main>{main}</main>
+</body></html>
+"""

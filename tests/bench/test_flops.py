@@ -294,3 +294,35 @@ def test_op_base_name():
     assert flops.op_base_name(torch.ops.aten._softmax) == "_softmax"
     assert flops.op_base_name("ns::my_op") == "ns::my_op"
     assert flops.op_base_name("aten::__and__") == "__and__"
+
+
+# ---------------------------------------------------------------------- the command
+def test_cli_flops_json_for_a_mechanism():
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    argv = ["flops", "-m", "full", "-r", "8", "--dim", "16", "--heads", "2", "--knob", "qkv_bias=false", "--json"]
+    out = CliRunner().invoke(app, argv)
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["complete"] and data["fvcore_macs"] == data["analytic_macs"] == data["flop_counter_macs"]
+    assert data["fvcore_flops"] == 2 * data["fvcore_macs"]
+    table = CliRunner().invoke(app, ["flops", "-m", "full", "-r", "4", "--dim", "16", "--heads", "2"])
+    assert table.exit_code == 0 and "FLOPs = 2 x MACs" in table.output
+
+
+def test_cli_flops_refuses_clearly():
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    runner = CliRunner()
+    both = runner.invoke(app, ["flops", "-m", "full", "--model", "x"])
+    assert both.exit_code != 0 and "exactly one" in both.output
+    bad = runner.invoke(app, ["flops", "--model", "torch.nn:NoSuchFactory"])
+    assert bad.exit_code != 0 and "NoSuchFactory" in bad.output
+    knob = runner.invoke(app, ["flops", "-m", "full", "--knob", "nope"])
+    assert knob.exit_code != 0 and "k=v" in knob.output

@@ -14,12 +14,22 @@ import torch
 
 from .base import Attention
 
-# Relative L2 error allowed against the float32 reference, per dtype of the fast path.
+# Relative L2 error allowed against the float32 reference, per dtype of the fast
+# path. Outputs are held tighter than gradients: a parameter's gradient is a
+# reduction over every token (B*N terms), each rounded to the dtype's mantissa
+# (bf16: 8 bits, eps 7.8e-3), and LayerNorm-weight gradients in bf16 land at
+# 2-4e-2 on random seeds.
 TOLERANCE: dict[torch.dtype, float] = {
     torch.float64: 1e-9,
     torch.float32: 1e-4,
     torch.float16: 1e-2,
-    torch.bfloat16: 3e-2,
+    torch.bfloat16: 5e-2,
+}
+OUTPUT_TOLERANCE: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 1e-2,
 }
 
 
@@ -74,8 +84,9 @@ def parity(module: Attention, impl: str, dtype: torch.dtype, args: tuple) -> dic
 
 def assert_parity(module: Attention, impl: str, dtype: torch.dtype, args: tuple, tol: float | None = None) -> None:
     tol = TOLERANCE[dtype] if tol is None else tol
+    out_tol = min(tol, OUTPUT_TOLERANCE[dtype])
     errors = parity(module, impl, dtype, args)
-    bad = {k: v for k, v in errors.items() if not v <= tol}
+    bad = {k: v for k, v in errors.items() if not v <= (out_tol if k == "output" else tol)}
     if bad:
         worst = ", ".join(f"{k}: {v:.2e}" for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:6])
         raise AssertionError(

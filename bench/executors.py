@@ -1,0 +1,207 @@
+"""Executors: where points are measured. Each yields records as points finish.
+
+- :class:`InProcess` (default): one point after another in this process.
+- :class:`Subprocess` (``--isolate``): a fresh Python process per point, so
+  allocator and autotune state cannot leak and a hard crash costs one point; a
+  point that outlives ``timeout_s + startup_grace_s`` is killed and recorded as
+  ``timeout``.
+- :class:`MultiDevice` (``--devices cuda:0,cuda:1``): one isolated worker per
+  device, in parallel; each sees only its GPU (``CUDA_VISIBLE_DEVICES``).
+- :class:`Submitit`: one job per point on a Slurm cluster through submitit
+  (``submitit.LocalExecutor`` runs the same path on one machine).
+
+The sweep's main process is the only writer of the results store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .measure import Settings
+from .points import Point
+
+
+def _failure(point: Point, status: str, reason: str, **extra: Any) -> dict[str, Any]:
+    return {**point.to_json(), "status": status, "reason": reason, **extra}
+
+
+class InProcess:
+    name = "in-process"
+
+    def run(self, points: Iterable[Point], settings: Settings) -> Iterator[dict[str, Any]]:
+        from .measure import measure
+
+        for point in points:
+            yield measure(point, settings)
+
+
+class Subprocess:
+    """One ``python -m bench.worker`` per point."""
+
+    name = "subprocess"
+
+    def __init__(self, startup_grace_s: float = 60.0, env: dict[str, str] | None = None, python: str | None = None):
+        self.startup_grace_s = startup_grace_s
+        self.env = env or {}
+        self.python = python or sys.executable
+
+    def run_one(self, point: Point, settings: Settings, env: dict[str, str] | None = None) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="attnbench-") as tmp:
+            src, dst = Path(tmp) / "in.json", Path(tmp) / "out.json"
+            src.write_text(json.dumps({"point": point.to_json(), "settings": settings.to_dict()}))
+            limit = settings.timeout_s + self.startup_grace_s
+            full_env = {**os.environ, **self.env, **(env or {})}
+            repo = str(Path(__file__).resolve().parent.parent)
+            full_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, full_env.get("PYTHONPATH", "")) if p)
+            start = time.perf_counter()
+            try:
+                proc = subprocess.run(
+                    [self.python, "-m", "bench.worker", str(src), str(dst)],
+                    env=full_env,
+                    capture_output=True,
+                    text=True,
+                    timeout=limit,
+                )
+            except subprocess.TimeoutExpired:
+                return _failure(
+                    point,
+                    "timeout",
+                    f"worker killed after {limit:g} s (hard limit: --timeout {settings.timeout_s:g} s "
+                    f"+ {self.startup_grace_s:g} s for process start-up)",
+                    wall_s=round(time.perf_counter() - start, 4),
+                )
+            if dst.exists():
+                return json.loads(dst.read_text())
+            tail = (proc.stderr or "").strip().splitlines()[-5:]
+            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+            return _failure(
+                point,
+                "error",
+                f"worker process died ({how}) without a result: " + " | ".join(tail),
+                wall_s=round(time.perf_counter() - start, 4),
+            )
+
+    def run(self, points: Iterable[Point], settings: Settings) -> Iterator[dict[str, Any]]:
+        for point in points:
+            yield self.run_one(point, settings)
+
+
+class MultiDevice:
+    """Isolated workers on several devices of one machine, in parallel.
+
+    Points keep their device axis value (``cuda`` or ``cpu``); a worker for
+    ``cuda:N`` runs with ``CUDA_VISIBLE_DEVICES=N`` so ``cuda`` means its own GPU.
+    The physical device is recorded as ``worker_device``.
+    """
+
+    name = "multi-device"
+
+    def __init__(self, devices: list[str], startup_grace_s: float = 60.0):
+        if not devices:
+            raise ValueError("MultiDevice needs at least one device, e.g. --devices cuda:0,cuda:1")
+        for d in devices:
+            if not (d == "cpu" or d.startswith("cuda:")):
+                raise ValueError(f"--devices takes cpu or cuda:N entries, got {d!r}")
+        self.devices = devices
+        self.inner = Subprocess(startup_grace_s=startup_grace_s)
+
+    def run(self, points: Iterable[Point], settings: Settings) -> Iterator[dict[str, Any]]:
+        points = list(points)
+        for p in points:
+            if p.device not in ("cpu", "cuda"):
+                raise ValueError(
+                    f"with --devices, sweep points on --device cuda (or cpu), not {p.device!r}; "
+                    "each worker is given one physical device"
+                )
+        todo: queue.Queue[Point | None] = queue.Queue()
+        for p in points:
+            todo.put(p)
+        done: queue.Queue[dict[str, Any]] = queue.Queue()
+
+        def worker(device: str) -> None:
+            env = {"CUDA_VISIBLE_DEVICES": device.split(":")[1]} if device.startswith("cuda:") else {}
+            while True:
+                try:
+                    p = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    rec = self.inner.run_one(p, settings, env=env)
+                except Exception as exc:  # the executor itself failed; the point is still data
+                    rec = _failure(p, "error", f"executor error: {type(exc).__name__}: {exc}")
+                rec["worker_device"] = device
+                done.put(rec)
+
+        threads = [threading.Thread(target=worker, args=(d,), daemon=True) for d in self.devices]
+        for t in threads:
+            t.start()
+        for _ in range(len(points)):
+            yield done.get()
+        for t in threads:
+            t.join()
+
+
+class Submitit:
+    """One submitit job per point (Slurm through ``submitit.AutoExecutor``, or any
+    submitit executor passed in, such as ``submitit.LocalExecutor`` for tests)."""
+
+    name = "submitit"
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        executor: Any = None,
+        slurm: dict[str, Any] | None = None,
+        poll_s: float = 1.0,
+    ):
+        try:
+            import submitit
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise RuntimeError("the cluster executor needs submitit: pip install 'attnbench[cluster]'") from exc
+        self.folder = Path(folder)
+        self.poll_s = poll_s
+        if executor is None:
+            executor = submitit.AutoExecutor(folder=str(self.folder))
+            if slurm:
+                executor.update_parameters(**slurm)
+        self.executor = executor
+
+    def run(self, points: Iterable[Point], settings: Settings) -> Iterator[dict[str, Any]]:
+        from .worker import measure_dict
+
+        points = list(points)
+        if not points:
+            return
+        minutes = max(1, int(settings.timeout_s * 2 / 60) + 5)
+        with contextlib.suppress(Exception):  # executors without a time limit parameter
+            self.executor.update_parameters(timeout_min=minutes)
+        jobs = [(p, self.executor.submit(measure_dict, p.to_json(), settings.to_dict())) for p in points]
+        pending = dict(enumerate(jobs))
+        while pending:
+            finished = [i for i, (_, job) in pending.items() if job.done()]
+            if not finished:
+                time.sleep(self.poll_s)
+                continue
+            for i in finished:
+                point, job = pending.pop(i)
+                try:
+                    rec = job.result()
+                except Exception as exc:  # job failed, was cancelled or timed out on the cluster
+                    text = str(exc).strip().splitlines()
+                    status = (
+                        "timeout" if any("timed-out" in t.lower() or "timeout" in t.lower() for t in text) else "error"
+                    )
+                    rec = _failure(point, status, f"submitit job {job.job_id}: " + " | ".join(text[-5:]))
+                rec["job_id"] = str(job.job_id)
+                yield rec

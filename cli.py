@@ -47,6 +47,203 @@ def list_(as_json: bool = JSON_OPTION) -> None:
 
 # -- further commands are added below this line, one function each --
 
+SWEEP_MECHANISM_OPTION = typer.Option(
+    None, "--mechanism", "-m", help="Mechanisms (comma-separated or repeated); default: all registered."
+)
+SWEEP_RESOLUTION_OPTION = typer.Option(
+    None,
+    "--resolution",
+    "-r",
+    help="Token maps: 32,64 (square), 64x96 (H x W), 224px:s2 (stage 2 of a 224 px image), 224px (its four stages).",
+)
+SWEEP_BATCH_OPTION = typer.Option(None, "--batch", "-b", help="Batch sizes, e.g. 1,8.")
+SWEEP_DIM_OPTION = typer.Option(
+    None, "--dim", help="Widths, e.g. 64,128; 'stage' takes each stage resolution's width and heads."
+)
+SWEEP_HEADS_OPTION = typer.Option(None, "--heads", help="Head counts, e.g. 2,4.")
+SWEEP_KNOB_OPTION = typer.Option(
+    None,
+    "--knob",
+    "-k",
+    help="NAME=V1,V2 (repeatable), e.g. topk=4,8,16 or topk=[16,8,8]; applies to every selected "
+    "mechanism with that knob.",
+)
+SWEEP_DTYPE_OPTION = typer.Option(None, "--dtype", help="float32, bfloat16, float16.")
+SWEEP_PASS_OPTION = typer.Option(None, "--pass", help="fwd (inference forward), fwd+bwd.")
+SWEEP_IMPL_OPTION = typer.Option(None, "--impl", help="reference, fast, or a kernel a mechanism declares.")
+SWEEP_COMPILE_OPTION = typer.Option(None, "--compile", help="eager, compile or both (torch.compile).")
+SWEEP_DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda or cuda:N.")
+SWEEP_CROSS_OPTION = typer.Option(None, "--cross", help="self, cross or both (cross attention where supported).")
+SWEEP_PRESET_OPTION = typer.Option(None, "--preset", help="Named sweep: quick, scaling, topk, batch, paper, stages.")
+SWEEP_CONFIG_OPTION = typer.Option(None, "--config", help="A YAML or TOML sweep file (grid: and settings:).")
+SWEEP_OUT_OPTION = typer.Option(
+    None, "--out", "-o", help="Run directory (default runs/sweep-<time>); an existing one is resumed."
+)
+SWEEP_RESUME_OPTION = typer.Option(
+    False, "--resume", help="Measure only the points --out lacks; with no axes, rerun its stored sweep."
+)
+SWEEP_ISOLATE_OPTION = typer.Option(
+    False, "--isolate", help="One subprocess per point (hard timeout; a crash costs one point)."
+)
+SWEEP_DEVICES_OPTION = typer.Option(
+    None, "--devices", help="Run isolated workers in parallel, one per device: cuda:0,cuda:1."
+)
+SWEEP_CLUSTER_OPTION = typer.Option(None, "--cluster", help="Submit one job per point with submitit: slurm or local.")
+SWEEP_TIMEOUT_OPTION = typer.Option(
+    None, "--timeout", help="Per-point time limit in seconds (a budget in process, a kill with --isolate)."
+)
+SWEEP_THREADS_OPTION = typer.Option(
+    None, "--threads", help="CPU threads (fixed with torch.set_num_threads and recorded)."
+)
+
+
+@app.command("sweep")
+def sweep(
+    mechanism: list[str] = SWEEP_MECHANISM_OPTION,
+    resolution: list[str] = SWEEP_RESOLUTION_OPTION,
+    batch: list[str] = SWEEP_BATCH_OPTION,
+    dim: list[str] = SWEEP_DIM_OPTION,
+    heads: list[str] = SWEEP_HEADS_OPTION,
+    knob: list[str] = SWEEP_KNOB_OPTION,
+    dtype: list[str] = SWEEP_DTYPE_OPTION,
+    pass_: list[str] = SWEEP_PASS_OPTION,
+    impl: list[str] = SWEEP_IMPL_OPTION,
+    compile_: list[str] = SWEEP_COMPILE_OPTION,
+    device: list[str] = SWEEP_DEVICE_OPTION,
+    cross: list[str] = SWEEP_CROSS_OPTION,
+    preset: str = SWEEP_PRESET_OPTION,
+    config: str = SWEEP_CONFIG_OPTION,
+    out: str = SWEEP_OUT_OPTION,
+    resume: bool = SWEEP_RESUME_OPTION,
+    isolate: bool = SWEEP_ISOLATE_OPTION,
+    devices: str = SWEEP_DEVICES_OPTION,
+    cluster: str = SWEEP_CLUSTER_OPTION,
+    timeout: float = SWEEP_TIMEOUT_OPTION,
+    threads: int = SWEEP_THREADS_OPTION,
+) -> None:
+    """Measure latency, peak memory and MACs over a grid of points; results go to RUN_DIR/results.jsonl."""
+    import datetime
+    from pathlib import Path
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from bench import executors
+    from bench.sweep import resolve_request, run_sweep
+
+    if out is None:
+        if resume:
+            raise typer.BadParameter("--resume needs --out RUN_DIR")
+        out = f"runs/sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    axes = {
+        "mechanisms": mechanism,
+        "resolutions": resolution,
+        "batches": batch,
+        "dims": dim,
+        "heads": heads,
+        "dtypes": dtype,
+        "passes": pass_,
+        "impls": impl,
+        "compile": compile_,
+        "devices": device,
+        "cross": cross,
+    }
+    try:
+        grid, settings = resolve_request(
+            preset, config, axes, knob, {"timeout_s": timeout, "threads": threads}, stored=Path(out) if resume else None
+        )
+    except (ValueError, KeyError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if sum(bool(x) for x in (isolate, devices, cluster)) > 1:
+        console.print("[red]error:[/red] choose one of --isolate, --devices and --cluster")
+        raise typer.Exit(2)
+    if devices:
+        executor = executors.MultiDevice([d.strip() for d in devices.split(",") if d.strip()])
+    elif cluster:
+        if cluster not in ("slurm", "local"):
+            raise typer.BadParameter("--cluster takes slurm or local")
+        local = None
+        if cluster == "local":
+            import submitit
+
+            local = submitit.LocalExecutor(folder=str(Path(out) / "submitit"))
+        executor = executors.Submitit(Path(out) / "submitit", executor=local)
+    elif isolate:
+        executor = executors.Subprocess()
+    else:
+        executor = executors.InProcess()
+
+    failed = {"n": 0, "skipped": 0}
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("failed {task.fields[failed]}, skipped {task.fields[skipped]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    task = None
+
+    def on_event(kind: str, data: dict) -> None:
+        nonlocal task
+        if kind == "warning":
+            console.print(f"[yellow]warning:[/yellow] {data['message']}")
+        elif kind == "start":
+            console.print(f"{data['total']} points, {data['stored']} already in {out}, {data['todo']} to measure")
+            task = progress.add_task("sweep", total=data["todo"], failed=0, skipped=0)
+        elif kind == "point" and task is not None:
+            rec = data["record"]
+            if rec["status"] in ("oom", "error", "timeout"):
+                failed["n"] += 1
+                console.print(
+                    f"[red]{rec['status']}[/red] {rec['mechanism']} {rec['height']}x{rec['width']}: "
+                    f"{str(rec.get('reason'))[:200]}"
+                )
+            elif rec["status"] == "skipped":
+                failed["skipped"] += 1
+            progress.update(task, advance=1, failed=failed["n"], skipped=failed["skipped"])
+
+    try:
+        with progress:
+            summary = run_sweep(grid, out, settings, executor=executor, on_event=on_event)
+    except Exception as exc:
+        from attentions import KnobError
+        from bench.points import GridError
+        from bench.store import StoreError
+
+        if isinstance(exc, (KnobError, GridError, StoreError, KeyError)):
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+        raise
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items())) or "nothing new"
+    console.print(f"done: {counts}; results in {summary.run_dir}/results.jsonl (bench.load reads them)")
+
+
+@app.command("env")
+def env_(as_json: bool = JSON_OPTION) -> None:
+    """Print the environment fingerprint that every run records (GPU, driver, CUDA, torch, CPU, git)."""
+    from bench.env import fingerprint
+
+    fp = fingerprint()
+    if as_json:
+        typer.echo(json.dumps(fp, indent=2))
+        return
+    table = Table(title="environment")
+    table.add_column("field")
+    table.add_column("value")
+    for k, v in fp.items():
+        table.add_row(k, "-" if v is None else str(v))
+    console.print(table)
+
 
 FLOPS_MECHANISM_OPTION = typer.Option(None, "--mechanism", "-m", help="A registered mechanism (see `attnbench list`).")
 FLOPS_MODEL_OPTION = typer.Option(

@@ -5,7 +5,15 @@ Reads run directories with pandas only (never torch), so a report renders anywhe
 
 from __future__ import annotations
 
-from reports.analysis import DEFAULT_BASELINE, crossover, fit_exponent, format_table, reference, summary_table
+from reports.analysis import (
+    DEFAULT_BASELINE,
+    crossover,
+    fit_exponent,
+    format_table,
+    reference,
+    references,
+    summary_table,
+)
 from reports.compare import Comparison, FingerprintMismatch, compare, fingerprint_differences
 from reports.data import Run, RunError, load_run, tidy
 from reports.page import build_compare_page, build_report
@@ -25,6 +33,7 @@ __all__ = [
     "format_table",
     "load_run",
     "reference",
+    "references",
     "summary_table",
     "summary_of",
     "tidy",
@@ -34,4 +43,4 @@ __all__ = [
 def summary_of(runs: list[Run], baseline: str = DEFAULT_BASELINE):  # noqa: ANN201 - a DataFrame
     """The summary table of ``runs`` at their reference point (what ``--format md|csv`` prints)."""
     df = tidy(runs)
-    return summary_table(df, reference(df, baseline), baseline)
+    return summary_table(df, references(df, baseline), baseline)

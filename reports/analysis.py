@@ -44,9 +44,11 @@ class Crossover:
 
     ``kind`` is "always" (below at every matched point), "never" (never below in
     range), "from" (below from ``tokens`` on, with ``first_point`` the first
-    measured point that is) or "mixed" (below somewhere but not for every larger
-    point; ``tokens`` is then the last crossing). ``tokens`` is interpolated
-    log-log between the two measured points that bracket the crossing.
+    measured point that is), "mixed" (below from ``tokens`` on, but also below
+    at some smaller point before rising above again) or "until" (below at
+    smaller sizes only, above again from ``tokens``; ``first_point`` is the
+    first measured point above). ``tokens`` is interpolated log-log between the
+    two measured points that bracket the crossing.
     """
 
     kind: str
@@ -64,8 +66,11 @@ class Crossover:
         if self.kind == "always":
             return f"always in range ({span})"
         assert self.tokens is not None and self.first_point is not None
-        text = f"from ~{square(self.tokens)} ({self.tokens:,.0f} tokens); first measured {square(self.first_point)}"
-        return text + (", but not at every larger point" if self.kind == "mixed" else "")
+        where = f"~{square(self.tokens)} ({self.tokens:,.0f} tokens)"
+        if self.kind == "until":
+            return f"only below {where}; not from {square(self.first_point)} on"
+        text = f"from {where}; first measured {square(self.first_point)}"
+        return text + (" (also below at a smaller size)" if self.kind == "mixed" else "")
 
 
 def square(tokens: float) -> str:
@@ -100,17 +105,16 @@ def crossover(tokens: Sequence[float], ratio: Sequence[float]) -> Crossover:
         return Crossover("never", range=span)
     last_above = int(np.nonzero(~below)[0][-1])
     if last_above == t.size - 1:
-        # Below somewhere, but above again at the largest point: report the last crossing into "below".
-        crossings = [i for i in range(1, t.size) if below[i] and not below[i - 1]]
-        i = crossings[-1]
-        return Crossover("mixed", _interp(t, r, i), float(t[i]), span)
+        # Above again at the largest point: below only up to the last crossing back above.
+        i = max(j for j in range(1, t.size) if not below[j] and below[j - 1])
+        return Crossover("until", _interp(t, r, i), float(t[i]), span)
     i = last_above + 1
     kind = "from" if below[: last_above + 1].sum() == 0 else "mixed"
     return Crossover(kind, _interp(t, r, i), float(t[i]), span)
 
 
 def _interp(t: np.ndarray, r: np.ndarray, i: int) -> float:
-    """Tokens where log(r) crosses 0 between points i-1 (above) and i (below)."""
+    """Tokens where log(r) crosses 0 between points i-1 and i (which lie on either side of 1)."""
     x0, x1 = math.log(t[i - 1]), math.log(t[i])
     y0, y1 = math.log(r[i - 1]), math.log(r[i])
     if y0 == y1:
@@ -165,12 +169,52 @@ def reference(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE) -> Reference:
     return Reference(side, float(row["height"]), float(row["width"]), float(row["tokens"]))
 
 
-def in_side(df: pd.DataFrame, side: dict[str, Any], skip: Sequence[str] = ()) -> pd.DataFrame:
-    """Rows whose side axes equal ``side`` (except the axes in ``skip``)."""
+class References(dict):
+    """The reference of each run (run name -> :class:`Reference`): runs from different machines or
+    dtypes each keep their own context, so none of them drops out of a combined report."""
+
+    def describe(self) -> str:
+        if len(self) == 1:
+            return next(iter(self.values())).describe()
+        return "; ".join(f"{run}: {ref.describe()}" for run, ref in self.items())
+
+    @property
+    def any_point(self) -> bool:
+        return any(ref.tokens is not None for ref in self.values())
+
+
+def references(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE) -> References:
+    """:func:`reference` of every run in ``df``."""
+    return References({str(run): reference(g, baseline) for run, g in df.groupby("run", sort=False)})
+
+
+def _mask(df: pd.DataFrame, side: dict[str, Any], skip: Sequence[str]) -> pd.Series:
     mask = pd.Series(True, index=df.index)
     for k, v in side.items():
         if k not in skip:
             mask &= df[k] == v
+    return mask
+
+
+def in_side(df: pd.DataFrame, side: dict[str, Any] | References, skip: Sequence[str] = ()) -> pd.DataFrame:
+    """Rows whose side axes equal ``side`` (except the axes in ``skip``); with :class:`References`,
+    each run's rows are held to that run's reference."""
+    if isinstance(side, References):
+        mask = pd.Series(False, index=df.index)
+        for run, ref in side.items():
+            mine = df["run"] == run
+            mask |= mine & _mask(df, ref.side, skip)
+        return df[mask]
+    return df[_mask(df, side, skip)]
+
+
+def at_reference(df: pd.DataFrame, refs: References) -> pd.DataFrame:
+    """Rows at each run's reference point (side axes and resolution)."""
+    mask = pd.Series(False, index=df.index)
+    for run, ref in refs.items():
+        if ref.tokens is not None:
+            here = (df["height"] == ref.height) & (df["width"] == ref.width)
+            mask |= (df["run"] == run) & _mask(df, ref.side, ()) & here
     return df[mask]
 
 
@@ -199,7 +243,7 @@ def with_baseline(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE) -> pd.Data
     return out.drop(columns=["base_failed"])
 
 
-def crossovers(df: pd.DataFrame, side: dict[str, Any], baseline: str = DEFAULT_BASELINE) -> pd.DataFrame:
+def crossovers(df: pd.DataFrame, side: dict[str, Any] | References, baseline: str = DEFAULT_BASELINE) -> pd.DataFrame:
     """Per series and pass, where it becomes faster and smaller than the baseline (in the reference context)."""
     ctx = with_baseline(in_side(df, side), baseline)
     ctx = ctx[(ctx["mechanism"] != baseline) & (ctx["status"] == "ok")]
@@ -219,8 +263,8 @@ def crossovers(df: pd.DataFrame, side: dict[str, Any], baseline: str = DEFAULT_B
                 "pass": pass_,
                 "faster_than_baseline": lat.describe(),
                 "smaller_than_baseline": mem.describe(),
-                "faster_tokens": lat.tokens if lat.kind in ("from", "mixed") else None,
-                "smaller_tokens": mem.tokens if mem.kind in ("from", "mixed") else None,
+                "faster_tokens": lat.tokens,
+                "smaller_tokens": mem.tokens,
                 "faster_kind": lat.kind,
                 "smaller_kind": mem.kind,
                 "note": note,
@@ -243,18 +287,17 @@ FLOPS_NOTE = (
 )
 
 
-def summary_table(df: pd.DataFrame, ref: Reference, baseline: str = DEFAULT_BASELINE) -> pd.DataFrame:
-    """One row per series and pass at the reference point, numeric columns with units in their names.
+def summary_table(df: pd.DataFrame, refs: References, baseline: str = DEFAULT_BASELINE) -> pd.DataFrame:
+    """One row per series and pass at each run's reference point, numeric columns with units in their names.
 
     The ``% of peak`` column appears only when some point ran on a GPU whose peak is known.
     """
-    if ref.tokens is None:
+    at = at_reference(df, refs)
+    if at.empty:
         return pd.DataFrame()
-    at = in_side(df, ref.side)
-    at = at[(at["height"] == ref.height) & (at["width"] == ref.width)]
     at = with_baseline(at, baseline)
     rows = []
-    for _, r in at.sort_values(["pass", "mechanism", "series"]).iterrows():
+    for _, r in at.sort_values(["run", "pass", "mechanism", "series"]).iterrows():
         ok = r["status"] == "ok"
         row: dict[str, Any] = {
             "mechanism": r["mechanism"],

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from reports.analysis import METRIC_SCALE, METRICS, fit_exponent, in_side, is_gpu, with_baseline
+from reports.analysis import METRIC_SCALE, METRICS, References, fit_exponent, in_side, is_gpu, with_baseline
 
 PASS_ORDER = ["fwd", "fwd+bwd"]
 PALETTE = qualitative.Plotly + qualitative.Dark24 + qualitative.Light24
@@ -40,6 +40,55 @@ def colors(series: Sequence[str]) -> dict[str, str]:
 def passes(df: pd.DataFrame) -> list[str]:
     present = [str(p) for p in df["pass"].unique()]
     return [p for p in PASS_ORDER if p in present] + sorted(p for p in present if p not in PASS_ORDER)
+
+
+def _tick_label(v: float) -> str:
+    if v >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+def _log_ticks(values: list[float], measured: bool) -> list[float]:
+    """Tick positions for a log axis: the measured values themselves (when few), else 1-2-5 steps."""
+    distinct = sorted(set(values))
+    if measured and 2 <= len(distinct) <= 10:
+        return distinct
+    lo, hi = distinct[0], distinct[-1]
+    ticks = []
+    for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
+        for m in (1, 2, 5):
+            v = m * 10.0**k
+            if lo / 1.5 <= v <= hi * 1.5:
+                ticks.append(v)
+    if len(ticks) < 3:  # less than a decade of data: finer steps
+        ticks = [
+            m * 10.0**k
+            for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+            for m in (1, 1.5, 2, 3, 4, 5, 6, 8)
+            if lo / 1.2 <= m * 10.0**k <= hi * 1.2
+        ]
+    return ticks
+
+
+def _label_log_axes(fig: go.Figure, measured_x: bool = False) -> None:
+    """Replace plotly's bare-digit minor labels on log axes (\"2\", \"5\") with full numbers.
+
+    ``measured_x`` puts the x ticks at the measured values (resolutions, batch sizes) when there are few.
+    """
+    data: dict[str, list[float]] = {}
+    for tr in fig.data:
+        for axis, values in (("x", getattr(tr, "x", None)), ("y", getattr(tr, "y", None))):
+            ref = getattr(tr, f"{axis}axis", None) or axis
+            name = f"{axis}axis{ref[1:]}"
+            for v in values if values is not None else []:
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+                    data.setdefault(name, []).append(float(v))
+    for name, values in data.items():
+        axis = fig.layout[name]
+        if axis.type != "log" or not values:
+            continue
+        ticks = _log_ticks(values, measured=measured_x and name.startswith("x"))
+        axis.update(tickmode="array", tickvals=ticks, ticktext=[_tick_label(t) for t in ticks])
 
 
 def _layout(fig: go.Figure, title: str, height: int = 460) -> go.Figure:
@@ -66,7 +115,9 @@ def _hover(points: pd.DataFrame) -> list[str]:
 HOVER = "%{customdata}<extra></extra>"
 
 
-def scaling(df: pd.DataFrame, side: dict[str, Any], metric: str, palette: dict[str, str]) -> go.Figure | None:
+def scaling(
+    df: pd.DataFrame, side: dict[str, Any] | References, metric: str, palette: dict[str, str]
+) -> go.Figure | None:
     """``metric`` against tokens, log-log, one line per series, one panel per pass, exponents in the legend."""
     ok = in_side(df[df["status"] == "ok"], side).dropna(subset=[metric])
     ok = ok[ok[metric] > 0]
@@ -105,11 +156,14 @@ def scaling(df: pd.DataFrame, side: dict[str, Any], metric: str, palette: dict[s
     fig.update_yaxes(type="log")
     fig.update_yaxes(title_text=METRICS[metric], row=1, col=1)
     legend_note = "exponent per pass: " + " / ".join(pss)
+    _label_log_axes(fig, measured_x=True)
     _layout(fig, f"{METRICS[metric]} against tokens (log-log; legend: fitted N^exponent, {legend_note})")
     return fig
 
 
-def speedup(df: pd.DataFrame, side: dict[str, Any], baseline: str, palette: dict[str, str]) -> go.Figure | None:
+def speedup(
+    df: pd.DataFrame, side: dict[str, Any] | References, baseline: str, palette: dict[str, str]
+) -> go.Figure | None:
     """Speed-up and memory ratio against the baseline over tokens; above 1 means better than the baseline."""
     ctx = with_baseline(in_side(df, side), baseline)
     ctx = ctx[(ctx["mechanism"] != baseline) & (ctx["status"] == "ok") & (ctx["base_status"] == "ok")]
@@ -150,12 +204,13 @@ def speedup(df: pd.DataFrame, side: dict[str, Any], baseline: str, palette: dict
     fig.update_yaxes(type="log")
     fig.update_yaxes(title_text=esc(f"{baseline} latency / latency"), row=1, col=1)
     fig.update_yaxes(title_text=esc(f"{baseline} memory / memory"), row=2, col=1)
+    _label_log_axes(fig, measured_x=True)
     _layout(fig, f"against {baseline} attention: above the dotted line = faster (top) or smaller (bottom)", 700)
     return fig
 
 
 def knob_sensitivity(
-    df: pd.DataFrame, side: dict[str, Any], mechanism: str, knob: str, values: list[Any]
+    df: pd.DataFrame, side: dict[str, Any] | References, mechanism: str, knob: str, values: list[Any]
 ) -> go.Figure | None:
     """Latency, FLOPs and memory of one mechanism against one of its knobs, a line per resolution and pass.
 
@@ -204,25 +259,23 @@ def knob_sensitivity(
         return None
     fig.update_xaxes(type="category", categoryorder="array", categoryarray=order, title_text=esc(knob))
     fig.update_yaxes(type="log")
+    _label_log_axes(fig)
     held_text = held if held != "-" else "none"
     _layout(fig, f"{mechanism}: cost against {knob} (other knobs held at {held_text}; line per resolution, pass)")
     return fig
 
 
 def numeric_axis(
-    df: pd.DataFrame, side: dict[str, Any], axis: str, ref_tokens: float | None, palette: dict[str, str]
+    df: pd.DataFrame, side: dict[str, Any] | References, axis: str, palette: dict[str, str]
 ) -> go.Figure | None:
     """Latency and memory against a numeric side axis (batch, dim, heads), log-log with exponents."""
     ctx = in_side(df[df["status"] == "ok"], side, skip=[axis])
     if ctx.empty:
         return None
     # The resolution at which this axis was swept most widely (ties: the reference, then the largest).
-    spread = ctx.groupby("tokens")[axis].nunique()
-    if spread.max() < 2:
+    ctx, tokens = _at_swept_resolution(ctx, axis, side)
+    if ctx.empty:
         return None
-    best = spread[spread == spread.max()].index.tolist()
-    tokens = ref_tokens if ref_tokens in best else max(best)
-    ctx = _swept(ctx[ctx["tokens"] == tokens], axis)
     pss = passes(ctx)
     metrics = ["latency_ms_median", "peak_bytes"]
     titles = [esc(f"{METRICS[m]}, {p}") for m in metrics for p in pss]
@@ -255,9 +308,27 @@ def numeric_axis(
     fig.update_xaxes(type="log", title_text=esc(axis), row=2)
     fig.update_xaxes(type="log")
     fig.update_yaxes(type="log")
-    side_text = f"{tokens:.0f} tokens"
-    _layout(fig, f"{axis} scaling at {side_text} (log-log; legend: fitted latency exponent per pass)", 700)
+    _label_log_axes(fig, measured_x=True)
+    _layout(fig, f"{axis} scaling at {tokens} (log-log; legend: fitted latency exponent per pass)", 700)
     return fig
+
+
+def _at_swept_resolution(ctx: pd.DataFrame, axis: str, side: Any) -> tuple[pd.DataFrame, str]:
+    """Per run, the rows at the resolution where ``axis`` took the most values (ties: the reference, then the
+    largest), keeping only the curves that take two values or more; and that resolution as text."""
+    parts, where = [], []
+    for run, g in ctx.groupby("run", sort=True):
+        spread = g.groupby("tokens")[axis].nunique()
+        if spread.empty or spread.max() < 2:
+            continue
+        best = spread[spread == spread.max()].index.tolist()
+        ref = side.get(run) if isinstance(side, References) else None
+        tokens = ref.tokens if ref is not None and ref.tokens in best else max(best)
+        parts.append(g[g["tokens"] == tokens])
+        where.append(f"{tokens:.0f} tokens" + (f" ({run})" if isinstance(side, References) and len(side) > 1 else ""))
+    if not parts:
+        return ctx.iloc[0:0], ""
+    return _swept(pd.concat(parts), axis), ", ".join(where)
 
 
 def _swept(ctx: pd.DataFrame, axis: str) -> pd.DataFrame:
@@ -266,17 +337,14 @@ def _swept(ctx: pd.DataFrame, axis: str) -> pd.DataFrame:
     return ctx[n >= 2]
 
 
-def categorical_axis(df: pd.DataFrame, side: dict[str, Any], axis: str, ref_tokens: float | None) -> go.Figure | None:
+def categorical_axis(df: pd.DataFrame, side: dict[str, Any] | References, axis: str) -> go.Figure | None:
     """Grouped bars of latency and memory per series, one bar per value of a categorical axis (dtype, ...)."""
     ctx = in_side(df[df["status"] == "ok"], side, skip=[axis])
     if ctx.empty:
         return None
-    spread = ctx.groupby("tokens")[axis].nunique()
-    if spread.max() < 2:
+    ctx, tokens = _at_swept_resolution(ctx, axis, side)
+    if ctx.empty:
         return None
-    best = spread[spread == spread.max()].index.tolist()
-    tokens = ref_tokens if ref_tokens in best else max(best)
-    ctx = _swept(ctx[ctx["tokens"] == tokens], axis)
     pss = passes(ctx)
     metrics = ["latency_ms_median", "peak_bytes"]
     titles = [esc(f"{METRICS[m]}, {p}") for m in metrics for p in pss]
@@ -306,9 +374,8 @@ def categorical_axis(df: pd.DataFrame, side: dict[str, Any], axis: str, ref_toke
                 )
                 first = False
     fig.update_layout(barmode="group")
-    fig.update_yaxes(type="log")
-    fig.update_xaxes(tickangle=-30)
-    _layout(fig, f"{axis} comparison at {tokens:.0f} tokens", 760)
+    fig.update_yaxes(rangemode="tozero")
+    _layout(fig, f"{axis} comparison at {tokens}", 760)
     return fig
 
 
@@ -369,6 +436,7 @@ def roofline(df: pd.DataFrame, palette: dict[str, str]) -> tuple[go.Figure | Non
         )
     fig.update_xaxes(type="log", title_text="arithmetic intensity (FLOP per byte allocated; an upper bound)")
     fig.update_yaxes(type="log", title_text="achieved TFLOP/s (FLOPs = 2 x MACs)")
+    _label_log_axes(fig)
     _layout(fig, "roofline: achieved FLOP/s against arithmetic intensity, with the device's ceilings", 560)
     return fig, ""
 
@@ -400,6 +468,7 @@ def accuracy_cost(train: pd.DataFrame) -> go.Figure | None:
         )
     fig.update_xaxes(type="log", title_text="GFLOPs per image (= 2 x MACs)")
     fig.update_yaxes(title_text="accuracy")
+    _label_log_axes(fig)
     _layout(fig, "accuracy against cost of trained models", 460)
     return fig
 
@@ -437,5 +506,6 @@ def change_figure(t: pd.DataFrame, fail_above: float) -> go.Figure:
     fig.add_hline(y=0, line={"color": "#555", "width": 1})
     fig.update_xaxes(type="log", title_text="tokens N = H x W")
     fig.update_yaxes(title_text="latency change, new vs base (%)")
+    _label_log_axes(fig, measured_x=True)
     _layout(fig, f"latency change per matched point (dotted: the {100 * fail_above:g}% regression threshold)", 440)
     return fig

@@ -18,7 +18,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from reports import analysis, figures
-from reports.data import Run, knob_axes, knobs_label, plain, side_axes, tidy, train_rows
+from reports.data import SIDE_AXES, Run, knob_axes, knobs_label, plain, side_axes, tidy, train_rows
 
 NUMERIC_SIDE_AXES = ("batch", "dim", "heads")
 CATEGORICAL_SIDE_AXES = ("dtype", "compile", "cross", "device")
@@ -106,7 +106,7 @@ def build_report(runs: list[Run], baseline: str = analysis.DEFAULT_BASELINE) -> 
         figs.append((div_id, f))
         return _fig_html(f, div_id)
 
-    ref = analysis.reference(df, baseline)
+    ref = analysis.references(df, baseline)
     palette = figures.colors(df["series"].tolist())
     sections = [
         _environment(runs),
@@ -166,7 +166,7 @@ def _env_value(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def _configuration(runs: list[Run], df: pd.DataFrame, ref: analysis.Reference, baseline: str) -> Section:
+def _configuration(runs: list[Run], df: pd.DataFrame, ref: analysis.References, baseline: str) -> Section:
     body = []
     if df.empty:
         return Section("configuration", "Sweep configuration", [_empty("the runs hold no benchmark points.")])
@@ -194,7 +194,7 @@ def _configuration(runs: list[Run], df: pd.DataFrame, ref: analysis.Reference, b
             f"{mech} {k}: {', '.join(knobs_label({k: x}).split('=', 1)[1] for x in vals)}" for k, vals in kv.items()
         ]
     body.append("<h3>Axes that vary</h3><ul>" + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul>")
-    fixed = {k: v for k, v in ref.side.items() if k not in axes}
+    fixed = {k: df[k].iloc[0] for k in SIDE_AXES if df[k].nunique() == 1}
     if fixed:
         body.append(
             '<p class="note">Fixed for every point: '
@@ -203,7 +203,7 @@ def _configuration(runs: list[Run], df: pd.DataFrame, ref: analysis.Reference, b
         )
     body.append(
         '<p class="note">Reference point for the summary and the curves (side axes at their most common values; '
-        f"the largest resolution at which {esc(baseline)} ran): {esc(ref.describe())}</p>"
+        f"the largest resolution at which {esc(baseline)} ran in every pass): {esc(ref.describe())}</p>"
     )
     for r in runs:
         if r.sweep:
@@ -213,7 +213,7 @@ def _configuration(runs: list[Run], df: pd.DataFrame, ref: analysis.Reference, b
     return Section("configuration", "Sweep configuration", body)
 
 
-def _summary(df: pd.DataFrame, ref: analysis.Reference, baseline: str) -> Section:
+def _summary(df: pd.DataFrame, ref: analysis.References, baseline: str) -> Section:
     title = "Summary at the reference point"
     table = analysis.summary_table(df, ref, baseline)
     if table.empty:
@@ -234,10 +234,10 @@ def _summary(df: pd.DataFrame, ref: analysis.Reference, baseline: str) -> Sectio
     )
 
 
-def _scaling(df: pd.DataFrame, ref: analysis.Reference, palette: dict[str, str], fig: Any) -> Section:
+def _scaling(df: pd.DataFrame, ref: analysis.References, palette: dict[str, str], fig: Any) -> Section:
     body = []
     for metric in analysis.METRICS:
-        f = figures.scaling(df, ref.side, metric, palette)
+        f = figures.scaling(df, ref, metric, palette)
         if f is not None:
             body.append(fig(f))
     if not body:
@@ -245,18 +245,18 @@ def _scaling(df: pd.DataFrame, ref: analysis.Reference, palette: dict[str, str],
     else:
         body.insert(
             0,
-            '<p class="note">One line per mechanism and knob setting at '
-            + esc(", ".join(f"{k} {plain(v)}" for k, v in ref.side.items()))
-            + ". The legend gives the least-squares exponent of each curve in N (tokens); 2 is quadratic.</p>",
+            '<p class="note">One line per mechanism and knob setting, with the other axes at the reference ('
+            + esc(ref.describe())
+            + "). The legend gives the least-squares exponent of each curve in N (tokens); 2 is quadratic.</p>",
         )
     return Section("scaling", "Scaling with resolution", body)
 
 
-def _crossover(df: pd.DataFrame, ref: analysis.Reference, baseline: str, palette: dict[str, str], fig: Any) -> Section:
+def _crossover(df: pd.DataFrame, ref: analysis.References, baseline: str, palette: dict[str, str], fig: Any) -> Section:
     title = f"Where each mechanism beats {baseline} attention"
     if not ((df["mechanism"] == baseline) & (df["status"] == "ok")).any():
         return Section("crossover", title, [_empty(f"no {baseline} point ran, so there is nothing to compare with.")])
-    table = analysis.crossovers(df, ref.side, baseline)
+    table = analysis.crossovers(df, ref, baseline)
     if table.empty:
         return Section("crossover", title, [_empty(f"no other mechanism ran at a point where {baseline} ran.")])
     shown = table[["series", "pass", "faster_than_baseline", "smaller_than_baseline", "note"]].rename(
@@ -267,18 +267,18 @@ def _crossover(df: pd.DataFrame, ref: analysis.Reference, baseline: str, palette
         "bracket it (shown as the equivalent square map); the first measured resolution past it is given too.</p>",
         table_html(shown),
     ]
-    f = figures.speedup(df, ref.side, baseline, palette)
+    f = figures.speedup(df, ref, baseline, palette)
     if f is not None:
         body.append(fig(f))
     return Section("crossover", title, body)
 
 
-def _knobs(df: pd.DataFrame, ref: analysis.Reference, fig: Any) -> Section:
+def _knobs(df: pd.DataFrame, ref: analysis.References, fig: Any) -> Section:
     title = "Cost-knob sensitivity"
     body = []
     for mech, kv in knob_axes(df).items():
         for knob, values in kv.items():
-            f = figures.knob_sensitivity(df, ref.side, mech, knob, values)
+            f = figures.knob_sensitivity(df, ref, mech, knob, values)
             if f is not None:
                 body.append(fig(f))
     if not body:
@@ -286,18 +286,18 @@ def _knobs(df: pd.DataFrame, ref: analysis.Reference, fig: Any) -> Section:
     return Section("knobs", title, body)
 
 
-def _side_axes(df: pd.DataFrame, ref: analysis.Reference, palette: dict[str, str], fig: Any) -> Section:
+def _side_axes(df: pd.DataFrame, ref: analysis.References, palette: dict[str, str], fig: Any) -> Section:
     title = "Batch, dtype and other axes"
     body = []
     axes = side_axes(df)
     for axis in NUMERIC_SIDE_AXES:
         if axis in axes:
-            f = figures.numeric_axis(df, ref.side, axis, ref.tokens, palette)
+            f = figures.numeric_axis(df, ref, axis, palette)
             if f is not None:
                 body.append(fig(f))
     for axis in CATEGORICAL_SIDE_AXES:
         if axis in axes:
-            f = figures.categorical_axis(df, ref.side, axis, ref.tokens)
+            f = figures.categorical_axis(df, ref, axis)
             if f is not None:
                 body.append(fig(f))
     if not body:

@@ -132,12 +132,12 @@ def coarse_level(
                 logits = q.float() @ k.float().transpose(-2, -1)  # (B, h, N, M)
                 top_idx = logits.topk(keep, dim=-1).indices  # (B, h, N, keep)
         return attend(q, k, v, scale=scale), None, top_idx
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, h, N, M)
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    # A: scores, softmax and selection in float32 (the kept scores weight the level below).
+    probs = torch.softmax((q.float() @ k.float().transpose(-2, -1)) * scale, dim=-1)  # (B, h, N, M)
     if not keep:
-        return probs @ v, None, None
+        return probs.to(v.dtype) @ v, None, None
     top_score, top_idx = probs.topk(keep, dim=-1)  # (B, h, N, keep)
-    return probs.scatter(-1, top_idx, 0.0) @ v, top_score, top_idx
+    return probs.scatter(-1, top_idx, 0.0).to(v.dtype) @ v, top_score, top_idx
 
 
 def refine_reference(
@@ -201,9 +201,9 @@ def refine(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Fast path of :func:`refine_reference`, same arguments and results.
 
-    The candidates are gathered once per parent and shared by its 4 children;
-    QuadTree-B selects on float32 scores outside autograd and aggregates with
-    SDPA (its kept scores are not used, so they come back as None).
+    The candidates are gathered once per parent and shared by its 4 children
+    (the reference gathers them for every child); scores, softmax and selection
+    run in float32, the aggregation in the input dtype.
     """
     b, h, p, _, d = q.shape
     c = idx.shape[-1]
@@ -213,30 +213,22 @@ def refine(
     flat = (idx + offset).reshape(-1)  # (B*h*P*4K,) rows of the flattened keys
     kg = k.reshape(b * h * m, d).index_select(0, flat).view(b, h, p, c, d)  # (B, h, P, 4K, d)
     vg = v.reshape(b * h * m, d).index_select(0, flat).view(b, h, p, c, d)
+    scores = (q.float() @ kg.float().transpose(-2, -1)) * scale  # (B, h, P, 4, 4K)
     if parent_score is None:
-        top_idx = None
-        if keep:
-            with torch.no_grad():
-                logits = q.float() @ kg.float().transpose(-2, -1)  # (B, h, P, 4, 4K)
-                pos = logits.topk(keep, dim=-1).indices
-                top_idx = torch.gather(idx.unsqueeze(3).expand(b, h, p, 4, c), -1, pos)  # (B, h, P, 4, keep)
-        message = attend(
-            q.reshape(b * h, p, 4, d),  # (B*h, P, 4, d): P plays the heads
-            kg.view(b * h, p, c, d),
-            vg.view(b * h, p, c, d),
-            scale=scale,
-        ).view(b, h, p, 4, d)
-        return message, None, top_idx
-    kp = c // 4
-    scores = (q @ kg.transpose(-2, -1)) * scale  # (B, h, P, 4, 4K)
-    probs = torch.softmax(scores.view(b, h, p, 4, kp, 4).float(), dim=-1).to(v.dtype)
-    probs = (probs * parent_score.view(b, h, p, 1, kp, 1)).view(b, h, p, 4, c)
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        kp = c // 4
+        probs = torch.softmax(scores.view(b, h, p, 4, kp, 4), dim=-1)  # over the 4 children of each key
+        probs = (probs * parent_score.view(b, h, p, 1, kp, 1)).view(b, h, p, 4, c)
     top_score = top_idx = None
     if keep:
         top_score, pos = probs.topk(keep, dim=-1)  # (B, h, P, 4, keep)
         top_idx = torch.gather(idx.unsqueeze(3).expand(b, h, p, 4, c), -1, pos)
-        probs = probs.scatter(-1, pos, 0.0)
-    return probs @ vg, top_score, top_idx  # message (B, h, P, 4, d)
+        if parent_score is not None:
+            probs = probs.scatter(-1, pos, 0.0)
+        else:
+            top_score = None  # B does not use the kept scores
+    return probs.to(v.dtype) @ vg, top_score, top_idx  # message (B, h, P, 4, d)
 
 
 # ---------------------------------------------------------------------- map helpers

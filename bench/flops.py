@@ -99,7 +99,8 @@ ZERO_OPS: frozenset[str] = frozenset(
     _local_scalar_dense sym_size sym_numel sym_stride is_contiguous threshold_backward gelu_backward
     silu_backward sigmoid_backward tanh_backward elu_backward hardtanh_backward leaky_relu_backward
     native_dropout_backward _softmax_backward_data _log_softmax_backward_data embedding_dense_backward
-    mish_backward hardswish_backward
+    mish_backward hardswish_backward slice_backward select_backward new_empty_strided index_select_backward
+    unfold_backward diagonal_backward as_strided_backward expand_backward roll_backward
     """.split()  # noqa: SIM905  (one name per word reads better than 250 quoted strings)
 )
 
@@ -178,6 +179,31 @@ def _baddbmm_rule(args: list, outs: list, kwargs: dict) -> int:
     return _batched_matmul(args[1], args[2])
 
 
+def _einsum_rule(args: list, outs: list, kwargs: dict) -> int:
+    """Exact MACs of an einsum, contracting the operands left to right (fvcore's numpy estimate is off by a few).
+
+    Contracting two operands costs the product of the sizes of every letter either one carries.
+    """
+    equation, shapes = str(args[0]).replace(" ", ""), list(args[1])
+    if "..." in equation or "->" not in equation:
+        raise ValueError(f"einsum {equation!r}: write the output and no ellipsis to have it counted")
+    inputs, output = equation.split("->")
+    terms = inputs.split(",")
+    size: dict[str, int] = {}
+    for term, shape in zip(terms, shapes, strict=True):
+        for letter, n in zip(term, shape, strict=True):
+            size[letter] = max(size.get(letter, 1), int(n))
+    if len(terms) == 1:
+        return 0  # a transpose, trace or sum: no products
+    macs, current = 0, terms[0]
+    for i, term in enumerate(terms[1:], start=1):
+        union = set(current) | set(term)
+        macs += math.prod(size[c] for c in union)
+        needed = set(output).union(*terms[i + 1 :])
+        current = "".join(c for c in sorted(union) if c in needed)
+    return macs
+
+
 def _attention_pairs(nq: int, nk: int, causal: bool) -> int:
     """Query-key pairs a kernel computes: all of them, or the lower triangle (top-left aligned) when causal."""
     if not causal:
@@ -226,6 +252,7 @@ def _backward_of(rule: Rule, input_index: int) -> Rule:
 JIT_RULES: dict[str, Rule] = {
     "aten::scaled_dot_product_attention": _sdpa_rule(5),
     "aten::baddbmm": _baddbmm_rule,
+    "aten::einsum": _einsum_rule,
     "aten::layer_norm": _norm_rule(2),
     "aten::group_norm": _norm_rule(2),
     "aten::batch_norm": _norm_rule(1),

@@ -200,7 +200,8 @@ def _derive(df: Any, env: dict[str, Any]) -> Any:
     def peak(row: Any) -> float:
         if not str(row["device"]).startswith("cuda"):
             return float("nan")
-        spec = lookup(row.get("device_name") or env.get("gpu_name"))
+        name = row.get("device_name")
+        spec = lookup(name if isinstance(name, str) else env.get("gpu_name"))
         try:
             return spec.peak_tflops(row["dtype"], tf32=tf32) if spec else float("nan")
         except KeyError:

@@ -29,7 +29,7 @@ FONT = {"family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", "siz
 
 def esc(text: Any) -> str:
     """Escape results text for plotly labels: HTML entities, newlines as <br>."""
-    return html.escape(str(text)).replace("\n", "<br>")
+    return html.escape(str(text), quote=False).replace("\n", "<br>")
 
 
 def colors(series: Sequence[str]) -> dict[str, str]:

@@ -1,0 +1,113 @@
+"""Open generated pages in a real headless Chromium: every plot renders, no console error, no injected script runs.
+
+Needs selenium, a Chromium and its chromedriver (Debian: chromium, chromium-driver);
+skipped cleanly where any of them is missing. .ci/run installs them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from report_fixtures import FIXTURES, row
+
+from reports import build_compare_page, build_report, compare, load_run
+
+pytestmark = pytest.mark.browser
+
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1400,1000",
+]
+
+
+def _browser_paths() -> tuple[str, str] | None:
+    binary = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    driver = shutil.which("chromedriver")
+    return (binary, driver) if binary and driver else None
+
+
+@pytest.fixture(scope="module")
+def driver():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    paths = _browser_paths()
+    if paths is None:
+        pytest.skip("no chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = paths[0]
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    d = webdriver.Chrome(service=Service(paths[1]), options=options)
+    yield d
+    d.quit()
+
+
+def _open_and_wait(driver, page: Path, timeout_s: float = 60.0) -> int:
+    """Load ``page``; wait until plotly has drawn every trace of every plot; return the number of plots."""
+    driver.get_log("browser")  # drop what earlier pages logged
+    driver.get(page.as_uri())
+    expected = driver.execute_script("return document.querySelectorAll('.plotly-graph-div').length")
+    deadline = time.monotonic() + timeout_s
+    rendered = -1
+    while time.monotonic() < deadline:
+        rendered = driver.execute_script(
+            "return Array.from(document.querySelectorAll('.plotly-graph-div')).filter(d => d._fullLayout !== undefined"
+            " && d.data.length > 0 && d.querySelectorAll('svg.main-svg .trace').length >= d.data.length).length"
+        )
+        if rendered == expected:
+            break
+        time.sleep(0.25)
+    assert rendered == expected, f"{rendered} of {expected} plots rendered in {timeout_s} s"
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, f"console errors: {errors}"
+    return expected
+
+
+def test_report_renders_without_console_errors(driver, tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text(build_report([load_run(FIXTURES / "gpu_base")]), encoding="utf-8")
+    assert _open_and_wait(driver, page) == 10
+    # The hover text of a point holds its configuration; plotly keeps it on the trace.
+    hover = driver.execute_script("return document.querySelector('.plotly-graph-div').data[0].customdata[0]")
+    assert "tokens, batch" in hover
+
+
+def test_compare_page_renders(driver, tmp_path):
+    base, new = load_run(FIXTURES / "gpu_base"), load_run(FIXTURES / "gpu_new")
+    page = tmp_path / "compare.html"
+    page.write_text(build_compare_page(compare(base, new), base, new), encoding="utf-8")
+    assert _open_and_wait(driver, page) == 1
+
+
+def test_injected_markup_stays_text(driver, tmp_path):
+    evil = '<img src=x onerror="window.__pwned=1"> &amp; it\'s'
+    rows = [row("full", hw, 1.0 * hw) for hw in (8, 16)]
+    rows += [row(evil, hw, 0.5 * hw, knobs={"k": "<script>window.__pwned=2</script>"}) for hw in (8, 16)]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    from report_fixtures import write_run
+
+    write_run(run_dir, rows)
+    page = tmp_path / "evil.html"
+    page.write_text(build_report([load_run(run_dir)]), encoding="utf-8")
+    _open_and_wait(driver, page)
+    assert driver.execute_script("return window.__pwned === undefined")
+    text = driver.execute_script("return document.body.innerText")
+    assert evil in text
+    # In the plots too: the legend shows the markup as text.
+    legend = driver.execute_script(
+        "return Array.from(document.querySelectorAll('.legendtext')).map(e => e.textContent).join('|')"
+    )
+    assert evil in legend

@@ -245,6 +245,106 @@ def env_(as_json: bool = JSON_OPTION) -> None:
     console.print(table)
 
 
+REPORT_DIRS_ARGUMENT = typer.Argument(..., help="Run directories written by `attnbench sweep --out DIR`.")
+REPORT_OUT_OPTION = typer.Option(
+    None, "--out", "-o", help="HTML file to write (default report.html; with --format only when given)."
+)
+REPORT_FORMAT_OPTION = typer.Option(
+    None, "--format", help="md or csv: print the summary table at the reference point to stdout."
+)
+REPORT_BASELINE_OPTION = typer.Option(
+    "full", "--baseline", help="The mechanism that speed-ups, memory savings and crossovers are measured against."
+)
+
+
+@app.command("report")
+def report(
+    run_dirs: list[str] = REPORT_DIRS_ARGUMENT,
+    out: str = REPORT_OUT_OPTION,
+    fmt: str = REPORT_FORMAT_OPTION,
+    baseline: str = REPORT_BASELINE_OPTION,
+) -> None:
+    """Write one self-contained interactive HTML report of one or more runs (opens offline)."""
+    from pathlib import Path
+
+    import reports
+
+    if fmt is not None and fmt not in ("md", "csv"):
+        raise typer.BadParameter(f"--format takes md or csv, not {fmt!r}")
+    try:
+        runs = [reports.load_run(d) for d in run_dirs]
+    except (reports.RunError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    if fmt is not None:
+        typer.echo(reports.format_table(reports.summary_of(runs, baseline), fmt), nl=False)
+    if fmt is None or out is not None:
+        path = Path(out or "report.html")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(reports.build_report(runs, baseline), encoding="utf-8")
+        typer.echo(f"report: {path} ({path.stat().st_size / 2**20:.1f} MiB)", err=fmt is not None)
+
+
+COMPARE_BASE_ARGUMENT = typer.Argument(..., help="The run to compare against (e.g. main).")
+COMPARE_NEW_ARGUMENT = typer.Argument(..., help="The run under test (e.g. your branch).")
+COMPARE_HTML_OPTION = typer.Option(None, "--html", help="Also write the comparison as a self-contained HTML page.")
+COMPARE_FAIL_OPTION = typer.Option(
+    "10%", "--fail-above", help="Exit 1 when a point got slower (beyond noise) or bigger by more than this."
+)
+COMPARE_NOISE_OPTION = typer.Option("5%", "--noise", help="Noise band for points stored without a p20/p80 spread.")
+COMPARE_FORCE_OPTION = typer.Option(False, "--force", help="Compare runs from different environments anyway.")
+
+
+@app.command("compare")
+def compare_(
+    base_run: str = COMPARE_BASE_ARGUMENT,
+    new_run: str = COMPARE_NEW_ARGUMENT,
+    html: str = COMPARE_HTML_OPTION,
+    fail_above: str = COMPARE_FAIL_OPTION,
+    noise: str = COMPARE_NOISE_OPTION,
+    force: bool = COMPARE_FORCE_OPTION,
+) -> None:
+    """Compare two runs point by point: latency and memory change, a verdict per point; exit 1 on regression."""
+    from pathlib import Path
+
+    import reports
+    from reports.analysis import fmt_number
+    from reports.compare import parse_percent, summary_line, terminal_table
+
+    try:
+        threshold, band = parse_percent(fail_above), parse_percent(noise)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        base, new = reports.load_run(base_run), reports.load_run(new_run)
+        cmp = reports.compare(base, new, fail_above=threshold, noise=band, force=force)
+    except reports.FingerprintMismatch as exc:
+        console.print(f"[red]refused:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except (reports.RunError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    if cmp.differences:
+        console.print("[yellow]forced:[/yellow] environments differ: " + "; ".join(cmp.differences), soft_wrap=True)
+    shown = terminal_table(cmp)
+    table = Table(title=f"{base.name} -> {new.name} (! = regression beyond {fail_above})")
+    for col in shown.columns:
+        table.add_column(col, justify="right" if shown[col].dtype.kind in "fi" else "left")
+    styles = {"slower": "red", "faster": "green"}
+    for _, r in shown.iterrows():
+        style = "bold red" if r["verdict"].endswith("!") else styles.get(str(r["verdict"]).split(" ")[0])
+        table.add_row(*(fmt_number(v) for v in r), style=style)
+    console.print(table)
+    console.print(summary_line(cmp), soft_wrap=True)
+    if html:
+        path = Path(html)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(reports.build_compare_page(cmp, base, new), encoding="utf-8")
+        console.print(f"comparison: {path}", soft_wrap=True)
+    if cmp.failed:
+        raise typer.Exit(1)
+
+
 FLOPS_MECHANISM_OPTION = typer.Option(None, "--mechanism", "-m", help="A registered mechanism (see `attnbench list`).")
 FLOPS_MODEL_OPTION = typer.Option(
     None, "--model", help="A model: a name in models.create, or any nn.Module factory as package.module:function."

@@ -149,6 +149,10 @@ class Attention(nn.Module):
     # Implementations; "reference" is the plain PyTorch definition of correct.
     impls: ClassVar[tuple[str, ...]] = ("reference", "fast")
     default_impl: ClassVar[str] = "fast"
+    # Parameters whose gradient is a small difference of large sums (e.g. softmax
+    # weights over nearly equal messages): in low precision their relative error
+    # measures that cancellation, so parity holds them to a looser, stated bound.
+    cancelling_grads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, dim: int, heads: int, knobs: Knobs, impl: str | None = None):
         super().__init__()
@@ -230,6 +234,16 @@ class Attention(nn.Module):
 
     def default_context_hw(self, hw: HW) -> HW:
         return hw
+
+    def tie_free_knobs(self, hw: HW, context_hw: HW | None = None) -> dict[str, Any] | None:
+        """Knob overrides under which the mechanism makes no discrete choice.
+
+        A top-K selection flips on near-ties when the scores are rounded, and a
+        flipped selection is a different function, not a rounding error. Parity in
+        low precision is checked under these overrides; None when the mechanism
+        makes no such choice.
+        """
+        return None
 
     def output_hw(self, hw: HW) -> HW:
         """Token map of the output: ``hw`` unless the mechanism pools its queries."""

@@ -295,6 +295,9 @@ class QuadTreeAttention(Attention):
     complexity = "O(N^2 / 16^(L-1) + N K)"
     supports_cross = True
 
+    # softmax over levels whose messages are nearly equal on unstructured input
+    cancelling_grads = ("level_weight",)
+
     def __init__(self, dim: int, heads: int, knobs: QuadTreeKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
         self.proj = Projections(dim, heads, bias=knobs.qkv_bias)
@@ -461,6 +464,12 @@ class QuadTreeAttention(Attention):
             out = out + weight[level] * message.float()  # (B, h, N_l, d)
         return self.proj.output(out.to(x.dtype))
 
+    def tie_free_knobs(self, hw: HW, context_hw: HW | None = None) -> dict[str, Any] | None:
+        """Top-K covering every candidate at every level: nothing is left out, so no near-tie can flip."""
+        khw = context_hw or hw
+        coarsest = (khw[0] >> (self.knobs.levels - 1)) * (khw[1] >> (self.knobs.levels - 1))
+        return {"topk": tuple(coarsest * 4**level for level in range(self.knobs.levels))}
+
     # ------------------------------------------------------------------ cost
     def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
         kn = self.knobs
@@ -482,6 +491,8 @@ class QuadTreeAttention(Attention):
             total += sum(conv_macs(s, c, c, 3, groups=c) for s in k_hw)
         total += attention_macs(1, self.heads, n[0], m[0], self.head_dim)
         topks = self.topks()
+        if kn.variant == "B" and not self.math and levels > 1:
+            total += self.heads * n[0] * m[0] * self.head_dim  # fast B's selection logits, outside SDPA
         for level in range(1, levels):
             total += attention_macs(1, self.heads, n[level], 4 * topks[level - 1], self.head_dim)
         return batch * total

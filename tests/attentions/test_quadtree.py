@@ -270,7 +270,11 @@ def test_macs_by_hand_two_levels_k2():
     b = attentions.build("quadtree", dim=8, heads=2, variant="B", levels=2, topk=2, values="conv", lepe=True)
     conv_branch = 5 * 16 * 8 + 2 * 2 * 8 * 8 * 4 + 5 * 4 * 8 + 2 * 2 * 8 * 8
     lepe = 16 * 8 * 9 + 4 * 8 * 9
+    b.impl = "reference"
     assert b.macs(1, (4, 4)) == 6784 - 2 * 2 * 8 * 4 + conv_branch + lepe == 10176
+    # B's fast path also computes the coarsest q k^T logits outside SDPA to pick the top-K.
+    b.impl = "fast"
+    assert b.macs(1, (4, 4)) == 10176 + 2 * 4 * 4 * 4
     # cross attention: queries on 4x4, keys on 8x4 (coarsest 4x2 = 8 keys)
     proj_x = 16 * 8 * 8 + 32 * 8 * 16 + 16 * 8 * 8
     pool_x = 4 * 8 * 4 + 2 * (8 * 8 * 4)

@@ -60,13 +60,6 @@ def _cases() -> list[tuple]:
 # (mechanism, impl, quadtree variant) -> (the op responsible, why). Such a point
 # xfails only when the counter exceeds macs() and that op is present; a deficit,
 # an uncovered op or any other mechanism still fails.
-KNOWN_DISCREPANCIES = {
-    ("quadtree", "fast", "B"): (
-        "matmul",
-        "QuadTree-B's fast path computes q k^T logits at the coarsest level (aten::matmul under no_grad) to pick "
-        "the top-K and the scores again inside SDPA; macs() counts the scores once",
-    ),
-}
 
 
 @pytest.mark.parametrize(("name", "knobs", "cross", "impl"), _cases())
@@ -86,10 +79,6 @@ def test_counter_matches_analytic_with_nothing_uncovered(name, knobs, cross, imp
         where = f"{name} {knobs} impl={impl} hw={hw} context_hw={context_hw}"
         assert result.uncovered == {}, f"{where}: ops nothing counted: {result.uncovered}"
         assert result.analytic_macs is not None
-        known = KNOWN_DISCREPANCIES.get((name, impl, knobs.get("variant", "B")))
-        if known and result.macs > 1.01 * result.analytic_macs and known[0] in result.by_op:
-            assert result.flop_counter_macs == result.macs, where
-            pytest.xfail(f"{where}: counted {result.macs} MACs, macs() {result.analytic_macs}: {known[1]}")
         assert result.macs == pytest.approx(result.analytic_macs, rel=0.01), (
             f"{where}: fvcore+handles {result.macs} MACs vs analytic {result.analytic_macs} MACs; by op {result.by_op}"
         )

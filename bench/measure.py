@@ -12,12 +12,15 @@ subprocess executor (``--isolate``) adds a hard kill for that case.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
 import math
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .points import Point
@@ -119,7 +122,8 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak of the running sum of CPU allocator events during one call of fn."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+    # The profiler's C++ side logs start/stop lines on stderr; keep them off the terminal.
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]  # type: ignore[union-attr]
     events.sort(key=lambda e: e.start_ns())
@@ -128,6 +132,25 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
         running += e.nbytes()
         peak = max(peak, running)
     return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the duration (C++ logging bypasses sys.stderr)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (embedded interpreters)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _tensor_bytes(tensors: list[Any]) -> int:

@@ -370,3 +370,49 @@ def test_dataframe_of_an_empty_run_has_the_schema(tmp_path):
     df = store.load(tmp_path / "e")
     assert len(df) == 0 and list(df.columns[: len(store.SCHEMA)]) == list(store.SCHEMA)
     assert isinstance(df, pd.DataFrame)
+
+
+def test_quick_preset_runs_every_mechanism():
+    from bench import presets
+    from bench.measure import precheck
+
+    grid, settings = resolve_request(preset="quick")
+    exp = expand(grid)
+    assert {p.mechanism for p in exp.points} == set(attentions.available())
+    assert not exp.refused
+    refused = {p.label(): precheck(p) for p in exp.points if precheck(p)}
+    assert not refused, refused
+    assert set(presets.names()) >= {"quick", "scaling", "topk", "batch", "paper"}
+    topk = expand(Grid.from_dict(presets.get("topk")["grid"]))
+    assert all(attentions.get(p.mechanism).cost_knob == "topk" for p in topk.points)
+
+
+cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_measurement_and_real_oom(tmp_path):
+    grid = Grid(
+        mechanisms=["full"],
+        resolutions=["32", "128"],
+        batches=[1, 64],
+        dims=[256],
+        heads=[4],
+        dtypes=["bfloat16"],
+        passes=["fwd+bwd"],
+        impls=["reference"],
+        devices=["cuda"],
+    )
+    run_sweep(grid, tmp_path / "g", Settings(timeout_s=60.0))
+    df = store.load(tmp_path / "g")
+    small = df[(df.height == 32) & (df.batch == 1)].iloc[0]
+    assert small.status == "ok" and "cuda events" in small.timing_method and small.samples >= 3
+    assert small.memory_method.startswith("torch.cuda") and 0 < small.peak_bytes <= small.reserved_bytes
+    # 64 x 4 heads x 16384^2 scores (over 250 GiB in bf16) cannot fit: a real out-of-memory, recorded,
+    # and the sweep went on
+    huge = df[(df.height == 128) & (df.batch == 64)].iloc[0]
+    assert huge.status == "oom", huge.reason
+    assert len(df) == 4 and (df.status == "ok").sum() == 3
+    if lookup(small.device_name) is not None:
+        assert 0 < small.pct_peak < 100

@@ -185,6 +185,12 @@ class Point:
         )
 
 
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclasses.dataclass
 class Grid:
     """Values per axis. ``knobs`` maps a knob name to the values to sweep; a knob
@@ -201,7 +207,7 @@ class Grid:
     passes: list[str] = dataclasses.field(default_factory=lambda: ["fwd"])
     impls: list[str] = dataclasses.field(default_factory=lambda: ["fast"])
     compile: list[bool] = dataclasses.field(default_factory=lambda: [False])
-    devices: list[str] = dataclasses.field(default_factory=lambda: ["cpu"])
+    devices: list[str] = dataclasses.field(default_factory=lambda: [_default_device()])
     cross: list[bool] = dataclasses.field(default_factory=lambda: [False])
     knobs: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
     # Values of each mechanism's *cost knob*, keyed by the cost knob's name

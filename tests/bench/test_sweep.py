@@ -26,6 +26,14 @@ from bench.sweep import load_sweep_file, resolve_request, run_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 FAKES_DIR = str(Path(__file__).resolve().parent)
+
+
+def G(**kw) -> Grid:
+    """A grid on the CPU (the default device is cuda where a GPU is present)."""
+    kw.setdefault("devices", ["cpu"])
+    return Grid(**kw)
+
+
 FAST = Settings(cpu_min_run_time=0.01, min_samples=3, timeout_s=30.0, threads=1)
 
 
@@ -47,7 +55,7 @@ def plugin_env() -> dict[str, str]:
 
 
 def test_expansion_is_the_cartesian_product_with_stable_ids():
-    grid = Grid(
+    grid = G(
         mechanisms=["full", "linear"],
         resolutions=["8", "8x12"],
         batches=[1, 2],
@@ -69,18 +77,18 @@ def test_expansion_is_the_cartesian_product_with_stable_ids():
 
 
 def test_knob_axes_apply_to_mechanisms_that_have_the_knob(fakes):
-    grid = Grid(mechanisms=["full", "fake_probe"], resolutions=["4"], dims=[8], knobs={"width_mult": ["1", "2", "3"]})
+    grid = G(mechanisms=["full", "fake_probe"], resolutions=["4"], dims=[8], knobs={"width_mult": ["1", "2", "3"]})
     points = expand(grid).points
     assert sorted(p.knob_dict()["width_mult"] for p in points if p.mechanism == "fake_probe") == [1, 2, 3]
     assert sum(p.mechanism == "full" for p in points) == 1
     with pytest.raises(GridError, match="belongs to none"):
-        expand(Grid(mechanisms=["full"], knobs={"width_mult": [2]}))
+        expand(G(mechanisms=["full"], knobs={"width_mult": [2]}))
     with pytest.raises(attentions.KnobError, match="delay"):
-        expand(Grid(mechanisms=["fake_probe"], knobs={"delay": ["-1"]}))
+        expand(G(mechanisms=["fake_probe"], knobs={"delay": ["-1"]}))
 
 
 def test_cost_knob_selection_is_generic(fakes):
-    grid = Grid(cost_knob_names=["width_mult"], cost_knob_values={"width_mult": [2, 4]}, resolutions=["4"], dims=[8])
+    grid = G(cost_knob_names=["width_mult"], cost_knob_values={"width_mult": [2, 4]}, resolutions=["4"], dims=[8])
     points = expand(grid).points
     assert {p.mechanism for p in points} == {"fake_probe"}
     assert sorted(p.knob_dict()["width_mult"] for p in points) == [2, 4]
@@ -95,7 +103,7 @@ def test_resolutions_and_stages():
     assert parse_resolution("1024x512px:s4")[0].hw == (32, 16)
     with pytest.raises(GridError, match="cannot read resolution"):
         parse_resolution("big")
-    points = expand(Grid(mechanisms=["full"], resolutions=["224px"], dims=["stage"])).points
+    points = expand(G(mechanisms=["full"], resolutions=["224px"], dims=["stage"])).points
     assert [(p.height, p.dim, p.heads, p.stage) for p in points] == [
         (56, 96, 3, 1),
         (28, 192, 6, 2),
@@ -105,7 +113,7 @@ def test_resolutions_and_stages():
 
 
 def test_static_refusals_are_returned_with_reasons():
-    exp = expand(Grid(mechanisms=["full"], resolutions=["4"], dims=[30], heads=[4], impls=["fast", "kernel9"]))
+    exp = expand(G(mechanisms=["full"], resolutions=["4"], dims=[30], heads=[4], impls=["fast", "kernel9"]))
     assert len(exp.points) == 2
     reasons = ["; ".join(r) for r in exp.refused.values()]
     assert any("not divisible by heads" in r for r in reasons)
@@ -144,7 +152,7 @@ def test_sweep_files(tmp_path):
 
 def test_every_failure_kind_is_recorded(tmp_path, fakes):
     events = []
-    grid = Grid(
+    grid = G(
         mechanisms=["fake_probe"],
         resolutions=["4", "5x4"],
         dims=[8],
@@ -164,14 +172,14 @@ def test_every_failure_kind_is_recorded(tmp_path, fakes):
     assert [k for k, _ in events][0] == "start" and [k for k, _ in events][-1] == "end"
 
     # timeout: a budget in process (the first call alone outlives the limit)
-    slow = Grid(mechanisms=["fake_probe"], resolutions=["4"], dims=[8], knobs={"fail": ["slow"]})
+    slow = G(mechanisms=["fake_probe"], resolutions=["4"], dims=[8], knobs={"fail": ["slow"]})
     run_sweep(slow, tmp_path / "slow", Settings(timeout_s=0.3, threads=1))
     (rec,) = store.read_results(tmp_path / "slow").records
     assert rec["status"] == "timeout" and "per-point limit" in rec["reason"]
 
 
 def test_memory_grows_quadratically_for_full_math_and_linearly_for_linear(tmp_path):
-    grid = Grid(
+    grid = G(
         mechanisms=["full", "linear"], resolutions=["8", "16", "32"], dims=[32], heads=[2], impls=["reference", "fast"]
     )
     run_sweep(grid, tmp_path / "run", Settings(cpu_min_run_time=0.01, min_samples=3, threads=1, count_flops=False))
@@ -190,7 +198,7 @@ def test_memory_grows_quadratically_for_full_math_and_linearly_for_linear(tmp_pa
 
 
 def test_dataframe_schema_and_derived_columns(tmp_path):
-    run_sweep(Grid(mechanisms=["full"], resolutions=["8"], dims=[16], passes=["fwd", "fwd+bwd"]), tmp_path / "r", FAST)
+    run_sweep(G(mechanisms=["full"], resolutions=["8"], dims=[16], passes=["fwd", "fwd+bwd"]), tmp_path / "r", FAST)
     df = store.load(tmp_path / "r")
     assert list(df.columns[: len(store.SCHEMA)]) == list(store.SCHEMA)
     for col in ("flops", "tflops", "peak_tflops", "pct_peak", "bytes_per_token"):
@@ -231,7 +239,7 @@ def test_percent_of_peak_from_the_hardware_table(tmp_path):
 
 
 def test_corrupt_lines_are_reported_not_fatal(tmp_path):
-    grid = Grid(mechanisms=["full"], resolutions=["4"], dims=[8])
+    grid = G(mechanisms=["full"], resolutions=["4"], dims=[8])
     run_sweep(grid, tmp_path / "r", FAST)
     path = tmp_path / "r" / store.RESULTS
     good = path.read_text()
@@ -242,7 +250,7 @@ def test_corrupt_lines_are_reported_not_fatal(tmp_path):
     assert len(df) == 1 and len(df.attrs["corrupt"]) == 2 and "trailing line" in df.attrs["corrupt"][1]
     # resuming moves the cut-short line aside and appends on a clean line
     warnings = []
-    bigger = Grid(mechanisms=["full"], resolutions=["4", "6"], dims=[8])
+    bigger = G(mechanisms=["full"], resolutions=["4", "6"], dims=[8])
     run_sweep(bigger, tmp_path / "r", FAST, on_event=lambda k, d: warnings.append(d) if k == "warning" else None)
     assert len(warnings) == 2
     assert (tmp_path / "r" / store.CORRUPT).read_text().startswith('{"point_id": "x"')
@@ -259,10 +267,10 @@ def test_resume_measures_only_what_is_missing(tmp_path):
             seen.extend(p.point_id for p in points)
             yield from super().run(points, settings)
 
-    small = Grid(mechanisms=["full"], resolutions=["4"], dims=[8], passes=["fwd", "fwd+bwd"])
+    small = G(mechanisms=["full"], resolutions=["4"], dims=[8], passes=["fwd", "fwd+bwd"])
     run_sweep(small, tmp_path / "r", FAST, executor=Counting())
     assert len(seen) == 2
-    big = Grid(mechanisms=["full"], resolutions=["4", "6"], dims=[8], passes=["fwd", "fwd+bwd"])
+    big = G(mechanisms=["full"], resolutions=["4", "6"], dims=[8], passes=["fwd", "fwd+bwd"])
     summary = run_sweep(big, tmp_path / "r", FAST, executor=Counting())
     assert len(seen) == 4 and len(set(seen)) == 4 and summary.stored == 2
     ids = [r["point_id"] for r in store.read_results(tmp_path / "r").records]
@@ -276,7 +284,7 @@ def test_resume_measures_only_what_is_missing(tmp_path):
 
 
 def test_reading_results_needs_no_torch(tmp_path):
-    run_sweep(Grid(mechanisms=["full"], resolutions=["4"], dims=[8]), tmp_path / "r", FAST)
+    run_sweep(G(mechanisms=["full"], resolutions=["4"], dims=[8]), tmp_path / "r", FAST)
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import bench, bench.hardware\n"
@@ -292,7 +300,7 @@ def test_reading_results_needs_no_torch(tmp_path):
 @pytest.mark.slow
 def test_killing_a_sweep_loses_and_duplicates_nothing(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cli", "sweep", "-m", "fake_probe", "-r", "4,6,8", "--dim", "8"]
+    cmd = [sys.executable, "-m", "cli", "sweep", "-m", "fake_probe", "-r", "4,6,8", "--dim", "8", "--device", "cpu"]
     cmd += ["--knob", "width_mult=1,2", "--knob", "delay=0.05", "--out", str(out), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=plugin_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results = out / store.RESULTS
@@ -315,7 +323,7 @@ def test_killing_a_sweep_loses_and_duplicates_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_subprocess_executor_isolates_crashes_and_kills_at_the_hard_limit(fakes):
-    pts = expand(Grid(mechanisms=["fake_probe"], resolutions=["4"], dims=[8], knobs={"fail": ["crash", "oom"]})).points
+    pts = expand(G(mechanisms=["fake_probe"], resolutions=["4"], dims=[8], knobs={"fail": ["crash", "oom"]})).points
     ex = executors.Subprocess(env={"ATTNBENCH_PLUGINS": "bench_fakes", "PYTHONPATH": FAKES_DIR})
     recs = {r["knobs"]["fail"]: r for r in ex.run(pts, FAST)}
     assert recs["oom"]["status"] == "oom" and "out of memory" in recs["oom"]["reason"]
@@ -328,7 +336,7 @@ def test_subprocess_executor_isolates_crashes_and_kills_at_the_hard_limit(fakes)
 
 @pytest.mark.slow
 def test_multi_device_executor_runs_workers_in_parallel():
-    pts = expand(Grid(mechanisms=["full"], resolutions=["4", "6"], dims=[8])).points
+    pts = expand(G(mechanisms=["full"], resolutions=["4", "6"], dims=[8])).points
     recs = list(executors.MultiDevice(["cpu", "cpu"]).run(pts, FAST))
     assert sorted(r["point_id"] for r in recs) == sorted(p.point_id for p in pts)
     assert all(r["status"] == "ok" and r["worker_device"] == "cpu" for r in recs)
@@ -337,7 +345,7 @@ def test_multi_device_executor_runs_workers_in_parallel():
 @pytest.mark.slow
 def test_submitit_local_executor(tmp_path):
     submitit = pytest.importorskip("submitit")
-    pts = expand(Grid(mechanisms=["full"], resolutions=["4"], dims=[8], passes=["fwd+bwd"])).points
+    pts = expand(G(mechanisms=["full"], resolutions=["4"], dims=[8], passes=["fwd+bwd"])).points
     local = submitit.LocalExecutor(folder=str(tmp_path / "jobs"))
     ex = executors.Submitit(tmp_path / "jobs", executor=local, poll_s=0.2)
     recs = list(ex.run(pts, FAST))
@@ -351,7 +359,9 @@ def test_cli_sweep_and_env(tmp_path):
     import cli
 
     runner = CliRunner()
-    res = runner.invoke(cli.app, ["sweep", "-m", "full", "-r", "4x6", "--dim", "8", "--out", str(tmp_path / "r")])
+    res = runner.invoke(
+        cli.app, ["sweep", "-m", "full", "-r", "4x6", "--dim", "8", "--device", "cpu", "--out", str(tmp_path / "r")]
+    )
     assert res.exit_code == 0, res.output
     df = store.load(tmp_path / "r")
     assert len(df) == 1 and df.status.iloc[0] == "ok" and (df.height.iloc[0], df.width.iloc[0]) == (4, 6)

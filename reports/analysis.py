@@ -130,11 +130,20 @@ class Reference:
     height: float | None
     width: float | None
     tokens: float | None
+    # Mechanisms with no point in ``side`` (e.g. one that only runs cross attention) keep their own.
+    own: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def side_for(self, mechanism: str) -> dict[str, Any]:
+        return self.own.get(mechanism, self.side)
 
     def describe(self) -> str:
         parts = [f"{k} {plain(v)}" for k, v in self.side.items()]
         res = f"{self.height:.0f}x{self.width:.0f} ({self.tokens:.0f} tokens)" if self.tokens else "-"
-        return f"{res}, " + ", ".join(parts)
+        text = f"{res}, " + ", ".join(parts)
+        for mech, side in self.own.items():
+            diff = ", ".join(f"{k} {plain(v)}" for k, v in side.items() if self.side.get(k) != v)
+            text += f" ({mech}: {diff})"
+        return text
 
 
 def reference(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE) -> Reference:
@@ -148,8 +157,8 @@ def reference(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE) -> Reference:
     pool = ok if not ok.empty else df
     if pool.empty:
         return Reference({}, None, None, None)
-    combo = pool.groupby(SIDE_AXES, dropna=False).size().sort_values(ascending=False).index[0]
-    side = dict(zip(SIDE_AXES, combo, strict=True))
+    side = _most_common(pool)
+    own = {str(m): _most_common(g) for m, g in pool.groupby("mechanism") if not _mask(g, side, ()).any()}
     ctx = in_side(ok, side)
     if ctx.empty:
         return Reference(side, None, None, None)
@@ -166,7 +175,12 @@ def reference(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE) -> Reference:
         counts = ctx.groupby(["tokens", "height", "width"])["series"].nunique().reset_index()
         counts = counts.sort_values(["series", "tokens"])
         row = counts.iloc[-1]
-    return Reference(side, float(row["height"]), float(row["width"]), float(row["tokens"]))
+    return Reference(side, float(row["height"]), float(row["width"]), float(row["tokens"]), own)
+
+
+def _most_common(df: pd.DataFrame) -> dict[str, Any]:
+    combo = df.groupby(SIDE_AXES, dropna=False).size().sort_values(ascending=False).index[0]
+    return dict(zip(SIDE_AXES, combo, strict=True))
 
 
 class References(dict):
@@ -196,16 +210,24 @@ def _mask(df: pd.DataFrame, side: dict[str, Any], skip: Sequence[str]) -> pd.Ser
     return mask
 
 
-def in_side(df: pd.DataFrame, side: dict[str, Any] | References, skip: Sequence[str] = ()) -> pd.DataFrame:
+def in_side(df: pd.DataFrame, side: dict[str, Any] | Reference | References, skip: Sequence[str] = ()) -> pd.DataFrame:
     """Rows whose side axes equal ``side`` (except the axes in ``skip``); with :class:`References`,
     each run's rows are held to that run's reference."""
     if isinstance(side, References):
         mask = pd.Series(False, index=df.index)
         for run, ref in side.items():
-            mine = df["run"] == run
-            mask |= mine & _mask(df, ref.side, skip)
+            mask |= (df["run"] == run) & _ref_mask(df, ref, skip)
         return df[mask]
+    if isinstance(side, Reference):
+        return df[_ref_mask(df, side, skip)]
     return df[_mask(df, side, skip)]
+
+
+def _ref_mask(df: pd.DataFrame, ref: Reference, skip: Sequence[str]) -> pd.Series:
+    mask = _mask(df, ref.side, skip) & ~df["mechanism"].isin(list(ref.own))
+    for mech, side in ref.own.items():
+        mask |= (df["mechanism"] == mech) & _mask(df, side, skip)
+    return mask
 
 
 def at_reference(df: pd.DataFrame, refs: References) -> pd.DataFrame:
@@ -214,7 +236,7 @@ def at_reference(df: pd.DataFrame, refs: References) -> pd.DataFrame:
     for run, ref in refs.items():
         if ref.tokens is not None:
             here = (df["height"] == ref.height) & (df["width"] == ref.width)
-            mask |= (df["run"] == run) & _mask(df, ref.side, ()) & here
+            mask |= (df["run"] == run) & _ref_mask(df, ref, ()) & here
     return df[mask]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -32,9 +31,22 @@ def esc(text: Any) -> str:
     return html.escape(str(text), quote=False).replace("\n", "<br>")
 
 
-def colors(series: Sequence[str]) -> dict[str, str]:
-    """A stable colour per series (sorted order), shared by every figure of a report."""
-    return {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(sorted(set(series)))}
+def colors(df: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """A stable line style per series, shared by every figure of a report: one colour per mechanism
+    (sorted), and within a mechanism a dash per knob setting, implementation or run."""
+    styles: dict[str, dict[str, str]] = {}
+    pairs = df[["mechanism", "series"]].drop_duplicates().sort_values(["mechanism", "series"])
+    mechs = sorted(pairs["mechanism"].unique())
+    for mech, g in pairs.groupby("mechanism", sort=True):
+        color = PALETTE[mechs.index(mech) % len(PALETTE)]
+        for i, series in enumerate(g["series"]):
+            styles[str(series)] = {"color": color, "dash": DASHES[i % len(DASHES)]}
+    return styles
+
+
+def _legend_height(n_entries: int, base: int = 460) -> int:
+    """Tall enough that the legend does not scroll."""
+    return max(base, 120 + 30 * n_entries)
 
 
 def passes(df: pd.DataFrame) -> list[str]:
@@ -116,7 +128,7 @@ HOVER = "%{customdata}<extra></extra>"
 
 
 def scaling(
-    df: pd.DataFrame, side: dict[str, Any] | References, metric: str, palette: dict[str, str]
+    df: pd.DataFrame, side: dict[str, Any] | References, metric: str, palette: dict[str, dict[str, str]]
 ) -> go.Figure | None:
     """``metric`` against tokens, log-log, one line per series, one panel per pass, exponents in the legend."""
     ok = in_side(df[df["status"] == "ok"], side).dropna(subset=[metric])
@@ -145,7 +157,7 @@ def scaling(
                     name=esc(name),
                     legendgroup=esc(series),
                     showlegend=col == 1 or not (g["pass"] == pss[0]).any(),
-                    line={"color": palette.get(str(series)), "dash": DASHES[0]},
+                    line=palette.get(str(series), {}),
                     customdata=_hover(gp),
                     hovertemplate=HOVER,
                 ),
@@ -157,12 +169,15 @@ def scaling(
     fig.update_yaxes(title_text=METRICS[metric], row=1, col=1)
     legend_note = "exponent per pass: " + " / ".join(pss)
     _label_log_axes(fig, measured_x=True)
-    _layout(fig, f"{METRICS[metric]} against tokens (log-log; legend: fitted N^exponent, {legend_note})")
+    n = ok["series"].nunique()
+    _layout(
+        fig, f"{METRICS[metric]} against tokens (log-log; legend: fitted N^exponent, {legend_note})", _legend_height(n)
+    )
     return fig
 
 
 def speedup(
-    df: pd.DataFrame, side: dict[str, Any] | References, baseline: str, palette: dict[str, str]
+    df: pd.DataFrame, side: dict[str, Any] | References, baseline: str, palette: dict[str, dict[str, str]]
 ) -> go.Figure | None:
     """Speed-up and memory ratio against the baseline over tokens; above 1 means better than the baseline."""
     ctx = with_baseline(in_side(df, side), baseline)
@@ -188,7 +203,7 @@ def speedup(
                         name=esc(series),
                         legendgroup=esc(series),
                         showlegend=first,
-                        line={"color": palette.get(str(series))},
+                        line=palette.get(str(series), {}),
                         customdata=_hover(gp),
                         hovertemplate=f"{col_name.replace('_', ' ')} %{{y:.3g}}x<br>" + HOVER,
                     ),
@@ -205,7 +220,8 @@ def speedup(
     fig.update_yaxes(title_text=esc(f"{baseline} latency / latency"), row=1, col=1)
     fig.update_yaxes(title_text=esc(f"{baseline} memory / memory"), row=2, col=1)
     _label_log_axes(fig, measured_x=True)
-    _layout(fig, f"against {baseline} attention: above the dotted line = faster (top) or smaller (bottom)", 700)
+    title = f"against {baseline} attention: above the dotted line = faster (top) or smaller (bottom)"
+    _layout(fig, title, _legend_height(ctx["series"].nunique(), 700))
     return fig
 
 
@@ -266,7 +282,7 @@ def knob_sensitivity(
 
 
 def numeric_axis(
-    df: pd.DataFrame, side: dict[str, Any] | References, axis: str, palette: dict[str, str]
+    df: pd.DataFrame, side: dict[str, Any] | References, axis: str, palette: dict[str, dict[str, str]]
 ) -> go.Figure | None:
     """Latency and memory against a numeric side axis (batch, dim, heads), log-log with exponents."""
     ctx = in_side(df[df["status"] == "ok"], side, skip=[axis])
@@ -297,7 +313,7 @@ def numeric_axis(
                         name=esc(name),
                         legendgroup=esc(series),
                         showlegend=first,
-                        line={"color": palette.get(str(series))},
+                        line=palette.get(str(series), {}),
                         customdata=_hover(gp),
                         hovertemplate=HOVER,
                     ),
@@ -309,7 +325,8 @@ def numeric_axis(
     fig.update_xaxes(type="log")
     fig.update_yaxes(type="log")
     _label_log_axes(fig, measured_x=True)
-    _layout(fig, f"{axis} scaling at {tokens} (log-log; legend: fitted latency exponent per pass)", 700)
+    title = f"{axis} scaling at {tokens} (log-log; legend: fitted latency exponent per pass)"
+    _layout(fig, title, _legend_height(ctx["series"].nunique(), 700))
     return fig
 
 
@@ -379,7 +396,7 @@ def categorical_axis(df: pd.DataFrame, side: dict[str, Any] | References, axis: 
     return fig
 
 
-def roofline(df: pd.DataFrame, palette: dict[str, str]) -> tuple[go.Figure | None, str]:
+def roofline(df: pd.DataFrame, palette: dict[str, dict[str, str]]) -> tuple[go.Figure | None, str]:
     """Achieved FLOP/s against arithmetic intensity with the device's compute and bandwidth ceilings.
 
     Bytes moved are not measured; the intensity divides the FLOPs executed by
@@ -415,7 +432,11 @@ def roofline(df: pd.DataFrame, palette: dict[str, str]) -> tuple[go.Figure | Non
                 mode="markers",
                 name=esc(f"{series}, {p}"),
                 legendgroup=esc(series),
-                marker={"color": palette.get(str(series)), "symbol": SYMBOLS[pss.index(p) % len(SYMBOLS)], "size": 8},
+                marker={
+                    "color": palette.get(str(series), {}).get("color"),
+                    "symbol": SYMBOLS[pss.index(p) % len(SYMBOLS)],
+                    "size": 8,
+                },
                 customdata=_hover(g),
                 hovertemplate="intensity %{x:.3g} FLOP/B, %{y:.3g} TFLOP/s<br>" + HOVER,
             )
@@ -437,7 +458,8 @@ def roofline(df: pd.DataFrame, palette: dict[str, str]) -> tuple[go.Figure | Non
     fig.update_xaxes(type="log", title_text="arithmetic intensity (FLOP per byte allocated; an upper bound)")
     fig.update_yaxes(type="log", title_text="achieved TFLOP/s (FLOPs = 2 x MACs)")
     _label_log_axes(fig)
-    _layout(fig, "roofline: achieved FLOP/s against arithmetic intensity, with the device's ceilings", 560)
+    title = "roofline: achieved FLOP/s against arithmetic intensity, with the device's ceilings"
+    _layout(fig, title, _legend_height(len(fig.data), 560))
     return fig, ""
 
 

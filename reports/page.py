@@ -46,6 +46,9 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 tr.diff td { background: #fff4d6; }
 .scroll { overflow-x: auto; }
 .warn { color: #8a4b00; }
+details { margin: 8px 0; font-size: 13px; }
+summary { cursor: pointer; color: #1f4f99; }
+pre { background: #f6f7f9; padding: 8px; max-height: 420px; overflow: auto; font-size: 12px; }
 .good { color: #0a6b2c; }
 .bad { color: #a3161b; }
 """
@@ -107,7 +110,7 @@ def build_report(runs: list[Run], baseline: str = analysis.DEFAULT_BASELINE) -> 
         return _fig_html(f, div_id)
 
     ref = analysis.references(df, baseline)
-    palette = figures.colors(df["series"].tolist())
+    palette = figures.colors(df)
     sections = [
         _environment(runs),
         _configuration(runs, df, ref, baseline),
@@ -121,7 +124,7 @@ def build_report(runs: list[Run], baseline: str = analysis.DEFAULT_BASELINE) -> 
         _failures(df),
     ]
     names = ", ".join(r.name for r in runs)
-    nav = "".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in sections)
+    nav = "\n".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in sections)
     body = "".join(f'<section id="{s.id}"><h2>{esc(s.title)}</h2>{"".join(s.body)}</section>' for s in sections)
     warnings = [w for r in runs for w in r.warnings]
     warn_html = "".join(f'<p class="warn">{esc(w)}</p>' for w in warnings)
@@ -208,7 +211,8 @@ def _configuration(runs: list[Run], df: pd.DataFrame, ref: analysis.References, 
     for r in runs:
         if r.sweep:
             body.append(
-                f"<h3>sweep.json of {esc(r.name)}</h3><pre>{esc(json.dumps(r.sweep, indent=1, sort_keys=True))}</pre>"
+                f"<details><summary>the stored sweep request of {esc(r.name)} (sweep.json)</summary>"
+                f"<pre>{esc(json.dumps(r.sweep, indent=2, sort_keys=True))}</pre></details>"
             )
     return Section("configuration", "Sweep configuration", body)
 
@@ -259,14 +263,27 @@ def _crossover(df: pd.DataFrame, ref: analysis.References, baseline: str, palett
     table = analysis.crossovers(df, ref, baseline)
     if table.empty:
         return Section("crossover", title, [_empty(f"no other mechanism ran at a point where {baseline} ran.")])
+    unmatched = sorted(table[table["faster_kind"] == "none"]["series"].unique())
+    table = table[table["faster_kind"] != "none"]
     shown = table[["series", "pass", "faster_than_baseline", "smaller_than_baseline", "note"]].rename(
         columns={"faster_than_baseline": f"faster than {baseline}", "smaller_than_baseline": f"smaller than {baseline}"}
     )
+    if (shown["note"] == "").all():
+        shown = shown.drop(columns=["note"])
     body = [
-        '<p class="note">The crossover resolution is interpolated log-log between the two measured resolutions that '
-        "bracket it (shown as the equivalent square map); the first measured resolution past it is given too.</p>",
+        '<p class="note">Each point is set against the fastest '
+        + esc(baseline)
+        + " implementation at the same resolution, batch, dtype and pass. The crossover resolution is interpolated "
+        "log-log between the two measured resolutions that bracket it (shown as the equivalent square map); the first "
+        "measured resolution past it is given too.</p>",
         table_html(shown),
     ]
+    if unmatched:
+        body.append(
+            f'<p class="note">Not compared, no {esc(baseline)} point in the same context (e.g. cross attention): '
+            + esc(", ".join(unmatched))
+            + ".</p>"
+        )
     f = figures.speedup(df, ref, baseline, palette)
     if f is not None:
         body.append(fig(f))
@@ -301,9 +318,15 @@ def _side_axes(df: pd.DataFrame, ref: analysis.References, palette: dict[str, st
             if f is not None:
                 body.append(fig(f))
     if not body:
-        swept = ", ".join(a for a in axes if a != "impl")
-        why = f"{swept} varied, but never at one resolution" if swept else "batch, dtype and the other side axes"
-        body = [_empty(f"{why} {'were' if not swept else ''} not swept, so there is nothing to compare.".strip())]
+        varied = [a for a in axes if a != "impl"]
+        if varied:
+            why = (
+                f"{', '.join(varied)} differ only between mechanisms (no mechanism was measured at two values at "
+                "one resolution), so there is nothing to compare."
+            )
+        else:
+            why = "batch, dtype and the other side axes were not swept, so there is nothing to compare."
+        body = [_empty(why)]
     return Section("axes", title, body)
 
 

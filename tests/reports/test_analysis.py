@@ -139,3 +139,20 @@ def test_format_md_and_csv():
     assert back["latency ms"].iloc[0] == pytest.approx(1.23456)
     with pytest.raises(ValueError, match="md or csv"):
         format_table(table, "tex")
+
+
+def test_mechanism_outside_the_common_context_keeps_its_own(make_run):
+    # "x" only runs cross attention; the common context is self attention, yet x must not drop out.
+    rows = [row("full", hw, 1.0) for hw in (16, 32)] + [row("y", hw, 0.5) for hw in (16, 32)]
+    rows += [row("x", hw, 0.2, cross=True) for hw in (16, 32)]
+    df = tidy([load_run(make_run(rows))])
+    refs = analysis.references(df)
+    ref = next(iter(refs.values()))
+    assert not ref.side["cross"]
+    assert ref.own["x"]["cross"]
+    table = analysis.summary_table(df, refs).set_index("mechanism")
+    assert set(table.index) == {"full", "x", "y"}
+    # No full attention point shares x's context, so it gets no speed-up rather than a wrong one.
+    assert math.isnan(table.loc["x", "speed-up vs full (x)"])
+    assert table.loc["y", "speed-up vs full (x)"] == pytest.approx(2.0)
+    assert set(analysis.in_side(df, refs)["mechanism"]) == {"full", "x", "y"}

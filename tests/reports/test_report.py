@@ -42,7 +42,7 @@ def test_axes_are_derived_from_the_data(gpu):
 
 def test_scaling_figures_have_a_line_per_series_and_the_exponent(gpu):
     _, df, ref = gpu
-    palette = figures.colors(df["series"])
+    palette = figures.colors(df)
     fig = figures.scaling(df, ref, "latency_ms_median", palette)
     ok = analysis.in_side(df[df["status"] == "ok"], ref)
     expected = ok.groupby(["series", "pass"]).ngroups
@@ -70,7 +70,7 @@ def test_scaling_figures_have_a_line_per_series_and_the_exponent(gpu):
 
 def test_speedup_knob_and_side_axis_figures(gpu):
     _, df, ref = gpu
-    palette = figures.colors(df["series"])
+    palette = figures.colors(df)
     sp = figures.speedup(df, ref, "full", palette)
     assert {t.name for t in sp.data} >= {"linear", "quadtree topk=4", "swin window=8"}
     assert "full" not in {t.name for t in sp.data}
@@ -89,7 +89,7 @@ def test_speedup_knob_and_side_axis_figures(gpu):
 
 def test_roofline_on_gpu_and_its_absence_on_cpu(gpu):
     _, df, _ = gpu
-    fig, why = figures.roofline(df, figures.colors(df["series"]))
+    fig, why = figures.roofline(df, figures.colors(df))
     assert why == ""
     ceilings = [t.name for t in fig.data if t.name.startswith("ceiling")]
     assert "ceiling float16: 990 TFLOP/s, 3350 GB/s" in ceilings
@@ -133,7 +133,7 @@ def test_empty_sections_say_why():
     assert "No roofline: no point ran on a GPU" in html
     assert "no training results" in html
     assert "no mechanism&#x27;s knob took more than one value" in html
-    assert "were not swept" in html
+    assert "batch, dtype and the other side axes were not swept" in html
     assert html.count("Plotly.newPlot") == 4  # latency, memory, FLOPs, speed-up
 
 

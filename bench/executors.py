@@ -124,7 +124,7 @@ class MultiDevice:
                     f"with --devices, sweep points on --device cuda (or cpu), not {p.device!r}; "
                     "each worker is given one physical device"
                 )
-        todo: queue.Queue[Point | None] = queue.Queue()
+        todo: queue.Queue[Point] = queue.Queue()
         for p in points:
             todo.put(p)
         done: queue.Queue[dict[str, Any]] = queue.Queue()

@@ -188,31 +188,42 @@ _FLOP_CACHE: dict[tuple, dict[str, Any]] = {}
 
 
 def _count_macs(point: Point, module: Any, args: tuple) -> dict[str, Any]:
-    """MACs of one forward call: bench.flops when present, else the analytic count alone."""
-    import torch
+    """MACs of one forward call (and of the backward for fwd+bwd points) with bench.flops.
 
-    key = (point.mechanism, point.knobs, point.hw, point.batch, point.dim, point.heads, point.cross, point.impl)
+    A counter that fails leaves the analytic count in ``macs`` and says why in
+    ``macs_error``; the point's measurements stand.
+    """
+    backward = point.pass_ == "fwd+bwd"
+    key: tuple = (point.mechanism, point.knobs, point.hw, point.batch, point.dim, point.heads, point.cross)
+    key += (point.impl, point.device, backward)
     if key in _FLOP_CACHE:
         return _FLOP_CACHE[key]
     context_hw = args[3] if len(args) > 3 else None
     analytic = int(module.macs(point.batch, point.hw, context_hw))
+    out: dict[str, Any] = {
+        "macs": analytic,
+        "analytic_macs": analytic,
+        "counted_macs": None,
+        "backward_macs": None,
+        "macs_uncovered": None,
+        "macs_error": None,
+    }
     try:
         from .flops import count
-    except ImportError:
-        out = {"macs": analytic, "analytic_macs": analytic, "counted_macs": None, "macs_uncovered": None}
-        out["backward_macs"] = None
+
+        r = count(module, args, backward=backward)
+    except Exception as exc:  # counting is secondary to the measurement: record why it failed
+        out["macs_error"] = f"{type(exc).__name__}: {exc}"[:500]
     else:
-        detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        with torch.no_grad():
-            r = count(module, detached)
-        backward = getattr(r, "backward_macs_measured", None)
-        out = {
-            "macs": int(r.macs),
-            "backward_macs": None if backward is None else int(backward),
-            "analytic_macs": None if r.analytic_macs is None else int(r.analytic_macs),
-            "counted_macs": None if r.flop_counter_macs is None else int(r.flop_counter_macs),
-            "macs_uncovered": dict(r.uncovered or {}),
-        }
+        bwd = getattr(r, "backward_macs_measured", None)
+        out.update(
+            macs=int(r.macs),
+            analytic_macs=None if r.analytic_macs is None else int(r.analytic_macs),
+            counted_macs=None if r.flop_counter_macs is None else int(r.flop_counter_macs),
+            backward_macs=None if bwd is None else int(bwd),
+            macs_uncovered=dict(r.uncovered or {}),
+            macs_error=getattr(r, "flop_counter_error", None),
+        )
     _FLOP_CACHE[key] = out
     return out
 
@@ -373,7 +384,14 @@ def _run_point(point: Point, settings: Settings, budget: _Budget, record: dict, 
     else:
         context_hw = args[3] if len(args) > 3 else None
         analytic = int(module.macs(point.batch, point.hw, context_hw))
-        record.update(macs=analytic, analytic_macs=analytic, counted_macs=None, macs_uncovered=None, backward_macs=None)
+        record.update(
+            macs=analytic,
+            analytic_macs=analytic,
+            counted_macs=None,
+            macs_uncovered=None,
+            backward_macs=None,
+            macs_error=None,
+        )
 
 
 def _cpu_times(

@@ -62,6 +62,7 @@ SCHEMA: dict[str, str] = {
     "counted_macs": "Int64",
     "macs_uncovered": "object",
     "backward_macs": "Int64",
+    "macs_error": "str",
     "params": "Int64",
     "threads": "Int64",
     "device_name": "str",

@@ -204,6 +204,7 @@ def test_dataframe_schema_and_derived_columns(tmp_path):
     for col in ("flops", "tflops", "peak_tflops", "pct_peak", "bytes_per_token"):
         assert col in df.columns
     assert str(df["tokens"].dtype) == "Int64" and str(df["latency_ms_median"].dtype) == "float64"
+    assert df[df["pass"] == "fwd+bwd"].backward_macs.iloc[0] > 0  # measured by the counter
     row = df[df["pass"] == "fwd"].iloc[0]
     assert row.macs == attentions.build("full", dim=16, heads=2).macs(1, (8, 8))
     assert row.flops == 2 * row.macs
@@ -426,3 +427,17 @@ def test_cuda_measurement_and_real_oom(tmp_path):
     assert len(df) == 4 and (df.status == "ok").sum() == 3
     if lookup(small.device_name) is not None:
         assert 0 < small.pct_peak < 100
+
+
+def test_a_failing_counter_leaves_the_analytic_count(tmp_path, monkeypatch):
+    from bench import flops, measure
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("counter broke")
+
+    monkeypatch.setattr(flops, "count", broken)
+    monkeypatch.setattr(measure, "_FLOP_CACHE", {})
+    run_sweep(G(mechanisms=["full"], resolutions=["4"], dims=[8], passes=["fwd+bwd"]), tmp_path / "r", FAST)
+    (rec,) = store.read_results(tmp_path / "r").records
+    assert rec["status"] == "ok" and "counter broke" in rec["macs_error"]
+    assert rec["macs"] == attentions.build("full", dim=8, heads=2).macs(1, (4, 4)) and rec["counted_macs"] is None

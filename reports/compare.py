@@ -146,7 +146,8 @@ def compare(base: Run, new: Run, fail_above: float = 0.10, noise: float = 0.05, 
             row["verdict"] = f"runs now (was {rb['status']})"
             row["regression"] = False
         else:
-            row["verdict"] = f"{rb['status']} -> {rn['status']}"
+            same = rb["status"] == rn["status"]
+            row["verdict"] = f"still {rb['status']}" if same else f"{rb['status']} -> {rn['status']}"
             row["regression"] = False
         rows.append(row)
     table = pd.DataFrame(rows)

@@ -373,7 +373,13 @@ def build_compare_page(cmp: Any, base: Run, new: Run) -> str:
     from reports.compare import display_table, summary_line
 
     table = display_table(cmp)
-    body = [f'<p class="note">{esc(summary_line(cmp))}</p>']
+    n_reg = int(t["regression"].sum()) if not (t := cmp.table).empty else 0
+    verdict = (
+        f'<p class="bad"><b>{n_reg} point(s) regressed beyond {100 * cmp.fail_above:g}%</b></p>'
+        if n_reg
+        else f'<p class="good"><b>No regression beyond {100 * cmp.fail_above:g}%</b></p>'
+    )
+    body = [verdict, f'<p class="note">{esc(summary_line(cmp))}</p>']
     if cmp.differences:
         body.append(
             '<p class="warn">Compared despite different environments (forced):</p><ul>'
@@ -381,7 +387,6 @@ def build_compare_page(cmp: Any, base: Run, new: Run) -> str:
             + "</ul>"
         )
     figure_html = ""
-    t = cmp.table
     ok = t[t["latency_change"].notna()] if not t.empty else t
     if not ok.empty:
         f = figures.change_figure(ok, cmp.fail_above)

@@ -116,14 +116,18 @@ class MultiDevice:
         self.devices = devices
         self.inner = Subprocess(startup_grace_s=startup_grace_s)
 
-    def run(self, points: Iterable[Point], settings: Settings) -> Iterator[dict[str, Any]]:
-        points = list(points)
+    def validate(self, points: Iterable[Point]) -> None:
+        """Raise before anything is written when a point names a device index."""
         for p in points:
             if p.device not in ("cpu", "cuda"):
                 raise ValueError(
                     f"with --devices, sweep points on --device cuda (or cpu), not {p.device!r}; "
                     "each worker is given one physical device"
                 )
+
+    def run(self, points: Iterable[Point], settings: Settings) -> Iterator[dict[str, Any]]:
+        points = list(points)
+        self.validate(points)
         todo: queue.Queue[Point] = queue.Queue()
         for p in points:
             todo.put(p)

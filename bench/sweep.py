@@ -53,6 +53,9 @@ def run_sweep(
     torch.set_num_threads(settings.threads)  # type: ignore[arg-type]
 
     expansion = expand(grid)  # bad grids fail here, before anything is written
+    validate = getattr(executor, "validate", None)
+    if validate is not None:
+        validate(expansion.points)
     store = ResultsStore(out)
     env = fingerprint(threads=settings.threads)
     report = store.open(env, sweep={"grid": grid.to_dict(), "settings": settings.to_dict(), "executor": executor.name})

@@ -341,6 +341,8 @@ def test_multi_device_executor_runs_workers_in_parallel():
     recs = list(executors.MultiDevice(["cpu", "cpu"]).run(pts, FAST))
     assert sorted(r["point_id"] for r in recs) == sorted(p.point_id for p in pts)
     assert all(r["status"] == "ok" and r["worker_device"] == "cpu" for r in recs)
+    with pytest.raises(ValueError, match="--device cuda"):
+        executors.MultiDevice(["cuda:0", "cuda:1"]).validate(expand(G(devices=["cuda:1"])).points)
 
 
 @pytest.mark.slow

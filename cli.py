@@ -220,7 +220,7 @@ def sweep(
         from bench.points import GridError
         from bench.store import StoreError
 
-        if isinstance(exc, (KnobError, GridError, StoreError, KeyError)):
+        if isinstance(exc, (KnobError, GridError, StoreError, KeyError, ValueError)):
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from None
         raise

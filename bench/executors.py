@@ -175,11 +175,9 @@ class Submitit:
             raise RuntimeError("the cluster executor needs submitit: pip install 'attnbench[cluster]'") from exc
         self.folder = Path(folder)
         self.poll_s = poll_s
-        if executor is None:
-            executor = submitit.AutoExecutor(folder=str(self.folder))
-            if slurm:
-                executor.update_parameters(**slurm)
-        self.executor = executor
+        self.slurm = dict(slurm or {})
+        self.auto = executor is None
+        self.executor = executor if executor is not None else submitit.AutoExecutor(folder=str(self.folder))
 
     def run(self, points: Iterable[Point], settings: Settings) -> Iterator[dict[str, Any]]:
         from .worker import measure_dict
@@ -187,10 +185,18 @@ class Submitit:
         points = list(points)
         if not points:
             return
-        minutes = max(1, int(settings.timeout_s * 2 / 60) + 5)
-        with contextlib.suppress(Exception):  # executors without a time limit parameter
-            self.executor.update_parameters(timeout_min=minutes)
-        jobs = [(p, self.executor.submit(measure_dict, p.to_json(), settings.to_dict())) for p in points]
+        params: dict[str, Any] = {"timeout_min": max(1, int(settings.timeout_s * 2 / 60) + 5)}
+        if self.auto and any(p.device.startswith("cuda") for p in points):
+            params["gpus_per_node"] = 1
+        params.update(self.slurm)  # the sweep file's slurm: section wins (names as submitit takes them)
+        if self.auto:
+            self.executor.update_parameters(**params)
+        else:
+            with contextlib.suppress(Exception):  # executors without a time limit parameter
+                self.executor.update_parameters(timeout_min=params["timeout_min"])
+        # One array job for the lot rather than one submission per point.
+        with self.executor.batch():
+            jobs = [(p, self.executor.submit(measure_dict, p.to_json(), settings.to_dict())) for p in points]
         pending = dict(enumerate(jobs))
         while pending:
             finished = [i for i, (_, job) in pending.items() if job.done()]

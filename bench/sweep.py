@@ -111,12 +111,18 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"sweep file {path} must end in .yaml, .yml or .toml")
     if not isinstance(data, dict):
         raise ValueError(f"sweep file {path} must hold a mapping of sweep fields, got {type(data).__name__}")
-    if "grid" in data or "settings" in data:
-        unknown = set(data) - {"grid", "settings"}
+    if "grid" in data or "settings" in data or "slurm" in data:
+        unknown = set(data) - {"grid", "settings", "slurm"}
         if unknown:
-            raise ValueError(f"sweep file {path}: unknown top-level keys {sorted(unknown)}; use grid: and settings:")
-        return {"grid": dict(data.get("grid") or {}), "settings": dict(data.get("settings") or {})}
-    return {"grid": data, "settings": {}}
+            raise ValueError(
+                f"sweep file {path}: unknown top-level keys {sorted(unknown)}; use grid:, settings: and slurm:"
+            )
+        return {
+            "grid": dict(data.get("grid") or {}),
+            "settings": dict(data.get("settings") or {}),
+            "slurm": dict(data.get("slurm") or {}),
+        }
+    return {"grid": data, "settings": {}, "slurm": {}}
 
 
 def make_settings(values: dict[str, Any]) -> Settings:

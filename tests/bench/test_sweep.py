@@ -135,11 +135,12 @@ def test_cli_value_parsing():
 
 def test_sweep_files(tmp_path):
     (tmp_path / "s.yaml").write_text(
-        "grid:\n  mechanisms: [full]\n  resolutions: ['8x12']\nsettings:\n  timeout_s: 5\n"
+        "grid:\n  mechanisms: [full]\n  resolutions: ['8x12']\nsettings:\n  timeout_s: 5\nslurm:\n  mem_gb: 8\n"
     )
     (tmp_path / "s.toml").write_text('mechanisms = ["linear"]\nresolutions = ["16"]\n')
     (tmp_path / "bad.yaml").write_text("!!python/object/apply:os.system ['true']\n")
     assert load_sweep_file(tmp_path / "s.yaml")["settings"] == {"timeout_s": 5}
+    assert load_sweep_file(tmp_path / "s.yaml")["slurm"] == {"mem_gb": 8}
     assert load_sweep_file(tmp_path / "s.toml")["grid"]["mechanisms"] == ["linear"]
     with pytest.raises(Exception, match="python/object"):  # yaml.safe_load refuses code
         load_sweep_file(tmp_path / "bad.yaml")

@@ -174,7 +174,10 @@ def sweep(
             import submitit
 
             local = submitit.LocalExecutor(folder=str(Path(out) / "submitit"))
-        executor = executors.Submitit(Path(out) / "submitit", executor=local)
+        from bench.sweep import load_sweep_file
+
+        slurm = load_sweep_file(config)["slurm"] if config else None
+        executor = executors.Submitit(Path(out) / "submitit", executor=local, slurm=slurm)
     elif isolate:
         executor = executors.Subprocess()
     else:

@@ -363,11 +363,13 @@ def is_gpu(device: Any) -> bool:
 
 
 def format_table(table: pd.DataFrame, fmt: str) -> str:
-    """The summary table as ``md`` (GitHub pipe table) or ``csv`` (full precision)."""
+    """The summary table as ``md`` (GitHub pipe table) or ``csv`` (full precision); "" for an empty table."""
+    if fmt not in ("md", "csv"):
+        raise ValueError(f"unknown format {fmt!r}; use md or csv")
+    if table.empty:
+        return ""
     if fmt == "csv":
         return table.to_csv(index=False)
-    if fmt != "md":
-        raise ValueError(f"unknown format {fmt!r}; use md or csv")
     cols = list(table.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
     for _, r in table.iterrows():

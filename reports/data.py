@@ -155,13 +155,10 @@ def tidy(runs: list[Run]) -> pd.DataFrame:
             continue
         df["run"] = name
         frames.append(df)
-    if not frames:
-        return _empty()
-    df = pd.concat(frames, ignore_index=True)
+    # An empty run still goes through every step below, so the table always has every column.
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run"])
     if "kind" in df.columns:
-        df = df[df["kind"].fillna("bench").astype(str) != "train"].copy()
-    if df.empty:
-        return _empty()
+        df = df[df["kind"].astype(object).fillna("bench").astype(str) != "train"].copy()
     for col in POINT_FIELDS + ["status", "reason", "point_id", "knobs", "device_name"]:
         if col not in df.columns and col != "knobs_label":
             df[col] = None
@@ -189,7 +186,7 @@ def tidy(runs: list[Run]) -> pd.DataFrame:
     for col in ("cross", "compile", "noisy"):
         df[col] = df[col].astype(object).fillna(False).astype(bool) if col in df.columns else False
     df["resolution"] = [_res(h, w) for h, w in zip(df["height"], df["width"], strict=True)]
-    df["series"] = _series_labels(df)
+    df["series"] = _series_labels(df) if len(df) else pd.Series(dtype=object)
     df["hover"] = [_hover(r) for r in df.to_dict("records")]
     return df.reset_index(drop=True)
 
@@ -224,11 +221,6 @@ def _bandwidth(env: dict[str, Any], device_name: str) -> float:
     name = device_name if device_name not in ("-", "") else env.get("gpu_name")
     spec = lookup(name)
     return spec.bandwidth_gbs if spec else math.nan
-
-
-def _empty() -> pd.DataFrame:
-    cols = POINT_FIELDS + ["run", "status", "reason", "series", "hover", "flops", "resolution", "knobs"]
-    return pd.DataFrame(columns=cols)
 
 
 def _unique_names(runs: list[Run]) -> list[str]:

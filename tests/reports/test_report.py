@@ -180,3 +180,16 @@ def test_reports_never_import_torch(tmp_path):
     src = Path(analysis.__file__).parent
     for path in src.glob("*.py"):
         assert not re.search(r"^\s*(import|from)\s+torch", path.read_text(), flags=re.M), path
+
+
+def test_runs_with_nothing_that_ran(make_run):
+    empty = load_run(make_run([]))
+    html = build_report([empty])
+    assert "the runs hold no benchmark points" in html and "Plotly.newPlot" not in html
+    failed = load_run(make_run([row("full", 8, None, status="oom", reason="out of memory")]))
+    html = build_report([failed])
+    assert "no point ran, so there is no reference point" in html
+    assert "out of memory" in html and "Plotly.newPlot" not in html
+    assert (
+        analysis.format_table(analysis.summary_table(tidy([failed]), analysis.references(tidy([failed]))), "md") == ""
+    )

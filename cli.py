@@ -280,7 +280,10 @@ def report(
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(2) from None
     if fmt is not None:
-        typer.echo(reports.format_table(reports.summary_of(runs, baseline), fmt), nl=False)
+        text = reports.format_table(reports.summary_of(runs, baseline), fmt)
+        if not text:
+            typer.echo("no point ran, so there is no summary table", err=True)
+        typer.echo(text, nl=False)
     if fmt is None or out is not None:
         path = Path(out or "report.html")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -238,7 +238,7 @@ def _summary(df: pd.DataFrame, ref: analysis.References, baseline: str) -> Secti
     )
 
 
-def _scaling(df: pd.DataFrame, ref: analysis.References, palette: dict[str, str], fig: Any) -> Section:
+def _scaling(df: pd.DataFrame, ref: analysis.References, palette: dict[str, dict[str, str]], fig: Any) -> Section:
     body = []
     for metric in analysis.METRICS:
         f = figures.scaling(df, ref, metric, palette)
@@ -256,7 +256,9 @@ def _scaling(df: pd.DataFrame, ref: analysis.References, palette: dict[str, str]
     return Section("scaling", "Scaling with resolution", body)
 
 
-def _crossover(df: pd.DataFrame, ref: analysis.References, baseline: str, palette: dict[str, str], fig: Any) -> Section:
+def _crossover(
+    df: pd.DataFrame, ref: analysis.References, baseline: str, palette: dict[str, dict[str, str]], fig: Any
+) -> Section:
     title = f"Where each mechanism beats {baseline} attention"
     if not ((df["mechanism"] == baseline) & (df["status"] == "ok")).any():
         return Section("crossover", title, [_empty(f"no {baseline} point ran, so there is nothing to compare with.")])
@@ -303,7 +305,7 @@ def _knobs(df: pd.DataFrame, ref: analysis.References, fig: Any) -> Section:
     return Section("knobs", title, body)
 
 
-def _side_axes(df: pd.DataFrame, ref: analysis.References, palette: dict[str, str], fig: Any) -> Section:
+def _side_axes(df: pd.DataFrame, ref: analysis.References, palette: dict[str, dict[str, str]], fig: Any) -> Section:
     title = "Batch, dtype and other axes"
     body = []
     axes = side_axes(df)
@@ -330,7 +332,7 @@ def _side_axes(df: pd.DataFrame, ref: analysis.References, palette: dict[str, st
     return Section("axes", title, body)
 
 
-def _roofline(df: pd.DataFrame, palette: dict[str, str], fig: Any) -> Section:
+def _roofline(df: pd.DataFrame, palette: dict[str, dict[str, str]], fig: Any) -> Section:
     f, why = figures.roofline(df, palette)
     if f is None:
         return Section("roofline", "Roofline", [_empty(f"No roofline: {why}")])

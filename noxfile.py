@@ -2,7 +2,18 @@
 
 Every session that needs torch installs it first from ATTNBENCH_TORCH (default
 ``torch==2.13.0``, the CPU build), so a GPU user can choose theirs, e.g.
-``ATTNBENCH_TORCH="torch==2.9.1" nox -s gpu``. Virtualenvs are reused.
+``ATTNBENCH_TORCH="torch==2.9.1" nox -s gpu``; then the project, editable, with
+the extras the session needs from pyproject.toml. Virtualenvs are reused
+(``nox -R`` also skips the install step).
+
+    tests      the CPU test-suite (what .ci/run runs)
+    lint       ruff check and ruff format --check
+    typecheck  mypy on the packages
+    bench      pytest-benchmark against this machine's saved baseline; fails on a regression
+    smoke      a quick sweep, its HTML report and a headless-browser check of it
+    gpu        the GPU tests and the scaling preset (skips without CUDA)
+    train      a short training of every tiny model
+    quick      the main job: the quick sweep and its report
 """
 
 from __future__ import annotations
@@ -16,6 +27,16 @@ nox.options.sessions = ["tests", "lint"]
 
 TORCH = os.environ.get("ATTNBENCH_TORCH", "torch==2.13.0")
 PACKAGES = ["attentions", "bench", "reports", "models", "cli.py", "noxfile.py", "tests"]
+TYPED = ["attentions", "bench", "reports", "models", "cli.py"]
+
+# nox -s bench fails when a case's median is slower than the baseline's by more than this. Chosen from the
+# run-to-run noise of unchanged code (README, "Regression tracking and nox sessions"); override with
+# ATTNBENCH_BENCH_FAIL, e.g. "median:10%" on a quiet GPU machine.
+BENCH_FAIL = os.environ.get("ATTNBENCH_BENCH_FAIL", "median:35%")
+BENCH_COLUMNS = "median,iqr,min,rounds"
+
+# mypy error codes that the code does not pass yet; each is a ratchet to remove once it is clean.
+MYPY_DISABLED: list[str] = []
 
 
 def install(session: nox.Session, extras: str = "dev") -> None:
@@ -24,10 +45,15 @@ def install(session: nox.Session, extras: str = "dev") -> None:
     session.install("-e", f".[{extras}]")
 
 
+def has_cuda(session: nox.Session) -> bool:
+    out = session.run("python", "-c", "import torch; print(torch.cuda.is_available())", silent=True, log=False)
+    return str(out).strip().endswith("True")
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The CPU test-suite (what .ci/run runs); GPU tests skip without CUDA."""
-    install(session)
+    """The CPU test-suite (what .ci/run runs); GPU tests skip without CUDA, Triton kernels run interpreted."""
+    install(session, "dev,browser")
     session.run("pytest", "-q", *session.posargs, env={"TRITON_INTERPRET": "1"})
 
 
@@ -37,6 +63,80 @@ def lint(session: nox.Session) -> None:
     session.install("ruff>=0.5")
     session.run("ruff", "check", *PACKAGES)
     session.run("ruff", "format", "--check", *PACKAGES)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy on the packages (settings in pyproject.toml's [tool.mypy])."""
+    install(session)
+    disabled = [f"--disable-error-code={code}" for code in MYPY_DISABLED]
+    session.run("mypy", *disabled, *(session.posargs or TYPED))
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """pytest-benchmark (tests/perf) against this machine's latest saved baseline; fails on a median regression.
+
+    nox -s bench                 compare with the baseline in .benchmarks/<machine>/, fail over BENCH_FAIL
+    nox -s bench -- --save       save a new baseline (do this on main); commit the new .benchmarks file
+    nox -s bench -- -k swin      any other arguments go to pytest
+    """
+    install(session)
+    args = list(session.posargs)
+    if "--save" in args:
+        args.remove("--save")
+        mode = ["--benchmark-autosave"]
+    else:
+        mode = ["--benchmark-compare", f"--benchmark-compare-fail={BENCH_FAIL}"]
+    session.run(
+        "pytest",
+        "tests/perf",  # its conftest keys the storage by machine; it must be the path pytest starts from
+        "--benchmark-only",
+        *mode,
+        f"--benchmark-columns={BENCH_COLUMNS}",
+        "--benchmark-sort=name",
+        "-q",
+        "-W",
+        "ignore::DeprecationWarning",
+        *args,
+    )
+
+
+@nox.session
+def smoke(session: nox.Session) -> None:
+    """A quick sweep of every mechanism on the CPU, its HTML report, and the report opened in headless Chromium."""
+    install(session, "dev,browser")
+    out = session.posargs[0] if session.posargs else "runs/smoke"
+    session.run("attnbench", "sweep", "--preset", "quick", "--device", "cpu", "--out", out, "--resume")
+    session.run("attnbench", "report", out, "--out", f"{out}/report.html")
+    session.run("python", ".ci/check_report.py", f"{out}/report.html")
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """The GPU tests (compiled Triton kernels, no interpreter) and the scaling preset with its report."""
+    install(session)
+    if not has_cuda(session):
+        session.skip("CUDA is not available here; run nox -s gpu on a GPU machine (ATTNBENCH_TORCH picks the torch)")
+    out = session.posargs[0] if session.posargs else "runs/scaling"
+    session.run("pytest", "-q", "-m", "gpu", env={"TRITON_INTERPRET": "0"})
+    session.run("attnbench", "sweep", "--preset", "scaling", "--device", "cuda", "--out", out, "--resume")
+    session.run("attnbench", "report", out, "--out", f"{out}/report.html")
+    session.log(f"report written to {out}/report.html")
+
+
+@nox.session
+def train(session: nox.Session) -> None:
+    """One short epoch of every tiny model on the synthetic images (CPU, or the GPU where present)."""
+    install(session)
+    names = str(session.run("python", "-c", "import models; print(*models.available())", silent=True, log=False))
+    device = "cuda" if has_cuda(session) else "cpu"
+    out = session.posargs[0] if session.posargs else "runs/train"
+    for name in names.split():
+        session.run(
+            "attnbench", "train", "--model", name, "--tiny", "--device", device, "--epochs", "1",
+            "--train-size", "64", "--val-size", "32", "--batch", "16", "--out", f"{out}/{name}",
+        )  # fmt: skip
 
 
 @nox.session

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,15 +66,21 @@ class Subprocess:
             repo = str(Path(__file__).resolve().parent.parent)
             full_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, full_env.get("PYTHONPATH", "")) if p)
             start = time.perf_counter()
+            # Own session: on timeout the whole process group goes (compile workers included).
+            proc = subprocess.Popen(
+                [self.python, "-m", "bench.worker", str(src), str(dst)],
+                env=full_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
             try:
-                proc = subprocess.run(
-                    [self.python, "-m", "bench.worker", str(src), str(dst)],
-                    env=full_env,
-                    capture_output=True,
-                    text=True,
-                    timeout=limit,
-                )
+                _, stderr = proc.communicate(timeout=limit)
             except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
                 return _failure(
                     point,
                     "timeout",
@@ -83,7 +90,7 @@ class Subprocess:
                 )
             if dst.exists():
                 return json.loads(dst.read_text())
-            tail = (proc.stderr or "").strip().splitlines()[-5:]
+            tail = (stderr or "").strip().splitlines()[-5:]
             how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
             return _failure(
                 point,

@@ -267,12 +267,29 @@ def measure(point: Point, settings: Settings | None = None, clock: Callable[[], 
     return record
 
 
+_WARM_DEVICES: set[str] = set()
+
+
+def _warm_device(device: str) -> None:
+    """Once per process and device: create the BLAS handles and thread pools, so that
+    the first point's first_call_ms does not carry the process's start-up."""
+    import torch
+
+    if device in _WARM_DEVICES:
+        return
+    a = torch.randn(64, 64, device=device, requires_grad=True)
+    (a @ a).softmax(-1).sum().backward()
+    _sync(device)
+    _WARM_DEVICES.add(device)
+
+
 def _run_point(point: Point, settings: Settings, budget: _Budget, record: dict, state: dict) -> None:
     import torch
 
     import attentions
 
     device, dtype = point.device, _dtype(point.dtype)
+    _warm_device(device)
     torch.manual_seed(settings.seed)
     module = attentions.build(point.mechanism, dim=point.dim, heads=point.heads, impl=point.impl, **point.knob_dict())
     module = module.to(device=device, dtype=dtype)

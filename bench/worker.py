@@ -24,7 +24,22 @@ def measure_dict(point: dict[str, Any], settings: dict[str, Any]) -> dict[str, A
     return measure(Point.from_json(point), Settings(**settings))
 
 
+def _die_with_parent() -> None:
+    """On Linux, get SIGKILL when the sweep process that started this worker dies."""
+    parent = os.getppid()
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
 def main(argv: list[str]) -> int:
+    _die_with_parent()
     if len(argv) != 2:
         print("usage: python -m bench.worker IN.json OUT.json", file=sys.stderr)
         return 2

@@ -131,7 +131,9 @@ def coarse_level(
             with torch.no_grad():
                 logits = q.float() @ k.float().transpose(-2, -1)  # (B, h, N, M)
                 top_idx = logits.topk(keep, dim=-1).indices  # (B, h, N, keep)
-        return attend(q, k, v, scale=scale), None, top_idx
+        # Contiguous copies of the (small) coarsest level: the CPU SDPA kernel returns wrong values for these
+        # head-split strides under torch.compile's AOT autograd in torch 2.13 (eager is right).
+        return attend(q.contiguous(), k.contiguous(), v.contiguous(), scale=scale), None, top_idx
     # A: scores, softmax and selection in float32 (the kept scores weight the level below).
     probs = torch.softmax((q.float() @ k.float().transpose(-2, -1)) * scale, dim=-1)  # (B, h, N, M)
     if not keep:
@@ -279,6 +281,20 @@ class Pyramid:
     selected: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (B, h, N_l, K_l), levels but finest
 
 
+def _triton_unsupported(variant: str, dtype: torch.dtype | None, device: Any) -> list[str]:
+    """Why impl="triton" cannot run here; device None means wherever the module would run."""
+    try:
+        from .kernels import quadtree as kernel
+    except ImportError as exc:
+        return [f"impl='triton' needs triton ({exc}); install triton or use impl='fast'"]
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    reasons = kernel.unsupported(device, variant)
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reasons.append(f"the quadtree triton kernel takes float32, float16 or bfloat16, not {dtype}")
+    return reasons
+
+
 def _largest_levels(*sizes: int) -> int:
     levels = 1
     while all(s % (2**levels) == 0 for s in sizes):
@@ -297,6 +313,8 @@ class QuadTreeAttention(Attention):
 
     # softmax over levels whose messages are nearly equal on unstructured input
     cancelling_grads = ("level_weight",)
+    # "triton": QuadTree-B's fine levels on the fused kernel of attentions/kernels/quadtree.py
+    impls = ("reference", "fast", "triton")
 
     def __init__(self, dim: int, heads: int, knobs: QuadTreeKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
@@ -361,6 +379,8 @@ class QuadTreeAttention(Attention):
                 "the conv value branch is for self attention (the classification backbones): "
                 "set values='avg' for cross attention, as LoFTR does"
             )
+        if self.impl == "triton":
+            reasons += _triton_unsupported(kn.variant, dtype, device)
         if isinstance(kn.topk, tuple) and len(kn.topk) != kn.levels:
             reasons.append(self._length_reason())
             return reasons
@@ -424,6 +444,10 @@ class QuadTreeAttention(Attention):
         )
         pyr.messages.append(message)
         step = refine_reference if self.math else refine
+        if self.impl == "triton":
+            from .kernels.quadtree import refine as refine_triton
+
+            step = refine_triton
         for level in range(1, kn.levels):
             assert sel is not None
             phw, pkhw = pyr.q_hw[level - 1], pyr.k_hw[level - 1]

@@ -1,0 +1,384 @@
+"""Triton kernels for QuadTree-B's fine levels, as one differentiable custom op.
+
+At a fine level every query is one of the 4 children of a parent query, and it
+attends to the ``C = 4K`` candidate keys its parent selected (the children of
+the parent's top-K keys). :func:`refine` is the drop-in replacement of
+``attentions.quadtree.refine`` for QuadTree-B (``parent_score is None``):
+
+- forward: one program per block of queries gathers each query's candidate keys
+  and values straight from the key/value tensors, computes the scores, an online
+  softmax and the weighted sum of the values in one pass; nothing of shape
+  ``(B, h, N, 4K, d)`` is ever written to memory. It stores the output, the
+  log-sum-exp of each query's scores and, when the level must select keys for
+  the level below, the ``(B, h, N, 4K)`` scores (a top-K over logits picks the
+  same keys as over probabilities).
+- backward: recomputes the probabilities from the log-sum-exp (as flash
+  attention does), accumulates the query gradient in registers and adds the key
+  and value gradients into float32 buffers with atomics (candidates of
+  neighbouring queries overlap).
+
+Inputs may be float32, float16 or bfloat16; scores, softmax and accumulation are
+float32. ``torch.ops.attnbench.quadtree_refine`` and its backward are
+``torch.library`` custom ops with fake (meta) implementations, so the op works
+under ``torch.compile``, and with FLOP formulas for FlopCounterMode and
+``bench.flops``. On the CPU the kernels run only under ``TRITON_INTERPRET=1``
+(set before triton is first imported), which is how the tests run them.
+
+Multiply-adds: forward ``pairs * 2d`` (scores and weighted sum, like every
+attention in attnbench); backward ``pairs * 5d`` (scores recomputed, dP, dQ, dK,
+dV), i.e. 2.5x the forward, as for fused SDPA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unsupported(device: torch.device | str | None, variant: str) -> list[str]:
+    """Why the kernel cannot run for this device and QuadTree variant (empty when it can)."""
+    reasons = []
+    if variant != "B":
+        reasons.append(
+            "the triton kernel implements QuadTree-B's fine levels (a softmax over the 4K candidates); "
+            "QuadTree-A weights each key's 4 children by its parent score: use impl='fast' or 'reference' for A"
+        )
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind == "cpu" and not INTERPRET:
+        reasons.append(
+            "the quadtree triton kernel needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported "
+            "to run it on the CPU in the interpreter (slow, for tests)"
+        )
+    elif kind not in ("cpu", "cuda"):
+        reasons.append(f"the quadtree triton kernel runs on CUDA (or the CPU interpreter), not on {kind}")
+    return reasons
+
+
+# ---------------------------------------------------------------------- kernels
+@triton.jit
+def _refine_fwd(
+    Q,  # (R, D): R = B*h*P*4 queries, the 4 children of each parent consecutive
+    K,  # (B*h*M, D)
+    V,  # (B*h*M, D)
+    IDX,  # (R // 4, C): row of K/V of each candidate of each parent
+    O,  # (R, D)
+    LSE,  # (R,) float32
+    S,  # (R, C) float32 scores, written when STORE_S
+    R,
+    C,
+    D,
+    scale,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    STORE_S: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    dcol = tl.arange(0, BLOCK_D)
+    d_ok = dcol < D
+    q = tl.load(Q + rows[:, None] * D + dcol[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = q.to(tl.float32)
+    parent = rows // 4
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cand = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cand < C)[None, :]  # (BLOCK_R, BLOCK_C)
+        key = tl.load(IDX + parent[:, None] * C + cand[None, :], mask=ok, other=0).to(tl.int64)
+        ptr = key[:, :, None] * D + dcol[None, None, :]  # (BLOCK_R, BLOCK_C, BLOCK_D)
+        ok3 = ok[:, :, None] & d_ok[None, None, :]
+        k = tl.load(K + ptr, mask=ok3, other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * k, axis=2) * scale  # (BLOCK_R, BLOCK_C)
+        s = tl.where(ok, s, float("-inf"))
+        if STORE_S:
+            tl.store(S + rows[:, None] * C + cand[None, :], s, mask=ok)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.where(row_ok, m_new, 0.0)  # rows past the end stay finite
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])  # (BLOCK_R, BLOCK_C), 0 where masked
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + ptr, mask=ok3, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
+        m_i = m_new
+    l_safe = tl.where(row_ok, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + rows[:, None] * D + dcol[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + rows, m_i + tl.log(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _refine_bwd(
+    Q,
+    K,
+    V,
+    IDX,
+    DO,  # (R, D) gradient of the output
+    LSE,  # (R,) float32
+    DELTA,  # (R,) float32: rowsum(dO * O)
+    DQ,  # (R, D), the dtype of Q
+    DK,  # (B*h*M, D) float32, accumulated with atomics
+    DV,  # (B*h*M, D) float32, accumulated with atomics
+    R,
+    C,
+    D,
+    scale,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    dcol = tl.arange(0, BLOCK_D)
+    d_ok = dcol < D
+    rd = rows[:, None] * D + dcol[None, :]
+    rd_ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + rd, mask=rd_ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + rd, mask=rd_ok, other=0.0).to(tl.float32)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+    parent = rows // 4
+    dq = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cand = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cand < C)[None, :]
+        key = tl.load(IDX + parent[:, None] * C + cand[None, :], mask=ok, other=0).to(tl.int64)
+        ptr = key[:, :, None] * D + dcol[None, None, :]
+        ok3 = ok[:, :, None] & d_ok[None, None, :]
+        k = tl.load(K + ptr, mask=ok3, other=0.0).to(tl.float32)
+        v = tl.load(V + ptr, mask=ok3, other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * k, axis=2) * scale
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # (BLOCK_R, BLOCK_C)
+        dp = tl.sum(do[:, None, :] * v, axis=2)
+        ds = p * (dp - delta[:, None])
+        dq += tl.sum(ds[:, :, None] * k, axis=1)
+        tl.atomic_add(DK + ptr, ds[:, :, None] * q[:, None, :] * scale, mask=ok3)
+        tl.atomic_add(DV + ptr, p[:, :, None] * do[:, None, :], mask=ok3)
+    tl.store(DQ + rd, (dq * scale).to(DQ.dtype.element_ty), mask=rd_ok)
+
+
+# ---------------------------------------------------------------------- launch
+def _blocks(c: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, BLOCK_D): the (rows x candidates x d) tile of one program.
+
+    ~8K elements on a GPU (registers); the interpreter runs a tile as one numpy
+    operation, so it takes tiles 16 times larger and launches fewer programs.
+    """
+    block_d = triton.next_power_of_2(d)
+    tile, most_c, most_r = (1 << 17, 64, 256) if INTERPRET else (1 << 13, 16, 32)
+    block_c = min(triton.next_power_of_2(c), most_c)
+    block_r = max(4, min(most_r, triton.next_power_of_2(max(1, tile // (block_c * block_d)))))
+    return block_r, block_c, block_d
+
+
+def _flat_index(idx: torch.Tensor, m: int) -> torch.Tensor:
+    """(B, h, P, C) indices into each (b, head)'s M keys -> (B*h*P, C) rows of the flattened (B*h*M, d) keys."""
+    b, h, p, c = idx.shape
+    offset = (torch.arange(b * h, device=idx.device) * m).view(b, h, 1, 1)
+    flat = (idx + offset).reshape(b * h * p, c)
+    return flat.to(torch.int32) if b * h * m < 2**31 else flat
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:
+    if q.dim() != 5 or q.shape[3] != 4:
+        raise ValueError(f"quadtree_refine: q must be (B, h, P, 4, d), got {tuple(q.shape)}")
+    b, h, p, _, d = q.shape
+    if k.shape[:2] != (b, h) or k.shape[-1] != d or v.shape != k.shape:
+        raise ValueError(f"quadtree_refine: k and v must be (B, h, M, {d}), got {tuple(k.shape)}, {tuple(v.shape)}")
+    if idx.shape[:3] != (b, h, p) or idx.dim() != 4:
+        raise ValueError(f"quadtree_refine: idx must be ({b}, {h}, {p}, 4K), got {tuple(idx.shape)}")
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        raise ValueError(f"quadtree_refine: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"quadtree_refine: float32, float16 or bfloat16 only, got {q.dtype}")
+    reasons = unsupported(q.device, "B")
+    if reasons:
+        raise RuntimeError(reasons[0])
+
+
+@torch.library.custom_op("attnbench::quadtree_refine", mutates_args=())
+def quadtree_refine(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, with_scores: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """QuadTree-B fine level: each child query's softmax over its parent's 4K candidates.
+
+    q (B, h, P, 4, d); k, v (B, h, M, d); idx (B, h, P, C) integer indices into M.
+    Returns the message (B, h, P, 4, d) in q's dtype, the log-sum-exp of the
+    scaled scores (B, h, P, 4) in float32 and, with ``with_scores``, the scaled
+    scores (B, h, P, 4, C) in float32 (else an empty tensor). Only the message is
+    differentiable.
+    """
+    _check(q, k, v, idx)
+    b, h, p, _, d = q.shape
+    c, m = idx.shape[-1], k.shape[2]
+    rows = b * h * p * 4
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty(b, h, p, 4, device=q.device, dtype=torch.float32)
+    scores = torch.empty((b, h, p, 4, c) if with_scores else (0,), device=q.device, dtype=torch.float32)
+    if rows == 0:
+        return out, lse, scores
+    block_r, block_c, block_d = _blocks(c, d)
+    _refine_fwd[(triton.cdiv(rows, block_r),)](
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        _flat_index(idx, m),
+        out,
+        lse,
+        scores,
+        rows,
+        c,
+        d,
+        d**-0.5,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        BLOCK_D=block_d,
+        STORE_S=with_scores,
+    )
+    return out, lse, scores
+
+
+@quadtree_refine.register_fake
+def _(q, k, v, idx, with_scores):
+    b, h, p, _, _ = q.shape
+    lse = q.new_empty((b, h, p, 4), dtype=torch.float32)
+    scores = q.new_empty((b, h, p, 4, idx.shape[-1]) if with_scores else (0,), dtype=torch.float32)
+    return q.new_empty(q.shape), lse, scores  # contiguous, like the real outputs
+
+
+@torch.library.custom_op("attnbench::quadtree_refine_backward", mutates_args=())
+def quadtree_refine_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`quadtree_refine`'s message with respect to q, k and v."""
+    b, h, p, _, d = q.shape
+    c, m = idx.shape[-1], k.shape[2]
+    rows = b * h * p * 4
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    if rows:
+        delta = (grad_out.float() * out.float()).sum(-1)  # (B, h, P, 4)
+        block_r, block_c, block_d = _blocks(c, d)
+        _refine_bwd[(triton.cdiv(rows, block_r),)](
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            _flat_index(idx, m),
+            grad_out.contiguous(),
+            lse.contiguous(),
+            delta,
+            dq,
+            dk,
+            dv,
+            rows,
+            c,
+            d,
+            d**-0.5,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            BLOCK_D=block_d,
+        )
+    else:
+        dq.zero_()
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+@quadtree_refine_backward.register_fake
+def _(grad_out, q, k, v, idx, out, lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, like the real ones
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, idx, _ = inputs
+    out, lse, _ = output
+    ctx.save_for_backward(q, k, v, idx, out, lse)
+
+
+def _backward(ctx, grad_out, grad_lse, grad_scores):
+    q, k, v, idx, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None
+    dq, dk, dv = quadtree_refine_backward(grad_out, q, k, v, idx, out, lse)
+    return dq, dk, dv, None, None
+
+
+quadtree_refine.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------- counting
+def forward_macs(q_shape, idx_shape) -> int:
+    """Scores and weighted sum: every (query, candidate) pair costs 2d multiply-adds."""
+    return math.prod(q_shape) * idx_shape[-1] * 2
+
+
+def _fwd_rule(args, outs, kwargs) -> int:
+    return forward_macs(args[0], args[3])
+
+
+def _bwd_rule(args, outs, kwargs) -> int:
+    # scores recomputed, dP = dO V^T, dQ, dK and dV: 5d per pair, 2.5x the forward
+    return forward_macs(args[1], args[4]) * 5 // 2
+
+
+def _register_counting() -> None:
+    """Count the ops in FlopCounterMode and, where bench is installed beside attentions, in bench.flops (fvcore)."""
+    try:
+        from bench import flops
+    except ImportError:  # attentions used on its own: torch's counter only
+        from torch.utils.flop_counter import register_flop_formula
+
+        for op, rule in ((quadtree_refine, _fwd_rule), (quadtree_refine_backward, _bwd_rule)):
+
+            def formula(*args, out_val=None, _rule=rule, **kwargs):
+                shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+                return 2 * _rule(shapes, [], kwargs)
+
+            register_flop_formula(op._opoverload, get_raw=True)(formula)
+        return
+    for op, rule in ((quadtree_refine, _fwd_rule), (quadtree_refine_backward, _bwd_rule)):
+        with contextlib.suppress(ValueError):  # already registered (module reloaded)
+            flops.register_op(op, rule)
+
+
+_register_counting()
+
+
+# ---------------------------------------------------------------------- drop-in step
+def refine(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    parent_score: torch.Tensor | None,
+    keep: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``attentions.quadtree.refine`` for QuadTree-B on the kernel: same arguments and results.
+
+    q (B, h, P, 4, d), k and v (B, h, M, d), idx (B, h, P, 4K). Returns the
+    message (B, h, P, 4, d), None (B keeps no scores) and, when ``keep`` > 0, the
+    indices (B, h, P, 4, keep) of each query's ``keep`` best candidates.
+    """
+    if parent_score is not None:
+        raise ValueError("the quadtree triton kernel implements QuadTree-B; QuadTree-A runs on impl='fast'")
+    message, _, scores = quadtree_refine(q, k, v, idx, bool(keep))
+    top_idx = None
+    if keep:
+        b, h, p, _, _ = q.shape
+        pos = scores.topk(keep, dim=-1).indices  # (B, h, P, 4, keep)
+        top_idx = torch.gather(idx.unsqueeze(3).expand(b, h, p, 4, idx.shape[-1]), -1, pos)
+    return message, None, top_idx

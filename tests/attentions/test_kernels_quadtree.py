@@ -1,0 +1,214 @@
+"""The QuadTree Triton kernel against the PyTorch reference: outputs, gradients, dtypes, compile, counting.
+
+On the CPU the kernels run in Triton's interpreter, which must be switched on
+before triton is imported: run with ``TRITON_INTERPRET=1`` (the nox ``tests``
+session does). With CUDA the same tests run on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import attentions
+from attentions.quadtree import refine_reference
+from attentions.testing import assert_parity, rel_error
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(
+    not INTERPRET and not torch.cuda.is_available(),
+    reason="the triton kernels need CUDA, or TRITON_INTERPRET=1 set before triton is imported",
+)
+DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Relative L2 error of the kernel against the float32 reference on the same rounded inputs.
+LEVEL_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def kernel():
+    from attentions.kernels import quadtree
+
+    return quadtree
+
+
+def level_inputs(b, h, p, m, d, c, dtype, seed=0):
+    """One fine level: children queries (B, h, P, 4, d), keys/values (B, h, M, d), candidates (B, h, P, C)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, p, 4, d, generator=gen)
+    k = torch.randn(b, h, m, d, generator=gen)
+    v = torch.randn(b, h, m, d, generator=gen)
+    # distinct candidates per parent, as the children of distinct keys are
+    idx = torch.stack([torch.randperm(m, generator=gen)[:c] for _ in range(b * h * p)]).view(b, h, p, c)
+    q, k, v = (t.to(DEVICE, dtype).requires_grad_(True) for t in (q, k, v))
+    return q, k, v, idx.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("p", "m", "d", "c", "keep"),
+    [(15, 60, 16, 4, 0), (15, 60, 16, 12, 2), (24, 96, 32, 32, 8), (6, 40, 8, 36, 5)],
+    ids=["K1", "K3-keep2", "K8-keep8", "K9-d8"],
+)
+def test_refine_level_matches_reference(dtype, p, m, d, c, keep):
+    q, k, v, idx = level_inputs(2, 2, p, m, d, c, dtype)
+    out, none, sel = kernel().refine(q, k, v, idx, None, keep)
+    assert none is None and out.dtype == dtype and out.shape == q.shape
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    (out.float() * grad).sum().backward()
+    ref_in = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    ref, _, ref_sel = refine_reference(*ref_in, idx, None, keep)
+    (ref * grad).sum().backward()
+    tol = LEVEL_TOL[dtype]
+    assert rel_error(out, ref) <= tol
+    for name, got, want in zip("qkv", (q, k, v), ref_in, strict=True):
+        assert got.grad is not None and got.grad.dtype == dtype
+        assert rel_error(got.grad, want.grad) <= tol, f"grad {name}"
+    if keep:
+        assert sel.shape == (*q.shape[:4], keep)
+        # the same candidates, as sets (their order among equals may differ)
+        same = (sel.sort(-1).values == ref_sel.sort(-1).values).all(-1).float().mean().item()
+        assert same == 1.0 if dtype == torch.float32 else same > 0.9
+    else:
+        assert sel is None and ref_sel is None
+
+
+def test_refine_with_repeated_candidates_sums_their_gradients():
+    # every parent names key 0 twice: the kernel's atomics must add both contributions
+    q, k, v, idx = level_inputs(1, 1, 4, 8, 8, 4, torch.float32)
+    idx[..., 1] = idx[..., 0] = 0
+    out, _, _ = kernel().refine(q, k, v, idx, None, 0)
+    out.square().sum().backward()
+    ref_in = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    ref, _, _ = refine_reference(*ref_in, idx, None, 0)
+    ref.square().sum().backward()
+    assert rel_error(out, ref) < 1e-5
+    assert rel_error(k.grad, ref_in[1].grad) < 1e-5 and rel_error(v.grad, ref_in[2].grad) < 1e-5
+
+
+# ---------------------------------------------------------------------- the whole mechanism
+CASES = [
+    ((8, 12), dict(levels=2, topk=2)),
+    ((16, 24), dict(levels=3, topk=(4, 3, 3))),
+    ((12, 20), dict(levels=3, topk=(8, 8, 8))),
+    ((16, 8), dict(levels=4, topk=1)),
+]
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize(("hw", "knobs"), CASES, ids=[f"{h}x{w}-{k}" for (h, w), k in CASES])
+def test_module_float32_matches_reference(hw, knobs, cross):
+    torch.manual_seed(0)
+    module = attentions.build("quadtree", dim=32, heads=2, **knobs)
+    context_hw = (hw[0], 2 * hw[1]) if cross else None
+    module.impl = "triton"
+    assert not module.unsupported(2, hw, context_hw, dtype=torch.float32, device=DEVICE)
+    args = module.example_inputs(2, hw, cross=cross, context_hw=context_hw, device=DEVICE)
+    assert_parity(module.to(DEVICE), "triton", torch.float32, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("levels", [2, 3])
+def test_module_low_precision_matches_reference(dtype, levels):
+    # top-K covering every candidate: no near-tie can flip a selection in low precision
+    torch.manual_seed(0)
+    hw = (8, 12)
+    module = attentions.build("quadtree", dim=32, heads=2, levels=levels)
+    module = attentions.build("quadtree", dim=32, heads=2, levels=levels, **module.tie_free_knobs(hw))
+    args = module.example_inputs(2, hw, device=DEVICE)
+    assert_parity(module.to(DEVICE), "triton", dtype, args)
+
+
+def test_values_conv_and_lepe():
+    torch.manual_seed(0)
+    module = attentions.build("quadtree", dim=32, heads=2, levels=2, topk=3, values="conv", lepe=True)
+    args = module.example_inputs(1, (8, 8), device=DEVICE)
+    assert_parity(module.to(DEVICE), "triton", torch.float32, args)
+
+
+# ---------------------------------------------------------------------- the op
+def test_custom_op_passes_opcheck():
+    kernel()  # registers the op
+    q, k, v, idx = level_inputs(1, 2, 3, 12, 8, 8, torch.float32)
+    torch.library.opcheck(
+        torch.ops.attnbench.quadtree_refine.default,
+        (q, k, v, idx, True),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def test_fake_implementation_gives_shapes_without_running():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kernel()
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 5, 4, 16, dtype=torch.bfloat16)
+        k = torch.empty(2, 3, 40, 16, dtype=torch.bfloat16)
+        idx = torch.empty(2, 3, 5, 12, dtype=torch.long)
+        out, lse, scores = torch.ops.attnbench.quadtree_refine(q, k, k, idx, True)
+        assert out.shape == q.shape and out.dtype == torch.bfloat16
+        assert lse.shape == (2, 3, 5, 4) and lse.dtype == torch.float32
+        assert scores.shape == (2, 3, 5, 4, 12)
+        dq, dk, dv = torch.ops.attnbench.quadtree_refine_backward(out, q, k, k, idx, out, lse)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
+
+
+def test_works_under_torch_compile():
+    torch.manual_seed(0)
+    module = attentions.build("quadtree", dim=32, heads=2, levels=2, topk=2, impl="triton").to(DEVICE)
+    x, hw = module.example_inputs(1, (8, 12), device=DEVICE)
+    expected = module(x, hw)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=False)
+    x = x.detach().requires_grad_(True)
+    out = compiled(x, hw)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_flops_counted_by_both_counters_and_backward_by_its_rule():
+    from bench import flops
+
+    torch.manual_seed(0)
+    module = attentions.build("quadtree", dim=32, heads=2, levels=2, topk=2, impl="triton")
+    args = module.example_inputs(1, (8, 12))
+    assert not module.unsupported(1, (8, 12))
+    result = flops.count(module, args)
+    assert result.complete and result.flop_counter_uncovered == {}
+    assert result.macs == result.analytic_macs == result.flop_counter_macs
+    assert "attnbench::quadtree_refine" in result.by_op
+    pairs = 2 * 8 * 12 * 4 * 2  # heads * queries * 4K candidates
+    assert result.by_op["attnbench::quadtree_refine"] == pairs * 2 * 16
+    assert result.backward_uncovered == {}
+    fast = flops.count(attentions.build("quadtree", dim=32, heads=2, levels=2, topk=2, impl="fast"), args)
+    assert result.macs == fast.macs  # the kernel computes the pairs the PyTorch path does
+
+
+# ---------------------------------------------------------------------- refusals
+def test_refusals_name_the_fix(monkeypatch):
+    module = attentions.build("quadtree", dim=32, heads=2, variant="A", impl="triton")
+    (reason,) = module.unsupported(1, (8, 8), device=DEVICE)
+    assert "QuadTree-B" in reason and "impl='fast'" in reason
+    module = attentions.build("quadtree", dim=32, heads=2, impl="triton")
+    assert "float32, float16 or bfloat16" in module.unsupported(1, (8, 8), dtype=torch.float64)[0]
+    monkeypatch.setattr(kernel(), "INTERPRET", False)
+    (reason,) = module.unsupported(1, (8, 8), device="cpu")
+    assert "TRITON_INTERPRET=1" in reason and "CUDA" in reason
+    with pytest.raises(attentions.UnsupportedPoint, match="TRITON_INTERPRET"):
+        module(*module.example_inputs(1, (8, 8)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_large_level_matches_reference(dtype):
+    q, k, v, idx = level_inputs(2, 4, 1024, 4096, 64, 32, dtype)
+    out, _, sel = kernel().refine(q, k, v, idx, None, 8)
+    out.float().square().sum().backward()
+    ref_in = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    ref, _, _ = refine_reference(*ref_in, idx, None, 8)
+    ref.square().sum().backward()
+    tol = LEVEL_TOL[dtype]
+    assert rel_error(out, ref) <= tol
+    assert all(rel_error(a.grad, b.grad) <= 2 * tol for a, b in zip((q, k, v), ref_in, strict=True))

@@ -27,7 +27,7 @@ parameters per block).
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -80,6 +80,9 @@ class PoolingAttention(Attention):
     cost_knob = "stride_kv"
     complexity = "O(N^2 / (s_q^2 s_kv^2))"
     supports_cross = False
+    # "flex": FlexAttention with the decomposed relative position read by a score_mod from the two
+    # (Nq, kh) and (Nq, kw) terms, never summed into an (Nq, Nk) bias; CUDA only (attentions/kernels/flex.py)
+    impls = ("reference", "fast", "flex")
 
     def __init__(self, dim: int, heads: int, knobs: PoolingKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
@@ -134,13 +137,41 @@ class PoolingAttention(Attention):
         q, q_hw = self._pool(q, hw, self.pool_q, self.norm_q)  # (B, h, Nq, d)
         k, k_hw = self._pool(k, hw, self.pool_k, self.norm_k)  # (B, h, Nk, d)
         v, _ = self._pool(v, hw, self.pool_v, self.norm_v)  # (B, h, Nk, d)
-        bias = mvit_bias(q, q_hw, k_hw, self.rel_pos_h, self.rel_pos_w) if self.knobs.rel_pos else None
-        o = attend(q, k, v, bias, math=self.math)  # (B, h, Nq, d)
+        if self.impl == "flex":
+            o = self._attend_flex(q, k, v, q_hw, k_hw)  # (B, h, Nq, d)
+        else:
+            bias = mvit_bias(q, q_hw, k_hw, self.rel_pos_h, self.rel_pos_w) if self.knobs.rel_pos else None
+            o = attend(q, k, v, bias, math=self.math)  # (B, h, Nq, d)
         if self.knobs.residual_pooling:
             o = o + q
         return self.proj.output(o)  # (B, Nq, C)
 
+    def _attend_flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_hw: HW, k_hw: HW) -> torch.Tensor:
+        """Attention through FlexAttention, the relative position added by a score_mod: (B, h, Nq, d)."""
+        from .kernels import flex
+
+        score_mod = None
+        if self.knobs.rel_pos:
+            rel_h, rel_w = flex.mvit_terms(q, q_hw, k_hw, self.rel_pos_h, self.rel_pos_w)  # (B, h, Nq, kh), (.., kw)
+            kw = k_hw[1]
+
+            def score_mod(score, b, h, qi, ki):
+                return score + rel_h[b, h, qi, ki // kw] + rel_w[b, h, qi, ki % kw]
+
+        return flex.attention(q, k, v, score_mod)
+
+    def _unsupported(
+        self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
+    ) -> list[str]:
+        if self.impl != "flex":
+            return []
+        from .kernels import flex
+
+        return flex.unsupported(device)
+
     def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
+        # The flex path computes the same pairs (no block mask: every query sees every pooled key) and the
+        # same two relative-position products.
         c, d, heads = self.dim, self.head_dim, self.heads
         (qh, qw), (kh, kw) = self.output_hw(hw), self.kv_hw(hw)
         n, nq, nk = hw[0] * hw[1], qh * qw, kh * kw

@@ -82,6 +82,18 @@ def window_mask(hw: HW, layout: WindowLayout) -> torch.Tensor | None:
     regions (columns likewise); the last two wrapped around from the other side,
     so a query sees only keys of its own region. Padded keys are never seen.
     """
+    regions = window_regions(hw, layout)
+    if regions is None:
+        return None
+    region, valid = regions
+    return (region[:, :, None] == region[:, None, :]) & valid[:, None, :]  # (nW, T, T)
+
+
+def window_regions(hw: HW, layout: WindowLayout) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Region of every token of every window and whether it is a real (unpadded) token: two (nW, T).
+
+    None when every query may see every key of its window (no shift, no padding).
+    """
     h, w = hw
     m, s = layout.window, layout.shift
     hp, wp = layout.padded_hw
@@ -99,7 +111,7 @@ def window_mask(hw: HW, layout: WindowLayout) -> torch.Tensor | None:
     gh, gw = layout.grid
     region = region.view(gh, m, gw, m).transpose(1, 2).reshape(gh * gw, m * m)  # (nW, T)
     valid = valid.view(gh, m, gw, m).transpose(1, 2).reshape(gh * gw, m * m)  # (nW, T)
-    return (region[:, :, None] == region[:, None, :]) & valid[:, None, :]  # (nW, T, T)
+    return region, valid
 
 
 @register
@@ -116,6 +128,9 @@ class SwinAttention(Attention):
     cost_knob = "window"
     complexity = "O(N M^2)"
     supports_cross = False
+    # "flex": FlexAttention over the windows laid end to end, a block mask per window and the bias table read by a
+    # score_mod (no (nW, h, T, T) bias in memory); CUDA only (see attentions/kernels/flex.py)
+    impls = ("reference", "fast", "flex")
 
     def __init__(self, dim: int, heads: int, knobs: SwinKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
@@ -124,6 +139,7 @@ class SwinAttention(Attention):
         m = knobs.window
         self.register_buffer("index", swin_index((m, m), m), persistent=False)  # (M*M, M*M)
         self._masks: dict[tuple, torch.Tensor | None] = {}
+        self._flex_cache: dict[tuple, Any] = {}  # block masks and region ids of the flex path, per resolution
 
     def layout(self, hw: HW) -> WindowLayout:
         return window_layout(hw, self.knobs.window, self.knobs.shift)
@@ -131,6 +147,14 @@ class SwinAttention(Attention):
     def _unsupported(
         self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
     ) -> list[str]:
+        reasons = []
+        if self.impl == "flex":
+            from .kernels import flex
+
+            reasons += flex.unsupported(device)
+        return reasons + self._window_reasons(hw)
+
+    def _window_reasons(self, hw: HW) -> list[str]:
         lay = self.layout(hw)
         if lay.padded_hw == tuple(hw) or self.knobs.pad:
             return []
@@ -174,6 +198,12 @@ class SwinAttention(Attention):
             qkv = torch.roll(qkv, shifts=(-s, -s), dims=(1, 2))
         qkv = qkv.view(b, gh, m, gw, m, 3, heads, d)  # (B, gh, m, gw, m, 3, h, d)
         qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, b, gh * gw, heads, m * m, d)  # (3, B, nW, h, T, d)
+        if self.impl == "flex":
+            o = self._attend_flex(qkv, hw)  # (B, nW, h, T, d)
+            o = o.reshape(b, gh, gw, heads, m, m, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, c)
+            if s:
+                o = torch.roll(o, shifts=(s, s), dims=(1, 2))
+            return self.proj.out(o[:, :h, :w].reshape(b, n, c))
         bias = self.window_bias(hw, x.device)  # (g, h, T, T), g = 1 or nW windows with their own mask
         g = bias.shape[0]
         # Four dimensions for SDPA's fused kernels, the bias broadcast over the leading one, never copied:
@@ -186,10 +216,51 @@ class SwinAttention(Attention):
         o = o[:, :h, :w].reshape(b, n, c)  # (B, N, C)
         return self.proj.out(o)
 
+    def _attend_flex(self, qkv: torch.Tensor, hw: HW) -> torch.Tensor:
+        """Window attention through FlexAttention: qkv (3, B, nW, h, T, d) -> (B, nW, h, T, d).
+
+        The windows are laid end to end in one sequence of nW*T tokens per image; the
+        block mask keeps every query in its window, the score_mod adds the table's bias
+        (and -100 across shifted regions or on padded keys, as the reference does).
+        """
+        from .kernels import flex
+
+        _, b, nw, heads, t, d = qkv.shape
+        lay = self.layout(hw)
+        m, big = lay.window, self.knobs.window
+        span = 2 * big - 1
+        key = (tuple(hw), str(qkv.device))
+        if key not in self._flex_cache:
+            regions = window_regions(hw, lay)
+            if regions is not None:
+                region, valid = (r.reshape(-1).to(qkv.device) for r in regions)  # (nW*T,) each
+                regions = (region, torch.where(valid, region, -1))  # a padded key matches no query
+            self._flex_cache[key] = (flex.window_block_mask(nw, t, qkv.device), regions)
+        block_mask, regions = self._flex_cache[key]
+        table = self.table  # ((2M-1)^2, h)
+
+        def score_mod(score, bi, hi, qi, ki):
+            tq, tk = qi % t, ki % t  # positions inside the window
+            row = (tq // m - tk // m + big - 1) * span + (tq % m - tk % m + big - 1)
+            score = score + table[row, hi]
+            if regions is not None:
+                score = score + (regions[0][qi] != regions[1][ki]) * MASKED
+            return score
+
+        q, k, v = qkv.transpose(2, 3).reshape(3, b, heads, nw * t, d).unbind(0)  # (B, h, nW*T, d) each
+        o = flex.attention(q, k, v, score_mod, block_mask)  # (B, h, nW*T, d)
+        return o.view(b, heads, nw, t, d).transpose(1, 2)  # (B, nW, h, T, d)
+
     def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
         # Projections of the H*W real tokens; scores and weighted sum over every
         # pair inside each (padded) window, masked pairs included since they are computed.
+        # The flex path computes every pair of the 128x128 blocks its block mask visits.
         lay = self.layout(hw)
         n = hw[0] * hw[1]
         t = lay.window**2
+        if self.impl == "flex":
+            from .kernels.flex import window_block_pairs
+
+            pairs = window_block_pairs(lay.windows, t)
+            return self.proj.macs(batch, n, n) + attention_macs(batch, self.heads, pairs, 1, self.head_dim)
         return self.proj.macs(batch, n, n) + attention_macs(batch * lay.windows, self.heads, t, t, self.head_dim)

@@ -1,0 +1,134 @@
+"""FlexAttention helpers shared by the ``impl="flex"`` paths (swin, pooling).
+
+``torch.nn.attention.flex_attention`` computes ``softmax(score_mod(q k^T * scale)) v``
+over the blocks a ``BlockMask`` visits. On CUDA it is compiled into one fused
+kernel (this module compiles it once per process); elsewhere it runs torch's
+unfused reference, which materialises every score, and in torch 2.13 it refuses
+a backward pass on the CPU. So the flex paths declare the CPU unsupported (the
+reason names the fix) and their CPU parity tests run torch's dense backward
+directly (see tests/attentions/test_flex.py).
+
+Counting: flex attention computes every pair of every block it visits (a
+partial block evaluates the mask on all of its pairs), so the analytic counts of
+the flex paths count the pairs of the visited blocks, as
+``bench.flops.flex_attention_macs`` does.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+BLOCK = 128  # flex attention's default block size, in queries and in keys
+
+
+def _flex_module() -> Any:
+    try:
+        import torch.nn.attention.flex_attention as flex
+    except ImportError:
+        return None
+    return flex
+
+
+def unsupported(device: Any) -> list[str]:
+    """Why impl="flex" cannot run on ``device`` (None: wherever the module would run)."""
+    flex = _flex_module()
+    if flex is None:
+        return [f"impl='flex' needs torch.nn.attention.flex_attention (torch >= 2.5), not torch {torch.__version__}"]
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cpu" and not cpu_backward():
+        return [
+            f"impl='flex' runs fused only on CUDA; on the CPU torch {torch.__version__}'s flex_attention materialises "
+            "every score and has no backward pass: use impl='fast' or 'reference' on the CPU"
+        ]
+    if kind not in ("cpu", "cuda"):
+        return [f"impl='flex' is built and tested for CUDA, not {kind}"]
+    return []
+
+
+def cpu_backward() -> bool:
+    """Whether this torch's flex_attention accepts CPU inputs that require grad."""
+    flex = _flex_module()
+    probe = torch.zeros(1, requires_grad=True)
+    try:
+        flex._validate_device(probe, probe, probe)
+    except NotImplementedError:
+        return False
+    except AttributeError:  # the check moved: assume the public entry decides at call time
+        return True
+    return True
+
+
+@functools.cache
+def _compiled() -> Callable[..., torch.Tensor]:
+    flex = _flex_module()
+    return torch.compile(flex.flex_attention, dynamic=False)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    score_mod: Callable | None = None,
+    block_mask: Any = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """flex_attention, compiled into one fused kernel on CUDA. q (B, h, Nq, d), k and v (B, h, Nk, d)."""
+    flex = _flex_module()
+    run = _compiled() if q.is_cuda else flex.flex_attention
+    return run(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+
+def window_block_mask(windows: int, tokens: int, device: torch.device) -> Any:
+    """Block mask of ``windows`` windows of ``tokens`` consecutive tokens each, every token seeing its own window."""
+    flex = _flex_module()
+    length = windows * tokens
+
+    def same_window(b, h, q_idx, kv_idx):
+        return q_idx // tokens == kv_idx // tokens
+
+    return flex.create_block_mask(
+        same_window, None, None, length, length, device=device, _compile=device.type == "cuda"
+    )
+
+
+def window_block_pairs(windows: int, tokens: int, block: int = BLOCK) -> int:
+    """Query-key pairs flex attention computes for :func:`window_block_mask`, per batch and head.
+
+    Query block i (rows [i*block, ...)) touches windows w0..w1 and so visits the
+    key blocks that hold any of their keys; every pair of a visited block is
+    computed, blocks at the end clipped to the sequence.
+    """
+    length = windows * tokens
+    pairs = 0
+    for start in range(0, length, block):
+        stop = min(start + block, length)
+        w0, w1 = start // tokens, (stop - 1) // tokens
+        k0, k1 = (w0 * tokens) // block, ((w1 + 1) * tokens - 1) // block
+        cols = min((k1 + 1) * block, length) - k0 * block
+        pairs += (stop - start) * cols
+    return pairs
+
+
+def mvit_terms(
+    q: torch.Tensor, q_hw: tuple[int, int], k_hw: tuple[int, int], table_h: torch.Tensor, table_w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MViTv2's decomposed relative position terms, not summed into a (Nq, Nk) bias.
+
+    q (B, h, qh*qw, d) unscaled pooled queries; tables (L, d). Returns
+    ``q . R_h`` (B, h, Nq, kh) and ``q . R_w`` (B, h, Nq, kw); the bias of the
+    pair (query i, key (y, x)) is ``rel_h[i, y] + rel_w[i, x]``, read by a score_mod.
+    """
+    from ..relpos import mvit_index, resize_table
+
+    (qh, qw), (kh, kw) = q_hw, k_hw
+    b, heads, _, d = q.shape
+    rh = resize_table(table_h, 2 * max(qh, kh) - 1)[mvit_index(qh, kh).to(q.device)]  # (qh, kh, d)
+    rw = resize_table(table_w, 2 * max(qw, kw) - 1)[mvit_index(qw, kw).to(q.device)]  # (qw, kw, d)
+    qm = q.reshape(b, heads, qh, qw, d)  # (B, h, qh, qw, d)
+    rel_h = torch.einsum("bnyxd,ykd->bnyxk", qm, rh.to(q.dtype))  # (B, h, qh, qw, kh)
+    rel_w = torch.einsum("bnyxd,xkd->bnyxk", qm, rw.to(q.dtype))  # (B, h, qh, qw, kw)
+    return rel_h.reshape(b, heads, qh * qw, kh), rel_w.reshape(b, heads, qh * qw, kw)

@@ -36,7 +36,6 @@ def _stores_or_compares(config: pytest.Config) -> bool:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "perf: a pytest-benchmark case (tests/perf); run with nox -s bench")
     if not _benchmarks_active(config) or config.getoption("benchmark_storage", None) != DEFAULT_STORAGE:
         return
     if hasattr(config, "_benchmarksession"):
@@ -83,3 +82,26 @@ def pytest_benchmark_compare_machine_info(
             f"the baseline was taken on a different machine ({detail}); timings are only compared within one "
             f"fingerprint. Save a baseline on this machine with {SAVE_COMMAND}"
         )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> Any:
+    """A regression (listed by pytest-benchmark just above) fails the run with exit status 1, not a traceback."""
+    from pytest_benchmark.session import PerformanceRegression
+
+    try:
+        return (yield)
+    except PerformanceRegression:
+        regressions = config._benchmarksession.performance_regressions  # type: ignore[attr-defined]
+        checks = config.getoption("benchmark_compare_fail") or []
+        threshold = ", ".join(
+            f"{c.field}:{c.threshold:g}{'%' if type(c).__name__.startswith('Percentage') else 's'}" for c in checks
+        )
+        terminalreporter.write_line(
+            f"FAILED: {len(regressions)} case(s) slower than the baseline by more than {threshold}: "
+            + ", ".join(name for name, _ in regressions),
+            red=True,
+            bold=True,
+        )
+        terminalreporter._session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        return None

@@ -13,6 +13,7 @@ conftest is loaded too late to choose the storage, so saving or comparing is ref
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_STORAGE = "file://./.benchmarks"
 SAVE_COMMAND = "nox -s bench -- --save"
+REGRESSED_ENV = "ATTNBENCH_BENCH_REGRESSED"
 # Set when this conftest was loaded after pytest-benchmark had chosen its storage.
 _LATE = pytest.StashKey[bool]()
 
@@ -86,20 +88,36 @@ def pytest_benchmark_compare_machine_info(
 
 @pytest.hookimpl(wrapper=True)
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> Any:
-    """A regression (listed by pytest-benchmark just above) fails the run with exit status 1, not a traceback."""
+    """A regression (listed by pytest-benchmark just above) fails the run with exit status 1, not a traceback.
+
+    With ATTNBENCH_BENCH_REGRESSED=FILE (set by ``nox -s bench``) the slower cases' node ids go to FILE and the
+    exit status is left to the tests: the session measures those cases again and fails only if they are still
+    slower, so a burst of load on a shared machine during one case does not fail the run.
+    """
     from pytest_benchmark.session import PerformanceRegression
 
     try:
         return (yield)
     except PerformanceRegression:
-        regressions = config._benchmarksession.performance_regressions  # type: ignore[attr-defined]
+        session = config._benchmarksession  # type: ignore[attr-defined]
+        regressions = session.performance_regressions
         checks = config.getoption("benchmark_compare_fail") or []
         threshold = ", ".join(
             f"{c.field}:{c.threshold:g}{'%' if type(c).__name__.startswith('Percentage') else 's'}" for c in checks
         )
+        names = [name for name, _ in regressions]
+        record = os.environ.get(REGRESSED_ENV)
+        if record:
+            slower = {name.rsplit(" (", 1)[0] for name in names}
+            Path(record).write_text("".join(f"{b.fullname}\n" for b in session.benchmarks if b.name in slower))
+            terminalreporter.write_line(
+                f"{len(names)} case(s) slower than the baseline by more than {threshold}; measuring them again",
+                yellow=True,
+                bold=True,
+            )
+            return None
         terminalreporter.write_line(
-            f"FAILED: {len(regressions)} case(s) slower than the baseline by more than {threshold}: "
-            + ", ".join(name for name, _ in regressions),
+            f"FAILED: {len(names)} case(s) slower than the baseline by more than {threshold}: " + ", ".join(names),
             red=True,
             bold=True,
         )

@@ -281,7 +281,7 @@ class Pyramid:
     selected: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (B, h, N_l, K_l), levels but finest
 
 
-def _triton_unsupported(variant: str, dtype: torch.dtype | None, device: Any) -> list[str]:
+def _triton_unsupported(dtype: torch.dtype | None, device: Any) -> list[str]:
     """Why impl="triton" cannot run here; device None means wherever the module would run."""
     try:
         from .kernels import quadtree as kernel
@@ -289,7 +289,7 @@ def _triton_unsupported(variant: str, dtype: torch.dtype | None, device: Any) ->
         return [f"impl='triton' needs triton ({exc}); install triton or use impl='fast'"]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    reasons = kernel.unsupported(device, variant)
+    reasons = kernel.unsupported(device)
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
         reasons.append(f"the quadtree triton kernel takes float32, float16 or bfloat16, not {dtype}")
     return reasons
@@ -380,7 +380,7 @@ class QuadTreeAttention(Attention):
                 "set values='avg' for cross attention, as LoFTR does"
             )
         if self.impl == "triton":
-            reasons += _triton_unsupported(kn.variant, dtype, device)
+            reasons += _triton_unsupported(dtype, device)
         if isinstance(kn.topk, tuple) and len(kn.topk) != kn.levels:
             reasons.append(self._length_reason())
             return reasons

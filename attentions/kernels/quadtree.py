@@ -1,32 +1,42 @@
-"""Triton kernels for QuadTree-B's fine levels, as one differentiable custom op.
+"""Triton kernels for QuadTree's fine levels, as differentiable custom ops.
 
 At a fine level every query is one of the 4 children of a parent query, and it
 attends to the ``C = 4K`` candidate keys its parent selected (the children of
 the parent's top-K keys). :func:`refine` is the drop-in replacement of
-``attentions.quadtree.refine`` for QuadTree-B (``parent_score is None``):
+``attentions.quadtree.refine``; nothing of shape ``(B, h, N, 4K, d)`` is ever
+written to memory, the kernels gather keys and values straight from the
+``(B, h, M, d)`` tensors.
+
+QuadTree-B (a softmax over the 4K candidates), ``attnbench::quadtree_refine``:
 
 - forward: one program per block of queries gathers each query's candidate keys
-  and values straight from the key/value tensors, computes the scores, an online
-  softmax and the weighted sum of the values in one pass; nothing of shape
-  ``(B, h, N, 4K, d)`` is ever written to memory. It stores the output, the
-  log-sum-exp of each query's scores and, when the level must select keys for
-  the level below, the ``(B, h, N, 4K)`` scores (a top-K over logits picks the
-  same keys as over probabilities).
+  and values, computes the scores, an online softmax and the weighted sum of the
+  values in one pass. It stores the output, the log-sum-exp of each query's
+  scores and, when the level must select keys for the level below, the
+  ``(B, h, N, 4K)`` scores (a top-K over logits picks the same keys as over
+  probabilities).
 - backward: recomputes the probabilities from the log-sum-exp (as flash
   attention does), accumulates the query gradient in registers and adds the key
   and value gradients into float32 buffers with atomics (candidates of
   neighbouring queries overlap).
 
+QuadTree-A (a softmax over each key's 4 children times the key's parent score,
+the kept candidates left out of the message) needs the whole row of scores
+before it can weight any value, so it runs in two passes:
+``attnbench::quadtree_scores`` writes the ``(B, h, N, 4K)`` scores, PyTorch forms
+the weights (no head dimension, autograd as usual), ``attnbench::quadtree_aggregate``
+takes the weighted sum; each has a backward of gathers and atomic scatters.
+
 Inputs may be float32, float16 or bfloat16; scores, softmax and accumulation are
-float32. ``torch.ops.attnbench.quadtree_refine`` and its backward are
-``torch.library`` custom ops with fake (meta) implementations, so the op works
-under ``torch.compile``, and with FLOP formulas for FlopCounterMode and
-``bench.flops``. On the CPU the kernels run only under ``TRITON_INTERPRET=1``
-(set before triton is first imported), which is how the tests run them.
+float32. Every op has a fake (meta) implementation, so it works under
+``torch.compile``, and a FLOP formula for FlopCounterMode and ``bench.flops``.
+On the CPU the kernels run only under ``TRITON_INTERPRET=1`` (set before triton
+is first imported), which is how the tests run them.
 
 Multiply-adds: forward ``pairs * 2d`` (scores and weighted sum, like every
-attention in attnbench); backward ``pairs * 5d`` (scores recomputed, dP, dQ, dK,
-dV), i.e. 2.5x the forward, as for fused SDPA.
+attention in attnbench). Backward: B's fused kernel ``pairs * 5d`` (scores
+recomputed, dP, dQ, dK, dV), 2.5x the forward as for fused SDPA; A's ops twice
+their forward.
 """
 
 from __future__ import annotations
@@ -42,14 +52,9 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def unsupported(device: torch.device | str | None, variant: str) -> list[str]:
-    """Why the kernel cannot run for this device and QuadTree variant (empty when it can)."""
+def unsupported(device: torch.device | str | None) -> list[str]:
+    """Why the kernels cannot run on this device (empty when they can)."""
     reasons = []
-    if variant != "B":
-        reasons.append(
-            "the triton kernel implements QuadTree-B's fine levels (a softmax over the 4K candidates); "
-            "QuadTree-A weights each key's 4 children by its parent score: use impl='fast' or 'reference' for A"
-        )
     kind = torch.device(device).type if device is not None else "cpu"
     if kind == "cpu" and not INTERPRET:
         reasons.append(
@@ -165,6 +170,95 @@ def _refine_bwd(
     tl.store(DQ + rd, (dq * scale).to(DQ.dtype.element_ty), mask=rd_ok)
 
 
+@triton.jit
+def _gather_dot(
+    X,  # (R, D)
+    T,  # (B*h*M, D)
+    IDX,  # (R // 4, C)
+    OUT,  # (R, C) float32: scale * X[r] . T[idx[r // 4, c]]
+    R,
+    C,
+    D,
+    scale,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    dcol = tl.arange(0, BLOCK_D)
+    d_ok = dcol < D
+    x = tl.load(X + rows[:, None] * D + dcol[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    x = x.to(tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cand = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cand < C)[None, :]
+        key = tl.load(IDX + (rows // 4)[:, None] * C + cand[None, :], mask=ok, other=0).to(tl.int64)
+        ok3 = ok[:, :, None] & d_ok[None, None, :]
+        t = tl.load(T + key[:, :, None] * D + dcol[None, None, :], mask=ok3, other=0.0).to(tl.float32)
+        tl.store(OUT + rows[:, None] * C + cand[None, :], tl.sum(x[:, None, :] * t, axis=2) * scale, mask=ok)
+
+
+@triton.jit
+def _gather_sum(
+    W,  # (R, C) float32
+    T,  # (B*h*M, D)
+    IDX,  # (R // 4, C)
+    OUT,  # (R, D): scale * sum_c W[r, c] T[idx[r // 4, c]]
+    R,
+    C,
+    D,
+    scale,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    dcol = tl.arange(0, BLOCK_D)
+    d_ok = dcol < D
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cand = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cand < C)[None, :]
+        w = tl.load(W + rows[:, None] * C + cand[None, :], mask=ok, other=0.0)
+        key = tl.load(IDX + (rows // 4)[:, None] * C + cand[None, :], mask=ok, other=0).to(tl.int64)
+        ok3 = ok[:, :, None] & d_ok[None, None, :]
+        t = tl.load(T + key[:, :, None] * D + dcol[None, None, :], mask=ok3, other=0.0).to(tl.float32)
+        acc += tl.sum(w[:, :, None] * t, axis=1)
+    out = (acc * scale).to(OUT.dtype.element_ty)
+    tl.store(OUT + rows[:, None] * D + dcol[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _scatter_outer(
+    W,  # (R, C) float32
+    X,  # (R, D)
+    IDX,  # (R // 4, C)
+    G,  # (B*h*M, D) float32: G[idx[r // 4, c]] += scale * W[r, c] X[r], with atomics
+    R,
+    C,
+    D,
+    scale,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    dcol = tl.arange(0, BLOCK_D)
+    d_ok = dcol < D
+    x = tl.load(X + rows[:, None] * D + dcol[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    x = x.to(tl.float32) * scale
+    for c0 in range(0, C, BLOCK_C):
+        cand = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cand < C)[None, :]
+        w = tl.load(W + rows[:, None] * C + cand[None, :], mask=ok, other=0.0)
+        key = tl.load(IDX + (rows // 4)[:, None] * C + cand[None, :], mask=ok, other=0).to(tl.int64)
+        ok3 = ok[:, :, None] & d_ok[None, None, :]
+        tl.atomic_add(G + key[:, :, None] * D + dcol[None, None, :], w[:, :, None] * x[:, None, :], mask=ok3)
+
+
 # ---------------------------------------------------------------------- launch
 def _blocks(c: int, d: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, BLOCK_D): the (rows x candidates x d) tile of one program.
@@ -199,7 +293,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor)
         raise ValueError(f"quadtree_refine: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"quadtree_refine: float32, float16 or bfloat16 only, got {q.dtype}")
-    reasons = unsupported(q.device, "B")
+    reasons = unsupported(q.device)
     if reasons:
         raise RuntimeError(reasons[0])
 
@@ -320,6 +414,120 @@ def _backward(ctx, grad_out, grad_lse, grad_scores):
 quadtree_refine.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---------------------------------------------------------------------- QuadTree-A: scores and aggregation
+# A weights each candidate by a softmax over the 4 children of its parent key times that key's parent
+# score, and leaves the kept candidates out of the message; both depend on the whole row of scores, so A
+# runs in two passes: the (B, h, N, 4K) scores, weights in PyTorch (no head dimension), the weighted sum.
+def _launch(kernel, rows: int, c: int, d: int, scale: float, *tensors: torch.Tensor) -> None:
+    block_r, block_c, block_d = _blocks(c, d)
+    grid = (triton.cdiv(rows, block_r),)
+    kernel[grid](*tensors, rows, c, d, scale, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=block_d)
+
+
+def _rows(t: torch.Tensor) -> int:
+    return math.prod(t.shape[:4])
+
+
+@torch.library.custom_op("attnbench::quadtree_scores", mutates_args=())
+def quadtree_scores(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Scaled scores of each child query with its parent's candidates: (B, h, P, 4, C) float32."""
+    _check(q, k, k, idx)
+    d, c = q.shape[-1], idx.shape[-1]
+    out = torch.empty((*q.shape[:4], c), device=q.device, dtype=torch.float32)
+    if out.numel():
+        _launch(_gather_dot, _rows(q), c, d, d**-0.5, q.contiguous(), k.contiguous(), _flat_index(idx, k.shape[2]), out)
+    return out
+
+
+@quadtree_scores.register_fake
+def _(q, k, idx):
+    return q.new_empty((*q.shape[:4], idx.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("attnbench::quadtree_scores_backward", mutates_args=())
+def quadtree_scores_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    d, c = q.shape[-1], idx.shape[-1]
+    dq = torch.zeros(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    if grad.numel():
+        flat, grad = _flat_index(idx, k.shape[2]), grad.float().contiguous()
+        _launch(_gather_sum, _rows(q), c, d, d**-0.5, grad, k.contiguous(), flat, dq)
+        _launch(_scatter_outer, _rows(q), c, d, d**-0.5, grad, q.contiguous(), flat, dk)
+    return dq, dk.to(k.dtype)
+
+
+@quadtree_scores_backward.register_fake
+def _(grad, q, k, idx):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _scores_setup(ctx, inputs, output):
+    q, k, idx = inputs
+    ctx.save_for_backward(q, k, idx)
+
+
+def _scores_backward(ctx, grad):
+    q, k, idx = ctx.saved_tensors
+    dq, dk = quadtree_scores_backward(grad, q, k, idx)
+    return dq, dk, None
+
+
+quadtree_scores.register_autograd(_scores_backward, setup_context=_scores_setup)
+
+
+@torch.library.custom_op("attnbench::quadtree_aggregate", mutates_args=())
+def quadtree_aggregate(w: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """sum_c w[..., c] v[idx[..., c]]: w (B, h, P, 4, C) float32, v (B, h, M, d) -> (B, h, P, 4, d) in v's dtype."""
+    d, c = v.shape[-1], idx.shape[-1]
+    _check(v.new_empty((*w.shape[:4], d)), v, v, idx)
+    out = torch.empty((*w.shape[:4], d), device=v.device, dtype=v.dtype)
+    if out.numel():
+        _launch(
+            _gather_sum, _rows(w), c, d, 1.0, w.float().contiguous(), v.contiguous(), _flat_index(idx, v.shape[2]), out
+        )
+    return out
+
+
+@quadtree_aggregate.register_fake
+def _(w, v, idx):
+    return v.new_empty((*w.shape[:4], v.shape[-1]))
+
+
+@torch.library.custom_op("attnbench::quadtree_aggregate_backward", mutates_args=())
+def quadtree_aggregate_backward(
+    grad: torch.Tensor, w: torch.Tensor, v: torch.Tensor, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    d, c = v.shape[-1], idx.shape[-1]
+    dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    if grad.numel():
+        flat, grad = _flat_index(idx, v.shape[2]), grad.contiguous()
+        _launch(_gather_dot, _rows(w), c, d, 1.0, grad, v.contiguous(), flat, dw)
+        _launch(_scatter_outer, _rows(w), c, d, 1.0, w.float().contiguous(), grad, flat, dv)
+    return dw.to(w.dtype), dv.to(v.dtype)
+
+
+@quadtree_aggregate_backward.register_fake
+def _(grad, w, v, idx):
+    return w.new_empty(w.shape), v.new_empty(v.shape)
+
+
+def _aggregate_setup(ctx, inputs, output):
+    w, v, idx = inputs
+    ctx.save_for_backward(w, v, idx)
+
+
+def _aggregate_backward(ctx, grad):
+    w, v, idx = ctx.saved_tensors
+    dw, dv = quadtree_aggregate_backward(grad, w, v, idx)
+    return dw, dv, None
+
+
+quadtree_aggregate.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
+
+
 # ---------------------------------------------------------------------- counting
 def forward_macs(q_shape, idx_shape) -> int:
     """Scores and weighted sum: every (query, candidate) pair costs 2d multiply-adds."""
@@ -335,6 +543,22 @@ def _bwd_rule(args, outs, kwargs) -> int:
     return forward_macs(args[1], args[4]) * 5 // 2
 
 
+def _pairs_d(shape, idx_shape, d: int) -> int:
+    """(query, candidate) pairs times d: one product per pair and channel."""
+    return math.prod(shape[:4]) * idx_shape[-1] * d
+
+
+RULES = (
+    (quadtree_refine, _fwd_rule),
+    (quadtree_refine_backward, _bwd_rule),
+    # A: scores (pairs * d) and weighted sum (pairs * d); each backward two products per forward one
+    (quadtree_scores, lambda a, o, kw: _pairs_d(a[0], a[2], a[0][-1])),
+    (quadtree_scores_backward, lambda a, o, kw: 2 * _pairs_d(a[1], a[3], a[1][-1])),
+    (quadtree_aggregate, lambda a, o, kw: _pairs_d(a[0], a[2], a[1][-1])),
+    (quadtree_aggregate_backward, lambda a, o, kw: 2 * _pairs_d(a[1], a[3], a[2][-1])),
+)
+
+
 def _register_counting() -> None:
     """Count the ops in FlopCounterMode and, where bench is installed beside attentions, in bench.flops (fvcore)."""
     try:
@@ -342,7 +566,7 @@ def _register_counting() -> None:
     except ImportError:  # attentions used on its own: torch's counter only
         from torch.utils.flop_counter import register_flop_formula
 
-        for op, rule in ((quadtree_refine, _fwd_rule), (quadtree_refine_backward, _bwd_rule)):
+        for op, rule in RULES:
 
             def formula(*args, out_val=None, _rule=rule, **kwargs):
                 shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
@@ -350,7 +574,7 @@ def _register_counting() -> None:
 
             register_flop_formula(op._opoverload, get_raw=True)(formula)
         return
-    for op, rule in ((quadtree_refine, _fwd_rule), (quadtree_refine_backward, _bwd_rule)):
+    for op, rule in RULES:
         with contextlib.suppress(ValueError):  # already registered (module reloaded)
             flops.register_op(op, rule)
 
@@ -367,14 +591,15 @@ def refine(
     parent_score: torch.Tensor | None,
     keep: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``attentions.quadtree.refine`` for QuadTree-B on the kernel: same arguments and results.
+    """``attentions.quadtree.refine`` on the kernels: same arguments and results.
 
-    q (B, h, P, 4, d), k and v (B, h, M, d), idx (B, h, P, 4K). Returns the
-    message (B, h, P, 4, d), None (B keeps no scores) and, when ``keep`` > 0, the
-    indices (B, h, P, 4, keep) of each query's ``keep`` best candidates.
+    q (B, h, P, 4, d), k and v (B, h, M, d), idx (B, h, P, 4K), parent_score
+    (B, h, P, K) for QuadTree-A, None for B. Returns the message (B, h, P, 4, d),
+    the kept scores (A only; None for B, which does not use them) and, when
+    ``keep`` > 0, the indices (B, h, P, 4, keep) of each query's best candidates.
     """
     if parent_score is not None:
-        raise ValueError("the quadtree triton kernel implements QuadTree-B; QuadTree-A runs on impl='fast'")
+        return _refine_a(q, k, v, idx, parent_score, keep)
     message, _, scores = quadtree_refine(q, k, v, idx, bool(keep))
     top_idx = None
     if keep:
@@ -382,3 +607,21 @@ def refine(
         pos = scores.topk(keep, dim=-1).indices  # (B, h, P, 4, keep)
         top_idx = torch.gather(idx.unsqueeze(3).expand(b, h, p, 4, idx.shape[-1]), -1, pos)
     return message, None, top_idx
+
+
+def _refine_a(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, parent_score: torch.Tensor, keep: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """QuadTree-A's fine level: a softmax over each key's 4 children times the key's parent score."""
+    b, h, p, _, _ = q.shape
+    c = idx.shape[-1]
+    kp = c // 4
+    scores = quadtree_scores(q, k, idx)  # (B, h, P, 4, 4K) float32
+    probs = torch.softmax(scores.view(b, h, p, 4, kp, 4), dim=-1)  # over the 4 children of each key
+    probs = (probs * parent_score.float().view(b, h, p, 1, kp, 1)).view(b, h, p, 4, c)
+    top_score = top_idx = None
+    if keep:
+        top_score, pos = probs.topk(keep, dim=-1)  # (B, h, P, 4, keep)
+        top_idx = torch.gather(idx.unsqueeze(3).expand(b, h, p, 4, c), -1, pos)
+        probs = probs.scatter(-1, pos, 0.0)  # the kept candidates are refined below, not messaged here
+    return quadtree_aggregate(probs, v, idx), top_score, top_idx

@@ -74,6 +74,37 @@ def test_refine_level_matches_reference(dtype, p, m, d, c, keep):
         assert sel is None and ref_sel is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("p", "m", "d", "kp", "keep"), [(15, 60, 16, 3, 0), (24, 96, 32, 8, 6)], ids=["K3", "K8-keep6"]
+)
+def test_refine_level_a_matches_reference(dtype, p, m, d, kp, keep):
+    # QuadTree-A: softmax over each key's 4 children times the parent score; kept candidates leave the message
+    q, k, v, idx = level_inputs(2, 2, p, m, d, 4 * kp, dtype)
+    parent = torch.rand(2, 2, p, kp, generator=torch.Generator().manual_seed(2)).to(DEVICE).requires_grad_(True)
+    out, score, sel = kernel().refine(q, k, v, idx, parent, keep)
+    gen = torch.Generator().manual_seed(1)
+    loss = (out.float() * torch.randn(out.shape, generator=gen).to(DEVICE)).sum()
+    if keep:
+        loss = loss + (score.float() * torch.randn(score.shape, generator=gen).to(DEVICE)).sum()
+    loss.backward()
+    ref_in = [t.detach().float().requires_grad_(True) for t in (q, k, v, parent)]
+    ref, ref_score, ref_sel = refine_reference(*ref_in[:3], idx, ref_in[3], keep)
+    gen = torch.Generator().manual_seed(1)
+    ref_loss = (ref * torch.randn(out.shape, generator=gen).to(DEVICE)).sum()
+    if keep:
+        ref_loss = ref_loss + (ref_score * torch.randn(score.shape, generator=gen).to(DEVICE)).sum()
+    ref_loss.backward()
+    tol = LEVEL_TOL[dtype]
+    assert rel_error(out, ref) <= tol
+    for name, got, want in zip(("q", "k", "v", "parent_score"), (q, k, v, parent), ref_in, strict=True):
+        assert rel_error(got.grad, want.grad) <= tol, f"grad {name}"
+    if keep:
+        assert rel_error(score, ref_score) <= tol
+        if dtype == torch.float32:
+            assert torch.equal(sel, ref_sel)
+
+
 def test_refine_with_repeated_candidates_sums_their_gradients():
     # every parent names key 0 twice: the kernel's atomics must add both contributions
     q, k, v, idx = level_inputs(1, 1, 4, 8, 8, 4, torch.float32)
@@ -89,15 +120,18 @@ def test_refine_with_repeated_candidates_sums_their_gradients():
 
 # ---------------------------------------------------------------------- the whole mechanism
 CASES = [
-    ((8, 12), dict(levels=2, topk=2)),
-    ((16, 24), dict(levels=3, topk=(4, 3, 3))),
-    ((12, 20), dict(levels=3, topk=(8, 8, 8))),
-    ((16, 8), dict(levels=4, topk=1)),
+    ((8, 12), dict(levels=2, topk=2), False),
+    ((16, 24), dict(levels=3, topk=(4, 3, 3)), True),
+    ((12, 20), dict(levels=3, topk=(8, 8, 8)), False),
+    ((16, 8), dict(levels=4, topk=1), False),
+    ((8, 12), dict(variant="A", levels=2, topk=4), False),
+    ((16, 24), dict(variant="A", levels=3, topk=(4, 3, 3)), True),
 ]
 
 
-@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
-@pytest.mark.parametrize(("hw", "knobs"), CASES, ids=[f"{h}x{w}-{k}" for (h, w), k in CASES])
+@pytest.mark.parametrize(
+    ("hw", "knobs", "cross"), CASES, ids=[f"{h}x{w}-{k}-{'cross' if c else 'self'}" for (h, w), k, c in CASES]
+)
 def test_module_float32_matches_reference(hw, knobs, cross):
     torch.manual_seed(0)
     module = attentions.build("quadtree", dim=32, heads=2, **knobs)
@@ -109,13 +143,13 @@ def test_module_float32_matches_reference(hw, knobs, cross):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("levels", [2, 3])
-def test_module_low_precision_matches_reference(dtype, levels):
+@pytest.mark.parametrize(("variant", "levels"), [("B", 3), ("A", 3)])
+def test_module_low_precision_matches_reference(dtype, variant, levels):
     # top-K covering every candidate: no near-tie can flip a selection in low precision
     torch.manual_seed(0)
     hw = (8, 12)
-    module = attentions.build("quadtree", dim=32, heads=2, levels=levels)
-    module = attentions.build("quadtree", dim=32, heads=2, levels=levels, **module.tie_free_knobs(hw))
+    module = attentions.build("quadtree", dim=32, heads=2, variant=variant, levels=levels)
+    module = attentions.build("quadtree", dim=32, heads=2, variant=variant, levels=levels, **module.tie_free_knobs(hw))
     args = module.example_inputs(2, hw, device=DEVICE)
     assert_parity(module.to(DEVICE), "triton", dtype, args)
 
@@ -128,14 +162,15 @@ def test_values_conv_and_lepe():
 
 
 # ---------------------------------------------------------------------- the op
-def test_custom_op_passes_opcheck():
-    kernel()  # registers the op
+def test_custom_ops_pass_opcheck():
+    kernel()  # registers the ops
     q, k, v, idx = level_inputs(1, 2, 3, 12, 8, 8, torch.float32)
-    torch.library.opcheck(
-        torch.ops.attnbench.quadtree_refine.default,
-        (q, k, v, idx, True),
-        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
-    )
+    w = torch.rand(1, 2, 3, 4, 8, device=DEVICE, requires_grad=True)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    ops = torch.ops.attnbench
+    torch.library.opcheck(ops.quadtree_refine.default, (q, k, v, idx, True), test_utils=checks)
+    torch.library.opcheck(ops.quadtree_scores.default, (q, k, idx), test_utils=checks)
+    torch.library.opcheck(ops.quadtree_aggregate.default, (w, v, idx), test_utils=checks)
 
 
 def test_fake_implementation_gives_shapes_without_running():
@@ -183,13 +218,15 @@ def test_flops_counted_by_both_counters_and_backward_by_its_rule():
     assert result.backward_uncovered == {}
     fast = flops.count(attentions.build("quadtree", dim=32, heads=2, levels=2, topk=2, impl="fast"), args)
     assert result.macs == fast.macs  # the kernel computes the pairs the PyTorch path does
+    module = attentions.build("quadtree", dim=32, heads=2, variant="A", levels=2, topk=2, impl="triton")
+    result = flops.count(module, args)
+    assert result.complete and result.flop_counter_uncovered == {} and result.backward_uncovered == {}
+    assert result.macs == result.analytic_macs == result.flop_counter_macs
+    assert result.by_op["attnbench::quadtree_scores"] == result.by_op["attnbench::quadtree_aggregate"] == pairs * 16
 
 
 # ---------------------------------------------------------------------- refusals
 def test_refusals_name_the_fix(monkeypatch):
-    module = attentions.build("quadtree", dim=32, heads=2, variant="A", impl="triton")
-    (reason,) = module.unsupported(1, (8, 8), device=DEVICE)
-    assert "QuadTree-B" in reason and "impl='fast'" in reason
     module = attentions.build("quadtree", dim=32, heads=2, impl="triton")
     assert "float32, float16 or bfloat16" in module.unsupported(1, (8, 8), dtype=torch.float64)[0]
     monkeypatch.setattr(kernel(), "INTERPRET", False)

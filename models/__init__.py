@@ -1,1 +1,25 @@
+"""Vision models built from the registered attentions: backbones, the zoo, data and training.
 
+>>> import models
+>>> models.available()[:3]
+['swin_t', 'pvt_v2_b0', 'quadtree_b_b0']
+>>> model = models.create("pyramid_swin", tiny=True, num_classes=4)
+"""
+
+from .backbone import Backbone, BackboneConfig, StageConfig
+from .crossvit import CrossViT, CrossViTConfig
+from .zoo import Entry, Published, available, config, create, entry
+
+__all__ = [
+    "Backbone",
+    "BackboneConfig",
+    "CrossViT",
+    "CrossViTConfig",
+    "Entry",
+    "Published",
+    "StageConfig",
+    "available",
+    "config",
+    "create",
+    "entry",
+]

@@ -1,0 +1,160 @@
+"""CrossViT (Chen et al., ICCV 2021): a dual-branch ViT fused by CLS-token cross attention.
+
+Two ViT branches see the image at two patch sizes (CrossViT-9: 12 px patches of
+the 240 px image and 16 px patches of the image resized to 224 px). Each
+multi-scale block runs ``depths[b]`` plain ViT blocks in branch ``b``, then
+fuses: each branch's CLS token, projected to the other branch's width, attends
+to the other branch's patch tokens and is projected back (the registry's
+``cross`` mechanism does all of that). Each branch ends with LayerNorm on its
+CLS token and a linear head; the logits of the two heads are averaged.
+
+Position embeddings are learned for the native grids and resized (bicubic) to
+the current grids, so other resolutions run without rebuilding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attentions
+
+from .layers import HW, DropPath, Mlp, init_linear
+
+EPS = 1e-6  # CrossViT's LayerNorm eps
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossViTConfig:
+    dims: tuple[int, int] = (128, 256)
+    patches: tuple[int, int] = (12, 16)
+    # Native image side of each branch: branch 1 sees the image resized by resolutions[1] / resolutions[0].
+    resolutions: tuple[int, int] = (240, 224)
+    heads: tuple[int, int] = (4, 4)
+    depths: tuple[int, int] = (1, 3)  # ViT blocks per branch in each multi-scale block
+    fusions: int = 3  # multi-scale blocks
+    mlp_ratio: float = 3.0
+    drop_path: float = 0.0
+    num_classes: int = 1000
+    in_chans: int = 3
+
+    @property
+    def resolution(self) -> int:
+        return self.resolutions[0]
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm ViT block; the CLS token takes part in the attention like any token."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=EPS)
+        self.attn = attentions.build("full", dim=dim, heads=heads, qkv_bias=True)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, hw: HW) -> torch.Tensor:
+        # Full attention ignores the layout, so CLS + H*W tokens are passed as one 1 x (1 + H*W) row.
+        x = x + self.drop_path(self.attn(self.norm1(x), (1, x.shape[1])))
+        return x + self.drop_path(self.mlp(self.norm2(x), hw))
+
+
+class CrossViT(nn.Module):
+    def __init__(self, config: CrossViTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.prefix = 1
+        self.native_grids = [r // p for r, p in zip(cfg.resolutions, cfg.patches, strict=True)]
+        self.embeds = nn.ModuleList(
+            nn.Conv2d(cfg.in_chans, d, p, stride=p) for d, p in zip(cfg.dims, cfg.patches, strict=True)
+        )
+        self.cls_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, 1, d)) for d in cfg.dims)
+        self.pos_embeds = nn.ParameterList(
+            nn.Parameter(torch.zeros(1, 1 + g * g, d)) for g, d in zip(self.native_grids, cfg.dims, strict=True)
+        )
+        for p in [*self.cls_tokens, *self.pos_embeds]:
+            nn.init.trunc_normal_(p, std=0.02)
+        per_fusion = max(cfg.depths)
+        rates = torch.linspace(0, cfg.drop_path, cfg.fusions * per_fusion).tolist()
+        self.branches = nn.ModuleList()
+        self.fusers = nn.ModuleList()
+        for f in range(cfg.fusions):
+            self.branches.append(
+                nn.ModuleList(
+                    nn.ModuleList(
+                        ViTBlock(cfg.dims[b], cfg.heads[b], cfg.mlp_ratio, rates[f * per_fusion + j])
+                        for j in range(cfg.depths[b])
+                    )
+                    for b in range(2)
+                )
+            )
+            self.fusers.append(
+                nn.ModuleList(
+                    attentions.build(
+                        "cross",
+                        dim=cfg.dims[b],
+                        heads=cfg.heads[1 - b],  # the fusion runs at the other branch's width, with its heads
+                        context_dim=cfg.dims[1 - b],
+                        context_scale=self.native_grids[1 - b] / self.native_grids[b],
+                    )
+                    for b in range(2)
+                )
+            )
+        self.norms = nn.ModuleList(nn.LayerNorm(d, eps=EPS) for d in cfg.dims)
+        self.heads = nn.ModuleList(nn.Linear(d, cfg.num_classes) for d in cfg.dims)
+        self.heads.apply(init_linear)
+
+    # ------------------------------------------------------------------ resolution
+    def branch_sizes(self, resolution: int | HW) -> list[HW]:
+        """Image size each branch sees: branch 1 is resized to a multiple of its patch."""
+        h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+        cfg = self.config
+        scale = cfg.resolutions[1] / cfg.resolutions[0]
+        p1 = cfg.patches[1]
+        return [(h, w), (max(p1, round(h * scale / p1) * p1), max(p1, round(w * scale / p1) * p1))]
+
+    def unsupported(self, resolution: int | HW, batch: int = 1) -> list[str]:
+        h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+        p0 = self.config.patches[0]
+        if h % p0 or w % p0 or min(h, w) < p0:
+            return [
+                f"CrossViT's small branch cuts {p0} px patches, so the image side must be a positive multiple of "
+                f"{p0}, got {h}x{w}; native is {self.config.resolution}"
+            ]
+        return []
+
+    # ------------------------------------------------------------------ forward
+    def _embed(self, b: int, img: torch.Tensor) -> tuple[torch.Tensor, HW]:
+        m = self.embeds[b](img)  # (B, C, H/p, W/p)
+        hw = (int(m.shape[-2]), int(m.shape[-1]))
+        x = m.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        cls = self.cls_tokens[b].expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + self._pos(b, hw), hw  # (B, 1 + H*W, C)
+
+    def _pos(self, b: int, hw: HW) -> torch.Tensor:
+        pos = self.pos_embeds[b]
+        g = self.native_grids[b]
+        if tuple(hw) == (g, g):
+            return pos
+        grid = pos[:, 1:].transpose(1, 2).reshape(1, -1, g, g)  # (1, C, g, g)
+        grid = F.interpolate(grid, size=hw, mode="bicubic", align_corners=False)  # (1, C, H, W)
+        return torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        sizes = self.branch_sizes((int(img.shape[-2]), int(img.shape[-1])))
+        imgs = [img, img]
+        if sizes[1] != sizes[0]:
+            imgs[1] = F.interpolate(img, size=sizes[1], mode="bicubic", align_corners=False)
+        xs, hws = zip(*(self._embed(b, imgs[b]) for b in range(2)), strict=True)
+        xs = list(xs)
+        for blocks, fusers in zip(self.branches, self.fusers, strict=True):
+            for b in range(2):
+                for blk in blocks[b]:
+                    xs[b] = blk(xs[b], hws[b])
+            xs = [fusers[b](xs[b], hws[b], context=xs[1 - b], context_hw=hws[1 - b]) for b in range(2)]
+        logits = [head(norm(x[:, 0])) for x, norm, head in zip(xs, self.norms, self.heads, strict=True)]
+        return torch.stack(logits).mean(dim=0)

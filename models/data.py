@@ -1,0 +1,183 @@
+"""Data for training: a built-in synthetic task and a loader for image folders.
+
+``SyntheticRelations`` draws two shapes far apart on a noisy background, a
+filled square (A) and a hollow square (B), in one random colour; the label is
+where A lies relative to B: 2 * (A left of B) + (A above B), four classes. The
+shapes are at least a quarter of the image apart on both axes, so the label
+depends on a long-range spatial relation that a model must see across the map.
+Images are generated deterministically from (seed, split, index) at any
+resolution and size; nothing is stored or downloaded.
+
+``ImageFolder`` reads ``ROOT/<class>/<image>`` (or ``ROOT/train/<class>/...`` and
+``ROOT/val/<class>/...``) with PIL; every file is checked up front, so an empty
+folder or a non-image fails before a run starts.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "val")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class DataError(ValueError):
+    """The data cannot be used as given."""
+
+
+def _normalise(img: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> roughly zero mean, unit range."""
+    return (img - 0.5) / 0.5
+
+
+class SyntheticRelations(Dataset):
+    classes = ("A right of and below B", "A right of and above B", "A left of and below B", "A left of and above B")
+
+    def __init__(self, size: int, resolution: int, split: str = "train", seed: int = 0):
+        if split not in SPLITS:
+            raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if resolution < 16:
+            raise DataError(f"the synthetic task needs images of at least 16 px, got {resolution}")
+        if size < 1:
+            raise DataError(f"the synthetic dataset needs at least one image, got size={size}")
+        self.size = size
+        self.resolution = resolution
+        self.split = split
+        self.seed = seed
+        self.shape = max(3, resolution // 8)  # side of each square
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _rng(self, index: int) -> np.random.Generator:
+        # One independent stream per (seed, split, index) (numpy's SeedSequence uses every bit of all three):
+        # the held-out images are never training images.
+        return np.random.default_rng([self.seed, SPLITS.index(self.split), index])
+
+    def _layout(self, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        r, s = self.resolution, self.shape
+        gap = r // 4
+        while True:  # rejection sampling: the two squares far apart on both axes
+            ya, xa, yb, xb = (int(v) for v in rng.integers(0, r - s + 1, size=4))
+            if abs(xa - xb) >= gap and abs(ya - yb) >= gap:
+                return ya, xa, yb, xb
+
+    def layout(self, index: int) -> tuple[int, int, int, int]:
+        """Top-left corners (y_A, x_A, y_B, x_B) of the two squares of image ``index``."""
+        return self._layout(self._rng(index))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        rng = self._rng(index)
+        r, s = self.resolution, self.shape
+        ya, xa, yb, xb = self._layout(rng)
+        background = rng.random((3, 1, 1), dtype=np.float32) * 0.4
+        img = background + 0.08 * rng.standard_normal((3, r, r), dtype=np.float32)  # (3, R, R)
+        colour = 0.6 + 0.4 * rng.random((3, 1, 1), dtype=np.float32)
+        img[:, ya : ya + s, xa : xa + s] = colour  # A: filled
+        t = max(1, s // 4)
+        img[:, yb : yb + s, xb : xb + s] = colour  # B: hollow
+        img[:, yb + t : yb + s - t, xb + t : xb + s - t] = background
+        label = 2 * int(xa < xb) + int(ya < yb)
+        return _normalise(torch.from_numpy(img).clamp(0, 1)), label
+
+
+class ImageFolder(Dataset):
+    """Images in one folder per class, resized to ``resolution`` x ``resolution``."""
+
+    def __init__(self, root: str | Path, resolution: int, split: str = "train", holdout: float = 0.1, seed: int = 0):
+        if split not in SPLITS:
+            raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"image folder {root} does not exist or is not a directory")
+        self.resolution = resolution
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            self.classes, items = _scan(root / "train")
+            val_classes, val_items = _scan(root / "val")
+            if val_classes != self.classes:
+                raise DataError(
+                    f"{root}/train and {root}/val hold different class folders "
+                    f"({', '.join(self.classes)} against {', '.join(val_classes)}); give both the same classes"
+                )
+            self.items = items if split == "train" else val_items
+        else:
+            self.classes, items = _scan(root)
+            self.items = _split(items, split, holdout, seed)
+        if not self.items:
+            raise DataError(f"{root} leaves no images for the {split} split; add images or use ROOT/train and ROOT/val")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        path, label = self.items[index]
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((self.resolution, self.resolution), Image.Resampling.BILINEAR)
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        img = data.view(self.resolution, self.resolution, 3).permute(2, 0, 1).float() / 255.0  # (3, R, R)
+        return _normalise(img), label
+
+
+def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class folders and their images; every file must open as an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} holds no class folders; expected {root}/<class name>/<image files>")
+    items: list[tuple[Path, int]] = []
+    bad: list[str] = []
+    empty: list[str] = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            empty.append(name)
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im.verify()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                bad.append(str(f.relative_to(root)))
+                continue
+            items.append((f, label))
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"{root} holds files that are not images PIL can read: {shown}; remove or move them")
+    if empty:
+        raise DataError(f"class folder(s) {', '.join(empty)} in {root} hold no images; add images or remove them")
+    return classes, items
+
+
+def _split(items: list[tuple[Path, int]], split: str, holdout: float, seed: int) -> list[tuple[Path, int]]:
+    """A deterministic per-class hold-out: ``holdout`` of each class (at least one image if it has two)."""
+    if not 0 < holdout < 1:
+        raise DataError(f"holdout must be between 0 and 1, got {holdout}")
+    out = []
+    labels = sorted({label for _, label in items})
+    for label in labels:
+        mine = [it for it in items if it[1] == label]
+        random.Random(seed * 1009 + label).shuffle(mine)
+        n_val = max(1, round(len(mine) * holdout)) if len(mine) >= 2 else 0
+        out += mine[:n_val] if split == "val" else mine[n_val:]
+    return out
+
+
+def build(data: str, resolution: int, split: str, *, size: int | None = None, seed: int = 0) -> Dataset:
+    """``"synthetic"`` (``size`` images) or the path of an image folder."""
+    if data == "synthetic":
+        default = 2048 if split == "train" else 512
+        return SyntheticRelations(size or default, resolution, split, seed)
+    return ImageFolder(data, resolution, split, seed=seed)
+
+
+def classes_of(dataset: Dataset) -> list[str]:
+    return list(dataset.classes)  # type: ignore[attr-defined]

@@ -1,0 +1,37 @@
+"""Rows describing the zoo: native resolution, parameters and counted multiply-adds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import zoo
+
+
+def zoo_row(name: str, tiny: bool = False) -> dict[str, Any]:
+    """One model's row: params and MACs (bench.flops, batch 1, native resolution); FLOPs = 2 * MACs."""
+    from bench.flops import count
+
+    entry = zoo.entry(name)
+    model = zoo.create(name, tiny=tiny)
+    res = model.config.resolution
+    result = count(model, (torch.zeros(1, 3, res, res),), flop_counter=False, backward=False)
+    pub = entry.published
+    return {
+        "model": name,
+        "tiny": tiny,
+        "summary": entry.summary,
+        "resolution": res,
+        "params": sum(p.numel() for p in model.parameters()),
+        "macs": int(result.macs),
+        "flops": 2 * int(result.macs),
+        "uncovered": dict(result.uncovered),
+        "published_params": pub.params if pub else None,
+        "published_gmacs": pub.gmacs if pub else None,
+        "published_source": pub.source if pub else None,
+    }
+
+
+def zoo_rows(names: list[str], tiny: bool = False) -> list[dict[str, Any]]:
+    return [zoo_row(n, tiny) for n in names]

@@ -1,0 +1,109 @@
+"""The zoo: every entry builds, runs forward and backward at two resolutions, and
+the published configurations reproduce the papers' parameter counts (2%) and
+multiply-adds (5%) under bench.flops with nothing uncovered."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attentions
+import models
+from bench.flops import count
+
+PUBLISHED = [n for n in models.available() if models.entry(n).published is not None]
+
+# Where the build cannot match the paper, and why. strict: a fix makes these tests fail until the entry is removed.
+KNOWN_GAPS = {
+    ("dat_t", "params"): "the CVPR configuration (Swin-T layout + 4 deformable blocks) counts 28.3M; the paper rounds "
+    "to 29M",
+    ("quadtree_b_b0", "params"): "3.59M against the paper's 3.5M (only the FLOPs are to be reproduced)",
+    ("mvitv2_t", "params"): "pooling has no dim_out knob: the first block of a stage widens x by a Linear before "
+    "attention at the new width instead of a qkv projecting from the old width (+1.2M)",
+    ("mvitv2_t", "macs"): "the same widening Linear before the qkv projection (+0.5 GMACs)",
+}
+
+
+def _mark(name: str, what: str):
+    reason = KNOWN_GAPS.get((name, what))
+    return [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+
+
+def _grads_all(model: torch.nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_available_holds_the_published_and_one_pyramid_per_mechanism():
+    names = models.available()
+    for n in ("swin_t", "pvt_v2_b0", "quadtree_b_b0", "dat_t", "mvitv2_t", "crossvit_9"):
+        assert n in names
+    for m in attentions.available():
+        assert f"pyramid_{m}" in names
+
+
+@pytest.mark.parametrize("name", models.available())
+def test_tiny_runs_at_native_and_other_resolution(name):
+    torch.manual_seed(0)
+    model = models.create(name, tiny=True, num_classes=5)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 1_000 < n_params < 600_000, f"{name} tiny has {n_params} parameters"
+    for res in (model.config.resolution, models.entry(name).tiny_other_resolution):
+        assert model.unsupported(res) == [], res
+        model.zero_grad(set_to_none=True)
+        x = torch.randn(2, 3, res, res)
+        out = model(x)
+        assert out.shape == (2, 5)
+        assert torch.isfinite(out).all()
+        out.square().mean().backward()
+        missing = _grads_all(model)
+        assert not missing, f"{name} at {res} px: no gradient reached {missing[:5]}"
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", models.available())
+def test_full_size_builds_with_its_stage_maps(name):
+    model = models.create(name)
+    assert model.config.resolution in (224, 240)
+    assert model.unsupported(model.config.resolution) == []
+    assert model.unsupported(models.entry(name).other_resolution) == []
+
+
+def _published_cases(what: str):
+    return [pytest.param(n, marks=_mark(n, what)) for n in PUBLISHED]
+
+
+@pytest.mark.parametrize("name", _published_cases("params"))
+def test_published_parameter_count_within_2_percent(name):
+    pub = models.entry(name).published
+    n = sum(p.numel() for p in models.create(name).parameters())
+    assert abs(n / pub.params - 1) <= 0.02, f"{name}: {n / 1e6:.3f}M against {pub.params / 1e6}M"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _published_cases("macs"))
+def test_published_macs_within_5_percent_and_fully_counted(name):
+    # The papers' "GFLOPs" count a multiply-add once: they are GMACs, compared with our macs (FLOPs = 2 * MACs).
+    pub = models.entry(name).published
+    model = models.create(name)
+    res = model.config.resolution
+    result = count(model, (torch.zeros(1, 3, res, res),), flop_counter=False, backward=False)
+    assert result.uncovered == {}, f"{name}: uncounted ops {result.uncovered}"
+    assert abs(result.macs / 1e9 / pub.gmacs - 1) <= 0.05, f"{name}: {result.macs / 1e9:.3f} GMACs vs {pub.gmacs}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pvt_v2_b0", "mvitv2_t", "crossvit_9", "pyramid_deformable"])
+def test_full_size_forward_backward_at_native_resolution(name):
+    model = models.create(name, num_classes=10)
+    res = model.config.resolution
+    out = model(torch.randn(1, 3, res, res))
+    assert out.shape == (1, 10)
+    out.sum().backward()
+    assert not _grads_all(model)
+
+
+def test_unknown_model_and_override_are_clear_errors():
+    with pytest.raises(KeyError, match="unknown model 'resnet50'; available: swin_t"):
+        models.create("resnet50")
+    with pytest.raises(ValueError, match="unknown override.*depth.*valid: .*num_classes"):
+        models.create("swin_t", tiny=True, depth=3)

@@ -497,5 +497,96 @@ def flops_(
         raise typer.Exit(3)
 
 
+@app.command("models")
+def models_(
+    names: list[str] = typer.Argument(None, help="Models to list (default: the whole zoo)."),
+    as_json: bool = JSON_OPTION,
+    tiny: bool = typer.Option(False, "--tiny", help="List the tiny variants (32 px, CPU-trainable) instead."),
+) -> None:
+    """List the model zoo: native resolution, parameters and multiply-adds (FLOPs = 2 x MACs) there."""
+    import models
+    from models.report import zoo_rows
+
+    unknown = [n for n in names or [] if n not in models.available()]
+    if unknown:
+        raise typer.BadParameter(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(models.available())}")
+    with console.status("building the zoo and counting multiply-adds...", spinner="dots"):
+        rows = zoo_rows(names or models.available(), tiny=tiny)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(
+        title="model zoo" + (" (tiny variants)" if tiny else ""),
+        caption="MACs = multiply-adds counted by bench.flops at the native resolution (batch 1); FLOPs = 2 x MACs. "
+        "The papers' 'GFLOPs' are GMACs.",
+    )
+    for col, justify in (
+        ("model", "left"), ("native", "right"), ("params", "right"), ("GMACs", "right"), ("GFLOPs", "right"),
+        ("published", "right"), ("count", "left"),
+    ):  # fmt: skip
+        table.add_column(col, justify=justify, no_wrap=col == "model")
+    for r in rows:
+        pub = "-"
+        if r["published_params"] is not None and not tiny:
+            pub = f"{r['published_params'] / 1e6:.1f}M, {r['published_gmacs']} G"
+        table.add_row(
+            r["model"],
+            f"{r['resolution']} px",
+            f"{r['params'] / 1e6:.2f}M",
+            f"{r['macs'] / 1e9:.3f}",
+            f"{2 * r['macs'] / 1e9:.3f}",
+            pub,
+            "complete" if not r["uncovered"] else "INCOMPLETE: " + ", ".join(r["uncovered"]),
+        )
+    console.print(table)
+
+
+@app.command("train")
+def train_(
+    model: str = typer.Option(..., "--model", "-m", help="A zoo model (attnbench models lists them)."),
+    tiny: bool = typer.Option(False, "--tiny", help="The tiny variant (32 px native), trains on a CPU."),
+    data: str = typer.Option("synthetic", "--data", help="'synthetic' (built in) or an image folder ROOT/<class>/."),
+    resolution: int = typer.Option(None, "--resolution", "-r", help="Image side in px (default: the model's native)."),
+    epochs: int = typer.Option(10, "--epochs", help="Epochs to train (in all, counting those before --resume)."),
+    batch: int = typer.Option(64, "--batch", "-b", help="Batch size."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of AdamW (cosine schedule, 1 epoch warm-up)."),
+    amp: bool = typer.Option(False, "--amp", help="Mixed precision (float16 on CUDA, bfloat16 on the CPU)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
+    out: str = typer.Option(..., "--out", "-o", help="Run directory (results.jsonl, env.json, checkpoint.pt)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    train_size: int = typer.Option(2048, "--train-size", help="Synthetic training images."),
+    val_size: int = typer.Option(512, "--val-size", help="Synthetic held-out images."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data order, the synthetic images and the weights."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Train a zoo model end to end; per-epoch and final metrics go to RUN_DIR/results.jsonl."""
+    import torch
+
+    from models.train import TrainConfig, TrainError, train
+
+    cfg = TrainConfig(
+        model=model, tiny=tiny, data=data, resolution=resolution, epochs=epochs, batch=batch, lr=lr, amp=amp,
+        device=device, out=out, resume=resume, train_size=train_size, val_size=val_size, seed=seed,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    try:
+        result = train(cfg, progress=not as_json)
+    except TrainError as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        raise typer.Exit(2) from None
+    result.pop("step_losses", None)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    macs = result["macs"]
+    console.print(
+        f"{result['model']} at {result['resolution']} px: held-out accuracy {result['accuracy']:.1%} after "
+        f"{result['epochs']} epochs; {result['params'] / 1e6:.3f}M params, "
+        + (f"{macs / 1e9:.4f} GMACs ({2 * macs / 1e9:.4f} GFLOPs) per image, " if macs is not None else "")
+        + f"{result['images_per_s']:.0f} img/s, peak {result['peak_bytes'] / 2**20:.0f} MiB "
+        f"({result['memory_method']}); results in {out}/results.jsonl"
+    )
+
+
 if __name__ == "__main__":
     app()

@@ -206,9 +206,9 @@ def test_flops_counted_by_both_counters_and_backward_by_its_rule():
     from bench import flops
 
     torch.manual_seed(0)
-    module = attentions.build("quadtree", dim=32, heads=2, levels=2, topk=2, impl="triton")
-    args = module.example_inputs(1, (8, 12))
-    assert not module.unsupported(1, (8, 12))
+    module = attentions.build("quadtree", dim=32, heads=2, levels=2, topk=2, impl="triton").to(DEVICE)
+    args = module.example_inputs(1, (8, 12), device=DEVICE)
+    assert not module.unsupported(1, (8, 12), device=DEVICE)
     result = flops.count(module, args)
     assert result.complete and result.flop_counter_uncovered == {}
     assert result.macs == result.analytic_macs == result.flop_counter_macs
@@ -216,9 +216,9 @@ def test_flops_counted_by_both_counters_and_backward_by_its_rule():
     pairs = 2 * 8 * 12 * 4 * 2  # heads * queries * 4K candidates
     assert result.by_op["attnbench::quadtree_refine"] == pairs * 2 * 16
     assert result.backward_uncovered == {}
-    fast = flops.count(attentions.build("quadtree", dim=32, heads=2, levels=2, topk=2, impl="fast"), args)
+    fast = flops.count(attentions.build("quadtree", dim=32, heads=2, levels=2, topk=2, impl="fast").to(DEVICE), args)
     assert result.macs == fast.macs  # the kernel computes the pairs the PyTorch path does
-    module = attentions.build("quadtree", dim=32, heads=2, variant="A", levels=2, topk=2, impl="triton")
+    module = attentions.build("quadtree", dim=32, heads=2, variant="A", levels=2, topk=2, impl="triton").to(DEVICE)
     result = flops.count(module, args)
     assert result.complete and result.flop_counter_uncovered == {} and result.backward_uncovered == {}
     assert result.macs == result.analytic_macs == result.flop_counter_macs

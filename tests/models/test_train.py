@@ -30,21 +30,22 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[-1] < 1e-3
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_the_synthetic_task(tmp_path):
     torch.manual_seed(0)
-    cfg = _cfg(tmp_path / "run", model="pyramid_full", epochs=2, train_size=2048, val_size=256)
+    cfg = _cfg(tmp_path / "run", model="pyramid_full", epochs=3, train_size=2048, val_size=256)
     result = train(cfg, progress=False)
     losses = result["step_losses"]
-    assert len(losses) == 2 * 64
+    assert len(losses) == 3 * 64  # 192 steps of 32 images
     first, last = sum(losses[:16]) / 16, sum(losses[-16:]) / 16
     assert last < 0.85 * first, (first, last)
-    assert result["accuracy"] >= 0.5, result["accuracy"]  # chance is 0.25 (four relations)
+    assert result["accuracy"] >= 0.6, result["accuracy"]  # chance is 0.25 (four relations)
     rows = read_results(tmp_path / "run").records
-    assert [r["kind"] for r in rows] == ["train_epoch"] * 2 + ["train"]
+    assert [r["kind"] for r in rows] == ["train_epoch"] * 3 + ["train"]
     final = rows[-1]
     for field in FINAL_FIELDS:
         assert final[field] is not None, field
-    assert final["kind"] == "train" and final["resolution"] == 32 and final["epochs"] == 2
+    assert final["kind"] == "train" and final["resolution"] == 32 and final["epochs"] == 3
     assert final["mechanism"] == "full" and final["model"] == "pyramid_full-tiny"
     assert final["macs"] > 0 and final["params"] == sum(p.numel() for p in train_mod.zoo.create(
         "pyramid_full", tiny=True, num_classes=4).parameters())  # fmt: skip

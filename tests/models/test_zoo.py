@@ -92,7 +92,7 @@ def test_published_macs_within_5_percent_and_fully_counted(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["pvt_v2_b0", "mvitv2_t", "crossvit_9", "pyramid_deformable"])
+@pytest.mark.parametrize("name", ["pvt_v2_b0", "crossvit_9"])
 def test_full_size_forward_backward_at_native_resolution(name):
     model = models.create(name, num_classes=10)
     res = model.config.resolution

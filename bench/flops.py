@@ -45,6 +45,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from attentions import kernels
+
 __all__ = [
     "ZERO_OPS",
     "FlopCount",
@@ -529,7 +531,8 @@ def _fvcore_count(module: nn.Module, args: tuple) -> tuple[int, dict, dict, dict
     analysis._op_handles = {k: h for k, h in analysis._op_handles.items() if op_base_name(k) not in ZERO_OPS}
     handles = {name: _fvcore_handle(name, h, calls) for name, h in analysis._op_handles.items()}
     handles.update({name: _rule_handle(name, rule, calls) for name, rule in JIT_RULES.items()})
-    handles.update({name: _rule_handle(name, rule, calls) for name, rule in _CUSTOM.items()})
+    custom = {**kernels.FLOP_RULES, **_CUSTOM}  # our kernels' ops, then ops registered here
+    handles.update({name: _rule_handle(name, rule, calls) for name, rule in custom.items()})
     analysis.set_op_handle(**handles)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -41,13 +41,14 @@ their forward.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import register_flop_rule
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -560,23 +561,9 @@ RULES = (
 
 
 def _register_counting() -> None:
-    """Count the ops in FlopCounterMode and, where bench is installed beside attentions, in bench.flops (fvcore)."""
-    try:
-        from bench import flops
-    except ImportError:  # attentions used on its own: torch's counter only
-        from torch.utils.flop_counter import register_flop_formula
-
-        for op, rule in RULES:
-
-            def formula(*args, out_val=None, _rule=rule, **kwargs):
-                shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
-                return 2 * _rule(shapes, [], kwargs)
-
-            register_flop_formula(op._opoverload, get_raw=True)(formula)
-        return
+    """Count the ops in FlopCounterMode, and in bench.flops through attentions.kernels.FLOP_RULES."""
     for op, rule in RULES:
-        with contextlib.suppress(ValueError):  # already registered (module reloaded)
-            flops.register_op(op, rule)
+        register_flop_rule(op, rule)
 
 
 _register_counting()

@@ -24,6 +24,11 @@ from bench.measure import Settings
 from bench.points import Grid, GridError, expand, parse_knob, parse_resolution, split_values
 from bench.sweep import load_sweep_file, resolve_request, run_sweep
 
+# Importing the fakes registers them (that is how ATTNBENCH_PLUGINS loads them in a
+# worker); in this process they are registered only inside the `fakes` fixture, so
+# registry-driven tests elsewhere never see them.
+bench_fakes.unregister_all()
+
 REPO = Path(__file__).resolve().parents[2]
 FAKES_DIR = str(Path(__file__).resolve().parent)
 

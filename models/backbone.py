@@ -122,11 +122,30 @@ class Block(nn.Module):
         x = x + self.drop_path(self.mlp(self.norm2(x), out_hw, prefix))
         return x, out_hw
 
+    def macs(self, batch: int, hw: HW, prefix: int = 0) -> int:
+        """Analytic multiply-adds (LayerNorm 5 per element; biases, GELU, additions free)."""
+        n, dim_in, dim = hw[0] * hw[1], self.norm1.normalized_shape[0], self.norm2.normalized_shape[0]
+        out_hw = self.attn.output_hw(hw)
+        n_out = out_hw[0] * out_hw[1]
+        per_image = 5 * (prefix + n) * dim_in
+        if self.expand is not None:
+            per_image += (prefix + n) * dim_in * dim
+        if out_hw != tuple(hw):
+            kh, kw = _skip_kernel(hw, out_hw)
+            per_image += n_out * dim * kh * kw  # max pooling: k*k per output element
+        per_image += 5 * (prefix + n_out) * dim + self.mlp.macs(out_hw, prefix)
+        return batch * per_image + self.attn.macs(batch, hw, self.context_hw(hw))
+
+
+def _skip_kernel(hw: HW, out_hw: HW) -> tuple[int, int]:
+    stride = tuple(max(1, round(a / b)) for a, b in zip(hw, out_hw, strict=True))
+    return tuple(s + 1 if s > 1 else 1 for s in stride)  # type: ignore[return-value]
+
 
 def pool_residual(t: torch.Tensor, hw: HW, out_hw: HW) -> torch.Tensor:
     """MViTv2's pooled skip connection: (B, H*W, C) -> (B, H'*W', C) by max pooling."""
     stride = tuple(max(1, round(a / b)) for a, b in zip(hw, out_hw, strict=True))
-    kernel = tuple(s + 1 if s > 1 else 1 for s in stride)
+    kernel = _skip_kernel(hw, out_hw)
     m = F.max_pool2d(to_map(t, hw), kernel, stride, tuple(k // 2 for k in kernel))  # (B, C, H', W')
     if tuple(m.shape[-2:]) != tuple(out_hw):
         m = F.adaptive_max_pool2d(to_map(t, hw), out_hw)
@@ -206,6 +225,25 @@ class Backbone(nn.Module):
                     reasons.append(f"{where}: " + "; ".join(found))
                     break
         return reasons
+
+    def macs(self, batch: int, resolution: int | HW) -> int:
+        """Analytic multiply-adds of one forward pass (FLOPs = 2 * MACs), the sum of every layer's and every
+        attention's own ``macs()``; ``bench.flops`` counts the same by tracing (see tests/models)."""
+        hw = _as_hw(resolution)
+        p = self.prefix
+        total = batch * self.stem.macs(hw)
+        hw = self.stem.output_hw(hw)
+        for merge, blocks, snorm in zip(self.merges, self.stages, self.stage_norms, strict=True):
+            if isinstance(merge, Merge):
+                total += batch * merge.macs(hw, p)
+                hw = merge.output_hw(hw)
+            for blk in blocks:
+                total += blk.macs(batch, hw, p)
+                hw = blk.attn.output_hw(hw)
+            if snorm is not None:
+                total += batch * 5 * (p + hw[0] * hw[1]) * snorm.normalized_shape[0]
+        c = self.norm.normalized_shape[0]
+        return total + batch * (5 * (p + hw[0] * hw[1]) * c + c * self.head.out_features)
 
     # ------------------------------------------------------------------ forward
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:

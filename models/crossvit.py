@@ -57,6 +57,11 @@ class ViTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
+    def macs(self, batch: int, tokens: int) -> int:
+        c = self.norm1.normalized_shape[0]
+        own = 2 * 5 * tokens * c + self.mlp.macs((1, tokens))
+        return batch * own + self.attn.macs(batch, (1, tokens))
+
     def forward(self, x: torch.Tensor, hw: HW) -> torch.Tensor:
         # Full attention ignores the layout, so CLS + H*W tokens are passed as one 1 x (1 + H*W) row.
         x = x + self.drop_path(self.attn(self.norm1(x), (1, x.shape[1])))
@@ -126,6 +131,26 @@ class CrossViT(nn.Module):
                 f"{p0}, got {h}x{w}; native is {self.config.resolution}"
             ]
         return []
+
+    def macs(self, batch: int, resolution: int | HW) -> int:
+        """Analytic multiply-adds of one forward pass (FLOPs = 2 * MACs); interpolation counts 4 per output."""
+        sizes = self.branch_sizes(resolution)
+        cfg = self.config
+        total = 4 * cfg.in_chans * sizes[1][0] * sizes[1][1] if sizes[1] != sizes[0] else 0  # bicubic resize
+        hws, tables = [], 0
+        for b in range(2):
+            p, d, g = cfg.patches[b], cfg.dims[b], self.native_grids[b]
+            hw = (sizes[b][0] // p, sizes[b][1] // p)
+            hws.append(hw)
+            total += hw[0] * hw[1] * d * cfg.in_chans * p * p
+            if hw != (g, g):
+                tables += 4 * d * hw[0] * hw[1]  # the position table resized: once per call, not per image
+        total = total * batch + tables
+        for blocks, fusers in zip(self.branches, self.fusers, strict=True):
+            for b in range(2):
+                total += sum(blk.macs(batch, 1 + hws[b][0] * hws[b][1]) for blk in blocks[b])
+            total += sum(fusers[b].macs(batch, hws[b], hws[1 - b]) for b in range(2))
+        return total + batch * sum(5 * d + d * cfg.num_classes for d in cfg.dims)
 
     # ------------------------------------------------------------------ forward
     def _embed(self, b: int, img: torch.Tensor) -> tuple[torch.Tensor, HW]:

@@ -60,6 +60,13 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, out_dim or dim)
         self.apply(init_linear)
 
+    def macs(self, hw: HW, prefix: int = 0) -> int:
+        """Multiply-adds per image (biases and GELU free, as bench.flops counts)."""
+        n = hw[0] * hw[1]
+        c, hidden, c_out = self.fc1.in_features, self.fc1.out_features, self.fc2.out_features
+        conv = n * hidden * 9 if self.dwconv is not None else 0
+        return (prefix + n) * (c * hidden + hidden * c_out) + conv
+
     def forward(self, x: torch.Tensor, hw: HW, prefix: int = 0) -> torch.Tensor:
         x = self.fc1(x)
         if self.dwconv is not None:
@@ -92,6 +99,13 @@ class Stem(nn.Module):
     def output_hw(self, hw: HW) -> HW:
         k, s, p = self.geometry
         return (conv_out(hw[0], k, s, p), conv_out(hw[1], k, s, p))
+
+    def macs(self, hw: HW) -> int:
+        """Multiply-adds per image: the convolution, then LayerNorm (5 per element)."""
+        out = self.output_hw(hw)
+        n, k = out[0] * out[1], self.geometry[0]
+        c_in, c = self.proj.in_channels, self.proj.out_channels
+        return n * c * c_in * k * k + (5 * n * c if self.norm is not None else 0)
 
     def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, HW]:
         m = self.proj(img)  # (B, C, H/4, W/4)
@@ -136,6 +150,20 @@ class Merge(nn.Module):
         if self.kind == "linear":
             return ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
         return (hw[0] // 2, hw[1] // 2)
+
+    def macs(self, hw: HW, prefix: int = 0) -> int:
+        """Multiply-adds per image."""
+        out = self.output_hw(hw)
+        n = out[0] * out[1]
+        if self.kind == "linear":
+            c4, c_out = self.reduction.in_features, self.reduction.out_features
+            total = 5 * n * c4 + n * c4 * c_out
+        else:
+            c_in, c_out, k = self.proj.in_channels, self.proj.out_channels, self.proj.kernel_size[0]
+            total = n * c_out * c_in * k * k + 5 * n * c_out
+        if prefix and self.prefix_proj is not None:
+            total += prefix * self.prefix_proj.in_features * self.prefix_proj.out_features
+        return total
 
     def forward(self, x: torch.Tensor, hw: HW, prefix: int = 0) -> tuple[torch.Tensor, HW]:
         head, body = x[:, :prefix], x[:, prefix:]

@@ -88,6 +88,7 @@ def test_published_macs_within_5_percent_and_fully_counted(name):
     res = model.config.resolution
     result = count(model, (torch.zeros(1, 3, res, res),), flop_counter=False, backward=False)
     assert result.uncovered == {}, f"{name}: uncounted ops {result.uncovered}"
+    assert model.macs(1, res) == pytest.approx(result.macs, rel=1e-3)  # the analytic sum agrees with the trace
     assert abs(result.macs / 1e9 / pub.gmacs - 1) <= 0.05, f"{name}: {result.macs / 1e9:.3f} GMACs vs {pub.gmacs}"
 
 
@@ -107,3 +108,14 @@ def test_unknown_model_and_override_are_clear_errors():
         models.create("resnet50")
     with pytest.raises(ValueError, match="unknown override.*depth.*valid: .*num_classes"):
         models.create("swin_t", tiny=True, depth=3)
+
+
+@pytest.mark.parametrize("name", models.available())
+def test_analytic_macs_agree_with_the_counter(name):
+    # Every model's macs() (its layers' sums plus each attention's own macs()) against bench.flops' trace.
+    # At the non-native resolution, where tables are resized (the native one is checked at full size below).
+    model = models.create(name, tiny=True)
+    res = models.entry(name).tiny_other_resolution
+    result = count(model, (torch.zeros(2, 3, res, res),), flop_counter=False, backward=False)
+    assert result.uncovered == {}
+    assert model.macs(2, res) == pytest.approx(result.macs, rel=1e-3)

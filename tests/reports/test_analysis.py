@@ -156,3 +156,17 @@ def test_mechanism_outside_the_common_context_keeps_its_own(make_run):
     assert math.isnan(table.loc["x", "speed-up vs full (x)"])
     assert table.loc["y", "speed-up vs full (x)"] == pytest.approx(2.0)
     assert set(analysis.in_side(df, refs)["mechanism"]) == {"full", "x", "y"}
+
+
+def test_baselines_slower_implementation_is_below_one(make_run):
+    rows = [
+        row("full", 32, 2.0, peak=4_000_000, impl="fast"),
+        row("full", 32, 8.0, peak=8_000_000, impl="reference"),
+        row("lin", 32, 1.0, peak=1_000_000, impl="fast"),
+    ]
+    df = tidy([load_run(make_run(rows))])
+    t = analysis.summary_table(df, analysis.references(df)).set_index(["mechanism", "impl"])
+    assert t.loc[("full", "fast"), "speed-up vs full (x)"] == pytest.approx(1.0)
+    assert t.loc[("full", "reference"), "speed-up vs full (x)"] == pytest.approx(0.25)
+    assert t.loc[("full", "reference"), "memory saving vs full %"] == pytest.approx(-100.0)
+    assert t.loc[("lin", "fast"), "speed-up vs full (x)"] == pytest.approx(2.0)

@@ -557,6 +557,7 @@ def train_(
     train_size: int = typer.Option(2048, "--train-size", help="Synthetic training images."),
     val_size: int = typer.Option(512, "--val-size", help="Synthetic held-out images."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order, the synthetic images and the weights."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (1 is fastest for tiny models)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train a zoo model end to end; per-epoch and final metrics go to RUN_DIR/results.jsonl."""
@@ -566,7 +567,7 @@ def train_(
 
     cfg = TrainConfig(
         model=model, tiny=tiny, data=data, resolution=resolution, epochs=epochs, batch=batch, lr=lr, amp=amp,
-        device=device, out=out, resume=resume, train_size=train_size, val_size=val_size, seed=seed,
+        device=device, out=out, resume=resume, train_size=train_size, val_size=val_size, seed=seed, threads=threads,
     )  # fmt: skip
     torch.manual_seed(seed)
     try:

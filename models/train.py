@@ -66,6 +66,7 @@ class TrainConfig:
     val_size: int = 512
     seed: int = 0
     drop_path: float | None = None  # None: the configuration's own
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
 
     # Fields that must match between a run and its resumption.
     SAME_ON_RESUME = ("model", "tiny", "data", "resolution", "batch", "seed", "train_size", "val_size")
@@ -89,8 +90,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
         zoo.entry(cfg.model)
     except KeyError as exc:
         raise TrainError(exc.args[0]) from None
-    for name in ("epochs", "batch"):
-        if getattr(cfg, name) < 1:
+    for name in ("epochs", "batch", "threads"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise TrainError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise TrainError(f"--lr must be positive, got {cfg.lr}")
@@ -190,6 +191,8 @@ def train(
     from bench.env import fingerprint
     from bench.store import ENV, RESULTS, ResultsStore
 
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     prep = prepare(cfg)
     cfg, model, device, run_dir = prep.config, prep.model, prep.device, prep.run_dir
     created = not run_dir.exists()

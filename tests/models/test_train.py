@@ -30,7 +30,6 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[-1] < 1e-3
 
 
-@pytest.mark.slow
 def test_tiny_model_learns_the_synthetic_task(tmp_path):
     torch.manual_seed(0)
     cfg = _cfg(tmp_path / "run", model="pyramid_full", epochs=3, train_size=2048, val_size=256)

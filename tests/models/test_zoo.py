@@ -79,7 +79,6 @@ def test_published_parameter_count_within_2_percent(name):
     assert abs(n / pub.params - 1) <= 0.02, f"{name}: {n / 1e6:.3f}M against {pub.params / 1e6}M"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", _published_cases("macs"))
 def test_published_macs_within_5_percent_and_fully_counted(name):
     # The papers' "GFLOPs" count a multiply-add once: they are GMACs, compared with our macs (FLOPs = 2 * MACs).
@@ -92,7 +91,6 @@ def test_published_macs_within_5_percent_and_fully_counted(name):
     assert abs(result.macs / 1e9 / pub.gmacs - 1) <= 0.05, f"{name}: {result.macs / 1e9:.3f} GMACs vs {pub.gmacs}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "crossvit_9"])
 def test_full_size_forward_backward_at_native_resolution(name):
     model = models.create(name, num_classes=10)

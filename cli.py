@@ -528,7 +528,7 @@ def models_(
     for r in rows:
         pub = "-"
         if r["published_params"] is not None and not tiny:
-            pub = f"{r['published_params'] / 1e6:.1f}M, {r['published_gmacs']} G"
+            pub = f"{r['published_params'] / 1e6:.1f}M, {r['published_gmacs']} GMACs"
         table.add_row(
             r["model"],
             f"{r['resolution']} px",

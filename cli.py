@@ -561,15 +561,12 @@ def train_(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train a zoo model end to end; per-epoch and final metrics go to RUN_DIR/results.jsonl."""
-    import torch
-
     from models.train import TrainConfig, TrainError, train
 
     cfg = TrainConfig(
         model=model, tiny=tiny, data=data, resolution=resolution, epochs=epochs, batch=batch, lr=lr, amp=amp,
         device=device, out=out, resume=resume, train_size=train_size, val_size=val_size, seed=seed, threads=threads,
     )  # fmt: skip
-    torch.manual_seed(seed)
     try:
         result = train(cfg, progress=not as_json)
     except TrainError as exc:

@@ -64,7 +64,7 @@ class TrainConfig:
     resume: bool = False
     train_size: int = 2048  # synthetic data only
     val_size: int = 512
-    seed: int = 0
+    seed: int = 0  # initial weights, data order and the synthetic images
     drop_path: float | None = None  # None: the configuration's own
     threads: int | None = None  # torch intra-op threads (None: torch's default)
 
@@ -96,6 +96,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if not cfg.lr > 0:
         raise TrainError(f"--lr must be positive, got {cfg.lr}")
     device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the initial weights (a resumed run takes its weights and RNG from the checkpoint)
     overrides: dict[str, Any] = {}
     if cfg.drop_path is not None:
         overrides["drop_path"] = cfg.drop_path

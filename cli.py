@@ -24,6 +24,7 @@ console = Console()
 def main() -> None:
     """Sweep attention mechanisms, count their FLOPs, train models and write HTML reports."""
 
+
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 

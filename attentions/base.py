@@ -131,7 +131,8 @@ class Attention(nn.Module):
     ``forward(x, hw, context=None, context_hw=None)`` takes ``x`` of shape
     ``(B, prefix + H*W, dim)`` with the ``H*W`` tokens in row-major order and
     returns a tensor of the same shape (of ``prefix + prod(output_hw(hw))``
-    tokens where a mechanism pools its queries). Subclasses implement :meth:`_forward`,
+    tokens where a mechanism pools its queries, of ``output_dim`` channels
+    where it widens them). Subclasses implement :meth:`_forward`,
     :meth:`macs` and, where points can be refused, :meth:`_unsupported`.
     """
 
@@ -160,12 +161,17 @@ class Attention(nn.Module):
             raise KnobError(f"dim must be a positive integer, got {dim!r}")
         if not isinstance(heads, int) or heads <= 0:
             raise KnobError(f"heads must be a positive integer, got {heads!r}")
-        if dim % heads:
-            raise KnobError(f"dim ({dim}) must be divisible by heads ({heads}); choose heads from {_divisors(dim)}")
         self.dim = dim
         self.heads = heads
-        self.head_dim = dim // heads
         self.knobs = knobs
+        # Heads split the channels the attention works at: dim, or output_dim where a mechanism widens.
+        width = self.output_dim
+        if width % heads:
+            label = "dim" if width == dim else "output_dim"
+            raise KnobError(
+                f"{label} ({width}) must be divisible by heads ({heads}); choose heads from {_divisors(width)}"
+            )
+        self.head_dim = width // heads
         self._impl = self.default_impl
         self.impl = impl or self.default_impl
 
@@ -248,6 +254,11 @@ class Attention(nn.Module):
     def output_hw(self, hw: HW) -> HW:
         """Token map of the output: ``hw`` unless the mechanism pools its queries."""
         return hw
+
+    @property
+    def output_dim(self) -> int:
+        """Channels of the output tokens: ``dim`` unless the mechanism widens them (pooling's ``dim_out``)."""
+        return self.dim
 
     def unsupported(
         self,

@@ -69,12 +69,17 @@ class Projections(nn.Module):
     the same weights and code.
     """
 
-    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, bias: bool = True):
+    def __init__(
+        self, dim: int, heads: int, kv_dim: int | None = None, bias: bool = True, out_dim: int | None = None
+    ):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(dim, dim, bias=bias)
-        self.kv = nn.Linear(kv_dim or dim, 2 * dim, bias=bias)
-        self.out = nn.Linear(dim, dim)
+        # out_dim widens the heads (MViTv2's qkv projecting from dim to dim_out): q, k, v and the output
+        # are out_dim wide, split into heads of out_dim // heads.
+        out_dim = out_dim or dim
+        self.q = nn.Linear(dim, out_dim, bias=bias)
+        self.kv = nn.Linear(kv_dim or dim, 2 * out_dim, bias=bias)
+        self.out = nn.Linear(out_dim, out_dim)
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, h, N, d)."""
@@ -86,13 +91,13 @@ class Projections(nn.Module):
         return split_heads(k, self.heads), split_heads(v, self.heads)
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
-        """(B, h, N, d) -> (B, N, C)."""
+        """(B, h, N, d) -> (B, N, C_out)."""
         return self.out(merge_heads(o))
 
     def macs(self, batch: int, nq: int, nkv: int) -> int:
         """Multiply-adds of the q, kv and output projections."""
-        c = self.q.in_features
-        return batch * (nq * c * c + nkv * self.kv.in_features * 2 * c + nq * c * c)
+        c, o = self.q.in_features, self.q.out_features
+        return batch * (nq * c * o + nkv * self.kv.in_features * 2 * o + nq * o * o)
 
 
 def attention_macs(batch: int, heads: int, nq: int, nk: int, head_dim: int) -> int:

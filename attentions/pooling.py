@@ -17,6 +17,14 @@ tables have ``2 * max(q, kv) - 1`` rows for a ``rel_pos_size`` square map
 linear interpolation to the length the current map needs, as MViTv2 does.
 ``residual_pooling=True`` adds the pooled queries to the attention output.
 
+``dim_out`` (0: the same as ``dim``) widens the tokens inside the attention, as
+MViTv2 does where a stage begins (``dim_mul_in_att``): q, k and v are projected
+from ``dim`` to ``dim_out`` channels, split into heads of ``dim_out // heads``
+(the pooling convolutions, norms and relative-position tables work at that
+width), the residual pooling adds the ``dim_out``-wide pooled queries and the
+output projection is ``dim_out -> dim_out`` (see ``output_dim``). The block's
+skip connection then needs its own ``Linear(dim, dim_out)``.
+
 One deliberate difference from the official code: the LayerNorm after the key
 pooling has a scale but no additive bias. A vector added to every key shifts
 each query's scores by a constant, which softmax ignores, so that bias would
@@ -52,6 +60,8 @@ class PoolingKnobs(Knobs):
     rel_pos_size: int = 56
     residual_pooling: bool = True
     qkv_bias: bool = True
+    # Channels of q, k, v and the output (0: dim); MViTv2's first block of a stage widens here.
+    dim_out: int = 0
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -60,6 +70,10 @@ class PoolingKnobs(Knobs):
             value = getattr(self, knob)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise KnobError(f"pooling knob {knob!r} must be a positive integer, got {value!r}")
+        if isinstance(self.dim_out, bool) or not isinstance(self.dim_out, int) or self.dim_out < 0:
+            raise KnobError(
+                f"pooling knob 'dim_out' must be a non-negative integer (0 keeps dim), got {self.dim_out!r}"
+            )
         if self.mode == "none" and (self.stride_q, self.stride_kv) != (1, 1):
             raise KnobError(
                 f"pooling mode 'none' cannot stride (got stride_q={self.stride_q}, stride_kv={self.stride_kv}); "
@@ -85,8 +99,15 @@ class PoolingAttention(Attention):
     impls = ("reference", "fast", "flex")
 
     def __init__(self, dim: int, heads: int, knobs: PoolingKnobs, impl: str | None = None):
+        if isinstance(heads, int) and heads > 0 and knobs.dim_out % heads:
+            multiple = max(heads, knobs.dim_out // heads * heads)
+            raise KnobError(
+                f"pooling knob 'dim_out' ({knobs.dim_out}) must be divisible by heads ({heads}); "
+                f"choose a multiple of {heads} such as {multiple} or {multiple + heads}, or 0 to keep dim"
+            )
+        # The base splits the widened channels into heads: head_dim = dim_out // heads (dim need not divide).
         super().__init__(dim, heads, knobs, impl)
-        self.proj = Projections(dim, heads, bias=knobs.qkv_bias)
+        self.proj = Projections(dim, heads, bias=knobs.qkv_bias, out_dim=self.output_dim)
         d = self.head_dim
         self.pool_q, self.norm_q = self._pooling(knobs.stride_q)
         self.pool_k, self.norm_k = self._pooling(knobs.stride_kv, keys=True)
@@ -116,6 +137,10 @@ class PoolingAttention(Attention):
     def output_hw(self, hw: HW) -> HW:
         return (self._pooled(hw[0], self.knobs.stride_q), self._pooled(hw[1], self.knobs.stride_q))
 
+    @property
+    def output_dim(self) -> int:
+        return self.knobs.dim_out or self.dim
+
     def kv_hw(self, hw: HW) -> HW:
         """Token map of the pooled keys and values."""
         return (self._pooled(hw[0], self.knobs.stride_kv), self._pooled(hw[1], self.knobs.stride_kv))
@@ -144,7 +169,7 @@ class PoolingAttention(Attention):
             o = attend(q, k, v, bias, math=self.math)  # (B, h, Nq, d)
         if self.knobs.residual_pooling:
             o = o + q
-        return self.proj.output(o)  # (B, Nq, C)
+        return self.proj.output(o)  # (B, Nq, C_out)
 
     def _attend_flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_hw: HW, k_hw: HW) -> torch.Tensor:
         """Attention through FlexAttention, the relative position added by a score_mod: (B, h, Nq, d)."""
@@ -172,11 +197,11 @@ class PoolingAttention(Attention):
     def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
         # The flex path computes the same pairs (no block mask: every query sees every pooled key) and the
         # same two relative-position products.
-        c, d, heads = self.dim, self.head_dim, self.heads
+        c, o, d, heads = self.dim, self.output_dim, self.head_dim, self.heads
         (qh, qw), (kh, kw) = self.output_hw(hw), self.kv_hw(hw)
         n, nq, nk = hw[0] * hw[1], qh * qw, kh * kw
-        # q and kv projections of all N tokens, output projection of the Nq pooled ones.
-        total = batch * (linear_macs(n, c, c) + linear_macs(n, c, 2 * c) + linear_macs(nq, c, c))
+        # q and kv projections (C -> C_out) of all N tokens, output projection (C_out -> C_out) of the Nq pooled ones.
+        total = batch * (linear_macs(n, c, o) + linear_macs(n, c, 2 * o) + linear_macs(nq, o, o))
         maps = batch * heads  # pooling runs on every head's map
         if self.knobs.mode == "conv":
             for out_hw, copies in (((qh, qw), 1), ((kh, kw), 2)):

@@ -65,6 +65,7 @@ def test_declarations(name):
     if cls.cost_knob is not None:
         assert cls.cost_knob in d["knobs"]
     module = attentions.build(name, dim=DIM, heads=HEADS)
+    assert module.output_dim == DIM  # widening the tokens is opt-in (pooling's dim_out)
     hw = first_supported_hw(module)
     assert module.macs(BATCH, hw) > 0
     # doubling the batch doubles the analytic count
@@ -79,7 +80,7 @@ def test_forward_backward(name, mode, dtype):
     args = tuple(a.to(dtype).requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
     out = module(*args)
     oh, ow = module.output_hw(args[1])
-    assert out.shape == (args[0].shape[0], module.prefix_tokens + oh * ow, DIM)
+    assert out.shape == (args[0].shape[0], module.prefix_tokens + oh * ow, module.output_dim)
     assert out.dtype == dtype
     assert torch.isfinite(out).all()
     out.float().square().mean().backward()

@@ -151,9 +151,10 @@ def test_conv_pooling_is_depthwise_shared_across_heads_then_layernorm():
     assert module.norm_k.bias is None and module.norm_v.bias is not None
 
 
-def test_residual_pooling_adds_the_pooled_queries():
-    with_res = build(stride_q=2, stride_kv=2)
-    without = build(stride_q=2, stride_kv=2, residual_pooling=False)
+@pytest.mark.parametrize("dim_out", [0, 24])
+def test_residual_pooling_adds_the_pooled_queries(dim_out):
+    with_res = build(stride_q=2, stride_kv=2, dim_out=dim_out)
+    without = build(stride_q=2, stride_kv=2, residual_pooling=False, dim_out=dim_out)
     without.load_state_dict(with_res.state_dict())
     x, hw = with_res.example_inputs(1, (6, 8))
     q, _ = with_res._pool(with_res.proj.queries(x), hw, with_res.pool_q, with_res.norm_q)  # (1, h, 12, d)
@@ -187,9 +188,94 @@ def test_macs_by_hand():
     assert avg.macs(3, (8, 8)) == 3 * expected
 
 
+@pytest.mark.parametrize("mode", ["conv", "max"])
+def test_dim_out_widens_q_k_v_heads_and_output(mode):
+    # dim 16 in, dim_out 48 with 2 heads of 24: MViTv2's qkv Linear(dim, 3 * dim_out), pooling at head_dim 24.
+    module = build(dim=16, heads=2, dim_out=48, mode=mode, stride_q=2, stride_kv=2, rel_pos_size=8)
+    assert module.output_dim == 48 and module.head_dim == 24 and module.dim == 16
+    assert module.proj.q.weight.shape == (48, 16)
+    assert module.proj.kv.weight.shape == (96, 16)
+    assert module.proj.out.weight.shape == (48, 48)
+    assert module.rel_pos_h.shape == module.rel_pos_w.shape == (2 * 4 - 1, 24)  # 8x8 map, 4x4 pooled
+    if mode == "conv":
+        assert module.pool_q.weight.shape == module.pool_k.weight.shape == (24, 1, 3, 3)
+        assert module.norm_q.normalized_shape == module.norm_k.normalized_shape == (24,)
+    x, hw = module.example_inputs(2, (8, 8))
+    assert x.shape == (2, 64, 16)  # the input stays dim wide
+    out = module(x, hw)
+    assert out.shape == (2, 16, 48)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
+def test_dim_out_equal_to_dim_is_the_default():
+    plain = build(stride_q=2, stride_kv=2)
+    same = build(stride_q=2, stride_kv=2, dim_out=16)
+    same.load_state_dict(plain.state_dict())  # the same parameters, shape for shape
+    x, hw = plain.example_inputs(1, (6, 6))
+    torch.testing.assert_close(same(x, hw), plain(x, hw))
+    assert same.macs(1, hw) == plain.macs(1, hw)
+
+
+@pytest.mark.parametrize("mode", ["conv", "avg"])
+def test_fast_matches_reference_with_dim_out(mode):
+    module = build(dim=16, heads=2, dim_out=32, mode=mode, stride_q=2, stride_kv=2)
+    args = module.example_inputs(2, (7, 10))
+    assert_parity(module, "fast", torch.float32, args)
+
+
+def test_dim_out_by_hand():
+    # The same heads computed from the widened projections, one head at a time, by hand.
+    module = build(dim=8, heads=2, dim_out=12, mode="avg", stride_q=2, stride_kv=2, rel_pos=False, impl="reference")
+    x, hw = module.example_inputs(1, (4, 6))
+    qkv_w = torch.cat([module.proj.q.weight, module.proj.kv.weight])  # (3 * 12, 8)
+    qkv_b = torch.cat([module.proj.q.bias, module.proj.kv.bias])
+    q, k, v = (x[0] @ qkv_w.t() + qkv_b).split(12, dim=-1)  # (24, 12) each
+    heads = []
+    for i in range(2):
+        cols = slice(6 * i, 6 * (i + 1))
+
+        def pooled(t: torch.Tensor, cols: slice = cols) -> torch.Tensor:
+            return F.avg_pool2d(t[:, cols].t().reshape(1, 6, *hw), 3, 2, 1).flatten(2)[0].t()  # (6 tokens, 6)
+
+        qi, ki, vi = pooled(q), pooled(k), pooled(v)
+        probs = torch.softmax(qi @ ki.t() / 6**0.5, dim=-1)
+        heads.append(probs @ vi + qi)
+    expected = torch.cat(heads, dim=-1) @ module.proj.out.weight.t() + module.proj.out.bias  # (6, 12)
+    torch.testing.assert_close(module(x, hw)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_macs_by_hand_with_dim_out():
+    # dim 32 -> dim_out 64, 2 heads of 32, 8x8 map, stride_q 2 (16 queries), stride_kv 2 (16 keys).
+    module = attentions.build("pooling", dim=32, heads=2, dim_out=64, stride_q=2, stride_kv=2)
+    projections = 64 * 32 * 64 + 64 * 32 * 128 + 16 * 64 * 64  # q, kv of the 64 tokens; output of the 16
+    pool = 3 * 2 * (16 * 32 * 9 + 5 * 16 * 32)  # q, k, v: per head a depthwise 3x3 conv + LayerNorm, 16 x 32
+    attention = 2 * 2 * 16 * 16 * 32
+    rel_pos = 2 * 16 * (4 + 4) * 32
+    assert module.macs(1, (8, 8)) == projections + pool + attention + rel_pos == 542_720
+    assert module.proj.macs(1, 64, 64) == 64 * 32 * 64 + 64 * 32 * 128 + 64 * 64 * 64
+
+
+def test_heads_split_dim_out_so_dim_need_not_divide():
+    # 32 -> 48 channels in 3 heads of 16 (32 is not a multiple of 3; MViTv2's qkv projects from it)
+    module = build(dim=32, heads=3, dim_out=48, stride_q=2, stride_kv=2)
+    assert module.head_dim == 16
+    x, hw = module.example_inputs(1, (4, 4))
+    assert module(x, hw).shape == (1, 4, 48)
+    with pytest.raises(attentions.KnobError, match=r"dim \(32\) must be divisible by heads \(3\)"):
+        attentions.build("pooling", dim=32, heads=3)
+
+
+def test_dim_out_from_the_command_line_string():
+    assert attentions.build("pooling", dim=16, heads=2, dim_out="32").output_dim == 32
+    assert attentions.build("pooling", dim=16, heads=2).output_dim == 16
+
+
 @pytest.mark.parametrize(
     ("knobs", "match"),
     [
+        ({"dim_out": 33}, r"dim_out.*\(33\) must be divisible by heads \(2\).*32 or 34"),
+        ({"dim_out": -16}, "dim_out.*non-negative"),
         ({"mode": "none"}, "stride_kv=1"),  # the default stride_kv is 4
         ({"mode": "median"}, "'conv', 'avg', 'max', 'none'"),
         ({"stride_q": 0}, "stride_q"),

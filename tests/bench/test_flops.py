@@ -35,6 +35,7 @@ KNOB_SETS: dict[str, list[dict]] = {
         {"stride_q": 2, "stride_kv": 2, "rel_pos_size": 16},
         {"mode": "avg", "rel_pos_size": 16},
         {"mode": "max", "stride_kv": 2, "rel_pos_size": 16},
+        {"stride_q": 2, "stride_kv": 2, "rel_pos_size": 16, "dim_out": 2 * DIM},  # MViTv2's stage transition
     ],
     "cross": [{}],
 }

@@ -69,11 +69,13 @@ class BackboneConfig:
 class Block(nn.Module):
     """Pre-norm transformer block around one registered attention mechanism.
 
-    When ``dim_in != dim`` (the first block of an MViTv2 stage), LN(x) is widened by a
-    Linear(dim_in, dim): that projection is MViTv2's residual projection, and here it
-    also feeds the attention, which works at one width (MViTv2's qkv projects from
-    dim_in directly). When the attention returns a smaller map (pooled queries), the
-    residual is max-pooled with kernel s+1, stride s, padding (s+1)//2, as in MViTv2.
+    When ``dim_in != dim`` (the first block of an MViTv2 stage), the skip connection is
+    ``Linear(dim_in, dim)`` of LN(x), MViTv2's residual projection. A mechanism with a
+    ``dim_out`` knob (pooling) widens inside the attention, as MViTv2 does (its qkv
+    projects from dim_in to dim): it is built at ``dim_in`` with ``dim_out=dim``. Any
+    other mechanism works at one width, so the projected LN(x) also feeds it. When the
+    attention returns a smaller map (pooled queries), the residual is max-pooled with
+    kernel s+1, stride s, padding (s+1)//2, as in MViTv2.
     """
 
     def __init__(
@@ -90,13 +92,28 @@ class Block(nn.Module):
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim_in, eps=eps)
-        self.expand = nn.Linear(dim_in, dim) if dim_in != dim else None
-        self.attn = attentions.build(attention, dim=dim, heads=heads, **knobs)
+        self.skip = nn.Linear(dim_in, dim) if dim_in != dim else None
+        # True when the attention takes dim_in channels and returns dim (its own dim_out knob).
+        self.widens = self.skip is not None and "dim_out" in attentions.get(attention).knob_types()
+        if self.widens:
+            if knobs.get("dim_out", dim) != dim:
+                raise ValueError(
+                    f"{attention} knob dim_out={knobs['dim_out']} conflicts with the block's width {dim}: "
+                    "leave dim_out out, the block sets it to the stage's width"
+                )
+            self.attn = attentions.build(attention, dim=dim_in, heads=heads, **{**knobs, "dim_out": dim})
+        else:
+            self.attn = attentions.build(attention, dim=dim, heads=heads, **knobs)
+        if self.attn.output_dim != dim:
+            raise ValueError(
+                f"{attention} returns {self.attn.output_dim} channels in a block of width {dim}; "
+                "a mechanism widens only in the first block of a stage (dim_in != dim)"
+            )
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), conv=conv_mlp)
-        if self.expand is not None:
-            init_linear(self.expand)
+        if self.skip is not None:
+            init_linear(self.skip)
 
     def context_hw(self, hw: HW) -> HW | None:
         return hw if self.attn.requires_context else None
@@ -104,9 +121,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, hw: HW, prefix: int = 0) -> tuple[torch.Tensor, HW]:
         y = self.norm1(x)
         shortcut = x
-        if self.expand is not None:
-            y = self.expand(y)
-            shortcut = y
+        if self.skip is not None:
+            shortcut = self.skip(y)  # (B, prefix + H*W, dim): MViTv2 projects the normed input
+            if not self.widens:
+                y = shortcut  # the attention works at dim only
         ap = self.attn.prefix_tokens
         a_in = y if ap == prefix else y[:, prefix:]  # a mechanism without prefix sees the map only
         # A mechanism that requires a context gets the block's own tokens (cross attention as self attention).
@@ -128,7 +146,7 @@ class Block(nn.Module):
         out_hw = self.attn.output_hw(hw)
         n_out = out_hw[0] * out_hw[1]
         per_image = 5 * (prefix + n) * dim_in
-        if self.expand is not None:
+        if self.skip is not None:
             per_image += (prefix + n) * dim_in * dim
         if out_hw != tuple(hw):
             kh, kw = _skip_kernel(hw, out_hw)

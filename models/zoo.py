@@ -195,7 +195,12 @@ def mvitv2_t(tiny: bool) -> BackboneConfig:
             stride_q = 2 if (i > 0 and j == 0) else 1
             kv = max(kv // stride_q, 1)
             # Relative-position tables sized for the block's input map at the native resolution.
-            stage.append({"stride_q": stride_q, "stride_kv": kv, "rel_pos_size": side})
+            block = {"stride_q": stride_q, "stride_kv": kv, "rel_pos_size": side}
+            if stride_q > 1:
+                # DIM_MUL_IN_ATT: the stage's first block widens inside its attention (qkv: previous width ->
+                # 3 x this stage's), and its skip connection is Linear(previous, this) of the normed input.
+                block["dim_out"] = dims[i]
+            stage.append(block)
             side = (side + 1) // stride_q if stride_q > 1 else side
         knobs.append(tuple(stage))
     return BackboneConfig(

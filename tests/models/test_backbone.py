@@ -35,6 +35,39 @@ def test_prefix_tokens_skip_a_mechanism_without_prefix():
     torch.testing.assert_close(out[:, 1:], body)
 
 
+def test_stage_transition_block_widens_inside_pooling_attention():
+    # MViTv2's first block of a stage: qkv from dim_in to dim, skip Linear(dim_in, dim) of LN(x), pooled.
+    torch.manual_seed(0)
+    knobs = {"stride_q": 2, "stride_kv": 2, "rel_pos_size": 6}
+    blk = Block(8, 16, 2, "pooling", knobs, 2.0, conv_mlp=False, drop_path=0.0, eps=1e-6).eval()
+    assert blk.widens and blk.attn.dim == 8 and blk.attn.output_dim == 16
+    assert blk.attn.proj.q.weight.shape == (16, 8) and blk.skip.weight.shape == (16, 8)
+    x, hw = torch.randn(2, 36, 8), (6, 6)
+    y = blk.norm1(x)
+    h = pool_residual(blk.skip(y), hw, (3, 3)) + blk.attn(y, hw)
+    expected = h + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(h))))
+    out, out_hw = blk(x, hw)
+    assert out_hw == (3, 3)
+    torch.testing.assert_close(out, expected)
+    # the zoo may name the width itself; a different one is refused
+    assert Block(8, 16, 2, "pooling", {**knobs, "dim_out": 16}, 2.0, False, 0.0, 1e-6).attn.output_dim == 16
+    with pytest.raises(ValueError, match="dim_out=32 conflicts with the block's width 16"):
+        Block(8, 16, 2, "pooling", {**knobs, "dim_out": 32}, 2.0, False, 0.0, 1e-6)
+    with pytest.raises(ValueError, match="widens only in the first block"):
+        Block(16, 16, 2, "pooling", {**knobs, "dim_out": 32}, 2.0, False, 0.0, 1e-6)
+
+
+def test_a_mechanism_without_dim_out_is_fed_the_projected_tokens():
+    torch.manual_seed(0)
+    blk = Block(8, 16, 2, "full", {}, 2.0, conv_mlp=False, drop_path=0.0, eps=1e-6).eval()
+    assert not blk.widens and blk.attn.dim == 16
+    x, hw = torch.randn(2, 12, 8), (3, 4)
+    s = blk.skip(blk.norm1(x))
+    h = s + blk.attn(s, hw)
+    out, _ = blk(x, hw)
+    torch.testing.assert_close(out, h + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(h)))))
+
+
 def test_pooled_residual_is_mvit_max_pooling():
     t = torch.randn(2, 7 * 7, 4)
     out = pool_residual(t, (7, 7), (4, 4))

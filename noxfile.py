@@ -27,6 +27,7 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["tests", "lint"]
 
 TORCH = os.environ.get("ATTNBENCH_TORCH", "torch==2.13.0")
+RUFF = "ruff==0.17.6"  # pinned: formatting must not drift between machines
 PACKAGES = ["attentions", "bench", "reports", "models", "cli.py", "noxfile.py", "tests"]
 TYPED = ["attentions", "bench", "reports", "models", "cli.py"]
 
@@ -77,7 +78,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""
-    session.install("ruff>=0.5")
+    session.install(RUFF)
     session.run("ruff", "check", *PACKAGES)
     session.run("ruff", "format", "--check", *PACKAGES)
 

@@ -48,6 +48,11 @@ class Knobs:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+# The base class under a second name: inside ``Attention`` the name ``Knobs`` is
+# the class attribute holding each mechanism's own dataclass.
+KnobsBase = Knobs
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
@@ -137,7 +142,7 @@ class Attention(nn.Module):
     """
 
     name: ClassVar[str]
-    Knobs: ClassVar[type[Knobs]]
+    Knobs: ClassVar[type[KnobsBase]]
     summary: ClassVar[str] = ""
     # The knob that sets the mechanism's cost (None when only resolution does).
     cost_knob: ClassVar[str | None] = None
@@ -155,7 +160,7 @@ class Attention(nn.Module):
     # measures that cancellation, so parity holds them to a looser, stated bound.
     cancelling_grads: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, dim: int, heads: int, knobs: Knobs, impl: str | None = None):
+    def __init__(self, dim: int, heads: int, knobs: KnobsBase, impl: str | None = None):
         super().__init__()
         if not isinstance(dim, int) or dim <= 0:
             raise KnobError(f"dim must be a positive integer, got {dim!r}")
@@ -186,7 +191,7 @@ class Attention(nn.Module):
         return cls.Knobs().as_dict()
 
     @classmethod
-    def make_knobs(cls, **values: Any) -> Knobs:
+    def make_knobs(cls, **values: Any) -> KnobsBase:
         types_ = cls.knob_types()
         unknown = sorted(set(values) - set(types_))
         if unknown:

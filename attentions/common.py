@@ -69,9 +69,7 @@ class Projections(nn.Module):
     the same weights and code.
     """
 
-    def __init__(
-        self, dim: int, heads: int, kv_dim: int | None = None, bias: bool = True, out_dim: int | None = None
-    ):
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, bias: bool = True, out_dim: int | None = None):
         super().__init__()
         self.heads = heads
         # out_dim widens the heads (MViTv2's qkv projecting from dim to dim_out): q, k, v and the output

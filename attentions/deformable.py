@@ -168,7 +168,8 @@ class DeformableAttention(Attention):
         """
         q_map = q_map.float()
         conv, norm = self.offset_conv, self.offset_norm
-        t = F.conv2d(q_map, conv.weight.float(), conv.bias.float(), conv.stride, conv.padding, groups=conv.groups)
+        bias = None if conv.bias is None else conv.bias.float()
+        t = F.conv2d(q_map, conv.weight.float(), bias, conv.stride, conv.padding, groups=conv.groups)
         t = t.permute(0, 2, 3, 1)  # (B*g, Hk, Wk, Cg)
         t = F.layer_norm(t, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
         t = self.offset_act(t).permute(0, 3, 1, 2)  # (B*g, Cg, Hk, Wk)

@@ -23,6 +23,8 @@ class FullAttention(Attention):
     complexity = "O(N^2)"
     supports_cross = True
 
+    knobs: FullKnobs
+
     def __init__(self, dim: int, heads: int, knobs: FullKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
         self.proj = Projections(dim, heads, bias=knobs.qkv_bias)

@@ -76,6 +76,8 @@ class LinearAttention(Attention):
     complexity = "O(N)"
     supports_cross = True
 
+    knobs: LinearKnobs
+
     def __init__(self, dim: int, heads: int, knobs: LinearKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
         self.eps = float(knobs.eps)

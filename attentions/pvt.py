@@ -58,6 +58,8 @@ class PVTAttention(Attention):
     complexity = "O(N^2/r^2) (v1), O(N) (v2)"
     supports_cross = True
 
+    knobs: PVTKnobs
+
     def __init__(self, dim: int, heads: int, knobs: PVTKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
         self.version = knobs.version

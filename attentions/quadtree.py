@@ -126,14 +126,14 @@ def coarse_level(
         return probs @ v, top_score, top_idx
     if variant == "B":
         # B needs only which keys win: select on float32 logits without keeping them for backward.
-        top_idx = None
+        selected: torch.Tensor | None = None
         if keep:
             with torch.no_grad():
                 logits = q.float() @ k.float().transpose(-2, -1)  # (B, h, N, M)
-                top_idx = logits.topk(keep, dim=-1).indices  # (B, h, N, keep)
+                selected = logits.topk(keep, dim=-1).indices  # (B, h, N, keep)
         # Contiguous copies of the (small) coarsest level: the CPU SDPA kernel returns wrong values for these
         # head-split strides under torch.compile's AOT autograd in torch 2.13 (eager is right).
-        return attend(q.contiguous(), k.contiguous(), v.contiguous(), scale=scale), None, top_idx
+        return attend(q.contiguous(), k.contiguous(), v.contiguous(), scale=scale), None, selected
     # A: scores, softmax and selection in float32 (the kept scores weight the level below).
     probs = torch.softmax((q.float() @ k.float().transpose(-2, -1)) * scale, dim=-1)  # (B, h, N, M)
     if not keep:
@@ -316,6 +316,8 @@ class QuadTreeAttention(Attention):
     # "triton": QuadTree-B's fine levels on the fused kernel of attentions/kernels/quadtree.py
     impls = ("reference", "fast", "triton")
 
+    knobs: QuadTreeKnobs
+
     def __init__(self, dim: int, heads: int, knobs: QuadTreeKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
         self.proj = Projections(dim, heads, bias=knobs.qkv_bias)
@@ -351,7 +353,8 @@ class QuadTreeAttention(Attention):
     def _length_reason(self) -> str:
         topk, levels = self.knobs.topk, self.knobs.levels
         return (
-            f"topk {topk} has {len(topk)} entries but levels={levels}: give one per level, coarsest first, "
+            f"topk {topk} has {len(topk) if isinstance(topk, tuple) else 1} entries but levels={levels}: "
+            "give one per level, coarsest first, "
             f"or a single integer for every level"
         )
 
@@ -479,14 +482,14 @@ class QuadTreeAttention(Attention):
             return self.proj.output(out)
         # Mixed in float32: the gradient of the level weights is a small difference of large sums.
         weight = torch.softmax(self.level_weight.float(), dim=0)
-        out = 0.0
+        mixed: torch.Tensor | None = None
         for level, message in enumerate(pyr.messages):
             if self.knobs.lepe:
                 message = message + split_heads(to_tokens(self.lepe[level](pyr.value_maps[level])), self.heads)
-            if level:
-                out = upsample(out, pyr.q_hw[level - 1])
-            out = out + weight[level] * message.float()  # (B, h, N_l, d)
-        return self.proj.output(out.to(x.dtype))
+            term = weight[level] * message.float()  # (B, h, N_l, d)
+            mixed = term if mixed is None else upsample(mixed, pyr.q_hw[level - 1]) + term
+        assert mixed is not None
+        return self.proj.output(mixed.to(x.dtype))
 
     def tie_free_knobs(self, hw: HW, context_hw: HW | None = None) -> dict[str, Any] | None:
         """Top-K covering every candidate at every level: nothing is left out, so no near-tie can flip."""

@@ -283,22 +283,33 @@ def _warm_device(device: str) -> None:
     _WARM_DEVICES.add(device)
 
 
-def _run_point(point: Point, settings: Settings, budget: _Budget, record: dict, state: dict) -> None:
+@dataclasses.dataclass
+class Workload:
+    """What one point runs: its module and inputs, one call of its pass, and a reset of its gradients."""
+
+    module: Any
+    args: tuple
+    step: Callable[[], Any]
+    zero_grads: Callable[[], None]
+    grad_out: list  # the output gradient of fwd+bwd, once the first step has made it
+
+
+def build_workload(point: Point, seed: int = 0) -> Workload:
+    """Build a point's module (compiled if asked) and inputs on its device, in its dtype.
+
+    ``step()`` runs the pass once (``fwd`` under no_grad; ``fwd+bwd`` backward from a
+    fixed random output gradient, made on the first call) and returns the output;
+    ``zero_grads()`` sets every gradient to None, as between repetitions.
+    """
     import torch
 
     import attentions
 
     device, dtype = point.device, _dtype(point.dtype)
-    _warm_device(device)
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(seed)
     module = attentions.build(point.mechanism, dim=point.dim, heads=point.heads, impl=point.impl, **point.knob_dict())
     module = module.to(device=device, dtype=dtype)
-    state["module"] = module
-    args = module.example_inputs(
-        point.batch, point.hw, device=device, dtype=dtype, cross=point.cross, seed=settings.seed
-    )
-    if len(args) > 3:
-        record["context_height"], record["context_width"] = args[3]
+    args = module.example_inputs(point.batch, point.hw, device=device, dtype=dtype, cross=point.cross, seed=seed)
     train = point.pass_ == "fwd+bwd"
     if train:
         for a in args:
@@ -306,8 +317,6 @@ def _run_point(point: Point, settings: Settings, budget: _Budget, record: dict, 
                 a.requires_grad_(True)
     else:
         module.eval()
-    state["args"] = args
-    record["params"] = sum(p.numel() for p in module.parameters())
     run = torch.compile(module) if point.compile else module
     leaves = [p for p in module.parameters() if p.requires_grad] + [
         a for a in args if isinstance(a, torch.Tensor) and a.requires_grad
@@ -328,6 +337,21 @@ def _run_point(point: Point, settings: Settings, budget: _Budget, record: dict, 
             grad_out.append(torch.randn_like(out))
         out.backward(grad_out[0])
         return out
+
+    return Workload(module, args, step, zero_grads, grad_out)
+
+
+def _run_point(point: Point, settings: Settings, budget: _Budget, record: dict, state: dict) -> None:
+    import torch
+
+    device = point.device
+    _warm_device(device)
+    work = build_workload(point, settings.seed)
+    module, args, step, zero_grads, grad_out = work.module, work.args, work.step, work.zero_grads, work.grad_out
+    state["module"], state["args"] = module, args
+    if len(args) > 3:
+        record["context_height"], record["context_width"] = args[3]
+    record["params"] = sum(p.numel() for p in module.parameters())
 
     # First call: compile, autotune, mask and table building all land here.
     _sync(device)

@@ -12,15 +12,13 @@ with the point's configuration; FLOPs are ``2 * macs``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from perf_points import CUDA, THREADS, case_id, points
 
-import attentions
-from bench.measure import Settings, measure
+from bench.measure import Settings, build_workload, measure
 from bench.points import Point
 
 POINTS = points()
@@ -57,41 +55,6 @@ def l2_flush() -> Any:
     return torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
 
 
-def _build(point: Point) -> tuple[Callable[[], Any], Callable[[], None]]:
-    """The module and inputs of a point, as the harness builds them; returns (one call of the pass, zero grads)."""
-    torch.manual_seed(0)
-    dtype = getattr(torch, point.dtype)
-    module = attentions.build(point.mechanism, dim=point.dim, heads=point.heads, impl=point.impl, **point.knob_dict())
-    module = module.to(device=point.device, dtype=dtype)
-    args = module.example_inputs(point.batch, point.hw, device=point.device, dtype=dtype, cross=point.cross, seed=0)
-    train = point.pass_ == "fwd+bwd"
-    if train:
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                a.requires_grad_(True)
-    else:
-        module.eval()
-    leaves = [p for p in module.parameters() if p.requires_grad]
-    leaves += [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    grad_out: list[torch.Tensor] = []
-
-    def step() -> None:
-        if not train:
-            with torch.no_grad():
-                module(*args)
-            return
-        out = module(*args)
-        if not grad_out:
-            grad_out.append(torch.randn_like(out))
-        out.backward(grad_out[0])
-
-    def zero_grads() -> None:
-        for t in leaves:
-            t.grad = None
-
-    return step, zero_grads
-
-
 @pytest.mark.perf
 @pytest.mark.parametrize("point", POINTS, ids=[case_id(p) for p in POINTS])
 def test_attention(benchmark: Any, point: Point, l2_flush: Any) -> None:
@@ -101,7 +64,8 @@ def test_attention(benchmark: Any, point: Point, l2_flush: Any) -> None:
         pytest.skip(f"{point.label()}: {record['reason']}")
     assert record["status"] == "ok", f"{point.label()}: {record['status']}: {record['reason']}"
 
-    step, zero_grads = _build(point)
+    work = build_workload(point)
+    step, zero_grads = work.step, work.zero_grads
 
     def setup() -> None:
         zero_grads()
@@ -110,7 +74,7 @@ def test_attention(benchmark: Any, point: Point, l2_flush: Any) -> None:
             torch.cuda.synchronize()
 
     def call() -> None:
-        step()
+        step()  # fwd, or fwd+bwd
         if CUDA:
             torch.cuda.synchronize()
 

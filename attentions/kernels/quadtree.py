@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 import triton
@@ -459,23 +460,24 @@ def quadtree_scores_backward(
     return dq, dk.to(k.dtype)
 
 
-@quadtree_scores_backward.register_fake
-def _(grad, q, k, idx):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
+def _pair_autograd(op: Any, backward_op: Any) -> None:
+    """Autograd and fake of an op of ``(a, b, idx)`` whose ``backward_op(grad, a, b, idx)`` gives ``(da, db)``."""
+
+    def fake(grad, a, b, idx):
+        return a.new_empty(a.shape), b.new_empty(b.shape)
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)  # a, b, idx
+
+    def backward(ctx, grad):
+        a, b, idx = ctx.saved_tensors
+        return (*backward_op(grad, a, b, idx), None)  # no gradient for the indices
+
+    backward_op.register_fake(fake)
+    op.register_autograd(backward, setup_context=setup)
 
 
-def _scores_setup(ctx, inputs, output):
-    q, k, idx = inputs
-    ctx.save_for_backward(q, k, idx)
-
-
-def _scores_backward(ctx, grad):
-    q, k, idx = ctx.saved_tensors
-    dq, dk = quadtree_scores_backward(grad, q, k, idx)
-    return dq, dk, None
-
-
-quadtree_scores.register_autograd(_scores_backward, setup_context=_scores_setup)
+_pair_autograd(quadtree_scores, quadtree_scores_backward)
 
 
 @torch.library.custom_op("attnbench::quadtree_aggregate", mutates_args=())
@@ -510,23 +512,7 @@ def quadtree_aggregate_backward(
     return dw.to(w.dtype), dv.to(v.dtype)
 
 
-@quadtree_aggregate_backward.register_fake
-def _(grad, w, v, idx):
-    return w.new_empty(w.shape), v.new_empty(v.shape)
-
-
-def _aggregate_setup(ctx, inputs, output):
-    w, v, idx = inputs
-    ctx.save_for_backward(w, v, idx)
-
-
-def _aggregate_backward(ctx, grad):
-    w, v, idx = ctx.saved_tensors
-    dw, dv = quadtree_aggregate_backward(grad, w, v, idx)
-    return dw, dv, None
-
-
-quadtree_aggregate.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
+_pair_autograd(quadtree_aggregate, quadtree_aggregate_backward)
 
 
 # ---------------------------------------------------------------------- counting

@@ -1,39 +1,97 @@
-"""Full multi-head attention (Vaswani et al., 2017; ViT): every query sees every key."""
+"""Full multi-head attention (Vaswani et al., 2017; ViT): every query sees every key.
+
+``bias_table=S`` (0: none) adds a learned relative-position bias, one value per
+head for every 2-D offset between two tokens, read from a Swin-style table of
+``(2S-1)^2`` rows: maps up to S x S. ``fast`` materialises the ``(h, N, N)``
+bias and hands it to SDPA; ``flex`` (CUDA) reads the table inside a FlexAttention
+``score_mod`` and never builds it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
-from .base import HW, Attention, Knobs, register
-from .common import Projections, attend, attention_macs
+from .base import HW, Attention, KnobError, Knobs, register
+from .common import Projections, attend, attention_macs, merge_heads
+from .relpos import swin_bias, swin_index, swin_table
 
 
 @dataclasses.dataclass(frozen=True)
 class FullKnobs(Knobs):
     qkv_bias: bool = True
+    # Side S of the largest map the relative-position bias table covers; 0 for no bias.
+    bias_table: int = 0
+
+    def check(self) -> None:
+        if self.bias_table < 0:
+            raise KnobError(f"full knob 'bias_table' must be 0 (no bias) or a map side >= 1, got {self.bias_table}")
 
 
 @register
 class FullAttention(Attention):
     name = "full"
-    summary = "multi-head self attention over all tokens"
+    summary = "multi-head self attention over all tokens (optionally with a 2-D relative-position bias)"
     Knobs = FullKnobs
     complexity = "O(N^2)"
     supports_cross = True
+    # "flex": FlexAttention, the bias table read by a score_mod (CUDA; see attentions/kernels/flex.py)
+    impls = ("reference", "fast", "flex")
 
     knobs: FullKnobs
 
     def __init__(self, dim: int, heads: int, knobs: FullKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
         self.proj = Projections(dim, heads, bias=knobs.qkv_bias)
+        self.table = swin_table(knobs.bias_table, heads) if knobs.bias_table else None
+
+    def _unsupported(
+        self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
+    ) -> list[str]:
+        reasons = []
+        s = self.knobs.bias_table
+        if s and max(hw) > s:
+            reasons.append(
+                f"the bias table covers maps up to {s}x{s}, not {hw[0]}x{hw[1]}: set bias_table >= {max(hw)}"
+            )
+        if s and context_hw is not None:
+            reasons.append("the relative-position bias is for self attention: set bias_table=0 for cross attention")
+        if self.impl == "flex":
+            from .kernels import flex
+
+            reasons += flex.unsupported(device)
+        return reasons
+
+    def bias(self, hw: HW, device: Any) -> torch.Tensor | None:
+        """The (h, N, N) relative-position bias of an H x W map (None without a table)."""
+        if self.table is None:
+            return None
+        s = self.knobs.bias_table
+        # rows of the (2S-1)^2 table for every token pair of the map: a window of the map's size
+        return swin_bias(self.table, swin_index(hw, s).to(device))
 
     def _forward(self, x: torch.Tensor, hw: HW, context: torch.Tensor | None, context_hw: HW | None) -> torch.Tensor:
         q = self.proj.queries(x)  # (B, h, N, d)
         k, v = self.proj.keys_values(x if context is None else context)  # (B, h, M, d)
-        o = attend(q, k, v, math=self.math)  # (B, h, N, d)
+        if self.impl == "flex":
+            return self.proj.out(merge_heads(self._attend_flex(q, k, v, hw)))
+        o = attend(q, k, v, self.bias(hw, x.device), math=self.math)  # (B, h, N, d)
         return self.proj.output(o)
+
+    def _attend_flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: HW) -> torch.Tensor:
+        from .kernels import flex
+
+        if self.table is None:
+            return flex.attention(q, k, v)
+        table, w, span, off = self.table, hw[1], 2 * self.knobs.bias_table - 1, self.knobs.bias_table - 1
+
+        def score_mod(score, bi, hi, qi, ki):
+            row = (qi // w - ki // w + off) * span + (qi % w - ki % w + off)  # the table row of the pair's offset
+            return score + table[row, hi]
+
+        return flex.attention(q, k, v, score_mod)
 
     def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
         n = hw[0] * hw[1]

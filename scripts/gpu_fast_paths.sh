@@ -14,6 +14,10 @@
 #   RUN_DIR/windowed   swin (window 8, which divides every map of the preset) and
 #                      pooling (MViTv2 defaults) through SDPA with a materialised
 #                      bias (impl fast) and through FlexAttention (impl flex)
+#   RUN_DIR/biased     full attention with a relative-position bias table
+#                      (bias_table 384) through SDPA with the (h, N, N) bias
+#                      materialised (impl fast; expect oom at large maps) and
+#                      through FlexAttention reading the table (impl flex)
 #
 # and writes RUN_DIR/report.html (latency, peak memory, achieved TFLOP/s and %
 # of the GPU's bf16 peak per point, speed-ups against full attention, fitted
@@ -45,7 +49,9 @@ mkdir -p "$OUT"
 attnbench sweep --preset scaling --mechanism quadtree --impl reference,fast,triton --knob topk=8 --out "$OUT/quadtree"
 attnbench sweep --preset scaling --mechanism full --impl fast --out "$OUT/full"
 attnbench sweep --preset scaling --mechanism swin,pooling --impl fast,flex --knob window=8 --out "$OUT/windowed"
+attnbench sweep --preset scaling --mechanism full --impl fast,flex --knob bias_table=384 --out "$OUT/biased"
 
-attnbench report "$OUT/quadtree" "$OUT/full" "$OUT/windowed" --out "$OUT/report.html"
-attnbench report "$OUT/quadtree" "$OUT/full" "$OUT/windowed" --format md | tee "$OUT/summary.md"
+RUNS=("$OUT/quadtree" "$OUT/full" "$OUT/windowed" "$OUT/biased")
+attnbench report "${RUNS[@]}" --out "$OUT/report.html"
+attnbench report "${RUNS[@]}" --format md | tee "$OUT/summary.md"
 echo "report: $OUT/report.html"

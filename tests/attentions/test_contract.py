@@ -209,3 +209,28 @@ def test_full_macs_by_hand():
     m = attentions.build("full", dim=32, heads=2)
     assert m.macs(1, (8, 8)) == 4 * 64 * 32 * 32 + 2 * 64 * 64 * 32
     assert math.isclose(m.macs(3, (8, 8)), 3 * m.macs(1, (8, 8)))
+
+
+def test_full_bias_table_equals_swin_with_one_window_over_the_map():
+    """Full attention's relative-position bias is Swin's table read for a window the size of the map."""
+    torch.manual_seed(0)
+    swin = attentions.build("swin", dim=DIM, heads=HEADS, window=6)
+    full = attentions.build("full", dim=DIM, heads=HEADS, bias_table=6)
+    full.load_state_dict(swin.state_dict())
+    x, hw = swin.example_inputs(2, (6, 6))
+    for impl in ("reference", "fast"):
+        swin.impl = full.impl = impl
+        torch.testing.assert_close(full(x, hw), swin(x, hw), rtol=1e-5, atol=1e-5)
+
+
+def test_full_bias_reads_the_offset_rows_by_hand():
+    full = attentions.build("full", dim=DIM, heads=HEADS, bias_table=5)
+    hw = (3, 4)
+    bias = full.bias(hw, "cpu")  # (h, N, N)
+    assert bias.shape == (HEADS, 12, 12)
+    span = 2 * 5 - 1
+    for i, j in [(0, 0), (0, 11), (7, 2), (5, 6)]:
+        dy, dx = i // 4 - j // 4, i % 4 - j % 4
+        row = (dy + 4) * span + (dx + 4)
+        assert torch.equal(bias[:, i, j], full.table[row])
+    assert full.unsupported(1, (6, 5)) and not full.unsupported(1, (5, 5))

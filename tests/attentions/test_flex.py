@@ -147,8 +147,36 @@ def test_pooling_flex_macs_are_the_reference_pairs():
     assert module.macs(2, (16, 16)) == build("pooling", rel_pos_size=16).macs(2, (16, 16))
 
 
+# ---------------------------------------------------------------------- full attention with a bias
+FULL = [
+    ((6, 9), dict(bias_table=9)),  # relative-position bias read by the score_mod, non-square map
+    ((5, 5), dict(bias_table=7)),  # a map smaller than the table: its centre offsets only
+    ((4, 6), dict()),  # no bias: plain flex attention
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("hw", "knobs"), FULL, ids=[f"{h}x{w}-{k}" for (h, w), k in FULL])
+def test_full_flex_matches_reference(allow_cpu_backward, hw, knobs, dtype):
+    module = build("full", **knobs)
+    args = module.example_inputs(2, hw, device=DEVICE)
+    assert_parity(module.to(DEVICE), "flex", dtype, args)
+
+
+def test_full_flex_never_builds_the_bias(allow_cpu_backward, monkeypatch):
+    module = build("full", bias_table=8, impl="flex")
+    x, hw = module.example_inputs(1, (8, 8))
+    expected = build("full", bias_table=8, impl="reference")(x, hw)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the flex path built the (h, N, N) bias")
+
+    monkeypatch.setattr(type(module), "bias", refuse)
+    torch.testing.assert_close(module(x, hw), expected, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------- refusals
-@pytest.mark.parametrize("name", ["swin", "pooling"])
+@pytest.mark.parametrize("name", ["swin", "pooling", "full"])
 def test_cpu_is_refused_with_the_fix(name):
     if flex.cpu_backward():
         pytest.skip("this torch differentiates flex attention on the CPU")
@@ -164,7 +192,11 @@ def test_cpu_is_refused_with_the_fix(name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
     ("name", "hw", "knobs"),
-    [("swin", (56, 56), dict(window=7, shift=True)), ("pooling", (56, 56), dict())],
+    [
+        ("swin", (56, 56), dict(window=7, shift=True)),
+        ("pooling", (56, 56), dict()),
+        ("full", (32, 32), dict(bias_table=32)),
+    ],
 )
 def test_gpu_compiled_flex_matches_reference(name, hw, knobs):
     module = build(name, **knobs)

@@ -19,7 +19,7 @@ RESOLUTIONS = [(8, 8), (8, 16)]
 # Knob sets per mechanism, cost knob varied; a mechanism not named here is
 # checked at its defaults. Points a mechanism refuses are skipped per point.
 KNOB_SETS: dict[str, list[dict]] = {
-    "full": [{}, {"qkv_bias": False}],
+    "full": [{}, {"qkv_bias": False}, {"bias_table": 16}],
     "linear": [{}],
     "pvt": [{"sr_ratio": 2}, {"sr_ratio": 4}, {"version": "v2", "pool_size": 3}],
     "swin": [{"window": 4}, {"window": 4, "shift": True}, {"window": 8, "shift": True}, {"window": 3, "pad": True}],

@@ -28,9 +28,9 @@ nox.options.sessions = ["tests", "lint"]
 
 TORCH = os.environ.get("ATTNBENCH_TORCH", "torch==2.13.0")
 RUFF = "ruff==0.17.6"  # pinned: formatting must not drift between machines
-PACKAGES = ["attentions", "bench", "reports", "models", "cli.py", "noxfile.py", "tests"]
+PACKAGES = ["attnbench", "attentions", "bench", "reports", "models", "cli.py", "noxfile.py", "tests"]
 # mypy at its default strictness on these; the ratchet below applies to the rest.
-TYPED = ["attentions", "bench", "reports"]
+TYPED = ["attnbench", "attentions", "bench", "reports"]
 TYPED_RATCHET = ["models", "cli.py"]
 
 # nox -s bench fails when a case's median is slower than the baseline's by more than this. Chosen from the

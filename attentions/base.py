@@ -15,14 +15,16 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 import torch
 from torch import nn
 
+from attnbench.errors import AttnbenchError, UnknownName
+
 HW = tuple[int, int]
 
 
-class KnobError(ValueError):
+class KnobError(AttnbenchError, ValueError):
     """A knob is unknown, of the wrong type or out of range."""
 
 
-class UnsupportedPoint(ValueError):
+class UnsupportedPoint(AttnbenchError, ValueError):
     """A mechanism was asked to run at a point it declares it cannot run."""
 
     def __init__(self, name: str, reasons: list[str]):
@@ -425,7 +427,7 @@ def get(name: str) -> type[Attention]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown mechanism {name!r}; available: {', '.join(available())}") from None
+        raise UnknownName(f"unknown mechanism {name!r}; available: {', '.join(available())}") from None
 
 
 def build(name: str, *, dim: int, heads: int, impl: str | None = None, **knobs: Any) -> Attention:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from attnbench.errors import UnknownName
+
 # Cost-knob values that keep every mechanism runnable on small CPU maps
 # (8x8 .. 32x32): windows and reductions that divide them, a top-K below the
 # coarsest level's token count.
@@ -91,5 +93,5 @@ def names() -> list[str]:
 def get(name: str) -> dict[str, Any]:
     """A deep copy of a preset: {"description", "grid", "settings"}."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        raise UnknownName(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])

@@ -289,6 +289,3 @@ def _as_hw(resolution: int | HW) -> HW:
     h, w = resolution
     return (int(h), int(w))
 
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -22,11 +22,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from attnbench.errors import AttnbenchError
+
 SPLITS = ("train", "val")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-class DataError(ValueError):
+class DataError(AttnbenchError, ValueError):
     """The data cannot be used as given."""
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 import attentions
+from attnbench.errors import UnknownName
 
 from .backbone import Backbone, BackboneConfig, StageConfig
 from .crossvit import CrossViT, CrossViTConfig
@@ -291,7 +292,7 @@ def entry(name: str) -> Entry:
     try:
         return _ZOO[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(available())}") from None
+        raise UnknownName(f"unknown model {name!r}; available: {', '.join(available())}") from None
 
 
 def config(name: str, tiny: bool = False, **overrides: Any) -> Config:
@@ -310,6 +311,3 @@ def create(name: str, tiny: bool = False, **overrides: Any) -> nn.Module:
     cfg = config(name, tiny, **overrides)
     return CrossViT(cfg) if isinstance(cfg, CrossViTConfig) else Backbone(cfg)
 
-
-def native_resolution(model: nn.Module) -> int:
-    return model.config.resolution

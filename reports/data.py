@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from attnbench.errors import AttnbenchError
+
 # The fields that define a benchmark point; two points with equal values here are the same measurement.
 POINT_FIELDS = [
     "mechanism",
@@ -36,7 +38,6 @@ POINT_FIELDS = [
 CONTEXT_FIELDS = ["cross", "height", "width", "tokens", "batch", "dim", "heads", "dtype", "pass", "compile", "device"]
 # Axes a sweep may vary besides resolution; fixed to their most common value where one curve is drawn.
 SIDE_AXES = ["batch", "dim", "heads", "dtype", "compile", "cross", "device"]
-STATUSES = ("ok", "skipped", "oom", "error", "timeout")
 MIB = 2**20
 # Stored and read-time (bench.load) numeric columns, read as float64 with NaN for missing.
 NUMERIC = [
@@ -64,7 +65,7 @@ NUMERIC = [
 ]
 
 
-class RunError(ValueError):
+class RunError(AttnbenchError, ValueError):
     """A run directory is missing or malformed."""
 
 

@@ -15,30 +15,29 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from attnbench.errors import AttnbenchError
+from bench.env import env_differences
 from reports.data import MIB, POINT_FIELDS, Run, tidy
 
-# Environment fields that differ between any two runs without making them incomparable.
-VOLATILE_ENV = ("time", "git_rev", "git_dirty", "hostname")
 # Statuses that mean a point broke (a newly skipped point is a configuration change, not a regression).
 BROKEN = ("oom", "error", "timeout")
 
 
-class FingerprintMismatch(ValueError):
+class FingerprintMismatch(AttnbenchError, ValueError):
     """The two runs come from different environments."""
 
     def __init__(self, differences: list[str]):
         self.differences = differences
         super().__init__(
-            "the runs have different environment fingerprints, so their numbers are not comparable:\n  "
-            + "\n  ".join(differences)
-            + "\npass --force to compare them anyway"
+            "the runs have different environment fingerprints, so their numbers are not comparable ("
+            + "; ".join(differences)
+            + "); pass --force to compare them anyway"
         )
 
 
 def fingerprint_differences(base: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``field: base X, new Y`` for every environment field that differs (time, git and host excepted)."""
-    keys = [k for k in dict.fromkeys([*base, *new]) if k not in VOLATILE_ENV]
-    return [f"{k}: base {base.get(k)!r}, new {new.get(k)!r}" for k in keys if base.get(k) != new.get(k)]
+    """``field: base X, new Y`` for every field that makes the environments incomparable (``bench.env``'s rule)."""
+    return [f"{k}: base {base.get(k)!r}, new {new.get(k)!r}" for k in env_differences(base, new)]
 
 
 @dataclasses.dataclass
@@ -208,15 +207,19 @@ def summary_line(cmp: Comparison) -> str:
     return ", ".join(parts)
 
 
+class PercentError(AttnbenchError, ValueError):
+    """A percentage option (``--fail-above``, ``--noise``) that does not read as one."""
+
+
 def parse_percent(text: str) -> float:
-    """'10%' or '10' -> 0.10 (always a percentage); raises ValueError naming the expected form."""
+    """'10%' or '10' -> 0.10 (always a percentage); raises PercentError naming the expected form."""
     raw = str(text).strip().rstrip("%").strip()
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"expected a percentage such as 10% or 2.5, got {text!r}") from None
+        raise PercentError(f"expected a percentage such as 10% or 2.5, got {text!r}") from None
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"expected a non-negative percentage such as 10%, got {text!r}")
+        raise PercentError(f"expected a non-negative percentage such as 10%, got {text!r}")
     return value / 100.0
 
 

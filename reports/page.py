@@ -17,13 +17,12 @@ import pandas as pd
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
+from bench.env import env_differences
 from reports import analysis, figures
 from reports.data import SIDE_AXES, Run, knob_axes, knobs_label, plain, side_axes, tidy, train_rows
 
 NUMERIC_SIDE_AXES = ("batch", "dim", "heads")
 CATEGORICAL_SIDE_AXES = ("dtype", "compile", "cross", "device")
-# Environment fields that change between any two runs and say nothing about the machine.
-VOLATILE_ENV = ("time", "git_rev", "git_dirty", "hostname")
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #1d2330;
@@ -153,10 +152,11 @@ def _environment(runs: list[Run]) -> Section:
         return Section("environment", "Environment", [_empty("no env.json in the run directories.")])
     rows = []
     diff = []
+    differing = {k for r in runs[1:] for k in env_differences(runs[0].env, r.env)}
     for k in keys:
         values = [_env_value(r.env.get(k)) for r in runs]
         rows.append({"field": k, **{r.name: v for r, v in zip(runs, values, strict=True)}})
-        diff.append("diff" if len(set(values)) > 1 and k not in VOLATILE_ENV else "")
+        diff.append("diff" if k in differing else "")
     body = [table_html(pd.DataFrame(rows), row_class=diff)]
     if len(runs) > 1 and any(diff):
         body.append('<p class="note">Highlighted rows differ between the runs: their numbers are not comparable.</p>')

@@ -77,7 +77,9 @@ def pytest_benchmark_compare_machine_info(
             "the baseline has no attnbench fingerprint in its machine_info, so it cannot be matched to this "
             f"machine; save a new one with {SAVE_COMMAND}"
         )
-    differ = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
+    from bench.env import env_differences
+
+    differ = {k: (saved.get(k), current.get(k)) for k in env_differences(saved, current)}
     if differ:
         detail = "; ".join(f"{k}: baseline {a!r}, here {b!r}" for k, (a, b) in sorted(differ.items()))
         raise pytest.UsageError(

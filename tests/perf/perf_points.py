@@ -31,22 +31,6 @@ CPU_RESOLUTIONS = ["16", "32"]
 # Stage 1 of a 224 px and a 448 px image: divisible by the default windows (7), reductions and quadtree levels.
 GPU_RESOLUTIONS = ["56", "112"]
 
-# The machine-info fields that make two timings comparable. Time, git revision and
-# hostname are left out: a baseline from main must compare with a branch on the same machine.
-COMPARABLE = (
-    "gpu_names",
-    "driver",
-    "cuda",
-    "cudnn",
-    "torch",
-    "triton",
-    "python",
-    "cpu_model",
-    "cpu_count",
-    "threads",
-    "float32_matmul_precision",
-)
-
 
 def grid() -> Grid:
     impls = sorted({impl for name in attentions.available() for impl in attentions.get(name).impls})
@@ -87,10 +71,9 @@ def _slug(text: str) -> str:
 @functools.cache
 def machine_info() -> dict[str, Any]:
     """The comparable part of the harness's environment fingerprint (bench.env), with the perf thread count."""
-    from bench.env import fingerprint
+    from bench.env import comparable, fingerprint
 
-    env = fingerprint(threads=THREADS)
-    return {key: env.get(key) for key in COMPARABLE}
+    return comparable(fingerprint(threads=THREADS))
 
 
 def machine_key(info: dict[str, Any] | None = None) -> str:

@@ -79,13 +79,14 @@ def test_compare_status_changes_and_memory(make_run):
 
 def test_different_fingerprints_are_refused_unless_forced(make_run):
     rows = [row("a", 16, 1.0)]
-    other = {**ENV, "gpu_name": "NVIDIA A100-SXM4-80GB", "torch": "2.12.0", "git_rev": "bbbb", "time": "later"}
+    a100 = "NVIDIA A100-SXM4-80GB"
+    other = {**ENV, "gpu_name": a100, "gpu_names": [a100], "torch": "2.12.0", "git_rev": "bbbb", "time": "later"}
     base, new = load_run(make_run(rows)), load_run(make_run(rows, env=other))
     with pytest.raises(FingerprintMismatch) as err:
         compare(base, new)
     # The differences are listed; the git revision and time are expected to differ and are not.
     assert err.value.differences == [
-        "gpu_name: base 'NVIDIA H100 80GB HBM3', new 'NVIDIA A100-SXM4-80GB'",
+        "gpu_names: base ['NVIDIA H100 80GB HBM3'], new ['NVIDIA A100-SXM4-80GB']",
         "torch: base '2.13.0', new '2.12.0'",
     ]
     assert "--force" in str(err.value)

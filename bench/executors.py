@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .measure import Settings
-from .points import Point
+from .points import GridError, Point
 
 
 def _failure(point: Point, status: str, reason: str, **extra: Any) -> dict[str, Any]:
@@ -116,10 +116,10 @@ class MultiDevice:
 
     def __init__(self, devices: list[str], startup_grace_s: float = 60.0):
         if not devices:
-            raise ValueError("MultiDevice needs at least one device, e.g. --devices cuda:0,cuda:1")
+            raise GridError("MultiDevice needs at least one device, e.g. --devices cuda:0,cuda:1")
         for d in devices:
             if not (d == "cpu" or d.startswith("cuda:")):
-                raise ValueError(f"--devices takes cpu or cuda:N entries, got {d!r}")
+                raise GridError(f"--devices takes cpu or cuda:N entries, got {d!r}")
         self.devices = devices
         self.inner = Subprocess(startup_grace_s=startup_grace_s)
 
@@ -127,7 +127,7 @@ class MultiDevice:
         """Raise before anything is written when a point names a device index."""
         for p in points:
             if p.device not in ("cpu", "cuda"):
-                raise ValueError(
+                raise GridError(
                     f"with --devices, sweep points on --device cuda (or cpu), not {p.device!r}; "
                     "each worker is given one physical device"
                 )
@@ -179,7 +179,7 @@ class Submitit:
         try:
             import submitit
         except ImportError as exc:  # pragma: no cover - depends on the install
-            raise RuntimeError("the cluster executor needs submitit: pip install 'attnbench[cluster]'") from exc
+            raise GridError("the cluster executor needs submitit: pip install 'attnbench[cluster]'") from exc
         self.folder = Path(folder)
         self.poll_s = poll_s
         self.slurm = dict(slurm or {})

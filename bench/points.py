@@ -16,6 +16,8 @@ import json
 import re
 from typing import Any
 
+from attnbench.errors import AttnbenchError
+
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -26,8 +28,8 @@ PATCH_STRIDE = 4
 STAGE_WIDTHS = {1: (96, 3), 2: (192, 6), 3: (384, 12), 4: (768, 24)}
 
 
-class GridError(ValueError):
-    """A sweep grid or one of its values is malformed."""
+class GridError(AttnbenchError, ValueError):
+    """A sweep request (its grid, settings or sweep file) is malformed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,6 +281,9 @@ def expand(grid: Grid) -> Expansion:
         names = [n for n in names if attentions.get(n).cost_knob in grid.cost_knob_names]
         if not names:
             raise GridError(f"no selected mechanism has a cost knob named {', '.join(grid.cost_knob_names)}")
+    for axis in ("resolutions", "batches", "dims", "heads", "dtypes", "passes", "impls", "compile", "devices", "cross"):
+        if not getattr(grid, axis):
+            raise GridError(f"the sweep's {axis} list is empty; give at least one value")
     _check_values("pass", grid.passes, PASSES)
     _check_values("dtype", grid.dtypes, DTYPES)
     for label, values in (("batch", grid.batches), ("heads", grid.heads)):

@@ -1,108 +1,210 @@
 """The results store: a run directory holding env.json, sweep.json and results.jsonl.
 
 One JSON object per point is appended and flushed as each point finishes, so a
-killed sweep loses at most the point in flight. A corrupt trailing line (a write
-cut short) is detected, moved aside to ``results.corrupt`` and reported; corrupt
-lines elsewhere are reported and skipped. Nothing here imports torch: reports
-read results with pandas only.
+killed sweep loses at most the point in flight. Every record is checked against
+the typed schema below when it is read: a line that is not JSON, or a record
+that does not fit (a field of the wrong type, a missing configuration field),
+is reported with its line number and skipped, never fatal. A cut-short last
+line is moved aside to ``results.corrupt``; a valid last record that only lacks
+its newline is kept. While a sweep writes a run directory it holds its lock.
+Nothing here imports torch: reports and models read results with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import json
 import os
+import platform
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from attnbench.errors import AttnbenchError
+
+from .env import env_differences
 
 RESULTS = "results.jsonl"
 ENV = "env.json"
 SWEEP = "sweep.json"
 CORRUPT = "results.corrupt"
+LOCK = "sweep.lock"
 
 STATUSES = ("ok", "skipped", "oom", "error", "timeout")
 
-# The stored columns users can rely on, in order (see README, "Sweeps and the results schema").
-SCHEMA: dict[str, str] = {
+# Field types of a stored record: str, int, float (an int is a float too), bool,
+# object (a JSON object), list, floats (a list of numbers), any; "a|b" is either.
+# Every field may be null unless it is required below; fields not declared are kept
+# as they are. See README, "Sweeps and the results schema".
+POINT_FIELDS: dict[str, str] = {
     "point_id": "str",
     "mechanism": "str",
     "knobs": "object",
-    "height": "Int64",
-    "width": "Int64",
-    "tokens": "Int64",
-    "batch": "Int64",
-    "dim": "Int64",
-    "heads": "Int64",
+    "height": "int",
+    "width": "int",
+    "tokens": "int",
+    "batch": "int",
+    "dim": "int",
+    "heads": "int",
     "dtype": "str",
     "pass": "str",
     "impl": "str",
-    "compile": "boolean",
+    "compile": "bool",
     "device": "str",
-    "cross": "boolean",
-    "context_height": "Int64",
-    "context_width": "Int64",
-    "image_height": "Int64",
-    "image_width": "Int64",
-    "stage": "Int64",
+    "cross": "bool",
+    "context_height": "int",
+    "context_width": "int",
+    "image_height": "int",
+    "image_width": "int",
+    "stage": "int",
     "status": "str",
     "reason": "str",
-    "latency_ms_median": "float64",
-    "latency_ms_p20": "float64",
-    "latency_ms_p80": "float64",
-    "samples": "Int64",
-    "noisy": "boolean",
+    "latency_ms_median": "float",
+    "latency_ms_p20": "float",
+    "latency_ms_p80": "float",
+    "samples": "int",
+    "noisy": "bool",
     "timing_method": "str",
-    "first_call_ms": "float64",
-    "peak_bytes": "Int64",
-    "baseline_bytes": "Int64",
-    "reserved_bytes": "Int64",
+    "first_call_ms": "float",
+    "peak_bytes": "int",
+    "baseline_bytes": "int",
+    "reserved_bytes": "int",
     "memory_method": "str",
-    "macs": "Int64",
-    "analytic_macs": "Int64",
-    "counted_macs": "Int64",
+    "macs": "int",
+    "analytic_macs": "int",
+    "counted_macs": "int",
     "macs_uncovered": "object",
-    "backward_macs": "Int64",
+    "backward_macs": "int",
     "macs_error": "str",
-    "params": "Int64",
-    "threads": "Int64",
+    "params": "int",
+    "threads": "int",
     "device_name": "str",
-    "wall_s": "float64",
+    "wall_s": "float",
     "finished_at": "str",
+    # the code that measured the point (bench.env.git_state: commit, and a hash of a dirty tree's changes)
+    "revision": "str",
+    # raw timing samples, provenance and the machine's load while the point ran
+    "latency_samples_ms": "floats",
+    "provenance": "object",
+    "contended": "bool",
+    "contention": "object",
+    "probe_ms": "float|floats",
+    "load_avg": "float|floats",
+    "host_ms_per_call": "float",
+    "launch_bound": "bool",
+    "overhead_ms": "float",
 }
+# Rows a training run appends (models.train), told apart by ``kind``.
+TRAIN_FIELDS: dict[str, str] = {
+    "kind": "str",
+    "model": "str",
+    "tiny": "bool",
+    "data": "str",
+    "resolution": "int",
+    "epoch": "int",
+    "epochs": "int",
+    "train_loss": "float",
+    "train_accuracy": "float",
+    "val_loss": "float",
+    "accuracy": "float",
+    "lr": "float",
+    "images_per_s": "float",
+    "mechanisms": "list",
+    "classes": "int",
+    "train_images": "int",
+    "val_images": "int",
+}
+FIELD_TYPES: dict[str, str] = {**POINT_FIELDS, **TRAIN_FIELDS}
+# What a record must hold: a sweep point its whole configuration, a training row its model.
+REQUIRED_POINT = ("point_id", "status", "mechanism", "knobs", "height", "width", "batch", "dim", "heads")
+REQUIRED_POINT += ("dtype", "pass", "impl", "compile", "device")
+REQUIRED_TRAIN = ("point_id", "status", "kind", "model")
+TRAIN_KINDS = ("train", "train_epoch")
 
-# Environment fields that must match for results to share a run directory.
-FINGERPRINT_KEYS = ("gpu_name", "gpu_count", "cuda", "torch", "python", "cpu_model")
+_PANDAS = {"int": "Int64", "float": "float64", "bool": "boolean", "str": "str"}
+# The stored columns of bench.load, in order, with their pandas dtypes ("str": pandas' string dtype).
+SCHEMA: dict[str, str] = {name: _PANDAS.get(kind, "object") for name, kind in POINT_FIELDS.items()}
 
 
-class StoreError(RuntimeError):
+def _fits(value: Any, kind: str) -> bool:
+    if "|" in kind:
+        return any(_fits(value, k) for k in kind.split("|"))
+    if kind == "any":
+        return True
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer()
+        )
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "object":
+        return isinstance(value, dict)
+    if kind == "list":
+        return isinstance(value, list)
+    if kind == "floats":
+        return isinstance(value, list) and all(_fits(v, "float") for v in value)
+    raise ValueError(f"unknown field type {kind!r}")
+
+
+def problems(record: Any) -> list[str]:
+    """Why a parsed line is not a valid record (empty: it is one)."""
+    if not isinstance(record, dict):
+        return [f"a record is a JSON object, not {type(record).__name__}"]
+    out = []
+    kind = record.get("kind")
+    required = REQUIRED_TRAIN if kind in TRAIN_KINDS else REQUIRED_POINT
+    missing = [k for k in required if record.get(k) is None]
+    if missing:
+        out.append("missing " + ", ".join(missing))
+    for key, value in record.items():
+        kind_of = FIELD_TYPES.get(key)
+        if kind_of is not None and value is not None and not _fits(value, kind_of):
+            out.append(f"{key} must be {kind_of}, got {value!r}"[:120])
+    status = record.get("status")
+    if status is not None and status not in STATUSES:
+        out.append(f"status must be one of {', '.join(STATUSES)}, got {status!r}"[:120])
+    return out
+
+
+class StoreError(AttnbenchError, RuntimeError):
     """The run directory cannot be used as asked."""
 
 
 @dataclasses.dataclass
 class ReadReport:
     records: list[dict[str, Any]]
-    # (1-based line number, the start of the line) of every line that is not a JSON object.
+    # (1-based line number, the start of the line) of every line that is not JSON.
     corrupt: list[tuple[int, str]]
-    # True when the last line is corrupt (typically a write cut short by a kill).
+    # True when the last line is not JSON (typically a write cut short by a kill).
     trailing_corrupt: bool = False
+    # (1-based line number, why) of every JSON line that is not a valid record.
+    invalid: list[tuple[int, str]] = dataclasses.field(default_factory=list)
 
     def messages(self) -> list[str]:
         out = []
         for lineno, text in self.corrupt:
             where = "trailing line" if (self.trailing_corrupt and (lineno, text) == self.corrupt[-1]) else "line"
             out.append(f"{RESULTS} {where} {lineno} is not a JSON object and was skipped: {text[:80]!r}")
+        for lineno, why in self.invalid:
+            out.append(f"{RESULTS} line {lineno} is not a valid record and was skipped: {why}")
         return out
 
 
 def read_results(run_dir: str | os.PathLike) -> ReadReport:
-    """Every well-formed record of a run, with the corrupt lines reported (never raised)."""
+    """Every valid record of a run, with the corrupt and invalid lines reported (never raised)."""
     path = Path(run_dir) / RESULTS
     if not path.exists():
         return ReadReport([], [])
-    data = path.read_bytes()
-    lines = data.split(b"\n")
+    lines = path.read_bytes().split(b"\n")
     records: list[dict[str, Any]] = []
     corrupt: list[tuple[int, str]] = []
+    invalid: list[tuple[int, str]] = []
     last_nonempty = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     trailing = False
     for i, raw in enumerate(lines):
@@ -112,13 +214,23 @@ def read_results(run_dir: str | os.PathLike) -> ReadReport:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
-            obj = None
-        if not isinstance(obj, dict) or "point_id" not in obj:
             corrupt.append((i + 1, text))
             trailing = trailing or i == last_nonempty
             continue
+        why = problems(obj)
+        if why:
+            invalid.append((i + 1, "; ".join(why)))
+            continue
         records.append(obj)
-    return ReadReport(records, corrupt, trailing)
+    return ReadReport(records, corrupt, trailing, invalid)
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return f"pid {info['pid']} on {info['host']} since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
 
 
 class ResultsStore:
@@ -128,29 +240,97 @@ class ResultsStore:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / RESULTS
 
-    def open(self, env: dict[str, Any], sweep: dict[str, Any] | None = None) -> ReadReport:
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run directory's lock (``sweep.lock``: pid, host, since) for the block.
+
+        An advisory ``flock``: the operating system releases it when the holder dies,
+        so a killed sweep never leaves a stale lock. A second writer is refused with a
+        StoreError naming the holder."""
+        import fcntl
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / LOCK
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise StoreError(
+                    f"{self.run_dir} is being written by another sweep ({_holder(path)}); "
+                    "wait for it to finish, or pass another --out"
+                ) from None
+            try:  # the holder before us may have removed the file between our open and our lock
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": platform.node(), "since": since}).encode())
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+    def has_results(self) -> bool:
+        """Whether results.jsonl holds anything (even lines that do not read)."""
+        return self.path.exists() and bool(self.path.read_bytes().strip())
+
+    def stored_env(self) -> dict[str, Any]:
+        """The stored env.json ({} when there is none)."""
+        path = self.run_dir / ENV
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            raise StoreError(f"{path} is not valid JSON; restore it, or pass another --out") from None
+
+    def stored_sweep(self) -> dict[str, Any] | None:
+        path = self.run_dir / SWEEP
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            raise StoreError(f"{path} is not valid JSON; restore it, or pass another --out") from None
+
+    def open(self, env: dict[str, Any], sweep: dict[str, Any] | None = None, *, appended: bool = False) -> ReadReport:
         """Create or reopen the run directory; returns what is already stored.
 
-        A corrupt trailing line is moved to results.corrupt (so appends start on a
-        clean line); an environment that differs from the stored one is refused.
+        An environment that is not comparable with the stored one is refused, and so
+        are results without their env.json. ``sweep`` is written to sweep.json; with
+        ``appended`` it is added to the stored request's ``appended`` list instead.
+        A cut-short last line is moved to results.corrupt; a valid last record that
+        lacks its newline gets one (so appends start on a clean line).
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         env_path = self.run_dir / ENV
         if env_path.exists():
-            stored = json.loads(env_path.read_text())
-            diffs = [
-                f"{k}: {stored.get(k)!r} here, {env.get(k)!r} now"
-                for k in FINGERPRINT_KEYS
-                if stored.get(k) != env.get(k)
-            ]
+            stored = self.stored_env()
+            diffs = [f"{k}: {stored.get(k)!r} here, {env.get(k)!r} now" for k in env_differences(stored, env)]
             if diffs:
                 raise StoreError(
                     f"{self.run_dir} holds results from another environment ({'; '.join(diffs)}); "
                     "results are comparable only within one fingerprint, so pass a new --out"
                 )
+        elif self.has_results():
+            raise StoreError(
+                f"{self.run_dir} holds results but no {ENV}, so they cannot be matched to this machine; "
+                f"restore {ENV}, or pass another --out"
+            )
         else:
             env_path.write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
         if sweep is not None:
+            saved = self.stored_sweep() if appended else None
+            if saved is not None:
+                saved.setdefault("appended", []).append(sweep)
+                sweep = saved
             (self.run_dir / SWEEP).write_text(json.dumps(sweep, indent=2, sort_keys=True) + "\n")
         report = read_results(self.run_dir)
         if self.path.exists():
@@ -158,23 +338,22 @@ class ResultsStore:
         return report
 
     def _repair_tail(self) -> None:
-        """Cut an unterminated or corrupt last line off into results.corrupt."""
+        """Cut a last line that is not JSON off into results.corrupt; end a valid one with its newline."""
         data = self.path.read_bytes()
-        if not data:
+        if not data or data.endswith(b"\n"):
             return
-        body = data[:-1] if data.endswith(b"\n") else data
-        cut = body.rfind(b"\n") + 1
-        last = body[cut:]
+        cut = data.rfind(b"\n") + 1
+        last = data[cut:]
         try:
-            ok = isinstance(json.loads(last), dict) and data.endswith(b"\n")
+            json.loads(last)
         except json.JSONDecodeError:
-            ok = False
-        if ok:
+            with open(self.run_dir / CORRUPT, "ab") as f:
+                f.write(last + b"\n")
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
             return
-        with open(self.run_dir / CORRUPT, "ab") as f:
-            f.write(last + b"\n")
-        with open(self.path, "r+b") as f:
-            f.truncate(cut)
+        with open(self.path, "ab") as f:
+            f.write(b"\n")
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, sort_keys=False, allow_nan=False, default=str) + "\n"

@@ -1,5 +1,10 @@
 """Run a sweep: expand the grid, skip what is stored, measure the rest, append each record.
 
+A run directory holds one sweep request (``sweep.json``): a request with another
+grid or other measurement settings is refused unless it is appended. A stored
+point counts as done only if it was measured by the same code revision (or
+``resume`` asks to reuse it); the sweep holds the directory's lock throughout.
+
 Progress goes through ``on_event(kind, data)`` (the CLI renders it); nothing
 here prints. Kinds: ``warning`` {message}, ``start`` {total, stored, todo},
 ``point`` {record}, ``end`` {counts, run_dir}.
@@ -14,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .measure import Settings, precheck
-from .points import Grid, Point, expand
-from .store import ResultsStore
+from .points import Grid, GridError, Point, expand
+from .store import ResultsStore, StoreError
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -38,8 +43,15 @@ def run_sweep(
     settings: Settings | None = None,
     executor: Any = None,
     on_event: Event | None = None,
+    *,
+    append: bool = False,
+    resume: bool = False,
 ) -> Summary:
-    """Measure every point of ``grid`` that ``out`` does not hold yet."""
+    """Measure every point of ``grid`` that ``out`` does not hold yet.
+
+    ``append``: add this grid to a run directory that holds a sweep of another grid
+    or other settings (refused otherwise). ``resume``: count points measured by
+    another code revision as done (otherwise they are measured again)."""
     import torch
 
     from .env import fingerprint
@@ -58,16 +70,57 @@ def run_sweep(
         validate(expansion.points)
     store = ResultsStore(out)
     env = fingerprint(threads=settings.threads)
-    report = store.open(env, sweep={"grid": grid.to_dict(), "settings": settings.to_dict(), "executor": executor.name})
+    request = {"grid": grid.to_dict(), "settings": settings.to_dict(), "executor": executor.name}
+    with store.locked():
+        return _locked_sweep(store, env, request, expansion, settings, executor, emit, append, resume)
+
+
+def _locked_sweep(
+    store: ResultsStore,
+    env: dict[str, Any],
+    request: dict[str, Any],
+    expansion: Any,
+    settings: Settings,
+    executor: Any,
+    emit: Event,
+    append: bool,
+    resume: bool,
+) -> Summary:
+    stored_sweep = store.stored_sweep() if store.has_results() else None
+    diffs = sweep_differences(stored_sweep, request) if stored_sweep is not None else []
+    if diffs and not append:
+        raise StoreError(
+            f"{store.run_dir} holds a sweep of another grid or other settings ({'; '.join(diffs)}); "
+            "pass --append to add these points to it, or another --out"
+        )
+    stored_env = store.stored_env()
+    report = store.open(env, sweep=None if stored_sweep is not None and not diffs else request, appended=bool(diffs))
     for message in report.messages():
         emit("warning", {"message": message})
-    stored_ids = {r["point_id"] for r in report.records}
+    revision = env.get("revision")
+
+    def measured_by(rec: dict[str, Any]) -> Any:  # records written before revisions were stored: env.json's
+        return rec.get("revision", stored_env.get("revision"))
+
+    others = Counter(str(measured_by(r)) for r in report.records if measured_by(r) != revision)
+    if others:
+        was = ", ".join(f"{n} by {rev}" for rev, n in others.most_common())
+        if resume:
+            message = f"reusing points measured by another code revision ({was}; now {revision}): --resume"
+        else:
+            message = (
+                f"the code changed since points were stored ({was}; now {revision}): measuring them again "
+                "(pass --resume to reuse them)"
+            )
+        emit("warning", {"message": message})
+    stored_ids = {r["point_id"] for r in report.records if resume or measured_by(r) == revision}
     todo = [p for p in expansion.points if p.point_id not in stored_ids]
     emit("start", {"total": len(expansion.points), "stored": len(expansion.points) - len(todo), "todo": len(todo)})
 
     counts: Counter[str] = Counter()
 
     def record(rec: dict[str, Any]) -> None:
+        rec = {**rec, "revision": revision}
         store.append(rec)
         counts[rec["status"]] += 1
         emit("point", {"record": rec})
@@ -93,28 +146,101 @@ def run_sweep(
     return Summary(store.run_dir, len(expansion.points), len(expansion.points) - len(todo), dict(counts))
 
 
+# Settings that bound a sweep rather than shape its numbers: they may change between resumptions.
+NOT_MEASUREMENT = ("timeout_s",)
+
+
+def sweep_differences(stored: dict[str, Any], request: dict[str, Any]) -> list[str]:
+    """``field: X there, Y now`` for each grid axis or measurement setting in which two sweep requests differ."""
+    try:
+        old_grid = Grid.from_dict(stored.get("grid") or {}).to_dict()
+    except GridError:
+        old_grid = dict(stored.get("grid") or {})
+    defaults = Settings().to_dict()
+    old_settings = {**defaults, **(stored.get("settings") or {})}
+    new_settings = {**defaults, **request["settings"]}
+    out = []
+    for old, new in ((old_grid, request["grid"]), (old_settings, new_settings)):
+        for key in dict.fromkeys([*old, *new]):
+            if key not in NOT_MEASUREMENT and old.get(key) != new.get(key):
+                out.append(f"{key}: {old.get(key)!r} there, {new.get(key)!r} now")
+    return out
+
+
+def check_runnable(grid: Grid, *, devices_here: bool = True) -> None:
+    """Refuse, before anything is measured, an impl that none of the selected mechanisms
+    declares and (``devices_here``: the points run on this machine) a device it lacks."""
+    import attentions
+
+    from .points import load_plugins
+
+    load_plugins()
+    names = grid.mechanisms or attentions.available()
+    declared = list(dict.fromkeys(i for n in names for i in attentions.get(n).impls))
+    for impl in grid.impls:
+        if impl not in declared:
+            raise GridError(
+                f"--impl {impl!r} is not an implementation of {', '.join(names)}; use one of {', '.join(declared)}"
+            )
+    if not devices_here:
+        return
+    import torch
+
+    for device in grid.devices:
+        if not str(device).startswith("cuda"):
+            continue
+        if not torch.cuda.is_available():
+            raise GridError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        index = torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
+            raise GridError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
 def load_sweep_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or TOML sweep file (safely): {"grid": {...}, "settings": {...}} or a bare grid."""
     path = Path(path)
-    text = path.read_text()
-    if path.suffix.lower() == ".toml":
+    if not path.exists():
+        raise GridError(f"--config {path}: no such file; pass a YAML or TOML sweep file")
+    if path.is_dir():
+        raise GridError(f"--config {path} is a directory; pass a YAML or TOML sweep file")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise GridError(f"sweep file {path} must end in .yaml, .yml or .toml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GridError(f"--config {path} cannot be read ({exc}); pass a YAML or TOML text file") from None
+    if suffix == ".toml":
         try:
             import tomllib
         except ImportError:  # Python < 3.11
             import tomli as tomllib  # type: ignore[no-redef]
-        data = tomllib.loads(text)
-    elif path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise GridError(f"--config {path} is not valid TOML: {exc}") from None
+    else:
         import yaml
 
-        data = yaml.safe_load(text)
-    else:
-        raise ValueError(f"sweep file {path} must end in .yaml, .yml or .toml")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.constructor.ConstructorError as exc:
+            tag = getattr(exc, "problem", "") or "a tag"
+            raise GridError(
+                f"--config {path} uses a YAML tag that sweep files may not hold ({' '.join(str(tag).split())}); "
+                "write plain values only"
+            ) from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise GridError(f"--config {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"sweep file {path} must hold a mapping of sweep fields, got {type(data).__name__}")
+        raise GridError(f"sweep file {path} must hold a mapping of sweep fields, got {type(data).__name__}")
     if "grid" in data or "settings" in data or "slurm" in data:
         unknown = set(data) - {"grid", "settings", "slurm"}
         if unknown:
-            raise ValueError(
+            raise GridError(
                 f"sweep file {path}: unknown top-level keys {sorted(unknown)}; use grid:, settings: and slurm:"
             )
         return {
@@ -125,13 +251,51 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
     return {"grid": data, "settings": {}, "slurm": {}}
 
 
+# Settings given by a command-line option, named as the option in errors.
+SETTING_OPTIONS = {"timeout_s": "--timeout", "threads": "--threads"}
+# Settings that must be above zero; every other number must not be negative.
+POSITIVE = ("timeout_s", "cpu_min_run_time", "cuda_rep_ms", "min_samples", "max_samples", "threads")
+
+
 def make_settings(values: dict[str, Any]) -> Settings:
-    fields = {f.name for f in dataclasses.fields(Settings)}
-    unknown = sorted(set(values) - fields)
+    """Settings from plain values, each checked against the type and range of its field."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown measurement setting(s) {unknown}; valid: {', '.join(sorted(fields))}")
+        raise GridError(f"unknown measurement setting(s) {unknown}; valid: {', '.join(sorted(fields))}")
+    for name, value in values.items():
+        label = SETTING_OPTIONS.get(name, f"setting {name}")
+        kind = fields[name]
+        if value is None and "None" in kind:
+            continue
+        if "bool" in kind:
+            if not isinstance(value, bool):
+                raise GridError(f"{label} must be true or false, got {value!r}")
+            continue
+        number = (int,) if "int" in kind else (int, float)
+        if isinstance(value, bool) or not isinstance(value, number) or value != value:
+            raise GridError(f"{label} must be {'an integer' if 'int' in kind else 'a number'}, got {value!r}")
+        if name in POSITIVE and value <= 0:
+            raise GridError(f"{label} must be above 0, got {value!r}")
+        if name != "seed" and value < 0:
+            raise GridError(f"{label} must not be negative, got {value!r}")
     return Settings(**values)
 
+
+# The command-line option of each grid axis, as errors name it.
+AXIS_OPTIONS = {
+    "mechanisms": "--mechanism",
+    "resolutions": "--resolution",
+    "batches": "--batch",
+    "dims": "--dim",
+    "heads": "--heads",
+    "dtypes": "--dtype",
+    "passes": "--pass",
+    "impls": "--impl",
+    "compile": "--compile",
+    "devices": "--device",
+    "cross": "--cross",
+}
 
 BOOL_WORDS = {
     "compile": {"eager": [False], "compile": [True], "both": [False, True]},
@@ -161,7 +325,7 @@ def resolve_request(
     if preset is None and config is None and not axes and not knobs:
         sweep_json = stored / "sweep.json" if stored else None
         if sweep_json is None or not sweep_json.exists():
-            raise ValueError(
+            raise GridError(
                 "say what to sweep: --preset NAME, --config FILE or axes such as --mechanism and --resolution"
             )
         saved = json.loads(sweep_json.read_text())
@@ -176,6 +340,8 @@ def resolve_request(
         settings_d.update(f["settings"])
     for key, values in axes.items():
         items = split_values(values)
+        if not items:
+            raise GridError(f"{AXIS_OPTIONS.get(key, key)} is empty; give at least one value (see --help)")
         if key in ("batches", "heads"):
             grid_d[key] = parse_ints(f"--{key}", items)
         elif key == "dims":
@@ -185,7 +351,7 @@ def resolve_request(
             vals: list[bool] = []
             for v in items:
                 if v not in words:
-                    raise ValueError(f"--{key} takes {', '.join(words)}, got {v!r}")
+                    raise GridError(f"--{key} takes {', '.join(words)}, got {v!r}")
                 vals += [b for b in words[v] if b not in vals]
             grid_d[key] = vals
         else:

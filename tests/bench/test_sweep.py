@@ -237,7 +237,8 @@ def test_percent_of_peak_from_the_hardware_table(tmp_path):
     run = tmp_path / "gpu"
     run.mkdir()
     (run / "env.json").write_text(json.dumps({"gpu_name": "NVIDIA H100 80GB HBM3"}))
-    row = {"point_id": "a", "pass": "fwd", "device": "cuda", "dtype": "bfloat16", "status": "ok", "batch": 1}
+    point = expand(G(mechanisms=["full"], resolutions=["10"], dtypes=["bfloat16"], devices=["cuda"])).points[0]
+    row = {**point.to_json(), "status": "ok"}
     row |= {"tokens": 100, "macs": 10**9, "latency_ms_median": 1.0, "peak_bytes": 1000}
     (run / "results.jsonl").write_text(json.dumps(row) + "\n")
     r = store.load(run).iloc[0]
@@ -258,7 +259,9 @@ def test_corrupt_lines_are_reported_not_fatal(tmp_path):
     # resuming moves the cut-short line aside and appends on a clean line
     warnings = []
     bigger = G(mechanisms=["full"], resolutions=["4", "6"], dims=[8])
-    run_sweep(bigger, tmp_path / "r", FAST, on_event=lambda k, d: warnings.append(d) if k == "warning" else None)
+    run_sweep(
+        bigger, tmp_path / "r", FAST, append=True, on_event=lambda k, d: warnings.append(d) if k == "warning" else None
+    )
     assert len(warnings) == 2
     assert (tmp_path / "r" / store.CORRUPT).read_text().startswith('{"point_id": "x"')
     rep = store.read_results(tmp_path / "r")
@@ -278,7 +281,7 @@ def test_resume_measures_only_what_is_missing(tmp_path):
     run_sweep(small, tmp_path / "r", FAST, executor=Counting())
     assert len(seen) == 2
     big = G(mechanisms=["full"], resolutions=["4", "6"], dims=[8], passes=["fwd", "fwd+bwd"])
-    summary = run_sweep(big, tmp_path / "r", FAST, executor=Counting())
+    summary = run_sweep(big, tmp_path / "r", FAST, executor=Counting(), append=True)
     assert len(seen) == 4 and len(set(seen)) == 4 and summary.stored == 2
     ids = [r["point_id"] for r in store.read_results(tmp_path / "r").records]
     assert sorted(ids) == sorted(p.point_id for p in expand(big).points)
@@ -287,7 +290,7 @@ def test_resume_measures_only_what_is_missing(tmp_path):
     env["torch"] = "0.0.1"
     (tmp_path / "r" / "env.json").write_text(json.dumps(env))
     with pytest.raises(store.StoreError, match="another environment"):
-        run_sweep(big, tmp_path / "r", FAST)
+        run_sweep(big, tmp_path / "r", FAST, append=True)
 
 
 def test_reading_results_needs_no_torch(tmp_path):

@@ -10,9 +10,26 @@ import json
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
+
+from attnbench.errors import AttnbenchError
+
+
+class _Commands(TyperGroup):
+    """Every command's bad input (an AttnbenchError) ends as one line on stderr and exit status 2."""
+
+    def invoke(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        try:
+            return super().invoke(ctx)
+        except AttnbenchError as exc:
+            typer.echo("error: " + " ".join(str(exc).split()), err=True)
+            raise typer.Exit(2) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="Benchmark and profile efficient vision attention: eight mechanisms, one interface, honest numbers.",
     no_args_is_help=True,
     add_completion=False,
@@ -81,7 +98,13 @@ SWEEP_OUT_OPTION = typer.Option(
     None, "--out", "-o", help="Run directory (default runs/sweep-<time>); an existing one is resumed."
 )
 SWEEP_RESUME_OPTION = typer.Option(
-    False, "--resume", help="Measure only the points --out lacks; with no axes, rerun its stored sweep."
+    False,
+    "--resume",
+    help="Reuse the points --out holds even if another code revision measured them; with no axes, rerun its "
+    "stored sweep.",
+)
+SWEEP_APPEND_OPTION = typer.Option(
+    False, "--append", help="Add this grid to an --out that holds a sweep of another grid or other settings."
 )
 SWEEP_ISOLATE_OPTION = typer.Option(
     False, "--isolate", help="One subprocess per point (hard timeout; a crash costs one point)."
@@ -116,6 +139,7 @@ def sweep(
     config: str = SWEEP_CONFIG_OPTION,
     out: str = SWEEP_OUT_OPTION,
     resume: bool = SWEEP_RESUME_OPTION,
+    append: bool = SWEEP_APPEND_OPTION,
     isolate: bool = SWEEP_ISOLATE_OPTION,
     devices: str = SWEEP_DEVICES_OPTION,
     cluster: str = SWEEP_CLUSTER_OPTION,
@@ -136,11 +160,11 @@ def sweep(
     )
 
     from bench import executors
-    from bench.sweep import resolve_request, run_sweep
+    from bench.sweep import check_runnable, resolve_request, run_sweep
 
     if out is None:
         if resume:
-            raise typer.BadParameter("--resume needs --out RUN_DIR")
+            raise AttnbenchError("--resume needs --out RUN_DIR")
         out = f"runs/sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     axes = {
         "mechanisms": mechanism,
@@ -155,21 +179,17 @@ def sweep(
         "devices": device,
         "cross": cross,
     }
-    try:
-        grid, settings = resolve_request(
-            preset, config, axes, knob, {"timeout_s": timeout, "threads": threads}, stored=Path(out) if resume else None
-        )
-    except (ValueError, KeyError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    grid, settings = resolve_request(
+        preset, config, axes, knob, {"timeout_s": timeout, "threads": threads}, stored=Path(out) if resume else None
+    )
     if sum(bool(x) for x in (isolate, devices, cluster)) > 1:
-        console.print("[red]error:[/red] choose one of --isolate, --devices and --cluster")
-        raise typer.Exit(2)
+        raise AttnbenchError("choose one of --isolate, --devices and --cluster")
+    if cluster not in (None, "slurm", "local"):
+        raise AttnbenchError(f"--cluster takes slurm or local, not {cluster!r}")
+    check_runnable(grid, devices_here=not cluster)
     if devices:
         executor = executors.MultiDevice([d.strip() for d in devices.split(",") if d.strip()])
     elif cluster:
-        if cluster not in ("slurm", "local"):
-            raise typer.BadParameter("--cluster takes slurm or local")
         local = None
         if cluster == "local":
             import submitit
@@ -200,36 +220,28 @@ def sweep(
     def on_event(kind: str, data: dict) -> None:
         nonlocal task
         if kind == "warning":
-            console.print(f"[yellow]warning:[/yellow] {data['message']}")
+            console.print(f"[yellow]warning:[/yellow] {escape(data['message'])}")
         elif kind == "start":
-            console.print(f"{data['total']} points, {data['stored']} already in {out}, {data['todo']} to measure")
+            console.print(
+                f"{data['total']} points, {data['stored']} already in {escape(out)}, {data['todo']} to measure"
+            )
             task = progress.add_task("sweep", total=data["todo"], failed=0, skipped=0)
         elif kind == "point" and task is not None:
             rec = data["record"]
             if rec["status"] in ("oom", "error", "timeout"):
                 failed["n"] += 1
                 console.print(
-                    f"[red]{rec['status']}[/red] {rec['mechanism']} {rec['height']}x{rec['width']}: "
-                    f"{str(rec.get('reason'))[:200]}"
+                    f"[red]{rec['status']}[/red] {escape(str(rec['mechanism']))} {rec['height']}x{rec['width']}: "
+                    f"{escape(str(rec.get('reason'))[:200])}"
                 )
             elif rec["status"] == "skipped":
                 failed["skipped"] += 1
             progress.update(task, advance=1, failed=failed["n"], skipped=failed["skipped"])
 
-    try:
-        with progress:
-            summary = run_sweep(grid, out, settings, executor=executor, on_event=on_event)
-    except Exception as exc:
-        from attentions import KnobError
-        from bench.points import GridError
-        from bench.store import StoreError
-
-        if isinstance(exc, (KnobError, GridError, StoreError, KeyError, ValueError)):
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from None
-        raise
+    with progress:
+        summary = run_sweep(grid, out, settings, executor=executor, on_event=on_event, append=append, resume=resume)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items())) or "nothing new"
-    console.print(f"done: {counts}; results in {summary.run_dir}/results.jsonl (bench.load reads them)")
+    console.print(f"done: {counts}; results in {escape(str(summary.run_dir))}/results.jsonl (bench.load reads them)")
 
 
 @app.command("env")
@@ -274,12 +286,11 @@ def report(
     import reports
 
     if fmt is not None and fmt not in ("md", "csv"):
-        raise typer.BadParameter(f"--format takes md or csv, not {fmt!r}")
-    try:
-        runs = [reports.load_run(d) for d in run_dirs]
-    except (reports.RunError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise AttnbenchError(f"--format takes md or csv, not {fmt!r}")
+    if out is not None and Path(out).is_dir():
+        raise AttnbenchError(f"--out {out} is a directory; pass the HTML file to write, e.g. {Path(out, 'r.html')}")
+    runs = [reports.load_run(d) for d in run_dirs]
+    _check_baseline(runs, baseline)
     if fmt is not None:
         text = reports.format_table(reports.summary_of(runs, baseline), fmt)
         if not text:
@@ -290,6 +301,14 @@ def report(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(reports.build_report(runs, baseline), encoding="utf-8")
         typer.echo(f"report: {path} ({path.stat().st_size / 2**20:.1f} MiB)", err=fmt is not None)
+
+
+def _check_baseline(runs: list, baseline: str) -> None:
+    """Refuse a --baseline whose mechanism none of the runs holds (ratios against it cannot be taken)."""
+    name = baseline.partition(":")[0]
+    held = sorted({str(m) for r in runs for m in r.rows["mechanism"].dropna().unique()})
+    if held and name not in held:
+        raise AttnbenchError(f"--baseline {baseline}: no mechanism {name!r} in these runs; they hold {', '.join(held)}")
 
 
 COMPARE_BASE_ARGUMENT = typer.Argument(..., help="The run to compare against (e.g. main).")
@@ -318,36 +337,28 @@ def compare_(
     from reports.analysis import fmt_number
     from reports.compare import parse_percent, summary_line, terminal_table
 
-    try:
-        threshold, band = parse_percent(fail_above), parse_percent(noise)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    try:
-        base, new = reports.load_run(base_run), reports.load_run(new_run)
-        cmp = reports.compare(base, new, fail_above=threshold, noise=band, force=force)
-    except reports.FingerprintMismatch as exc:
-        console.print(f"[red]refused:[/red] {exc}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except (reports.RunError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    threshold, band = parse_percent(fail_above), parse_percent(noise)
+    base, new = reports.load_run(base_run), reports.load_run(new_run)
+    cmp = reports.compare(base, new, fail_above=threshold, noise=band, force=force)
     if cmp.differences:
-        console.print("[yellow]forced:[/yellow] environments differ: " + "; ".join(cmp.differences), soft_wrap=True)
+        console.print(
+            "[yellow]forced:[/yellow] environments differ: " + escape("; ".join(cmp.differences)), soft_wrap=True
+        )
     shown = terminal_table(cmp)
-    table = Table(title=f"{base.name} -> {new.name} (! = regression beyond {fail_above})")
+    table = Table(title=escape(f"{base.name} -> {new.name} (! = regression beyond {fail_above})"))
     for col in shown.columns:
         table.add_column(col, justify="right" if shown[col].dtype.kind in "fi" else "left")
     styles = {"slower": "red", "faster": "green"}
     for _, r in shown.iterrows():
         style = "bold red" if r["verdict"].endswith("!") else styles.get(str(r["verdict"]).split(" ")[0])
-        table.add_row(*(fmt_number(v) for v in r), style=style)
+        table.add_row(*(escape(fmt_number(v)) for v in r), style=style)
     console.print(table)
-    console.print(summary_line(cmp), soft_wrap=True)
+    console.print(escape(summary_line(cmp)), soft_wrap=True)
     if html:
         path = Path(html)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(reports.build_compare_page(cmp, base, new), encoding="utf-8")
-        console.print(f"comparison: {path}", soft_wrap=True)
+        console.print(f"comparison: {escape(str(path))}", soft_wrap=True)
     if cmp.failed:
         raise typer.Exit(1)
 
@@ -363,17 +374,17 @@ FLOPS_KNOB_OPTION = typer.Option(None, "--knob", "-k", help="A mechanism knob as
 FLOPS_CONTEXT_OPTION = typer.Option(None, "--context-resolution", help="Context map HxW for --cross (default: own).")
 
 
-def _flops_hw(text: str, label: str) -> tuple[int, int]:
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        hw = tuple(int(p) for p in parts)
-    except ValueError:
-        hw = ()
-    if len(hw) == 1:
-        hw = (hw[0], hw[0])
-    if len(hw) != 2 or min(hw) < 1:
-        raise typer.BadParameter(f"{label} must be H x W like 14x14 (or one side like 14), got {text!r}")
-    return hw  # type: ignore[return-value]
+def _flops_hw(text: str, label: str, image: bool = False) -> tuple[int, int]:
+    """One map in the sweep's grammar (bench.points.parse_resolution): 14, 14x20, 224px:s2 (a stage's
+    token map); for a model (``image``), image pixels: 224, 224x320 or 224px."""
+    from bench.points import parse_resolution
+
+    parsed = parse_resolution(text)
+    if image and len(parsed) == 4 and parsed[0].image is not None:  # 224px: the image itself
+        return parsed[0].image
+    if len(parsed) != 1 or (image and parsed[0].stage is not None):
+        raise AttnbenchError(f"{label} takes one map such as 14x14, got {text!r}")
+    return parsed[0].hw
 
 
 def _flops_model(spec: str, tiny: bool):
@@ -382,19 +393,19 @@ def _flops_model(spec: str, tiny: bool):
 
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
-        factory = getattr(importlib.import_module(module_name), attr, None)
+        if not module_name or not attr:
+            raise AttnbenchError(f"--model {spec}: write a factory as package.module:function")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise AttnbenchError(f"--model {spec}: cannot import {module_name} ({exc}); check the module") from None
+        factory = getattr(module, attr, None)
         if not callable(factory):
-            raise typer.BadParameter(f"--model {spec}: {module_name} has no callable {attr!r}")
+            raise AttnbenchError(f"--model {spec}: {module_name} has no callable {attr!r}")
         return factory()
     import models
 
-    create = getattr(models, "create", None)
-    if create is None:
-        raise typer.BadParameter(
-            f"--model {spec}: there is no model zoo yet (models.create does not exist); "
-            "pass a factory as package.module:function, or count from Python with bench.flops.count(module, args)"
-        )
-    return create(spec, tiny=tiny) if tiny else create(spec)
+    return models.create(spec, tiny=tiny) if tiny else models.create(spec)
 
 
 @app.command("flops")
@@ -419,29 +430,27 @@ def flops_(
 
     import attentions
     from bench import flops as flopcount
+    from bench.points import parse_knob
 
     if (mechanism is None) == (model is None):
-        raise typer.BadParameter("give exactly one of --mechanism NAME or --model NAME")
-    hw = _flops_hw(resolution, "--resolution")
+        raise AttnbenchError("give exactly one of --mechanism NAME or --model NAME")
+    hw = _flops_hw(resolution, "--resolution", image=model is not None)
     if mechanism is not None:
         values = {}
         for item in knob or []:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise typer.BadParameter(f"--knob takes k=v (e.g. --knob window=7), got {item!r}")
-            values[key.strip()] = value.strip()
-        try:
-            module = attentions.build(mechanism, dim=dim, heads=heads, impl=impl, **values)
-        except (KeyError, ValueError) as exc:
-            raise typer.BadParameter(str(exc).strip("'\"")) from None
+            key, parsed = parse_knob(item)  # the sweep's --knob grammar, one value
+            if len(parsed) != 1:
+                raise AttnbenchError(f"--knob {item}: flops counts one point, so give one value")
+            values[key] = parsed[0]
+        module = attentions.build(mechanism, dim=dim, heads=heads, impl=impl, **values)
         context_hw = _flops_hw(context_resolution, "--context-resolution") if context_resolution else None
         if context_hw is not None and not cross:
-            raise typer.BadParameter("--context-resolution needs --cross")
+            raise AttnbenchError("--context-resolution needs --cross")
         if cross and not module.supports_cross:
-            raise typer.BadParameter(f"{mechanism} does not support cross attention; drop --cross")
+            raise AttnbenchError(f"{mechanism} does not support cross attention; drop --cross")
         reasons = module.unsupported(batch, hw, context_hw if cross else None)
         if reasons:
-            raise typer.BadParameter("; ".join(reasons))
+            raise AttnbenchError("; ".join(reasons))
         args = module.example_inputs(batch, hw, cross=cross, context_hw=context_hw)
         what = f"{mechanism} ({module.impl}) at {hw[0]}x{hw[1]} tokens, batch {batch}, dim {dim}, heads {heads}"
         what += f", cross with {args[3][0]}x{args[3][1]} context" if len(args) > 3 else ""
@@ -449,7 +458,7 @@ def flops_(
     else:
         net = _flops_model(model, tiny)
         if not isinstance(net, torch.nn.Module):
-            raise typer.BadParameter(f"--model {model} did not build an nn.Module (got {type(net).__name__})")
+            raise AttnbenchError(f"--model {model} did not build an nn.Module (got {type(net).__name__})")
         args = (torch.randn(batch, in_chans, hw[0], hw[1]),)
         module = net
         what = f"model {model} at {hw[0]}x{hw[1]} px, batch {batch}"
@@ -466,7 +475,7 @@ def flops_(
         else:
             table.add_row(label, f"{macs:,}", f"{macs / 1e9:.4f}", f"{2 * macs / 1e9:.4f}", note)
 
-    table = Table(title=f"multiply-adds of one call: {what}", caption="MACs = multiply-adds; FLOPs = 2 x MACs")
+    table = Table(title=escape(f"multiply-adds of one call: {what}"), caption="MACs = multiply-adds; FLOPs = 2 x MACs")
     for col, justify in (("count", "left"), ("MACs", "right"), ("GMACs", "right"), ("GFLOPs", "right"), ("", "left")):
         table.add_column(col, justify=justify)
     err = result.relative_error()
@@ -510,7 +519,7 @@ def models_(
 
     unknown = [n for n in names or [] if n not in models.available()]
     if unknown:
-        raise typer.BadParameter(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(models.available())}")
+        raise AttnbenchError(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(models.available())}")
     with console.status("building the zoo and counting multiply-adds...", spinner="dots"):
         rows = zoo_rows(names or models.available(), tiny=tiny)
     if as_json:
@@ -562,28 +571,24 @@ def train_(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train a zoo model end to end; per-epoch and final metrics go to RUN_DIR/results.jsonl."""
-    from models.train import TrainConfig, TrainError, train
+    from models.train import TrainConfig, train
 
     cfg = TrainConfig(
         model=model, tiny=tiny, data=data, resolution=resolution, epochs=epochs, batch=batch, lr=lr, amp=amp,
         device=device, out=out, resume=resume, train_size=train_size, val_size=val_size, seed=seed, threads=threads,
     )  # fmt: skip
-    try:
-        result = train(cfg, progress=not as_json)
-    except TrainError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}")
-        raise typer.Exit(2) from None
+    result = train(cfg, progress=not as_json)
     result.pop("step_losses", None)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
     macs = result["macs"]
     console.print(
-        f"{result['model']} at {result['resolution']} px: held-out accuracy {result['accuracy']:.1%} after "
+        f"{escape(result['model'])} at {result['resolution']} px: held-out accuracy {result['accuracy']:.1%} after "
         f"{result['epochs']} epochs; {result['params'] / 1e6:.3f}M params, "
         + (f"{macs / 1e9:.4f} GMACs ({2 * macs / 1e9:.4f} GFLOPs) per image, " if macs is not None else "")
         + f"{result['images_per_s']:.0f} img/s, peak {result['peak_bytes'] / 2**20:.0f} MiB "
-        f"({result['memory_method']}); results in {out}/results.jsonl"
+        f"({result['memory_method']}); results in {escape(out)}/results.jsonl"
     )
 
 

@@ -181,6 +181,6 @@ def quick(session: nox.Session) -> None:
     """The main job: a quick sweep of every mechanism on the CPU, then its HTML report."""
     install(session)
     out = session.posargs[0] if session.posargs else "runs/quick"
-    session.run("attnbench", "sweep", "--preset", "quick", "--out", out, "--resume")
+    session.run("attnbench", "sweep", "--preset", "quick", "--out", out)
     session.run("attnbench", "report", out, "--out", f"{out}/report.html")
     session.log(f"report written to {out}/report.html")

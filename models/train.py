@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from attnbench.errors import AttnbenchError
+
 from . import data as data_mod
 from . import zoo
 
@@ -41,7 +43,7 @@ CHECKPOINT = "checkpoint.pt"
 TRAIN_JSON = "train.json"
 
 
-class TrainError(ValueError):
+class TrainError(AttnbenchError, ValueError):
     """A training run cannot start as asked."""
 
 
@@ -90,9 +92,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
         zoo.entry(cfg.model)
     except KeyError as exc:
         raise TrainError(exc.args[0]) from None
-    for name in ("epochs", "batch", "threads"):
+    for name in ("epochs", "batch", "threads", "train_size", "val_size"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise TrainError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+            raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise TrainError(f"--lr must be positive, got {cfg.lr}")
     device = _device(cfg.device)
@@ -121,12 +123,17 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if cfg.resume:
         if not ckpt.exists():
             raise TrainError(f"--resume: {run_dir} holds no {CHECKPOINT}; run without --resume to start a new run")
-        stored = json.loads((run_dir / TRAIN_JSON).read_text())["config"]
+        try:
+            stored = json.loads((run_dir / TRAIN_JSON).read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise TrainError(
+                f"--resume: {run_dir / TRAIN_JSON} is missing or unreadable; start a new run with another --out"
+            ) from None
         diffs = [f"{k}: {stored.get(k)!r} there, {getattr(cfg, k)!r} now" for k in cfg.SAME_ON_RESUME
                  if stored.get(k) != getattr(cfg, k)]  # fmt: skip
         if diffs:
             raise TrainError(f"--resume: {run_dir} was trained differently ({'; '.join(diffs)}); pass the same options")
-        checkpoint = torch.load(ckpt, map_location=device, weights_only=True)
+        checkpoint = _load_checkpoint(ckpt, device, model)
         if int(checkpoint["epoch"]) >= cfg.epochs:
             raise TrainError(
                 f"--resume: {run_dir} has already trained {int(checkpoint['epoch'])} epochs; "
@@ -135,6 +142,29 @@ def prepare(cfg: TrainConfig) -> Prepared:
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise TrainError(f"{run_dir} is not empty; pass --resume to continue the run in it, or choose a new --out")
     return Prepared(cfg, model.to(device), train_set, val_set, classes, device, run_dir, checkpoint)
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "step", "rng_cpu")
+
+
+def _load_checkpoint(path: Path, device: torch.device, model: nn.Module) -> dict[str, Any]:
+    """The checkpoint of a run, loaded with ``weights_only`` (no code runs) and checked against the model;
+    a truncated, empty, foreign or tampered file is a TrainError."""
+    fix = "it is truncated, empty or not a checkpoint of attnbench train; start a new run with another --out"
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises many kinds here (zip, pickle, EOF, unsafe globals)
+        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:100]
+        raise TrainError(f"--resume: {path} cannot be loaded ({type(exc).__name__}: {first}); {fix}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise TrainError(f"--resume: {path} lacks {', '.join(missing)}; {fix}")
+    try:
+        model.load_state_dict(ck["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:100]
+        raise TrainError(f"--resume: {path} does not fit the model ({first}); {fix}") from None
+    return ck
 
 
 def _device(name: str) -> torch.device:
@@ -192,9 +222,9 @@ def train(
     from bench.env import fingerprint
     from bench.store import ENV, RESULTS, ResultsStore
 
+    prep = prepare(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    prep = prepare(cfg)
     cfg, model, device, run_dir = prep.config, prep.model, prep.device, prep.run_dir
     created = not run_dir.exists()
     params = sum(p.numel() for p in model.parameters())

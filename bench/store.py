@@ -118,8 +118,8 @@ TRAIN_FIELDS: dict[str, str] = {
 }
 FIELD_TYPES: dict[str, str] = {**POINT_FIELDS, **TRAIN_FIELDS}
 # What a record must hold: a sweep point its whole configuration, a training row its model.
-REQUIRED_POINT = ("point_id", "status", "mechanism", "knobs", "height", "width", "batch", "dim", "heads")
-REQUIRED_POINT += ("dtype", "pass", "impl", "compile", "device")
+REQUIRED_POINT: tuple[str, ...] = ("point_id", "status", "mechanism", "knobs", "height", "width", "batch")
+REQUIRED_POINT += ("dim", "heads", "dtype", "pass", "impl", "compile", "device")
 REQUIRED_TRAIN = ("point_id", "status", "kind", "model")
 TRAIN_KINDS = ("train", "train_epoch")
 

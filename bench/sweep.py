@@ -314,7 +314,6 @@ def resolve_request(
     """The grid and settings of a request: a preset, then a sweep file, then the
     command-line axes, each overriding the one before; with none of them, the
     sweep stored in ``stored/sweep.json`` (``--resume``)."""
-    import json
 
     from . import presets
     from .points import parse_ints, parse_knob, split_values
@@ -323,13 +322,12 @@ def resolve_request(
     settings_d: dict[str, Any] = {}
     axes = {k: v for k, v in (axes or {}).items() if v}
     if preset is None and config is None and not axes and not knobs:
-        sweep_json = stored / "sweep.json" if stored else None
-        if sweep_json is None or not sweep_json.exists():
+        saved = ResultsStore(stored).stored_sweep() if stored else None
+        if saved is None:
             raise GridError(
                 "say what to sweep: --preset NAME, --config FILE or axes such as --mechanism and --resolution"
             )
-        saved = json.loads(sweep_json.read_text())
-        grid_d, settings_d = saved["grid"], saved["settings"]
+        grid_d, settings_d = dict(saved.get("grid") or {}), dict(saved.get("settings") or {})
     if preset is not None:
         p = presets.get(preset)
         grid_d.update(p["grid"])

@@ -102,7 +102,9 @@ def _locked_sweep(
     def measured_by(rec: dict[str, Any]) -> Any:  # records written before revisions were stored: env.json's
         return rec.get("revision", stored_env.get("revision"))
 
-    others = Counter(str(measured_by(r)) for r in report.records if measured_by(r) != revision)
+    current = {r["point_id"] for r in report.records if measured_by(r) == revision}
+    latest = {r["point_id"]: r for r in report.records if r["point_id"] not in current}  # points of other code only
+    others = Counter(str(measured_by(r)) for r in latest.values())
     if others:
         was = ", ".join(f"{n} by {rev}" for rev, n in others.most_common())
         if resume:

@@ -288,4 +288,3 @@ def _as_hw(resolution: int | HW) -> HW:
         return (resolution, resolution)
     h, w = resolution
     return (int(h), int(w))
-

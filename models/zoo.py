@@ -310,4 +310,3 @@ def create(name: str, tiny: bool = False, **overrides: Any) -> nn.Module:
     """Build a zoo model: ``create("swin_t")``, ``create("pyramid_linear", tiny=True, num_classes=4)``."""
     cfg = config(name, tiny, **overrides)
     return CrossViT(cfg) if isinstance(cfg, CrossViTConfig) else Backbone(cfg)
-

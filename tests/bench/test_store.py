@@ -199,7 +199,8 @@ def test_a_change_of_code_revision_measures_again_unless_resumed(tmp_path, monke
     assert len(df) == 2 and set(df["revision"]) == {"bbbb"}  # the newest measurement of each point
     at("cccc")
     ran, warnings = sweep(run, resume=True)
-    assert ran == [] and any("reusing" in w and "--resume" in w for w in warnings)
+    # counted by each point's newest record: the points, not the records of older revisions
+    assert ran == [] and any("reusing" in w and "(2 by bbbb; now cccc)" in w and "--resume" in w for w in warnings)
 
 
 def test_one_comparability_rule():

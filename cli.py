@@ -59,7 +59,8 @@ def list_(as_json: bool = JSON_OPTION) -> None:
         table.add_column(col)
     for r in rows:
         knobs = ", ".join(f"{k}={v['default']}" for k, v in r["knobs"].items())
-        table.add_row(r["name"], knobs, r["cost_knob"] or "-", r["cross"], r["complexity"], ", ".join(r["impls"]))
+        cells = (r["name"], knobs, r["cost_knob"] or "-", r["cross"], r["complexity"], ", ".join(r["impls"]))
+        table.add_row(*(escape(str(c)) for c in cells))
     console.print(table)
 
 
@@ -257,7 +258,7 @@ def env_(as_json: bool = JSON_OPTION) -> None:
     table.add_column("field")
     table.add_column("value")
     for k, v in fp.items():
-        table.add_row(k, "-" if v is None else str(v))
+        table.add_row(k, "-" if v is None else escape(str(v)))
     console.print(table)
 
 
@@ -471,9 +472,9 @@ def flops_(
 
     def row(label: str, macs: int | None, note: str = "") -> None:
         if macs is None:
-            table.add_row(label, "-", "-", "-", note)
+            table.add_row(label, "-", "-", "-", escape(note))
         else:
-            table.add_row(label, f"{macs:,}", f"{macs / 1e9:.4f}", f"{2 * macs / 1e9:.4f}", note)
+            table.add_row(label, f"{macs:,}", f"{macs / 1e9:.4f}", f"{2 * macs / 1e9:.4f}", escape(note))
 
     table = Table(title=escape(f"multiply-adds of one call: {what}"), caption="MACs = multiply-adds; FLOPs = 2 x MACs")
     for col, justify in (("count", "left"), ("MACs", "right"), ("GMACs", "right"), ("GFLOPs", "right"), ("", "left")):
@@ -498,12 +499,13 @@ def flops_(
     console.print(table)
     zero = ", ".join(f"{k.split('::')[-1]} x{v}" for k, v in sorted(result.zero_ops.items())) or "(none)"
     console.print(
-        f"[dim]counted as zero on purpose (elementwise, softmax, top-k, gathers, data movement): {zero}[/dim]"
+        f"[dim]counted as zero on purpose (elementwise, softmax, top-k, gathers, data movement): {escape(zero)}[/dim]"
     )
     by_op = ", ".join(f"{k} {v:,}" for k, v in sorted(result.by_op.items(), key=lambda kv: -kv[1])) or "(none)"
-    console.print(f"MACs by op: {by_op}")
+    console.print(f"MACs by op: {escape(by_op)}")
     if not result.complete:
-        console.print(f"[bold red]incomplete count: no rule for {result.status().split(': ', 1)[1]}[/bold red]")
+        missing = escape(result.status().split(": ", 1)[1])
+        console.print(f"[bold red]incomplete count: no rule for {missing}[/bold red]")
         raise typer.Exit(3)
 
 
@@ -546,7 +548,7 @@ def models_(
             f"{r['macs'] / 1e9:.3f}",
             f"{2 * r['macs'] / 1e9:.3f}",
             pub,
-            "complete" if not r["uncovered"] else "INCOMPLETE: " + ", ".join(r["uncovered"]),
+            "complete" if not r["uncovered"] else escape("INCOMPLETE: " + ", ".join(r["uncovered"])),
         )
     console.print(table)
 

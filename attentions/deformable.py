@@ -263,7 +263,8 @@ class DeformableAttention(Attention):
         pos = self.positions(self.offsets(to_map(q32, hw).reshape(g, cg, hw[0], hw[1])), hw)  # (g, Hk, Wk, 2)
         probs = reference_probs(self, x, hw, None, None)  # (1, h, N, Ns)
         w = probs[0, :, query[0] * hw[1] + query[1]]  # (h, Ns)
-        return sum(splat(w / g, pos[i].flatten(0, 1).expand(self.heads, -1, -1), hw) for i in range(g))
+        maps = [splat(w / g, pos[i].flatten(0, 1).expand(self.heads, -1, -1), hw) for i in range(g)]
+        return torch.stack(maps).sum(0)  # (h, H, W)
 
     def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
         hk, wk = self.key_hw(hw)

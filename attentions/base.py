@@ -399,13 +399,13 @@ class Attention(nn.Module):
         """
         from .footprint import check_query
 
-        hw, context_hw = self._check_inputs(x, hw, context, context_hw)
-        if x.shape[0] != 1:
-            raise ValueError(f"{self.name}: a footprint is of one image; pass x[:1] (got batch {x.shape[0]})")
-        q = check_query(query, hw)
         impl = self.impl
         try:
-            self.impl = "reference"
+            self.impl = "reference"  # checked as it runs: a fast path that cannot run here does not matter
+            hw, context_hw = self._check_inputs(x, hw, context, context_hw)
+            if x.shape[0] != 1:
+                raise ValueError(f"{self.name}: a footprint is of one image; pass x[:1] (got batch {x.shape[0]})")
+            q = check_query(query, hw)
             with torch.no_grad():
                 return self._footprint(x, hw, q, context, context_hw).float()
         finally:

@@ -143,6 +143,17 @@ def test_pvt_matches_the_reduced_attention_matrix_spread_over_whole_cells(knobs,
     assert (fp[:, : kh * r, : kw * r] > 0).all()
 
 
+def test_swin_one_window_matches_full_attention_with_the_same_bias_table():
+    swin = build("swin", window=16)  # one window covers the 16x16 map
+    full = attentions.build("full", dim=32, heads=4, bias_table=16, impl="reference")
+    full.proj.load_state_dict(swin.proj.state_dict())
+    with torch.no_grad():
+        full.table.copy_(swin.table)
+    x, hw = inputs(swin)
+    for query in (QUERY, (0, 0), (15, 3)):
+        assert torch.allclose(swin.footprint(x, hw, query), full.footprint(x, hw, query), atol=1e-6)
+
+
 def _swin_expected_support(hw, m, shift, query):
     """Pixels a query may see, from the Swin definition: same window of the rolled map, same region."""
     h, w = hw

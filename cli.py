@@ -602,7 +602,9 @@ def match_(
     mechanism: str = typer.Option(
         "full,linear,pvt,quadtree", "--mechanism", "-m", help="Mechanisms with cross attention, comma-separated."
     ),
-    quick: bool = typer.Option(False, "--quick", help="The quick preset: four mechanisms, two seeds in ~10 CPU min."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Quick preset: 4 mechanisms x 2 seeds in < 10 min on 2 CPU cores."
+    ),
     smoke: bool = typer.Option(False, "--smoke", help="The smoke preset: seconds, checks that everything runs."),
     seeds: int = typer.Option(2, "--seeds", help="Seeds per mechanism (weights, data and order); 95% intervals."),
     resolution: int = typer.Option(None, "--resolution", "-r", help="Image side in px, a multiple of 8 (>= 32)."),
@@ -614,6 +616,7 @@ def match_(
     """Train the LoFTR-style coarse matcher per mechanism and seed (resumable); rows and report in --out."""
     import time
 
+    from bench.store import StoreError
     from models.matching import MatchError
     from models.matching_data import DataError
     from models.matching_run import MatchRunConfig, run
@@ -630,7 +633,7 @@ def match_(
             resolution=resolution, knobs=_knob_pairs(knob), threads=threads,
         )  # fmt: skip
         run(cfg, log=console.print)
-    except (MatchError, DataError, ValueError) as exc:
+    except (MatchError, DataError, ValueError, StoreError) as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(2) from None
     path = write_report(out)

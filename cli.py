@@ -594,5 +594,91 @@ def train_(
     )
 
 
+def _knob_pairs(knob: list[str] | None) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in knob or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--knob takes NAME=VALUE, got {item!r}")
+        pairs.append((name.strip(), value.strip()))
+    return tuple(pairs)
+
+
+@app.command("match")
+def match_(
+    mechanism: str = typer.Option(
+        "full,linear,pvt,quadtree", "--mechanism", "-m", help="Mechanisms with cross attention, comma-separated."
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="Quick preset: 4 mechanisms x 2 seeds in < 10 min on 2 CPU cores."
+    ),
+    smoke: bool = typer.Option(False, "--smoke", help="The smoke preset: seconds, checks that everything runs."),
+    seeds: int = typer.Option(2, "--seeds", help="Seeds per mechanism (weights, data and order); 95% intervals."),
+    resolution: int = typer.Option(None, "--resolution", "-r", help="Image side in px, a multiple of 8 (>= 32)."),
+    data: str = typer.Option("synthetic", "--data", help="'synthetic' scenes or a folder of images to warp."),
+    knob: list[str] = typer.Option(None, "--knob", "-k", help="NAME=VALUE for every mechanism with that knob."),
+    out: str = typer.Option(..., "--out", "-o", help="Run directory (results store, footprints, report.html)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+) -> None:
+    """Train the LoFTR-style coarse matcher per mechanism and seed (resumable); rows and report in --out."""
+    import time
+
+    from bench.store import StoreError
+    from models.matching import MatchError
+    from models.matching_data import DataError
+    from models.matching_run import MatchRunConfig, run
+    from reports.matching import write_report
+
+    if quick and smoke:
+        console.print("[red]error:[/red] choose one of --quick and --smoke", soft_wrap=True)
+        raise typer.Exit(2)
+    t0 = time.perf_counter()
+    try:
+        cfg = MatchRunConfig(
+            mechanisms=tuple(m.strip() for m in mechanism.split(",") if m.strip()),
+            out=out, seeds=seeds, preset="smoke" if smoke else "quick" if quick else "default", source=data,
+            resolution=resolution, knobs=_knob_pairs(knob), threads=threads,
+        )  # fmt: skip
+        run(cfg, log=console.print)
+    except (MatchError, DataError, ValueError, StoreError) as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    path = write_report(out)
+    console.print(f"{time.perf_counter() - t0:.0f} s; results in {out}/results.jsonl, report {path}")
+
+
+@app.command("footprint")
+def footprint_(
+    mechanism: str = typer.Option(
+        "full,linear,pvt,swin,quadtree,deformable,pooling,cross", "--mechanism", "-m", help="Mechanisms, comma list."
+    ),
+    resolution: str = typer.Option("28", "--resolution", "-r", help="Token map: 28 (square) or 28x56 (H x W)."),
+    query: str = typer.Option(None, "--query", "-q", help="Query pixel I,J of the map (default: its centre)."),
+    cross: bool = typer.Option(False, "--cross", help="Cross attention over a second map, where supported."),
+    knob: list[str] = typer.Option(None, "--knob", "-k", help="NAME=VALUE for every mechanism with that knob."),
+    dim: int = typer.Option(64, "--dim", help="Width of the tokens."),
+    heads: int = typer.Option(4, "--heads", help="Heads."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights and the random tokens."),
+    out: str = typer.Option(..., "--out", "-o", help="The HTML file to write."),
+) -> None:
+    """Draw where one query looks, for each mechanism at initialisation: weights over the key map."""
+    from models.matching_run import standalone_footprints
+    from reports.matching import write_footprint_page
+
+    try:
+        hw = _flops_hw(resolution, "--resolution")
+        q = None if query is None else tuple(int(v) for v in query.split(","))
+        if q is not None and len(q) != 2:
+            raise ValueError(f"--query takes I,J, got {query!r}")
+        panels = standalone_footprints(
+            [m.strip() for m in mechanism.split(",") if m.strip()], hw, q, cross, _knob_pairs(knob), dim, heads, seed
+        )
+    except (ValueError, KeyError) as exc:
+        console.print(f"[red]error:[/red] {exc.args[0] if isinstance(exc, KeyError) else exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    write_footprint_page(panels, out)
+    console.print(f"footprints of {len(panels)} mechanism(s) in {out}")
+
+
 if __name__ == "__main__":
     app()

@@ -143,6 +143,7 @@ def smoke(session: nox.Session) -> None:
     session.run("attnbench", "sweep", "--preset", "quick", "--device", "cpu", "--out", out, "--resume")
     session.run("attnbench", "report", out, "--out", f"{out}/report.html")
     session.run("python", ".ci/check_report.py", f"{out}/report.html")
+    session.run("attnbench", "match", "--smoke", "--seeds", "1", "--out", f"{out}-match")
 
 
 @nox.session

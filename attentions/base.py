@@ -383,6 +383,45 @@ class Attention(nn.Module):
         knobs = ", ".join(f"{k}={v}" for k, v in self.knobs.as_dict().items())
         return f"dim={self.dim}, heads={self.heads}, impl={self.impl}" + (f", {knobs}" if knobs else "")
 
+    # ------------------------------------------------------------------ footprint
+    def footprint(
+        self,
+        x: torch.Tensor,
+        hw: HW,
+        query: tuple[int, int],
+        context: torch.Tensor | None = None,
+        context_hw: HW | None = None,
+    ) -> torch.Tensor:
+        """For the query at pixel ``query = (i, j)`` of x's map, the weight each pixel of the key map
+        (x's map, or context's in cross attention) receives, per head: ``(heads, Hk, Wk)``.
+
+        Exact on the reference path (float32): the weights the mechanism gives the keys it reads,
+        with a key made from several pixels spread over them (see attentions/footprint.py and each
+        mechanism's ``_footprint``). ``x`` holds one image (batch 1).
+        """
+        from .footprint import check_query
+
+        impl = self.impl
+        try:
+            self.impl = "reference"  # checked as it runs: a fast path that cannot run here does not matter
+            hw, context_hw = self._check_inputs(x, hw, context, context_hw)
+            if x.shape[0] != 1:
+                raise ValueError(f"{self.name}: a footprint is of one image; pass x[:1] (got batch {x.shape[0]})")
+            q = check_query(query, hw)
+            with torch.no_grad():
+                return self._footprint(x, hw, q, context, context_hw).float()
+        finally:
+            self.impl = impl
+
+    def _footprint(
+        self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} has no footprint")
+
+    def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
+        """Keys (tokens after any pooling, reduction or sampling) that one query's softmax runs over."""
+        raise NotImplementedError(f"{self.name} does not count its keys per query")
+
 
 def _as_hw(value: Any, label: str) -> HW:
     try:

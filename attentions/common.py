@@ -34,6 +34,10 @@ def to_tokens(m: torch.Tensor) -> torch.Tensor:
     return m.flatten(2).transpose(1, 2)
 
 
+# Callables handed the (..., Nq, Nk) softmax weights of every plain-path ``attend`` call (footprints).
+PROBES: list = []
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -55,6 +59,8 @@ def attend(
         if bias is not None:
             scores = scores + bias
         probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        for probe in PROBES:  # attentions/footprint.py reads the reference path's weights here
+            probe(probs)
         return probs @ v
     if bias is not None:
         bias = bias.to(q.dtype)

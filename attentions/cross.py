@@ -125,3 +125,20 @@ class CrossAttention(Attention):
             + norm_macs(1, cd) + linear_macs(1, cd, c)  # back to this branch's width
         )  # fmt: skip
         return batch * per_image
+
+    # ------------------------------------------------------------------ footprint
+    def _footprint(
+        self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
+    ) -> torch.Tensor:
+        """The CLS token's weights over the other branch's patches (the only query: x's patches attend to
+        nothing, whichever ``query`` is given); the rest of its softmax, 1 minus the sum, is on its own
+        projected CLS, which is no pixel."""
+        from .footprint import reference_probs
+
+        assert context_hw is not None
+        probs = reference_probs(self, x, hw, context, context_hw)  # (1, h, 1, 1 + M)
+        return probs[0, :, 0, 1:].reshape(self.heads, *context_hw)
+
+    def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
+        m = context_hw or self.default_context_hw(hw)
+        return 1 + m[0] * m[1]

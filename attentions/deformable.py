@@ -246,3 +246,26 @@ class DeformableAttention(Attention):
         return (
             self.proj.macs(batch, n, ns) + batch * per_image + attention_macs(batch, self.heads, n, ns, self.head_dim)
         )
+
+    # ------------------------------------------------------------------ footprint
+    def _footprint(
+        self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
+    ) -> torch.Tensor:
+        """Softmax weights over the sampled keys, each spread over its four pixels by its bilinear
+        weights; corners off the map read zeros and get nothing. With ``groups`` > 1 a key's channels
+        are sampled at one position per group and the projection mixes them, so its weight is split
+        evenly over the groups' positions (each group gives 1/groups of the channels)."""
+        from .footprint import reference_probs, splat
+
+        g, cg = self.knobs.groups, self.group_channels
+        lin = self.proj.q
+        q32 = F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())  # (1, N, C)
+        pos = self.positions(self.offsets(to_map(q32, hw).reshape(g, cg, hw[0], hw[1])), hw)  # (g, Hk, Wk, 2)
+        probs = reference_probs(self, x, hw, None, None)  # (1, h, N, Ns)
+        w = probs[0, :, query[0] * hw[1] + query[1]]  # (h, Ns)
+        maps = [splat(w / g, pos[i].flatten(0, 1).expand(self.heads, -1, -1), hw) for i in range(g)]
+        return torch.stack(maps).sum(0)  # (h, H, W)
+
+    def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
+        hk, wk = self.key_hw(hw)
+        return hk * wk

@@ -97,3 +97,16 @@ class FullAttention(Attention):
         n = hw[0] * hw[1]
         m = n if context_hw is None else context_hw[0] * context_hw[1]
         return self.proj.macs(batch, n, m) + attention_macs(batch, self.heads, n, m, self.head_dim)
+
+    # ------------------------------------------------------------------ footprint
+    def _footprint(
+        self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
+    ) -> torch.Tensor:
+        from .footprint import reference_probs
+
+        probs = reference_probs(self, x, hw, context, context_hw)  # (1, h, N, M)
+        return probs[0, :, query[0] * hw[1] + query[1]].reshape(self.heads, *(context_hw or hw))
+
+    def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
+        khw = context_hw or hw
+        return khw[0] * khw[1]

@@ -101,3 +101,18 @@ class LinearAttention(Attention):
         d = self.head_dim
         per_head = 2 * n * m * d if self.math else m * d * d + n * d * d + n * d
         return self.proj.macs(batch, n, m) + batch * self.heads * per_head
+
+    # ------------------------------------------------------------------ footprint
+    def _footprint(
+        self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
+    ) -> torch.Tensor:
+        """The normalised kernel weights phi(q_i) . phi(k_j) / (sum_j phi(q_i) . phi(k_j) + eps) of the query."""
+        q = self.proj.queries(x)[0, :, query[0] * hw[1] + query[1]]  # (h, d)
+        k, _ = self.proj.keys_values(x if context is None else context)  # (1, h, M, d)
+        kernel = (feature_map(k[0]).float() @ feature_map(q).float().unsqueeze(-1)).squeeze(-1)  # (h, M)
+        weights = kernel / (kernel.sum(dim=-1, keepdim=True) + self.eps)
+        return weights.reshape(self.heads, *(context_hw or hw))
+
+    def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
+        khw = context_hw or hw
+        return khw[0] * khw[1]

@@ -214,3 +214,29 @@ class PoolingAttention(Attention):
             # q . R_h over (Nq, kh) and q . R_w over (Nq, kw); resizing the tables is batch-independent (0).
             total += maps * nq * (kh + kw) * d
         return total
+
+    # ------------------------------------------------------------------ footprint
+    def _footprint(
+        self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
+    ) -> torch.Tensor:
+        """Softmax weights of the pooled query holding pixel (i // stride_q, j // stride_q) over the
+        pooled keys, each spread over the 3x3 window of pixels its value pools: by AvgPool's 1/9
+        (padding counted) in ``avg`` mode, evenly over the window's pixels inside the map otherwise.
+        The residual pooling term (+ q) is no key's weight."""
+        from .footprint import reference_probs, spread, windows
+
+        (qh, qw), (kh, kw) = self.output_hw(hw), self.kv_hw(hw)
+        probs = reference_probs(self, x, hw, None, None)  # (1, h, Nq, Nk)
+        sq = 1 if self.knobs.mode == "none" else self.knobs.stride_q
+        qi, qj = min(query[0] // sq, qh - 1), min(query[1] // sq, qw - 1)
+        w = probs[0, :, qi * qw + qj].reshape(self.heads, kh, kw)
+        if self.knobs.mode == "none":
+            return w
+        avg, s = self.knobs.mode == "avg", self.knobs.stride_kv
+        rows = windows(hw[0], kh, s, KERNEL, PADDING, include_pad=avg)
+        cols = windows(hw[1], kw, s, KERNEL, PADDING, include_pad=avg)
+        return spread(w, rows, cols)
+
+    def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
+        kh, kw = self.kv_hw(hw)
+        return kh * kw

@@ -135,3 +135,25 @@ class PVTAttention(Attention):
             m = source_hw[0] * source_hw[1]
             reduce = 0
         return reduce + self.proj.macs(batch, n, m) + attention_macs(batch, self.heads, n, m, self.head_dim)
+
+    # ------------------------------------------------------------------ footprint
+    def _footprint(
+        self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
+    ) -> torch.Tensor:
+        """Softmax weights over the reduced keys, each spread evenly over the pixels it is reduced from:
+        v1 its r x r cell (the rows and columns past the last whole cell feed no key), v2 its adaptive bin."""
+        from .footprint import adaptive_bins, blocks, reference_probs, spread
+
+        source_hw = context_hw or hw
+        kh, kw = self.kv_hw(source_hw) if self.reduces else source_hw
+        probs = reference_probs(self, x, hw, context, context_hw)  # (1, h, N, M')
+        w = probs[0, :, query[0] * hw[1] + query[1]].reshape(self.heads, kh, kw)
+        if self.version == "v2":
+            return spread(w, adaptive_bins(source_hw[0], kh), adaptive_bins(source_hw[1], kw))
+        r = self.sr_ratio
+        return spread(w, blocks(source_hw[0], kh, r), blocks(source_hw[1], kw, r))
+
+    def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
+        source_hw = context_hw or hw
+        kh, kw = self.kv_hw(source_hw) if self.reduces else source_hw
+        return kh * kw

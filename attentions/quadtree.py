@@ -523,3 +523,69 @@ class QuadTreeAttention(Attention):
         for level in range(1, levels):
             total += attention_macs(1, self.heads, n[level], 4 * topks[level - 1], self.head_dim)
         return batch * total
+
+    # ------------------------------------------------------------------ footprint
+    def footprint_levels(
+        self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
+    ) -> list[torch.Tensor]:
+        """Per level, coarsest first, the query's weights over that level's keys spread over the pixels
+        each key pools (a 2^(L-1-l) square): (heads, Hk, Wk) each, on the reference path.
+
+        Level 0 is the softmax over every coarse key; level l > 0 covers only the 4 children of the
+        keys its parent query selected at level l - 1. B: each level's softmax (sums to 1). A: the
+        selected keys' weight moved down a level (their children's softmax times their score), so
+        the levels together sum to 1."""
+        from .footprint import blocks, spread
+
+        kn, levels = self.knobs, self.knobs.levels
+        pyr = self.pyramid(x, hw, context, context_hw)  # on the reference path: the forward's selections
+        scale = self.head_dim**-0.5
+        fine_khw = pyr.k_hw[-1]
+        out: list[torch.Tensor] = []
+        parent: torch.Tensor | None = None  # (h, K) scores of the parent's selected keys (A)
+        for level in range(levels):
+            shift = levels - 1 - level
+            qhw, khw = pyr.q_hw[level], pyr.k_hw[level]
+            n = (query[0] >> shift) * qhw[1] + (query[1] >> shift)  # the query's ancestor at this level
+            q = pyr.queries[level][0, :, n].float()  # (h, d)
+            k = pyr.keys[level][0].float()  # (h, M_l, d)
+            if level == 0:
+                cand = torch.arange(k.shape[1], device=k.device).expand(self.heads, -1)  # (h, M_0)
+            else:
+                pn = (query[0] >> (shift + 1)) * pyr.q_hw[level - 1][1] + (query[1] >> (shift + 1))
+                cand = child_indices(pyr.selected[level - 1][0, :, pn], pyr.k_hw[level - 1][1])  # (h, 4K)
+            scores = (torch.gather(k, 1, cand[..., None].expand(-1, -1, k.shape[-1])) @ q[..., None])[..., 0] * scale
+            if kn.variant == "B" or level == 0:
+                probs = torch.softmax(scores, dim=-1)  # (h, C)
+            else:
+                assert parent is not None
+                kp = cand.shape[1] // 4
+                probs = (torch.softmax(scores.view(self.heads, kp, 4), dim=-1) * parent[..., None]).view(self.heads, -1)
+            if kn.variant == "A" and level < levels - 1:
+                sel = pyr.selected[level][0, :, n]  # (h, K) key indices this query refines below
+                hit = cand[..., None] == sel[:, None, :]  # (h, C, K)
+                parent = (probs[..., None] * hit).sum(1)  # (h, K) their scores
+                probs = probs * ~hit.any(-1)  # moved to the level below
+            weights = torch.zeros(self.heads, khw[0] * khw[1], dtype=probs.dtype, device=probs.device)
+            weights.scatter_add_(1, cand, probs)
+            side = 2**shift
+            grid = weights.view(self.heads, *khw)
+            out.append(spread(grid, blocks(fine_khw[0], khw[0], side), blocks(fine_khw[1], khw[1], side)))
+        return out
+
+    def _footprint(
+        self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
+    ) -> torch.Tensor:
+        """A: the levels' weights summed; B: mixed by the softmax of ``level_weight``. LePE, a convolution
+        of the values added outside the softmax, gives no key a weight and is left out."""
+        levels = self.footprint_levels(x, hw, query, context, context_hw)
+        if self.knobs.variant == "A":
+            return torch.stack(levels).sum(0)
+        mix = torch.softmax(self.level_weight.float(), dim=0)
+        return sum(m * lv for m, lv in zip(mix, levels, strict=True))  # type: ignore[return-value]
+
+    def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
+        khw = context_hw or hw
+        f = 2 ** (self.knobs.levels - 1)
+        topks = self.topks()
+        return (khw[0] // f) * (khw[1] // f) + sum(4 * topks[level - 1] for level in range(1, self.knobs.levels))

@@ -264,3 +264,31 @@ class SwinAttention(Attention):
             pairs = window_block_pairs(lay.windows, t)
             return self.proj.macs(batch, n, n) + attention_macs(batch, self.heads, pairs, 1, self.head_dim)
         return self.proj.macs(batch, n, n) + attention_macs(batch * lay.windows, self.heads, t, t, self.head_dim)
+
+    # ------------------------------------------------------------------ footprint
+    def _footprint(
+        self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
+    ) -> torch.Tensor:
+        """The query's softmax row inside its (shifted) window, put back on the unrolled, unpadded map.
+
+        Keys of the window in another region of the shifted map keep the weight exp(-100) relative
+        to the others that the mask gives them, as in the forward pass; nothing outside the window."""
+        from .footprint import reference_probs
+
+        lay = self.layout(hw)
+        m, s = lay.window, lay.shift
+        hp, wp = lay.padded_hw
+        gw, nw = lay.grid[1], lay.windows
+        probs = reference_probs(self, x, hw, None, None)  # (nW/g, g*h, T, T), g = 1 or nW
+        g = probs.shape[1] // self.heads
+        ry, rx = (query[0] - s) % hp, (query[1] - s) % wp  # the query in the rolled frame
+        win = (ry // m) * gw + rx // m
+        row = probs.reshape(nw // g, g, self.heads, m * m, m * m)[win // g, win % g, :, (ry % m) * m + rx % m]
+        out = torch.zeros(self.heads, hp, wp, dtype=row.dtype, device=row.device)
+        wy, wx = (win // gw) * m, (win % gw) * m
+        out[:, wy : wy + m, wx : wx + m] = row.reshape(self.heads, m, m)  # rolled frame
+        out = torch.roll(out, shifts=(s, s), dims=(1, 2))
+        return out[:, : hw[0], : hw[1]]
+
+    def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
+        return self.layout(hw).window ** 2

@@ -131,8 +131,6 @@ class ImageFolder(Dataset):
 
 def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """Class folders and their images; every file must open as an image."""
-    from PIL import Image, UnidentifiedImageError
-
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root} holds no class folders; expected {root}/<class name>/<image files>")
@@ -144,19 +142,33 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         if not files:
             empty.append(name)
         for f in files:
-            try:
-                with Image.open(f) as im:
-                    im.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            if not is_image(f):
                 bad.append(str(f.relative_to(root)))
                 continue
             items.append((f, label))
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise DataError(f"{root} holds files that are not images PIL can read: {shown}; remove or move them")
+    refuse_unreadable(root, bad)
     if empty:
         raise DataError(f"class folder(s) {', '.join(empty)} in {root} hold no images; add images or remove them")
     return classes, items
+
+
+def is_image(path: Path) -> bool:
+    """Whether PIL can read the file as an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+    return True
+
+
+def refuse_unreadable(root: Path, bad: list[str]) -> None:
+    """Raise DataError naming the files under ``root`` that are not images (none: return)."""
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"{root} holds files that are not images PIL can read: {shown}; remove or move them")
 
 
 def _split(items: list[tuple[Path, int]], split: str, holdout: float, seed: int) -> list[tuple[Path, int]]:

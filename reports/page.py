@@ -405,6 +405,12 @@ def build_compare_page(cmp: Any, base: Run, new: Run) -> str:
         )
         sections.append(Section("unmatched", "Points in one run only", [table_html(unmatched)]))
     title = f"attnbench comparison: {base.name} -> {new.name}"
+    return document(title, f"regression threshold {100 * cmp.fail_above:g}%", sections, nav=False)
+
+
+def document(title: str, subtitle: str, sections: list[Section], nav: bool = True) -> str:
+    """A self-contained page: the sections under a header (plain text, escaped here), plotly.js inlined once."""
+    links = "".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in sections)
     main = "".join(f'<section id="{s.id}"><h2>{esc(s.title)}</h2>{"".join(s.body)}</section>' for s in sections)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -413,7 +419,8 @@ def build_compare_page(cmp: Any, base: Run, new: Run) -> str:
 <style>{CSS}</style>
 <script type="text/javascript">{get_plotlyjs()}</script>
 </head><body>
-<header><h1>{esc(title)}</h1><p>regression threshold {100 * cmp.fail_above:g}%</p></header>
+<header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>
+{f"<nav>{links}</nav>" if nav else ""}
 <main>{main}</main>
 </body></html>
 """

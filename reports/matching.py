@@ -1,0 +1,293 @@
+"""The matching report (torch-free): accuracy against the cost of cross attention, with 95% intervals
+over seeds, and the footprint figure (where one query looks, at initialisation and trained).
+
+Reads a run directory of ``attnbench match`` (results.jsonl, footprints.jsonl, env.json) and writes
+``report.html`` beside them; :func:`write_footprint_page` draws ``attnbench footprint`` on its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from reports.page import Section, _fig_html, document, esc, table_html
+from reports.stats import mean_ci
+
+METRICS = ("precision", "auc@3", "auc@5", "auc@10")
+STRIDE = 8  # pixels per coarse cell of the matcher
+
+
+def load(run_dir: str | Path) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, Any]]:
+    """The match rows (last per point), the footprint records (last per run and state) and env.json."""
+    from bench.store import ENV, read_results
+
+    run_dir = Path(run_dir)
+    rows = [r for r in read_results(run_dir).records if r.get("kind") == "match"]
+    df = pd.DataFrame(rows).drop_duplicates("point_id", keep="last") if rows else pd.DataFrame()
+    fps: dict[tuple, dict[str, Any]] = {}
+    path = run_dir / "footprints.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            fps[(rec["point_id"], rec["state"])] = rec
+    env_path = run_dir / ENV
+    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    return df, list(fps.values()), env
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per mechanism: metrics as mean and 95% interval over seeds, and the stack's cost."""
+    out = []
+    for mech, g in df.groupby("mechanism", sort=False):
+        row: dict[str, Any] = {"mechanism": mech, "seeds": len(g)}
+        for m in METRICS:
+            mean, lo, hi = mean_ci(g[m].tolist())
+            row[m] = mean
+            row[f"{m} lo"], row[f"{m} hi"] = lo, hi
+        row["recall"] = float(g["recall"].mean())
+        row["matches/pair"] = float(g["matches_per_pair"].mean())
+        row["chance precision"] = float(g["chance_precision"].iloc[0])
+        row["params"] = int(g["params"].iloc[0])
+        row["stack MMACs"] = (g["macs"].iloc[0] or float("nan")) / 1e6
+        row["attention MMACs"] = g["analytic_macs"].iloc[0] / 1e6
+        row["latency ms"] = float(g["latency_ms_median"].median())
+        row["peak KiB"] = float(g["peak_bytes"].median()) / 1024
+        kpq = g["keys_per_query"].iloc[0] or {}
+        row["keys/query (cross)"] = kpq.get("cross")
+        row["train s"] = float(g["train_s"].mean())
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _interval(mean: float, lo: float, hi: float, pct: bool = True) -> str:
+    if mean is None or math.isnan(mean):
+        return "-"
+    f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3g}")
+    if pct:  # a fraction: the interval is cut to [0, 1], where the metric lives
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
+    return f"{f(mean)} [{f(lo)}, {f(hi)}]" if lo != hi else f(mean)
+
+
+def display(table: pd.DataFrame) -> pd.DataFrame:
+    """The summary as shown: metrics in % with their 95% intervals."""
+    shown = pd.DataFrame({"mechanism": table["mechanism"], "seeds": table["seeds"]})
+    for m in METRICS:
+        shown[f"{m} %"] = [_interval(r[m], r[f"{m} lo"], r[f"{m} hi"]) for _, r in table.iterrows()]
+    for c in ("keys/query (cross)", "stack MMACs", "attention MMACs", "latency ms", "peak KiB", "params", "train s"):
+        shown[c] = table[c].round(3) if table[c].dtype.kind == "f" else table[c]
+    return shown
+
+
+def markdown(table: pd.DataFrame) -> str:
+    shown = display(table)
+    head = "| " + " | ".join(shown.columns) + " |\n| " + " | ".join("---" for _ in shown.columns) + " |\n"
+    return head + "".join("| " + " | ".join(str(v) for v in r) + " |\n" for r in shown.itertuples(index=False))
+
+
+def accuracy_cost(table: pd.DataFrame) -> go.Figure:
+    """AUC@10 and precision against the attention stack's MACs and latency, bars the 95% intervals."""
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("against multiply-adds", "against CPU latency (loaded machine)")
+    )
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    for i, (_, r) in enumerate(table.iterrows()):
+        color = palette[i % len(palette)]
+        for metric, symbol in (("auc@10", "circle"), ("precision", "diamond")):
+            lo, hi = max(r[f"{metric} lo"], 0.0), min(r[f"{metric} hi"], 1.0)  # the metric's range
+            err = dict(type="data", symmetric=False, array=[hi - r[metric]], arrayminus=[r[metric] - lo])
+            for col, x in ((1, r["stack MMACs"]), (2, r["latency ms"])):
+                fig.add_trace(
+                    go.Scatter(
+                        x=[x],
+                        y=[r[metric]],
+                        error_y=err,
+                        mode="markers+text",
+                        text=[esc(r["mechanism"])],
+                        textposition="top center",
+                        marker=dict(color=color, symbol=symbol, size=11),
+                        name=f"{esc(r['mechanism'])} {metric}",
+                        legendgroup=str(r["mechanism"]),
+                        showlegend=col == 1,
+                    ),  # fmt: skip
+                    row=1,
+                    col=col,
+                )
+    fig.update_xaxes(title_text="MMACs of the attention stack per pair (FLOPs = 2 x MACs)", row=1, col=1)
+    fig.update_xaxes(title_text="latency of the attention stack, ms (median)", row=1, col=2)
+    fig.update_yaxes(title_text="held-out AUC@10 px (circles), precision (diamonds)", tickformat=".0%")
+    fig.update_layout(template="plotly_white", height=460, margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
+def _heat(weights: list[list[float]], scale: float, name: str, showscale: bool) -> go.Heatmap:
+    return go.Heatmap(
+        z=weights, x0=(scale - 1) / 2, dx=scale, y0=(scale - 1) / 2, dy=scale, colorscale="Viridis",
+        opacity=0.72 if scale > 1 else 1.0, showscale=showscale, name=name,
+        hovertemplate="key (%{y:.0f}, %{x:.0f}) px: weight %{z:.4f}<extra></extra>",
+    )  # fmt: skip
+
+
+def _image(img: list[list[float]]) -> go.Heatmap:
+    return go.Heatmap(z=img, colorscale="Greys", reversescale=True, showscale=False, hoverinfo="skip")
+
+
+def footprint_figure(fps: list[dict[str, Any]], table: pd.DataFrame) -> go.Figure | None:
+    """Rows: mechanisms (seed 0); columns: the last self and last cross block, at initialisation and trained.
+
+    Self attention over image 0 (the query marked), cross attention over image 1 (the true match marked)."""
+    chosen: dict[tuple[str, str], dict[str, Any]] = {}
+    for rec in fps:
+        if rec["seed"] == 0:
+            chosen[(rec["mechanism"], rec["state"])] = rec
+    mechs = [m for m in table["mechanism"] if (m, "trained") in chosen]
+    if not mechs:
+        return None
+    cols = [("self", "init"), ("self", "trained"), ("cross", "init"), ("cross", "trained")]
+    kpq = dict(zip(table["mechanism"], table["keys/query (cross)"], strict=True))
+    macs = dict(zip(table["mechanism"], table["attention MMACs"], strict=True))
+    titles = []
+    for m in mechs:
+        for kind, state in cols:
+            blocks = [b for b in chosen[(m, state)]["blocks"] if b["kind"] == kind] if (m, state) in chosen else []
+            keys = blocks[-1]["keys_per_query"] if blocks else "-"
+            titles.append(f"{esc(m)} {kind}, {'at init' if state == 'init' else 'trained'}: {keys} keys/query")
+    fig = make_subplots(rows=len(mechs), cols=4, subplot_titles=titles, horizontal_spacing=0.04, vertical_spacing=0.06)
+    for r, m in enumerate(mechs, start=1):
+        for c, (kind, state) in enumerate(cols, start=1):
+            if (m, state) not in chosen:
+                continue
+            rec = chosen[(m, state)]
+            blocks = [b for b in rec["blocks"] if b["kind"] == kind]
+            if not blocks:
+                continue
+            b = blocks[-1]
+            img = rec["image0"] if kind == "self" else rec["image1"]
+            fig.add_trace(_image(img), row=r, col=c)
+            fig.add_trace(_heat(b["weights"], STRIDE, f"{m} {kind} {state}", False), row=r, col=c)
+            qi, qj = b["query"]
+            if kind == "self":
+                px, py, label = qj * STRIDE + 3.5, qi * STRIDE + 3.5, "query"
+            elif rec["gt"] >= 0:
+                w = rec["coarse_hw"][1]
+                px, py, label = (rec["gt"] % w) * STRIDE + 3.5, (rec["gt"] // w) * STRIDE + 3.5, "true match"
+            else:
+                continue
+            fig.add_trace(
+                go.Scatter(x=[px], y=[py], mode="markers", marker=dict(symbol="x", size=10, color="red"),
+                           name=label, showlegend=False, hovertemplate=label + "<extra></extra>"),
+                row=r, col=c,
+            )  # fmt: skip
+        fig.layout.annotations[(r - 1) * 4].text += f"<br>attention {macs[m]:.2f} MMACs per pair, {kpq[m]} keys (cross)"
+    fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor=None)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_layout(template="plotly_white", height=270 * len(mechs) + 80, margin=dict(l=20, r=20, t=60, b=20))
+    fig.update_annotations(font_size=11)
+    return fig
+
+
+def _page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str:
+    generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [Section(sid, t, [html]) for sid, t, html in sections]
+    return document(title, f"{subtitle} · generated {generated}", parts)
+
+
+def build_report(run_dir: str | Path) -> str:
+    df, fps, env = load(run_dir)
+    if df.empty:
+        sections = [("none", "matching", '<p class="empty">no finished runs in this directory yet</p>')]
+        return _page("attnbench matching", str(run_dir), sections)
+    table = summary(df)
+    first = df.iloc[0]
+    setup = (
+        f"{int(first['image_height'])} px image pairs ({esc(first['data'])}), coarse map {int(first['height'])}x"
+        f"{int(first['width'])} (stride {STRIDE}), width {int(first['dim'])}, {int(first['heads'])} heads, layers "
+        f"{esc(' / '.join(first['layers']))}; {int(first['epochs'])} epochs on {int(first['train_pairs'])} pairs, "
+        f"held out {int(first['val_pairs'])} pairs per seed; preset {esc(first['preset'])}."
+    )
+    cpu = esc(env.get("cpu_model", "?"))
+    notes = (
+        f'<p class="note">{setup} Precision: matches (mutual nearest neighbours of the dual softmax) whose cell '
+        "of image 1 holds the true projection of their cell's centre; chance is one cell in "
+        f"{int(first['tokens'])}. AUC: area under the curve of the mean corner error of kornia's RANSAC "
+        "homography from the matched cell centres, up to 3, 5 and 10 px. Brackets: 95% Student t intervals "
+        f"over seeds, cut to [0, 100]%. Cost: the attention stack on one pair, batch 1, float32, CPU ({cpu}, "
+        f"{esc(first['threads'])} thread(s)), forward only; stack MMACs counted by bench.flops (projections, MLPs "
+        "and norms too), attention MMACs the mechanisms' analytic counts; latency and peak memory as bench "
+        "measures a CPU point; timings come from a shared, loaded machine.</p>"
+    )
+    fp_fig = footprint_figure(fps, table)
+    fp_html = (
+        _fig_html(fp_fig, "footprint-figure")
+        + '<p class="note">Head-mean weights of the centre query of image 0 in the first held-out pair (seed 0), '
+        "at the last self block (over image 0, the query marked) and the last cross block (over image 1, its true "
+        "match marked), before and after training; colours scaled per panel. Pooled, reduced or sampled keys "
+        "are spread over the pixels they are made from (attentions/footprint.py).</p>"
+        if fp_fig is not None
+        else '<p class="empty">no footprints recorded</p>'
+    )
+    sections = [
+        ("accuracy", "accuracy against the cost of cross attention", notes + table_html(display(table))),
+        ("figure", "accuracy and cost", _fig_html(accuracy_cost(table), "accuracy-cost-figure")),
+        ("footprints", "where one query looks", fp_html),
+    ]
+    return _page("attnbench matching", f"{run_dir} · {len(df)} runs", sections)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "report.html"
+    path.write_text(build_report(run_dir), encoding="utf-8")
+    return path
+
+
+def write_footprint_page(panels: list[dict[str, Any]], out: str | Path) -> Path:
+    """``attnbench footprint``: one heat map per mechanism, keys read per query and MACs beside it."""
+    n = len(panels)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    titles = [
+        f"{esc(p['mechanism'])} ({p['kind']}): {p['keys_per_query']} keys/query, {p['macs'] / 1e6:.2f} MMACs"
+        for p in panels
+    ]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.05, vertical_spacing=0.1)
+    for k, p in enumerate(panels):
+        r, c = k // cols + 1, k % cols + 1
+        fig.add_trace(_heat(p["weights"], 1, p["mechanism"], k == 0), row=r, col=c)
+        if p["kind"] == "self":
+            qi, qj = p["query"]
+            fig.add_trace(
+                go.Scatter(x=[qj], y=[qi], mode="markers", marker=dict(symbol="x", size=10, color="red"),
+                           showlegend=False, hovertemplate="query<extra></extra>"),
+                row=r, col=c,
+            )  # fmt: skip
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(template="plotly_white", height=330 * rows + 60, margin=dict(l=30, r=20, t=60, b=30))
+    fig.update_annotations(font_size=11)
+    q = panels[0]["query"] if panels else ["?", "?"]
+    hw = panels[0]["query_hw"] if panels else ["?", "?"]
+    rows_html = pd.DataFrame(
+        [{"mechanism": p["mechanism"], "kind": p["kind"], "keys/query": p["keys_per_query"],
+          "MMACs": round(p["macs"] / 1e6, 3), "knobs": json.dumps(p["knobs"])} for p in panels]
+    )  # fmt: skip
+    note = (
+        f'<p class="note">Query pixel ({q[0]}, {q[1]}) of a {hw[0]}x{hw[1]} token map; each map is the head-mean '
+        "weight every key pixel receives, freshly initialised weights on random tokens. MACs: the analytic count "
+        "of one forward call (FLOPs = 2 x MACs).</p>"
+    )
+    html = _page(
+        "attnbench footprints",
+        f"query ({q[0]}, {q[1]}) on {hw[0]}x{hw[1]}",
+        [("fp", "footprints", note + _fig_html(fig, "footprint-figure") + table_html(rows_html))],
+    )
+    path = Path(out)
+    path.write_text(html, encoding="utf-8")
+    return path

@@ -1,0 +1,199 @@
+"""The matching task: pairs warped exactly by their homography, exact coarse ground truth, the metrics,
+a tiny matcher that learns above chance in seconds, resumption, and bad input refused before training."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from models import matching_run
+from models.data import DataError
+from models.matching import (
+    Matcher,
+    MatcherConfig,
+    MatchError,
+    check_config,
+    corner_error,
+    error_auc,
+    estimate_homography,
+    mutual_nearest,
+)
+from models.matching_data import MatchingPairs, cell_centres, coarse_matches
+
+
+def _project(h: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    ph = np.c_[pts, np.ones(len(pts))] @ h.T
+    return ph[:, :2] / ph[:, 2:]
+
+
+def test_image_1_is_image_0_warped_by_the_homography():
+    ds = MatchingPairs(3, 64, photometric=False)
+    for index in range(3):
+        img0, img1, h01 = ds.pair(index)
+        ys, xs = np.mgrid[0:64, 0:64]
+        q = np.c_[xs.ravel(), ys.ravel()].astype(np.float64)
+        p = _project(np.linalg.inv(h01.numpy()), q)  # where each pixel of image 1 comes from in image 0
+        inside = (p[:, 0] >= 0) & (p[:, 0] <= 63) & (p[:, 1] >= 0) & (p[:, 1] <= 63)
+        grid = torch.from_numpy(p / 63 * 2 - 1).float().view(1, 64, 64, 2)  # align_corners=True frame
+        sampled = F.grid_sample(img0[None], grid, mode="bilinear", align_corners=True)[0, 0].flatten()
+        assert inside.mean() > 0.5
+        assert torch.allclose(img1[0].flatten()[inside], sampled[inside], atol=1e-4)
+
+
+def test_coarse_ground_truth_is_exact_under_the_homography():
+    ds = MatchingPairs(4, 96)
+    centres = cell_centres((96, 96)).numpy()
+    for index in range(4):
+        _, _, h01, gt = ds[index]
+        h = h01.numpy()
+        fwd = _project(h, centres)
+        cells = np.floor((fwd + 0.5) / 8)  # (x, y) cell of each projected centre
+        for i, j in enumerate(gt.tolist()):
+            inside = (cells[i] >= 0).all() and (cells[i] < 12).all()
+            if j >= 0:
+                assert inside and cells[i][1] * 12 + cells[i][0] == j
+                back = np.floor((_project(np.linalg.inv(h), centres[j : j + 1])[0] + 0.5) / 8)
+                assert back[1] * 12 + back[0] == i  # mutual
+            else:
+                back_ok = False
+                if inside:
+                    jj = int(cells[i][1] * 12 + cells[i][0])
+                    back = np.floor((_project(np.linalg.inv(h), centres[jj : jj + 1])[0] + 0.5) / 8)
+                    back_ok = back[1] * 12 + back[0] == i
+                assert not back_ok
+        assert (gt >= 0).sum() > 40
+
+
+def test_a_translation_by_one_cell_shifts_every_match_by_one_cell():
+    h = torch.tensor([[1.0, 0, 8], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)
+    gt = coarse_matches(h, (64, 64)).view(8, 8)
+    assert (gt[:, :7] == torch.arange(64).view(8, 8)[:, 1:]).all() and (gt[:, 7] == -1).all()
+
+
+def test_pairs_are_deterministic_per_seed_split_and_index():
+    a, b = MatchingPairs(2, 64, seed=3), MatchingPairs(2, 64, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a[1], b[1], strict=True))
+    assert not torch.equal(a[1][0], MatchingPairs(2, 64, "val", seed=3)[1][0])
+    assert not torch.equal(a[1][2], a[0][2])
+
+
+def test_image_folder_mode_and_its_refusals(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for k in range(2):
+        Image.fromarray((np.random.default_rng(k).random((50, 70)) * 255).astype(np.uint8)).save(root / f"{k}.png")
+    img0, img1, h01, gt = MatchingPairs(3, 64, source=str(root))[2]
+    assert img0.shape == (1, 64, 64) and (gt >= 0).any()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="empty"):
+        MatchingPairs(1, 64, source=str(empty))
+    (root / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="notes.txt"):
+        MatchingPairs(1, 64, source=str(root))
+
+
+def test_error_auc_and_corner_error():
+    auc = error_auc([0.0, 1.0, math.inf], (3,))["auc@3"]
+    assert auc == pytest.approx((1 * (1 / 3) + 2 * (2 / 3)) / 3)  # the step curve integrated by hand
+    h = torch.tensor([[1.1, 0.05, 3], [-0.02, 0.95, -2], [1e-4, 2e-4, 1]], dtype=torch.float64)
+    assert corner_error(h, h, 96) == 0 and corner_error(None, h, 96) == math.inf
+    pts = torch.rand(30, 2, generator=torch.Generator().manual_seed(0)).double() * 95
+    ph = torch.cat([pts, torch.ones(30, 1, dtype=torch.float64)], 1) @ h.T
+    est = estimate_homography(pts, ph[:, :2] / ph[:, 2:])
+    assert corner_error(est, h, 96) < 0.05
+
+
+def test_mutual_nearest_keeps_only_mutual_confident_pairs():
+    conf = torch.tensor([[[0.9, 0.05], [0.6, 0.1]]])  # row 1's best is column 0, whose best is row 0
+    (i, j), = mutual_nearest(conf, 0.2)  # fmt: skip
+    assert i.tolist() == [0] and j.tolist() == [0]
+
+
+def _tiny(tmp_path, **over):
+    settings = {"epochs": 6, "train_size": 48, "val_size": 12, "dim": 16, "layers": ("self", "cross")}
+    settings.update(over)
+    return matching_run.MatchRunConfig(
+        mechanisms=("full",), out=str(tmp_path / "run"), seeds=1, preset="smoke", resolution=64,
+        overrides=tuple(settings.items()), lr=5e-3,
+    )  # fmt: skip
+
+
+def test_a_tiny_matcher_learns_above_chance(tmp_path):
+    torch.set_num_threads(1)
+    (row,) = matching_run.run(_tiny(tmp_path), log=lambda s: None)
+    assert row["precision"] > 10 * row["chance_precision"]  # chance: 1 cell in 64
+    assert row["matches_per_pair"] > 3
+    store = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in store] == ["match"] and store[0]["analytic_macs"] > 0
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    cfg = _tiny(tmp_path, epochs=2, train_size=8, val_size=4)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matching_run, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        matching_run.run(cfg, log=lambda s: None)
+    assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 1
+    monkeypatch.undo()
+    said: list[str] = []
+    matching_run.run(cfg, log=said.append)
+    assert any("resumed after epoch 2" in s for s in said)
+    matching_run.run(cfg, log=said.append)
+    assert "already recorded" in said[-1]
+
+
+def test_the_matcher_refuses_what_it_cannot_take():
+    with pytest.raises(MatchError, match="no cross attention.*use one of full, linear, pvt, quadtree"):
+        check_config(MatcherConfig("swin"))
+    with pytest.raises(DataError, match="multiple of 8"):
+        check_config(MatcherConfig("full", resolution=100))
+    with pytest.raises(MatchError, match="top-K"):
+        check_config(MatcherConfig("quadtree", resolution=64))
+    model = Matcher(MatcherConfig("linear", resolution=32, dim=16, layers=("cross",)))
+    assert model(torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)).shape == (2, 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["-m", "full,swin"], "swin has no cross attention"),
+        (["-m", "full", "-r", "100"], "multiple of 8"),
+        (["-m", "full", "--data", "EMPTY"], "is empty"),
+        (["-m", "pvt", "-k", "topk=4"], "belong to none"),
+    ],
+)
+def test_cli_refuses_bad_input_before_training(tmp_path, args, says):
+    from cli import app
+
+    (tmp_path / "empty").mkdir()
+    args = [str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["match", "--smoke", *args, "--out", str(out)])
+    assert result.exit_code == 2 and says in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_cli_footprint_draws_a_page(tmp_path):
+    from cli import app
+
+    page = tmp_path / "fp.html"
+    result = CliRunner().invoke(app, ["footprint", "-m", "swin,pvt", "-r", "14", "-q", "3,4", "--out", str(page)])
+    assert result.exit_code == 0, result.output
+    text = page.read_text()
+    assert "swin (self): 49 keys\\u002fquery" in text and "pvt (self): 9 keys\\u002fquery" in text
+    bad = CliRunner().invoke(app, ["footprint", "-m", "swin", "--cross", "--out", str(page)])
+    assert bad.exit_code == 2 and "no cross attention" in bad.output

@@ -599,7 +599,7 @@ def _knob_pairs(knob: list[str] | None) -> tuple[tuple[str, str], ...]:
     for item in knob or []:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
-            raise ValueError(f"--knob takes NAME=VALUE, got {item!r}")
+            raise AttnbenchError(f"--knob takes NAME=VALUE, got {item!r}")
         pairs.append((name.strip(), value.strip()))
     return tuple(pairs)
 
@@ -623,26 +623,18 @@ def match_(
     """Train the LoFTR-style coarse matcher per mechanism and seed (resumable); rows and report in --out."""
     import time
 
-    from bench.store import StoreError
-    from models.matching import MatchError
-    from models.matching_data import DataError
     from models.matching_run import MatchRunConfig, run
     from reports.matching import write_report
 
     if quick and smoke:
-        console.print("[red]error:[/red] choose one of --quick and --smoke", soft_wrap=True)
-        raise typer.Exit(2)
+        raise AttnbenchError("choose one of --quick and --smoke")
     t0 = time.perf_counter()
-    try:
-        cfg = MatchRunConfig(
-            mechanisms=tuple(m.strip() for m in mechanism.split(",") if m.strip()),
-            out=out, seeds=seeds, preset="smoke" if smoke else "quick" if quick else "default", source=data,
-            resolution=resolution, knobs=_knob_pairs(knob), threads=threads,
-        )  # fmt: skip
-        run(cfg, log=console.print)
-    except (MatchError, DataError, ValueError, StoreError) as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    cfg = MatchRunConfig(
+        mechanisms=tuple(m.strip() for m in mechanism.split(",") if m.strip()),
+        out=out, seeds=seeds, preset="smoke" if smoke else "quick" if quick else "default", source=data,
+        resolution=resolution, knobs=_knob_pairs(knob), threads=threads,
+    )  # fmt: skip
+    run(cfg, log=console.print)
     path = write_report(out)
     console.print(f"{time.perf_counter() - t0:.0f} s; results in {out}/results.jsonl, report {path}")
 
@@ -665,17 +657,14 @@ def footprint_(
     from models.matching_run import standalone_footprints
     from reports.matching import write_footprint_page
 
-    try:
-        hw = _flops_hw(resolution, "--resolution")
-        q = None if query is None else tuple(int(v) for v in query.split(","))
-        if q is not None and len(q) != 2:
-            raise ValueError(f"--query takes I,J, got {query!r}")
-        panels = standalone_footprints(
-            [m.strip() for m in mechanism.split(",") if m.strip()], hw, q, cross, _knob_pairs(knob), dim, heads, seed
-        )
-    except (ValueError, KeyError) as exc:
-        console.print(f"[red]error:[/red] {exc.args[0] if isinstance(exc, KeyError) else exc}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    hw = _flops_hw(resolution, "--resolution")
+    parts = [] if query is None else query.split(",")
+    if query is not None and (len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts)):
+        raise AttnbenchError(f"--query takes I,J (two integers), got {query!r}")
+    q = None if query is None else (int(parts[0]), int(parts[1]))
+    panels = standalone_footprints(
+        [m.strip() for m in mechanism.split(",") if m.strip()], hw, q, cross, _knob_pairs(knob), dim, heads, seed
+    )
     write_footprint_page(panels, out)
     console.print(f"footprints of {len(panels)} mechanism(s) in {out}")
 

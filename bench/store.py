@@ -121,7 +121,13 @@ FIELD_TYPES: dict[str, str] = {**POINT_FIELDS, **TRAIN_FIELDS}
 REQUIRED_POINT: tuple[str, ...] = ("point_id", "status", "mechanism", "knobs", "height", "width", "batch")
 REQUIRED_POINT += ("dim", "heads", "dtype", "pass", "impl", "compile", "device")
 REQUIRED_TRAIN = ("point_id", "status", "kind", "model")
-TRAIN_KINDS = ("train", "train_epoch")
+# Rows told apart by ``kind`` and what each must hold; a record without ``kind`` is a sweep point.
+REQUIRED_BY_KIND: dict[str, tuple[str, ...]] = {
+    "train": REQUIRED_TRAIN,
+    "train_epoch": REQUIRED_TRAIN,
+    # models.matching_run: one row per (mechanism, seed) of the matching task.
+    "match": ("point_id", "status", "kind", "mechanism", "seed", "height", "width"),
+}
 
 _PANDAS = {"int": "Int64", "float": "float64", "bool": "boolean", "str": "str"}
 # The stored columns of bench.load, in order, with their pandas dtypes ("str": pandas' string dtype).
@@ -158,7 +164,9 @@ def problems(record: Any) -> list[str]:
         return [f"a record is a JSON object, not {type(record).__name__}"]
     out = []
     kind = record.get("kind")
-    required = REQUIRED_TRAIN if kind in TRAIN_KINDS else REQUIRED_POINT
+    if kind is not None and kind not in REQUIRED_BY_KIND:
+        return [f"kind must be one of {', '.join(REQUIRED_BY_KIND)}, got {kind!r}"[:120]]
+    required = REQUIRED_POINT if kind is None else REQUIRED_BY_KIND[kind]
     missing = [k for k in required if record.get(k) is None]
     if missing:
         out.append("missing " + ", ".join(missing))

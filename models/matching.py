@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attentions
+from attnbench.errors import AttnbenchError
 
 from .layers import Mlp
 from .matching_data import STRIDE, DataError, apply_h, cell_centres
@@ -35,7 +36,7 @@ LAYER_KINDS = ("self", "cross")
 AUC_THRESHOLDS = (3, 5, 10)
 
 
-class MatchError(ValueError):
+class MatchError(AttnbenchError, ValueError):
     """A matcher cannot be built as asked."""
 
 

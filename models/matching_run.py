@@ -370,10 +370,10 @@ def standalone_footprints(
     Refuses, before drawing anything, a mechanism or knob that does not fit, naming what to change.
     """
     if not mechanisms:
-        raise ValueError("give at least one mechanism with --mechanism")
+        raise MatchError("give at least one mechanism with --mechanism")
     unknown = [k for k, _ in knobs if not any(k in attentions.get(m).knob_types() for m in mechanisms)]
     if unknown:
-        raise ValueError(f"knob(s) {', '.join(unknown)} belong to none of {', '.join(mechanisms)}")
+        raise MatchError(f"knob(s) {', '.join(unknown)} belong to none of {', '.join(mechanisms)}")
     query = query or (hw[0] // 2, hw[1] // 2)
     built = []
     for name in mechanisms:
@@ -383,14 +383,14 @@ def standalone_footprints(
         attn = attentions.build(name, dim=dim, heads=heads, **own)
         if cross and not attn.supports_cross:
             crossing = [n for n in attentions.available() if attentions.get(n).supports_cross]
-            raise ValueError(f"{name} has no cross attention; drop --cross or use {', '.join(crossing)}")
+            raise MatchError(f"{name} has no cross attention; drop --cross or use {', '.join(crossing)}")
         args = attn.example_inputs(1, hw, cross=cross or attn.requires_context, seed=seed)
         chw = args[3] if len(args) > 3 else None
         reasons = attn.unsupported(1, hw, chw)
         if reasons:
-            raise ValueError(f"{name} cannot run on a {hw[0]}x{hw[1]} map: {'; '.join(reasons)}")
+            raise MatchError(f"{name} cannot run on a {hw[0]}x{hw[1]} map: {'; '.join(reasons)}")
         if not (0 <= query[0] < hw[0] and 0 <= query[1] < hw[1]):
-            raise ValueError(f"--query {query} lies outside the {hw[0]}x{hw[1]} map")
+            raise MatchError(f"--query {query} lies outside the {hw[0]}x{hw[1]} map")
         built.append((name, attn, args, chw))
     panels = []
     for name, attn, args, chw in built:

@@ -257,7 +257,10 @@ REPORT_FORMAT_OPTION = typer.Option(
     None, "--format", help="md or csv: print the summary table at the reference point to stdout."
 )
 REPORT_BASELINE_OPTION = typer.Option(
-    "full", "--baseline", help="The mechanism that speed-ups, memory savings and crossovers are measured against."
+    None,
+    "--baseline",
+    help="NAME[:IMPL]: the mechanism and implementation every ratio and crossover is set against "
+    "(default full, impl fast); one the runs do not hold is refused.",
 )
 
 
@@ -266,10 +269,12 @@ def report(
     run_dirs: list[str] = REPORT_DIRS_ARGUMENT,
     out: str = REPORT_OUT_OPTION,
     fmt: str = REPORT_FORMAT_OPTION,
-    baseline: str = REPORT_BASELINE_OPTION,
+    baseline: str | None = REPORT_BASELINE_OPTION,
 ) -> None:
     """Write one self-contained interactive HTML report of one or more runs (opens offline)."""
     from pathlib import Path
+
+    from rich.markup import escape
 
     import reports
 
@@ -277,9 +282,11 @@ def report(
         raise typer.BadParameter(f"--format takes md or csv, not {fmt!r}")
     try:
         runs = [reports.load_run(d) for d in run_dirs]
-    except (reports.RunError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        chosen = reports.resolve_baseline(reports.tidy(runs), baseline, strict=baseline is not None)
+    except (reports.RunError, reports.BaselineError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
+    baseline = chosen
     if fmt is not None:
         text = reports.format_table(reports.summary_of(runs, baseline), fmt)
         if not text:

@@ -140,7 +140,7 @@ def smoke(session: nox.Session) -> None:
     """A quick sweep of every mechanism on the CPU, its HTML report, and the report opened in headless Chromium."""
     install(session, "dev,browser")
     out = session.posargs[0] if session.posargs else "runs/smoke"
-    session.run("attnbench", "sweep", "--preset", "quick", "--device", "cpu", "--out", out, "--resume")
+    session.run("attnbench", "sweep", "--preset", "smoke", "--device", "cpu", "--out", out, "--resume")
     session.run("attnbench", "report", out, "--out", f"{out}/report.html")
     session.run("python", ".ci/check_report.py", f"{out}/report.html")
 

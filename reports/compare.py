@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from reports.data import MIB, POINT_FIELDS, Run, tidy
+from reports.data import MIB, POINT_FIELDS, Run, resolution_text, tidy
 
 # Environment fields that differ between any two runs without making them incomparable.
 VOLATILE_ENV = ("time", "git_rev", "git_dirty", "hostname")
@@ -178,7 +178,7 @@ def display_table(cmp: Comparison) -> pd.DataFrame:
         {
             "mechanism": t["mechanism"],
             "knobs": t["knobs_varied"],
-            "resolution": [f"{int(h)}x{int(w)}" for h, w in zip(t["height"], t["width"], strict=True)],
+            "resolution": [resolution_text(h, w) for h, w in zip(t["height"], t["width"], strict=True)],
             "batch": t["batch"],
             "dtype": t["dtype"],
             "pass": t["pass"],
@@ -228,7 +228,7 @@ def terminal_table(cmp: Comparison) -> pd.DataFrame:
     point = [
         f"{r['mechanism']}"
         + (f" {r['knobs_varied']}" if r["knobs_varied"] != "-" else "")
-        + f" {int(r['height'])}x{int(r['width'])} b{r['batch']:g} {r['dtype']} {r['pass']} {r['impl']}"
+        + f" {resolution_text(r['height'], r['width'])} b{r['batch']:g} {r['dtype']} {r['pass']} {r['impl']}"
         for r in t.to_dict("records")
     ]
     return pd.DataFrame(

@@ -66,7 +66,8 @@ def resolve_baseline(df: pd.DataFrame, spec: str | Baseline | None = None, stric
     Without an impl it is ``fast``; where the baseline mechanism never ran ``fast``, its only
     implementation, or else the first by name (a fixed rule, never the faster one). ``strict``
     (an explicit ``--baseline``) refuses a mechanism or impl the runs do not hold, with
-    :class:`BaselineError` naming those they do.
+    :class:`BaselineError` naming those they do; otherwise such a baseline matches no point and the
+    report says there is no ratio.
     """
     if isinstance(spec, Baseline):
         name, impl = spec.name, spec.impl
@@ -80,7 +81,7 @@ def resolve_baseline(df: pd.DataFrame, spec: str | Baseline | None = None, stric
         return Baseline(name, impl or DEFAULT_IMPL)
     impls = sorted(str(i) for i in df.loc[df["mechanism"] == name, "impl"].unique())
     if impl is not None:
-        if impl not in impls and (strict or not isinstance(spec, Baseline)):
+        if impl not in impls and strict:
             raise BaselineError(f"{name} never ran impl {impl!r} in these runs; its impls: {', '.join(impls)}")
         return Baseline(name, impl)
     if DEFAULT_IMPL in impls:
@@ -281,9 +282,9 @@ def reference(df: pd.DataFrame, baseline: str | Baseline = DEFAULT_BASELINE) -> 
         return Reference({}, None, None, None)
     side = _most_common(pool)
     own = {str(m): _most_common(g) for m, g in pool.groupby("mechanism") if not _mask(g, side, ()).any()}
-    ctx = in_side(ok, side)
+    ctx = in_side(ok, side).dropna(subset=["tokens", "height", "width"])
     if ctx.empty:
-        return Reference(side, None, None, None)
+        return Reference(side, None, None, None, own)
     base = ctx[as_baseline(baseline, df).mask(ctx)]
     if not base.empty:
         # Prefer the largest resolution at which the baseline ran in every pass, so every row has a speed-up.
@@ -329,7 +330,8 @@ def _mask(df: pd.DataFrame, side: dict[str, Any], skip: Sequence[str]) -> pd.Ser
     mask = pd.Series(True, index=df.index)
     for k, v in side.items():
         if k not in skip:
-            mask &= df[k] == v
+            # A missing value (an old record without the field) matches the missing value.
+            mask &= (df[k] == v) | (df[k].isna() & pd.isna(v)) if not isinstance(v, (list, dict)) else False
     return mask
 
 

@@ -111,8 +111,8 @@ def _symbols(points: pd.DataFrame, flag: str = "overhead_bound", base: str = "ci
 
 
 def _legend_height(n_entries: int, base: int = 460) -> int:
-    """Tall enough that the legend does not scroll."""
-    return max(base, 120 + 30 * n_entries)
+    """Room for the plot plus the legend below it (about three entries to a row)."""
+    return base + 24 * math.ceil(n_entries / 3)
 
 
 def passes(df: pd.DataFrame) -> list[str]:
@@ -169,14 +169,27 @@ def _label_log_axes(fig: go.Figure, measured_x: bool = False) -> None:
         axis.update(tickmode="array", tickvals=ticks, ticktext=[_tick_label(t) for t in ticks])
 
 
-def _layout(fig: go.Figure, title: str, height: int = 460) -> go.Figure:
+def _layout(fig: go.Figure, title: str, height: int = 460, notes: tuple[str, ...] = ()) -> go.Figure:
+    """Common layout. A long title's parenthesis and the ``notes`` go on small lines below it, so that a
+    narrow window does not cut them off."""
+    head, sep, rest = title.partition(" (")
+    lines = [head] + ([f"({rest}"] if sep else []) + [n for n in notes if n]
+    text = esc(lines[0]) + "".join(f"<br><sup>{esc(line)}</sup>" for line in lines[1:])
     fig.update_layout(
-        title={"text": esc(title), "x": 0.0, "xanchor": "left", "font": {"size": 15}},
+        title={"text": text, "x": 0.0, "xanchor": "left", "font": {"size": 15}},
         template="plotly_white",
         font=FONT,
         height=height,
-        margin={"l": 60, "r": 20, "t": 70, "b": 50},
-        legend={"font": {"size": 11}, "groupclick": "togglegroup"},
+        margin={"l": 60, "r": 20, "t": 60 + 16 * len(lines), "b": 50},
+        # Below the plot, wrapping into rows: the panels keep the page's width on a narrow screen too.
+        legend={
+            "font": {"size": 11},
+            "groupclick": "togglegroup",
+            "orientation": "h",
+            "yanchor": "top",
+            "y": -0.16,
+            "x": 0,
+        },
         hoverlabel={"align": "left", "font": {"size": 11}},
     )
     return fig
@@ -260,9 +273,8 @@ def scaling(
     _label_log_axes(fig, measured_x=True)
     n = ok["series"].nunique()
     title = f"{METRICS[metric]} against tokens (log-log; legend: fitted N^exponent, {legend_note})"
-    if metric == "latency_ms_median" and ok["overhead_bound"].any():
-        title += f"<br><sup>{esc(OPEN_NOTE)}</sup>"
-    _layout(fig, title, _legend_height(n))
+    note = OPEN_NOTE if metric == "latency_ms_median" and ok["overhead_bound"].any() else ""
+    _layout(fig, title, _legend_height(n), (note,))
     return fig
 
 
@@ -315,10 +327,8 @@ def speedup(
     fig.update_yaxes(title_text=esc(f"x faster than {baseline.label}"), row=1, col=1)
     fig.update_yaxes(title_text=esc(f"x smaller than {baseline.label}"), row=2, col=1)
     _label_log_axes(fig)
-    title = f"against {baseline.label}: above the dotted line = faster (top) or smaller (bottom)"
-    if ctx["bound"].any():
-        title += f"<br><sup>{esc(OPEN_NOTE)}</sup>"
-    _layout(fig, title, _legend_height(ctx["series"].nunique(), 700))
+    title = f"against {baseline.label} (above the dotted line: faster, top, or smaller, bottom)"
+    _layout(fig, title, _legend_height(ctx["series"].nunique(), 700), (OPEN_NOTE if ctx["bound"].any() else "",))
     return fig
 
 
@@ -369,7 +379,7 @@ def bound(
     fig.update_yaxes(type="log", title_text=esc(f"% of the speed-up over {baseline.label} its MACs promise"), col=1)
     fig.update_yaxes(type="log")
     _label_log_axes(fig)
-    title = f"how close to its bound: measured / MAC-promised speed-up over {baseline.label} (dotted: 100%)"
+    title = f"how close to its bound (measured / MAC-promised speed-up over {baseline.label}; dotted: 100%)"
     _layout(fig, title, _legend_height(ctx["series"].nunique()))
     return fig
 
@@ -442,7 +452,7 @@ def crossover_chart(
     left = min(x for x, _ in ticks) / 1.25
     fig.update_xaxes(
         type="log",
-        title_text="map side (H = W) from which it is faster / smaller",
+        title_text="map side H = W",
         tickmode="array",
         tickvals=[x for x, _ in ticks],
         ticktext=[t for _, t in ticks],
@@ -453,10 +463,9 @@ def crossover_chart(
         fig.add_vrect(x0=x0, x1=x1, fillcolor="#eef0f4", line_width=0, layer="below", row=1, col="all")
     fig.update_yaxes(tickmode="array", tickvals=list(range(len(order))), ticktext=[esc(s) for s in order])
     fig.update_yaxes(range=[-0.6, len(order) - 0.4])
-    title = f"from which map each mechanism is faster (circle) and smaller (square) than {label}"
+    title = f"crossover maps against {label} (circle: faster from, square: smaller from)"
     _layout(fig, title, max(280, 110 + 30 * len(order)))
-    fig.update_layout(legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"})
-    fig.update_layout(margin={"t": 90})
+    fig.update_layout(showlegend=False)  # the title says which marker is which
     return fig
 
 
@@ -684,10 +693,9 @@ def roofline(df: pd.DataFrame, palette: dict[str, dict[str, str]]) -> tuple[go.F
     fig.update_xaxes(type="log", title_text="arithmetic intensity (FLOP per byte allocated; an upper bound)")
     fig.update_yaxes(type="log", title_text="achieved TFLOP/s (FLOPs = 2 x MACs)")
     _label_log_axes(fig)
-    title = "roofline: achieved FLOP/s against arithmetic intensity, with the device's ceilings"
-    if gpu["launch_bound"].any():
-        title += "<br><sup>open markers: the measured host launch time bounds the point</sup>"
-    _layout(fig, title, _legend_height(len(fig.data), 560))
+    title = "roofline (achieved FLOP/s against arithmetic intensity, with the device's ceilings)"
+    note = "open markers: the measured host launch time bounds the point" if gpu["launch_bound"].any() else ""
+    _layout(fig, title, _legend_height(len(fig.data), 560), (note,))
     return fig, ""
 
 

@@ -508,7 +508,8 @@ def summary_table(df: pd.DataFrame, refs: References, baseline: str | Baseline =
 
     Rows run by pass, fastest first. Ratios are against the declared baseline (mechanism and impl); the
     ``% of peak`` column appears only when some point ran on a GPU whose peak is known, the overhead column
-    only where the per-call overhead was measured.
+    only where the per-call overhead was measured, ``contended`` only where a point was measured on a
+    contended machine.
     """
     base = as_baseline(baseline, df)
     at = at_reference(df, refs)
@@ -531,6 +532,7 @@ def summary_table(df: pd.DataFrame, refs: References, baseline: str | Baseline =
             "latency ms (p80)": r["latency_ms_p80"] if ok else math.nan,
             "per-call overhead ms": r["overhead_ms"],
             "overhead-bound": ("yes" if r["overhead_bound"] else "") if ok else "",
+            "contended": "yes" if r["contended"] else "",
             "peak memory MiB": r["peak_bytes"] / MIB if ok else math.nan,
             "GFLOPs fwd (2 x MACs)": r["flops"] * 1e-9,
             "uncounted ops": r["uncounted_ops"] or "-",
@@ -547,6 +549,8 @@ def summary_table(df: pd.DataFrame, refs: References, baseline: str | Baseline =
         table = table.drop(columns=["% of peak"])
     if table["per-call overhead ms"].isna().all():
         table = table.drop(columns=["per-call overhead ms", "overhead-bound"])
+    if (table["contended"] == "").all():
+        table = table.drop(columns=["contended"])
     if (table["uncounted ops"] == "-").all():
         table = table.drop(columns=["uncounted ops"])
     if table["run"].nunique() == 1:

@@ -169,10 +169,12 @@ def _label_log_axes(fig: go.Figure, measured_x: bool = False) -> None:
         axis.update(tickmode="array", tickvals=ticks, ticktext=[_tick_label(t) for t in ticks])
 
 
-def _layout(fig: go.Figure, title: str, height: int = 460, notes: tuple[str, ...] = ()) -> go.Figure:
-    """Common layout. A long title's parenthesis and the ``notes`` go on small lines below it, so that a
-    narrow window does not cut them off."""
-    head, sep, rest = title.partition(" (")
+def _layout(
+    fig: go.Figure, title: str, height: int = 460, notes: tuple[str, ...] = (), split: bool = True
+) -> go.Figure:
+    """Common layout. The title's first parenthesis (with ``split``) and the ``notes`` go on small lines
+    below it, so that a narrow window does not cut them off."""
+    head, sep, rest = title.partition(" (") if split else (title, "", "")
     lines = [head] + ([f"({rest}"] if sep else []) + [n for n in notes if n]
     text = esc(lines[0]) + "".join(f"<br><sup>{esc(line)}</sup>" for line in lines[1:])
     fig.update_layout(
@@ -272,9 +274,10 @@ def scaling(
     legend_note = "exponent per pass: " + " / ".join(pss)
     _label_log_axes(fig, measured_x=True)
     n = ok["series"].nunique()
-    title = f"{METRICS[metric]} against tokens (log-log; legend: fitted N^exponent, {legend_note})"
-    note = OPEN_NOTE if metric == "latency_ms_median" and ok["overhead_bound"].any() else ""
-    _layout(fig, title, _legend_height(n), (note,))
+    notes = (f"log-log; legend: fitted N^exponent, {legend_note}",)
+    if metric == "latency_ms_median" and ok["overhead_bound"].any():
+        notes += (OPEN_NOTE,)
+    _layout(fig, f"{METRICS[metric]} against tokens", _legend_height(n), notes, split=False)
     return fig
 
 
@@ -326,7 +329,7 @@ def speedup(
     fig.update_yaxes(type="log")
     fig.update_yaxes(title_text=esc(f"x faster than {baseline.label}"), row=1, col=1)
     fig.update_yaxes(title_text=esc(f"x smaller than {baseline.label}"), row=2, col=1)
-    _label_log_axes(fig)
+    _label_log_axes(fig, measured_x=True)
     title = f"against {baseline.label} (above the dotted line: faster, top, or smaller, bottom)"
     _layout(fig, title, _legend_height(ctx["series"].nunique(), 700), (OPEN_NOTE if ctx["bound"].any() else "",))
     return fig
@@ -378,7 +381,7 @@ def bound(
     fig.update_xaxes(type="log", title_text="tokens N = H x W")
     fig.update_yaxes(type="log", title_text=esc(f"% of the speed-up over {baseline.label} its MACs promise"), col=1)
     fig.update_yaxes(type="log")
-    _label_log_axes(fig)
+    _label_log_axes(fig, measured_x=True)
     title = f"how close to its bound (measured / MAC-promised speed-up over {baseline.label}; dotted: 100%)"
     _layout(fig, title, _legend_height(ctx["series"].nunique()))
     return fig

@@ -424,7 +424,7 @@ def _crossover(
     ]
     if unmatched:
         body.append(
-            f'<p class="note">Not compared, no {esc(baseline)} point in the same context (e.g. cross attention): '
+            f'<p class="note">Not compared, no {esc(baseline.label)} point in the same context (e.g. cross attention): '
             + esc(", ".join(unmatched))
             + ".</p>"
         )

@@ -130,6 +130,7 @@ def test_html_report_never_crashes_and_escapes(runs, envs, baseline):
         page = build_report(_write(Path(tmp), runs, envs), baseline)
     assert page.startswith("<!DOCTYPE html>") and "<script>alert(1)" not in page
     assert page.count("</script>") == page.count("<script")
+    assert "Baseline(" not in page  # the baseline is named by its label, never by its repr
 
 
 def test_a_run_holding_a_skipped_point_reports(make_run, tmp_path):

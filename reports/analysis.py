@@ -69,6 +69,7 @@ def resolve_baseline(df: pd.DataFrame, spec: str | Baseline | None = None, stric
     :class:`BaselineError` naming those they do; otherwise such a baseline matches no point and the
     report says there is no ratio.
     """
+    impl: str | None
     if isinstance(spec, Baseline):
         name, impl = spec.name, spec.impl
     else:

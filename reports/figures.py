@@ -274,9 +274,8 @@ def scaling(
     legend_note = "exponent per pass: " + " / ".join(pss)
     _label_log_axes(fig, measured_x=True)
     n = ok["series"].nunique()
-    notes = (f"log-log; legend: fitted N^exponent, {legend_note}",)
-    if metric == "latency_ms_median" and ok["overhead_bound"].any():
-        notes += (OPEN_NOTE,)
+    bound = metric == "latency_ms_median" and ok["overhead_bound"].any()
+    notes = (f"log-log; legend: fitted N^exponent, {legend_note}", OPEN_NOTE if bound else "")
     _layout(fig, f"{METRICS[metric]} against tokens", _legend_height(n), notes, split=False)
     return fig
 

@@ -402,7 +402,9 @@ def crossover_chart(
         return None
     label = str(baseline.label if isinstance(baseline, Baseline) else baseline)
     lo, hi = math.sqrt(min(r[0] for r in ranges)), math.sqrt(max(r[1] for r in ranges))
-    slots = {"never": hi * 1.6, "always": lo / 1.6, "few": lo / 1.6**2}
+    kinds = set(table["faster_kind"]) | set(table["smaller_kind"])
+    left_slots = [k for k in ("always", "few") if k in kinds]  # only the slots in use, "always" nearest the maps
+    slots = {"never": hi * 1.6, **{k: lo / 1.6 ** (i + 1) for i, k in enumerate(left_slots)}}
     slot_text = {"never": "never", "always": "always", "few": "too few"}
     pss = passes(table)
     order = sorted(table["series"].unique(), reverse=True)
@@ -410,8 +412,8 @@ def crossover_chart(
     used = set()
     for col, p in enumerate(pss, 1):
         for what, kind_col, tok_col, text_col, symbol, offset in (
-            ("faster", "faster_kind", "faster_tokens", "faster_than_baseline", "circle", 0.15),
-            ("smaller", "smaller_kind", "smaller_tokens", "smaller_than_baseline", "square", -0.15),
+            ("faster", "faster_kind", "faster_tokens", "faster_than_baseline", "circle", 0.2),
+            ("smaller", "smaller_kind", "smaller_tokens", "smaller_than_baseline", "square", -0.2),
         ):
             xs, ys, colors_, symbols, hovers = [], [], [], [], []
             for r in table[table["pass"] == p].to_dict("records"):
@@ -438,7 +440,7 @@ def crossover_chart(
                     name=esc(f"{what} from"),
                     legendgroup=what,
                     showlegend=col == 1,
-                    marker={"color": colors_, "symbol": symbols, "size": 11, "line": {"width": 2, "color": colors_}},
+                    marker={"color": colors_, "symbol": symbols, "size": 10, "line": {"width": 2, "color": colors_}},
                     customdata=hovers,
                     hovertemplate=HOVER,
                 ),
@@ -449,7 +451,7 @@ def crossover_chart(
         return None
     inside = [t for t in _log_ticks([lo, hi], measured=False) if lo / 1.05 <= t <= hi * 1.05]
     inside = sorted({t for t in inside if lo * 1.15 <= t <= hi / 1.15} | {lo, hi})
-    ticks = [(slots[k], slot_text[k]) for k in ("few", "always") if k in used]
+    ticks = [(slots[k], slot_text[k]) for k in ("few", "always") if k in used and k in slots]
     ticks += [(t, f"{t:.0f}") for t in inside] + ([(slots["never"], "never")] if "never" in used else [])
     left = min(x for x, _ in ticks) / 1.25
     fig.update_xaxes(
@@ -466,7 +468,7 @@ def crossover_chart(
     fig.update_yaxes(tickmode="array", tickvals=list(range(len(order))), ticktext=[esc(s) for s in order])
     fig.update_yaxes(range=[-0.6, len(order) - 0.4])
     title = f"crossover maps against {label} (circle: faster from, square: smaller from)"
-    _layout(fig, title, max(280, 110 + 30 * len(order)))
+    _layout(fig, title, max(280, 120 + 38 * len(order)))
     fig.update_layout(showlegend=False)  # the title says which marker is which
     return fig
 

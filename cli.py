@@ -270,7 +270,10 @@ REPORT_FORMAT_OPTION = typer.Option(
     None, "--format", help="md or csv: print the summary table at the reference point to stdout."
 )
 REPORT_BASELINE_OPTION = typer.Option(
-    "full", "--baseline", help="The mechanism that speed-ups, memory savings and crossovers are measured against."
+    None,
+    "--baseline",
+    help="NAME[:IMPL]: the mechanism and implementation every ratio and crossover is set against "
+    "(default full, impl fast); one the runs do not hold is refused.",
 )
 
 
@@ -279,7 +282,7 @@ def report(
     run_dirs: list[str] = REPORT_DIRS_ARGUMENT,
     out: str = REPORT_OUT_OPTION,
     fmt: str = REPORT_FORMAT_OPTION,
-    baseline: str = REPORT_BASELINE_OPTION,
+    baseline: str | None = REPORT_BASELINE_OPTION,
 ) -> None:
     """Write one self-contained interactive HTML report of one or more runs (opens offline)."""
     from pathlib import Path
@@ -291,7 +294,7 @@ def report(
     if out is not None and Path(out).is_dir():
         raise AttnbenchError(f"--out {out} is a directory; pass the HTML file to write, e.g. {Path(out, 'r.html')}")
     runs = [reports.load_run(d) for d in run_dirs]
-    _check_baseline(runs, baseline)
+    baseline = reports.resolve_baseline(reports.tidy(runs), baseline, strict=baseline is not None)
     if fmt is not None:
         text = reports.format_table(reports.summary_of(runs, baseline), fmt)
         if not text:
@@ -302,14 +305,6 @@ def report(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(reports.build_report(runs, baseline), encoding="utf-8")
         typer.echo(f"report: {path} ({path.stat().st_size / 2**20:.1f} MiB)", err=fmt is not None)
-
-
-def _check_baseline(runs: list, baseline: str) -> None:
-    """Refuse a --baseline whose mechanism none of the runs holds (ratios against it cannot be taken)."""
-    name = baseline.partition(":")[0]
-    held = sorted({str(m) for r in runs for m in r.rows["mechanism"].dropna().unique()})
-    if held and name not in held:
-        raise AttnbenchError(f"--baseline {baseline}: no mechanism {name!r} in these runs; they hold {', '.join(held)}")
 
 
 COMPARE_BASE_ARGUMENT = typer.Argument(..., help="The run to compare against (e.g. main).")

@@ -10,7 +10,7 @@ the extras the session needs from pyproject.toml. Virtualenvs are reused
     lint       ruff check and ruff format --check
     typecheck  mypy on the packages
     bench      pytest-benchmark against this machine's saved baseline; fails on a regression
-    smoke      a quick sweep, its HTML report and a headless-browser check of it
+    smoke      the smoke sweep (CI-sized), its HTML report and a headless-browser check of it
     gpu        the GPU tests and the scaling preset (skips without CUDA)
     train      a short training of every tiny model
     quick      the main job: the quick sweep and its report
@@ -137,10 +137,10 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def smoke(session: nox.Session) -> None:
-    """A quick sweep of every mechanism on the CPU, its HTML report, and the report opened in headless Chromium."""
+    """The smoke sweep of every mechanism on the CPU, its HTML report, and the report opened in headless Chromium."""
     install(session, "dev,browser")
     out = session.posargs[0] if session.posargs else "runs/smoke"
-    session.run("attnbench", "sweep", "--preset", "quick", "--device", "cpu", "--out", out, "--resume")
+    session.run("attnbench", "sweep", "--preset", "smoke", "--device", "cpu", "--out", out, "--resume")
     session.run("attnbench", "report", out, "--out", f"{out}/report.html")
     session.run("python", ".ci/check_report.py", f"{out}/report.html")
     session.run("attnbench", "match", "--smoke", "--seeds", "1", "--out", f"{out}-match")
@@ -179,7 +179,7 @@ def train(session: nox.Session) -> None:
 
 @nox.session
 def quick(session: nox.Session) -> None:
-    """The main job: a quick sweep of every mechanism on the CPU, then its HTML report."""
+    """The main job: every mechanism at 16x16..64x64 on the CPU (the quick preset), then its HTML report."""
     install(session)
     out = session.posargs[0] if session.posargs else "runs/quick"
     session.run("attnbench", "sweep", "--preset", "quick", "--out", out)

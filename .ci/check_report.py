@@ -2,8 +2,9 @@
 
     python .ci/check_report.py runs/smoke/report.html
 
-Passes when the page loads, every plotly figure has drawn all of its traces, the browser console has no
-error and the page shows text; prints what it saw. Needs selenium (the ``browser`` extra) and Debian's
+Passes when the page loads, every plotly figure has drawn all of its shown traces, the browser console has
+no error, the page shows text and its verdict names the fastest and the smallest mechanism; prints what it
+saw. Needs selenium (the ``browser`` extra) and Debian's
 chromium and chromium-driver. Used by ``nox -s smoke``.
 """
 
@@ -17,11 +18,15 @@ from pathlib import Path
 TIMEOUT_S = 90.0
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1400,1000")
 COUNT_PLOTS = "return document.querySelectorAll('.plotly-graph-div').length"
-# A figure is drawn when plotly has laid it out and its SVG holds one group per trace.
+# A figure is drawn when plotly has laid it out and its SVG holds one group per shown trace (a trace listed
+# only in the legend, visible='legendonly', is drawn when clicked).
 COUNT_DRAWN = (
     "return Array.from(document.querySelectorAll('.plotly-graph-div')).filter(d => d._fullLayout !== undefined"
-    " && d.data.length > 0 && d.querySelectorAll('svg.main-svg .trace').length >= d.data.length).length"
+    " && d.data.length > 0 && d.querySelectorAll('svg.main-svg .trace').length >="
+    " d.data.filter(t => t.visible !== 'legendonly').length).length"
 )
+# The verdict: the first section, naming the fastest and the smallest mechanism.
+VERDICT = "const s = document.querySelector('section#verdict'); return s ? s.innerText : ''"
 
 
 def main(argv: list[str]) -> int:
@@ -63,6 +68,7 @@ def main(argv: list[str]) -> int:
             time.sleep(0.25)
         errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         words = len(driver.execute_script("return document.body.innerText").split())
+        verdict = driver.execute_script(VERDICT)
         title = driver.title
     finally:
         driver.quit()
@@ -75,6 +81,8 @@ def main(argv: list[str]) -> int:
         problems.append(f"console errors: {errors}")
     if words < 50:
         problems.append(f"the page shows only {words} words of text")
+    if "fastest" not in verdict or "smallest" not in verdict:
+        problems.append("the page has no verdict naming the fastest and the smallest mechanism")
     print(f"{page.name}: '{title}', {plots} plots ({drawn} drawn), {words} words, {len(errors)} console errors")
     for p in problems:
         print(f"error: {p}", file=sys.stderr)

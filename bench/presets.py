@@ -32,7 +32,26 @@ GPU_SETTINGS: dict[str, Any] = {"timeout_s": 120.0}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
-        "description": "every mechanism, CPU-sized: 8x8..32x32 maps, fwd and fwd+bwd, reference and fast, float32",
+        "description": "the main job: every mechanism on 16x16..64x64 maps at Swin-T's stage-1 width (96, 3 heads), "
+        "fwd and fwd+bwd, fast impls, float32, on the CPU",
+        "grid": {
+            "resolutions": ["16", "24", "32", "48", "64"],
+            "batches": [1],
+            "dims": [96],
+            "heads": [3],
+            "dtypes": ["float32"],
+            "passes": ["fwd", "fwd+bwd"],
+            # The reference paths (the definitions of correct) would triple the time; --impls adds them.
+            "impls": ["fast"],
+            "devices": ["cpu"],
+            # Windows and reductions that divide every map; the mechanisms' own defaults otherwise.
+            "cost_knob_values": {"window": [8], "topk": [8]},
+        },
+        "settings": {"cpu_min_run_time": 0.15, "timeout_s": 60.0, "min_samples": 5, "threads": 1},
+    },
+    "smoke": {
+        "description": "CI smoke, the former quick grid: every mechanism, CPU-sized: 8x8..32x32 maps, fwd and fwd+bwd, "
+        "reference and fast, float32",
         "grid": {
             "resolutions": ["8", "12", "16", "24", "32"],
             "batches": [1],

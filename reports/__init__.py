@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from reports.analysis import (
     DEFAULT_BASELINE,
+    Baseline,
+    BaselineError,
     crossover,
     fit_exponent,
     format_table,
     reference,
     references,
+    resolve_baseline,
     summary_table,
 )
 from reports.compare import Comparison, FingerprintMismatch, compare, fingerprint_differences
@@ -20,6 +23,8 @@ from reports.page import build_compare_page, build_report
 
 __all__ = [
     "DEFAULT_BASELINE",
+    "Baseline",
+    "BaselineError",
     "Comparison",
     "FingerprintMismatch",
     "Run",
@@ -34,13 +39,15 @@ __all__ = [
     "load_run",
     "reference",
     "references",
+    "resolve_baseline",
     "summary_table",
     "summary_of",
     "tidy",
 ]
 
 
-def summary_of(runs: list[Run], baseline: str = DEFAULT_BASELINE):  # noqa: ANN201 - a DataFrame
+def summary_of(runs: list[Run], baseline: str | Baseline = DEFAULT_BASELINE):  # noqa: ANN201 - a DataFrame
     """The summary table of ``runs`` at their reference point (what ``--format md|csv`` prints)."""
     df = tidy(runs)
-    return summary_table(df, references(df, baseline), baseline)
+    base = resolve_baseline(df, baseline)
+    return summary_table(df, references(df, base), base)

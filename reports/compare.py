@@ -17,7 +17,7 @@ import pandas as pd
 
 from attnbench.errors import AttnbenchError
 from bench.env import env_differences
-from reports.data import MIB, POINT_FIELDS, Run, tidy
+from reports.data import MIB, POINT_FIELDS, Run, resolution_text, tidy
 
 # Statuses that mean a point broke (a newly skipped point is a configuration change, not a regression).
 BROKEN = ("oom", "error", "timeout")
@@ -177,7 +177,7 @@ def display_table(cmp: Comparison) -> pd.DataFrame:
         {
             "mechanism": t["mechanism"],
             "knobs": t["knobs_varied"],
-            "resolution": [f"{int(h)}x{int(w)}" for h, w in zip(t["height"], t["width"], strict=True)],
+            "resolution": [resolution_text(h, w) for h, w in zip(t["height"], t["width"], strict=True)],
             "batch": t["batch"],
             "dtype": t["dtype"],
             "pass": t["pass"],
@@ -231,7 +231,7 @@ def terminal_table(cmp: Comparison) -> pd.DataFrame:
     point = [
         f"{r['mechanism']}"
         + (f" {r['knobs_varied']}" if r["knobs_varied"] != "-" else "")
-        + f" {int(r['height'])}x{int(r['width'])} b{r['batch']:g} {r['dtype']} {r['pass']} {r['impl']}"
+        + f" {resolution_text(r['height'], r['width'])} b{r['batch']:g} {r['dtype']} {r['pass']} {r['impl']}"
         for r in t.to_dict("records")
     ]
     return pd.DataFrame(

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from attnbench.errors import AttnbenchError
@@ -62,7 +63,15 @@ NUMERIC = [
     "tflops",
     "peak_tflops",
     "pct_peak",
+    "overhead_ms",
+    "host_ms_per_call",
+    "probe_ms",
+    "load_avg",
 ]
+# A point whose median latency is within this factor of its per-call overhead (an empty module's call,
+# same timer, device and pass; the ``overhead_ms`` field) measures the call, not the attention: it is
+# marked and left out of latency fits and crossovers.
+OVERHEAD_FACTOR = 3.0
 
 
 class RunError(AttnbenchError, ValueError):
@@ -184,12 +193,20 @@ def tidy(runs: list[Run]) -> pd.DataFrame:
     df["reason"] = df["reason"].astype(object).fillna("").astype(str)
     for col in ("mechanism", "dtype", "pass", "impl", "device", "device_name", "timing_method", "memory_method"):
         df[col] = df[col].astype(object).fillna("-").astype(str) if col in df.columns else "-"
-    for col in ("cross", "compile", "noisy"):
-        df[col] = df[col].astype(object).fillna(False).astype(bool) if col in df.columns else False
-    df["resolution"] = [_res(h, w) for h, w in zip(df["height"], df["width"], strict=True)]
+    for col in ("cross", "compile", "noisy", "contended", "launch_bound"):
+        df[col] = [_flag(v) for v in df[col]] if col in df.columns else False
+    df["overhead_bound"] = (df["latency_ms_median"] < OVERHEAD_FACTOR * df["overhead_ms"]).fillna(False).astype(bool)
+    df["resolution"] = [resolution_text(h, w) for h, w in zip(df["height"], df["width"], strict=True)]
     df["series"] = _series_labels(df) if len(df) else pd.Series(dtype=object)
     df["hover"] = [_hover(r) for r in df.to_dict("records")]
     return df.reset_index(drop=True)
+
+
+def _flag(value: Any) -> bool:
+    """A stored boolean as bool: missing, NA and anything but true / a non-zero number read False."""
+    if isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating)):
+        return bool(value) and not (isinstance(value, (float, np.floating)) and math.isnan(value))
+    return False
 
 
 def train_rows(runs: list[Run]) -> pd.DataFrame:
@@ -219,8 +236,8 @@ def _bandwidth(env: dict[str, Any], device_name: str) -> float:
     """Memory bandwidth (GB/s) of a point's GPU from bench's hardware table, NaN when unknown."""
     from bench.hardware import lookup
 
-    name = device_name if device_name not in ("-", "") else env.get("gpu_name")
-    spec = lookup(name)
+    name = device_name if isinstance(device_name, str) and device_name not in ("-", "") else env.get("gpu_name")
+    spec = lookup(name) if isinstance(name, str) else None
     return spec.bandwidth_gbs if spec else math.nan
 
 
@@ -234,8 +251,9 @@ def _unique_names(runs: list[Run]) -> list[str]:
     return names
 
 
-def _res(h: float, w: float) -> str:
-    if pd.isna(h) or pd.isna(w):
+def resolution_text(h: Any, w: Any) -> str:
+    """``HxW``, or ``-`` where either is missing."""
+    if not isinstance(h, (int, float)) or not isinstance(w, (int, float)) or pd.isna(h) or pd.isna(w):
         return "-"
     return f"{int(h)}x{int(w)}"
 
@@ -289,6 +307,18 @@ def _hover(r: dict[str, Any]) -> str:
             f"achieved {_fmt(r['tflops'])} TFLOP/s"
             + (f", {_fmt(r['pct_peak'])}% of peak" if r["pct_peak"] > 0 else ""),
         ]
+        if r["overhead_ms"] == r["overhead_ms"]:  # not NaN
+            lines.append(
+                f"per-call overhead {_fmt(r['overhead_ms'])} ms"
+                + (f": within {OVERHEAD_FACTOR:g}x of it, left out of fits" if r["overhead_bound"] else "")
+            )
+        if r["host_ms_per_call"] == r["host_ms_per_call"]:
+            lines.append(
+                f"host launch {_fmt(r['host_ms_per_call'])} ms per call"
+                + (", which bounds this point" if r["launch_bound"] else "")
+            )
+        if r["contended"]:
+            lines.append("measured while the machine was contended")
     lines.append(f"run {r['run']}, point {r.get('point_id') or '-'}")
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+import zlib
 from typing import Any
 
 import pandas as pd
@@ -17,10 +18,39 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from reports.analysis import METRIC_SCALE, METRICS, References, fit_exponent, in_side, is_gpu, with_baseline
+from reports.analysis import (
+    DEFAULT_IMPL,
+    METRIC_SCALE,
+    METRICS,
+    Baseline,
+    References,
+    as_baseline,
+    exponents,
+    fit,
+    in_side,
+    is_gpu,
+    with_baseline,
+)
+from reports.data import OVERHEAD_FACTOR, resolution_text
 
 PASS_ORDER = ["fwd", "fwd+bwd"]
 PALETTE = qualitative.Plotly + qualitative.Dark24 + qualitative.Light24
+# One colour per mechanism, fixed by its name so that it is the same in every report: the Okabe-Ito
+# palette (distinct under the common colour-vision deficiencies), black for full attention, the usual
+# baseline. Other names take a colour of Paul Tol's muted palette by a hash of the name.
+MECHANISM_COLORS = {
+    "full": "#000000",
+    "linear": "#E69F00",
+    "pvt": "#56B4E9",
+    "swin": "#009E73",
+    "quadtree": "#D55E00",
+    "deformable": "#0072B2",
+    "pooling": "#CC79A7",
+    "cross": "#999999",
+}
+EXTRA_COLORS = ["#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677", "#882255", "#AA4499"]
+# At most this many curves are drawn at first; the rest (other impls, further knob settings) wait in the legend.
+MAX_SHOWN = 10
 DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
 SYMBOLS = ["circle", "square", "diamond", "triangle-up", "x", "cross", "star", "pentagon"]
 FONT = {"family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", "size": 12}
@@ -31,22 +61,58 @@ def esc(text: Any) -> str:
     return html.escape(str(text), quote=False).replace("\n", "<br>")
 
 
-def colors(df: pd.DataFrame) -> dict[str, dict[str, str]]:
-    """A stable line style per series, shared by every figure of a report: one colour per mechanism
-    (sorted), and within a mechanism a dash per knob setting, implementation or run."""
-    styles: dict[str, dict[str, str]] = {}
-    pairs = df[["mechanism", "series"]].drop_duplicates().sort_values(["mechanism", "series"])
-    mechs = sorted(pairs["mechanism"].unique())
+def mechanism_color(name: str) -> str:
+    """The colour of a mechanism, the same in every report."""
+    return MECHANISM_COLORS.get(name) or EXTRA_COLORS[zlib.crc32(name.encode("utf-8")) % len(EXTRA_COLORS)]
+
+
+def colors(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """A stable style per series, shared by every figure of a report: the mechanism's colour, a dash per
+    knob setting, implementation or run within it, and whether the curve is drawn at first.
+
+    Drawn at first: the fast implementation (a mechanism's only one where it has no fast one), up to
+    :data:`MAX_SHOWN` curves; the others are listed in the legend, a click away.
+    """
+    styles: dict[str, dict[str, Any]] = {}
+    if df.empty:
+        return styles
+    pairs = df[["mechanism", "series", "impl"]].drop_duplicates("series")
+    shown_impl = {}
+    for mech, g in pairs.groupby("mechanism"):
+        impls = sorted(set(g["impl"]))
+        shown_impl[mech] = DEFAULT_IMPL if DEFAULT_IMPL in impls else impls[0]
+    pairs = pairs.assign(_default=[shown_impl[m] == i for m, i in zip(pairs["mechanism"], pairs["impl"], strict=True)])
+    pairs = pairs.sort_values(["mechanism", "_default", "series"], ascending=[True, False, True])
+    n_shown = 0
     for mech, g in pairs.groupby("mechanism", sort=True):
-        color = PALETTE[mechs.index(mech) % len(PALETTE)]
-        for i, series in enumerate(g["series"]):
-            styles[str(series)] = {"color": color, "dash": DASHES[i % len(DASHES)]}
+        for i, (series, default) in enumerate(zip(g["series"], g["_default"], strict=True)):
+            visible = bool(default) and n_shown < MAX_SHOWN
+            n_shown += visible
+            styles[str(series)] = {
+                "color": mechanism_color(str(mech)),
+                "dash": DASHES[i % len(DASHES)],
+                "visible": True if visible else "legendonly",
+            }
     return styles
 
 
+def _line(palette: dict[str, dict[str, Any]], series: Any) -> dict[str, str]:
+    style = palette.get(str(series), {})
+    return {k: style[k] for k in ("color", "dash") if k in style}
+
+
+def _visible(palette: dict[str, dict[str, Any]], series: Any) -> bool | str:
+    return palette.get(str(series), {}).get("visible", True)
+
+
+def _symbols(points: pd.DataFrame, flag: str = "overhead_bound", base: str = "circle") -> list[str]:
+    """Open markers for flagged points (overhead-bound, launch-bound), filled otherwise."""
+    return [f"{base}-open" if v else base for v in points[flag]] if flag in points.columns else [base] * len(points)
+
+
 def _legend_height(n_entries: int, base: int = 460) -> int:
-    """Tall enough that the legend does not scroll."""
-    return max(base, 120 + 30 * n_entries)
+    """Room for the plot plus the legend below it (about three entries to a row)."""
+    return base + 24 * math.ceil(n_entries / 3)
 
 
 def passes(df: pd.DataFrame) -> list[str]:
@@ -103,21 +169,35 @@ def _label_log_axes(fig: go.Figure, measured_x: bool = False) -> None:
         axis.update(tickmode="array", tickvals=ticks, ticktext=[_tick_label(t) for t in ticks])
 
 
-def _layout(fig: go.Figure, title: str, height: int = 460) -> go.Figure:
+def _layout(
+    fig: go.Figure, title: str, height: int = 460, notes: tuple[str, ...] = (), split: bool = True
+) -> go.Figure:
+    """Common layout. The title's first parenthesis (with ``split``) and the ``notes`` go on small lines
+    below it, so that a narrow window does not cut them off."""
+    head, sep, rest = title.partition(" (") if split else (title, "", "")
+    lines = [head] + ([f"({rest}"] if sep else []) + [n for n in notes if n]
+    text = esc(lines[0]) + "".join(f"<br><sup>{esc(line)}</sup>" for line in lines[1:])
     fig.update_layout(
-        title={"text": esc(title), "x": 0.0, "xanchor": "left", "font": {"size": 15}},
+        title={"text": text, "x": 0.0, "xanchor": "left", "font": {"size": 15}},
         template="plotly_white",
         font=FONT,
         height=height,
-        margin={"l": 60, "r": 20, "t": 70, "b": 50},
-        legend={"font": {"size": 11}, "groupclick": "togglegroup"},
+        margin={"l": 60, "r": 20, "t": 60 + 16 * len(lines), "b": 50},
+        # Below the plot, wrapping into rows: the panels keep the page's width on a narrow screen too.
+        legend={
+            "font": {"size": 11},
+            "groupclick": "togglegroup",
+            "orientation": "h",
+            "yanchor": "top",
+            "y": -0.16,
+            "x": 0,
+        },
         hoverlabel={"align": "left", "font": {"size": 11}},
     )
     return fig
 
 
-def _exp_text(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+OPEN_NOTE = f"open markers: latency within {OVERHEAD_FACTOR:g}x of the per-call overhead, left out of fits"
 
 
 def _hover(points: pd.DataFrame) -> list[str]:
@@ -125,6 +205,35 @@ def _hover(points: pd.DataFrame) -> list[str]:
 
 
 HOVER = "%{customdata}<extra></extra>"
+
+
+def _curve(
+    points: pd.DataFrame,
+    x: Any,
+    y: Any,
+    series: Any,
+    palette: dict[str, dict[str, Any]],
+    *,
+    name: str | None = None,
+    showlegend: bool = True,
+    symbols: Any = "circle",
+    hover: list[str] | None = None,
+    template: str = HOVER,
+) -> go.Scatter:
+    """One series' line in its report-wide style (colour, dash, drawn or in the legend), hover per point."""
+    return go.Scatter(
+        x=x,
+        y=y,
+        mode="lines+markers",
+        name=esc(series if name is None else name),
+        legendgroup=esc(series),
+        showlegend=showlegend,
+        line=_line(palette, series),
+        visible=_visible(palette, series),
+        marker={"symbol": symbols, "size": 7},
+        customdata=_hover(points) if hover is None else hover,
+        hovertemplate=template,
+    )
 
 
 def scaling(
@@ -142,24 +251,19 @@ def scaling(
         pss = ["forward"]
     fig = make_subplots(rows=1, cols=len(pss), subplot_titles=[esc(p) for p in pss], horizontal_spacing=0.08)
     scale = METRIC_SCALE[metric]
+    fits = exponents(ok, metric)
     for series, g in ok.groupby("series", sort=True):
-        exps = {p: fit_exponent(gp["tokens"], gp[metric]) for p, gp in g.groupby("pass")}
-        name = f"{series}  ~N^" + " / ".join(_exp_text(exps.get(p)) for p in pss if p in exps)
+        present = [p for p in pss if (g["pass"] == p).any()]
+        name = f"{series}  ~N^" + " / ".join(fits[(str(series), p)].text() for p in present)
         for col, p in enumerate(pss, 1):
             gp = g[g["pass"] == p].sort_values("tokens")
             if gp.empty:
                 continue
+            symbols = _symbols(gp) if metric == "latency_ms_median" else "circle"
+            shown = col == 1 or not (g["pass"] == pss[0]).any()
             fig.add_trace(
-                go.Scatter(
-                    x=gp["tokens"],
-                    y=gp[metric] * scale,
-                    mode="lines+markers",
-                    name=esc(name),
-                    legendgroup=esc(series),
-                    showlegend=col == 1 or not (g["pass"] == pss[0]).any(),
-                    line=palette.get(str(series), {}),
-                    customdata=_hover(gp),
-                    hovertemplate=HOVER,
+                _curve(
+                    gp, gp["tokens"], gp[metric] * scale, series, palette, name=name, showlegend=shown, symbols=symbols
                 ),
                 row=1,
                 col=col,
@@ -170,42 +274,47 @@ def scaling(
     legend_note = "exponent per pass: " + " / ".join(pss)
     _label_log_axes(fig, measured_x=True)
     n = ok["series"].nunique()
-    _layout(
-        fig, f"{METRICS[metric]} against tokens (log-log; legend: fitted N^exponent, {legend_note})", _legend_height(n)
-    )
+    bound = metric == "latency_ms_median" and ok["overhead_bound"].any()
+    notes = (f"log-log; legend: fitted N^exponent, {legend_note}", OPEN_NOTE if bound else "")
+    _layout(fig, f"{METRICS[metric]} against tokens", _legend_height(n), notes, split=False)
     return fig
 
 
 def speedup(
-    df: pd.DataFrame, side: dict[str, Any] | References, baseline: str, palette: dict[str, dict[str, str]]
+    df: pd.DataFrame,
+    side: dict[str, Any] | References,
+    baseline: str | Baseline,
+    palette: dict[str, dict[str, Any]],
 ) -> go.Figure | None:
-    """Speed-up and memory ratio against the baseline over tokens; above 1 means better than the baseline."""
+    """Speed-up and memory ratio against the declared baseline over tokens; above 1 means better than it."""
+    baseline = as_baseline(baseline, df)
     ctx = with_baseline(in_side(df, side), baseline)
-    ctx = ctx[(ctx["mechanism"] != baseline) & (ctx["status"] == "ok") & (ctx["base_status"] == "ok")]
+    ctx = ctx[~baseline.mask(ctx) & (ctx["status"] == "ok") & (ctx["base_status"] == "ok")]
     if ctx.empty:
         return None
     pss = passes(ctx)
     titles = [esc(f"{what}, {p}") for what in ("speed-up", "memory ratio") for p in pss]
     fig = make_subplots(rows=2, cols=len(pss), subplot_titles=titles, vertical_spacing=0.14, horizontal_spacing=0.08)
-    ctx = ctx.assign(mem_ratio=ctx["base_peak_bytes"] / ctx["peak_bytes"])
+    ctx = ctx.assign(bound=ctx["overhead_bound"] | ctx["base_overhead_bound"])
     for series, g in ctx.groupby("series", sort=True):
         first = True
-        for row, col_name in ((1, "speedup"), (2, "mem_ratio")):
+        for row, col_name, what in ((1, "speedup", "faster"), (2, "mem_ratio", "smaller")):
             for col, p in enumerate(pss, 1):
-                gp = g[g["pass"] == p].sort_values("tokens")
+                gp = g[g["pass"] == p].dropna(subset=[col_name]).sort_values("tokens")
                 if gp.empty:
                     continue
+                template = f"%{{y:.3g}}x {what} than {esc(baseline.label)} (below 1: 1/y x the other way)<br>" + HOVER
+                symbols = _symbols(gp, "bound") if row == 1 else "circle"
                 fig.add_trace(
-                    go.Scatter(
-                        x=gp["tokens"],
-                        y=gp[col_name],
-                        mode="lines+markers",
-                        name=esc(series),
-                        legendgroup=esc(series),
+                    _curve(
+                        gp,
+                        gp["tokens"],
+                        gp[col_name],
+                        series,
+                        palette,
                         showlegend=first,
-                        line=palette.get(str(series), {}),
-                        customdata=_hover(gp),
-                        hovertemplate=f"{col_name.replace('_', ' ')} %{{y:.3g}}x<br>" + HOVER,
+                        symbols=symbols,
+                        template=template,
                     ),
                     row=row,
                     col=col,
@@ -217,11 +326,150 @@ def speedup(
     fig.update_xaxes(type="log", title_text="tokens N = H x W", row=2)
     fig.update_xaxes(type="log")
     fig.update_yaxes(type="log")
-    fig.update_yaxes(title_text=esc(f"{baseline} latency / latency"), row=1, col=1)
-    fig.update_yaxes(title_text=esc(f"{baseline} memory / memory"), row=2, col=1)
+    fig.update_yaxes(title_text=esc(f"x faster than {baseline.label}"), row=1, col=1)
+    fig.update_yaxes(title_text=esc(f"x smaller than {baseline.label}"), row=2, col=1)
     _label_log_axes(fig, measured_x=True)
-    title = f"against {baseline} attention: above the dotted line = faster (top) or smaller (bottom)"
-    _layout(fig, title, _legend_height(ctx["series"].nunique(), 700))
+    title = f"against {baseline.label} (above the dotted line: faster, top, or smaller, bottom)"
+    _layout(fig, title, _legend_height(ctx["series"].nunique(), 700), (OPEN_NOTE if ctx["bound"].any() else "",))
+    return fig
+
+
+def bound(
+    df: pd.DataFrame,
+    side: dict[str, Any] | References,
+    baseline: str | Baseline,
+    palette: dict[str, dict[str, Any]],
+) -> go.Figure | None:
+    """Share of the MAC promise realised against tokens: measured speed-up over the baseline divided by the
+    speed-up its MACs promise (baseline MACs / its MACs), where it promises one; 100% is the bound."""
+    baseline = as_baseline(baseline, df)
+    ctx = with_baseline(in_side(df, side), baseline)
+    ctx = ctx[~baseline.mask(ctx) & (ctx["status"] == "ok")].dropna(subset=["realised"])
+    if ctx.empty:
+        return None
+    pss = passes(ctx)
+    fig = make_subplots(rows=1, cols=len(pss), subplot_titles=[esc(p) for p in pss], horizontal_spacing=0.08)
+    for series, g in ctx.groupby("series", sort=True):
+        first = True
+        for col, p in enumerate(pss, 1):
+            gp = g[g["pass"] == p].sort_values("tokens")
+            if gp.empty:
+                continue
+            text = [
+                esc(f"{r['speedup']:.3g}x measured of {r['promised']:.3g}x promised = {100 * r['realised']:.3g}%")
+                for r in gp.to_dict("records")
+            ]
+            hover = [f"{t}<br>{h}" for t, h in zip(text, _hover(gp), strict=True)]
+            fig.add_trace(
+                _curve(
+                    gp,
+                    gp["tokens"],
+                    100 * gp["realised"],
+                    series,
+                    palette,
+                    showlegend=first,
+                    symbols=_symbols(gp),
+                    hover=hover,
+                ),
+                row=1,
+                col=col,
+            )
+            first = False
+        for col in range(1, len(pss) + 1):
+            fig.add_hline(y=100.0, line={"color": "#555", "width": 1, "dash": "dot"}, row=1, col=col)
+    fig.update_xaxes(type="log", title_text="tokens N = H x W")
+    fig.update_yaxes(type="log", title_text=esc(f"% of the speed-up over {baseline.label} its MACs promise"), col=1)
+    fig.update_yaxes(type="log")
+    _label_log_axes(fig, measured_x=True)
+    title = f"how close to its bound (measured / MAC-promised speed-up over {baseline.label}; dotted: 100%)"
+    _layout(fig, title, _legend_height(ctx["series"].nunique()))
+    return fig
+
+
+def crossover_chart(
+    table: pd.DataFrame, baseline: str | Baseline, palette: dict[str, dict[str, Any]]
+) -> go.Figure | None:
+    """Each series' crossover map against the baseline, faster from (circle) and smaller from (square), a
+    panel per pass. Outside the measured maps, slots on the axis say "never" (not in range), "always"
+    (already at the smallest map) and "too few" (too few points to tell)."""
+    if table.empty:
+        return None
+    table = table[table["faster_kind"] != "none"]
+    shown = table[[_visible(palette, s) is True for s in table["series"]]]
+    table = shown if not shown.empty else table
+    ranges = [r for col in ("faster_range", "smaller_range") for r in table[col] if isinstance(r, tuple)]
+    if not ranges:
+        return None
+    label = str(baseline.label if isinstance(baseline, Baseline) else baseline)
+    lo, hi = math.sqrt(min(r[0] for r in ranges)), math.sqrt(max(r[1] for r in ranges))
+    kinds = set(table["faster_kind"]) | set(table["smaller_kind"])
+    left_slots = [k for k in ("always", "few") if k in kinds]  # only the slots in use, "always" nearest the maps
+    slots = {"never": hi * 1.6, **{k: lo / 1.6 ** (i + 1) for i, k in enumerate(left_slots)}}
+    slot_text = {"never": "never", "always": "always", "few": "too few"}
+    pss = passes(table)
+    order = sorted(table["series"].unique(), reverse=True)
+    fig = make_subplots(rows=1, cols=len(pss), subplot_titles=[esc(p) for p in pss], shared_yaxes=True)
+    used = set()
+    for col, p in enumerate(pss, 1):
+        for what, kind_col, tok_col, text_col, symbol, offset in (
+            ("faster", "faster_kind", "faster_tokens", "faster_than_baseline", "circle", 0.2),
+            ("smaller", "smaller_kind", "smaller_tokens", "smaller_than_baseline", "square", -0.2),
+        ):
+            xs, ys, colors_, symbols, hovers = [], [], [], [], []
+            for r in table[table["pass"] == p].to_dict("records"):
+                kind = r[kind_col]
+                if kind in ("from", "mixed", "until"):
+                    x = math.sqrt(r[tok_col])
+                elif kind in slots:
+                    x = slots[kind]
+                    used.add(kind)
+                else:
+                    continue
+                xs.append(x)
+                ys.append(order.index(r["series"]) + offset)
+                colors_.append(palette.get(str(r["series"]), {}).get("color", "#444"))
+                symbols.append(symbol if kind in ("from", "mixed", "always") else f"{symbol}-open")
+                hovers.append(esc(f"{r['series']}, {p}: {what} than {label} {r[text_col]}"))
+            if not xs:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=ys,
+                    mode="markers",
+                    name=esc(f"{what} from"),
+                    legendgroup=what,
+                    showlegend=col == 1,
+                    marker={"color": colors_, "symbol": symbols, "size": 10, "line": {"width": 2, "color": colors_}},
+                    customdata=hovers,
+                    hovertemplate=HOVER,
+                ),
+                row=1,
+                col=col,
+            )
+    if not fig.data:
+        return None
+    inside = [t for t in _log_ticks([lo, hi], measured=False) if lo / 1.05 <= t <= hi * 1.05]
+    inside = sorted({t for t in inside if lo * 1.15 <= t <= hi / 1.15} | {lo, hi})
+    ticks = [(slots[k], slot_text[k]) for k in ("few", "always") if k in used and k in slots]
+    ticks += [(t, f"{t:.0f}") for t in inside] + ([(slots["never"], "never")] if "never" in used else [])
+    left = min(x for x, _ in ticks) / 1.25
+    fig.update_xaxes(
+        type="log",
+        title_text="map side H = W",
+        tickmode="array",
+        tickvals=[x for x, _ in ticks],
+        ticktext=[t for _, t in ticks],
+        range=[math.log10(left), math.log10(max(slots["never"], hi) * 1.25)],
+        tickangle=0,
+    )
+    for x0, x1 in ((left, lo / 1.25), (hi * 1.25, slots["never"] * 1.25)):
+        fig.add_vrect(x0=x0, x1=x1, fillcolor="#eef0f4", line_width=0, layer="below", row=1, col="all")
+    fig.update_yaxes(tickmode="array", tickvals=list(range(len(order))), ticktext=[esc(s) for s in order])
+    fig.update_yaxes(range=[-0.6, len(order) - 0.4])
+    title = f"crossover maps against {label} (circle: faster from, square: smaller from)"
+    _layout(fig, title, max(280, 120 + 38 * len(order)))
+    fig.update_layout(showlegend=False)  # the title says which marker is which
     return fig
 
 
@@ -297,8 +545,8 @@ def numeric_axis(
     titles = [esc(f"{METRICS[m]}, {p}") for m in metrics for p in pss]
     fig = make_subplots(rows=2, cols=len(pss), subplot_titles=titles, vertical_spacing=0.14)
     for series, g in ctx.groupby("series", sort=True):
-        exps = {p: fit_exponent(gp[axis], gp["latency_ms_median"]) for p, gp in g.groupby("pass")}
-        name = f"{series}  latency ~{axis}^" + " / ".join(_exp_text(exps.get(p)) for p in pss if p in exps)
+        exps = {p: fit(gp[axis], gp["latency_ms_median"], gp["overhead_bound"]) for p, gp in g.groupby("pass")}
+        name = f"{series}  latency ~{axis}^" + " / ".join(exps[p].text() for p in pss if p in exps)
         first = True
         for row, m in enumerate(metrics, 1):
             for col, p in enumerate(pss, 1):
@@ -306,17 +554,7 @@ def numeric_axis(
                 if gp.empty:
                     continue
                 fig.add_trace(
-                    go.Scatter(
-                        x=gp[axis],
-                        y=gp[m] * METRIC_SCALE[m],
-                        mode="lines+markers",
-                        name=esc(name),
-                        legendgroup=esc(series),
-                        showlegend=first,
-                        line=palette.get(str(series), {}),
-                        customdata=_hover(gp),
-                        hovertemplate=HOVER,
-                    ),
+                    _curve(gp, gp[axis], gp[m] * METRIC_SCALE[m], series, palette, name=name, showlegend=first),
                     row=row,
                     col=col,
                 )
@@ -432,9 +670,10 @@ def roofline(df: pd.DataFrame, palette: dict[str, dict[str, str]]) -> tuple[go.F
                 mode="markers",
                 name=esc(f"{series}, {p}"),
                 legendgroup=esc(series),
+                visible=_visible(palette, series),
                 marker={
                     "color": palette.get(str(series), {}).get("color"),
-                    "symbol": SYMBOLS[pss.index(p) % len(SYMBOLS)],
+                    "symbol": _symbols(g, "launch_bound", SYMBOLS[pss.index(p) % len(SYMBOLS)]),
                     "size": 8,
                 },
                 customdata=_hover(g),
@@ -458,8 +697,9 @@ def roofline(df: pd.DataFrame, palette: dict[str, dict[str, str]]) -> tuple[go.F
     fig.update_xaxes(type="log", title_text="arithmetic intensity (FLOP per byte allocated; an upper bound)")
     fig.update_yaxes(type="log", title_text="achieved TFLOP/s (FLOPs = 2 x MACs)")
     _label_log_axes(fig)
-    title = "roofline: achieved FLOP/s against arithmetic intensity, with the device's ceilings"
-    _layout(fig, title, _legend_height(len(fig.data), 560))
+    title = "roofline (achieved FLOP/s against arithmetic intensity, with the device's ceilings)"
+    note = "open markers: the measured host launch time bounds the point" if gpu["launch_bound"].any() else ""
+    _layout(fig, title, _legend_height(len(fig.data), 560), (note,))
     return fig, ""
 
 
@@ -506,7 +746,7 @@ def change_figure(t: pd.DataFrame, fail_above: float) -> go.Figure:
     for verdict, g in t.groupby(t["verdict"].str.split(",").str[0], sort=True):
         hover = [
             esc(
-                f"{r['mechanism']} {r['knobs_varied']} [{r['impl']}]\n{int(r['height'])}x{int(r['width'])}, "
+                f"{r['mechanism']} {r['knobs_varied']} [{r['impl']}]\n{resolution_text(r['height'], r['width'])}, "
                 f"batch {r['batch']:g}, {r['dtype']}, {r['pass']}\n"
                 f"{r['latency_ms_base']:.4g} -> {r['latency_ms_new']:.4g} ms ({100 * r['latency_change']:+.1f}%)\n"
                 f"verdict: {r['verdict']}" + (" (REGRESSION)" if r["regression"] else "")

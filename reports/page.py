@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import html
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,18 @@ from plotly.offline import get_plotlyjs
 
 from bench.env import env_differences
 from reports import analysis, figures
-from reports.data import SIDE_AXES, Run, knob_axes, knobs_label, plain, side_axes, tidy, train_rows
+from reports.data import (
+    MIB,
+    OVERHEAD_FACTOR,
+    SIDE_AXES,
+    Run,
+    knob_axes,
+    knobs_label,
+    plain,
+    side_axes,
+    tidy,
+    train_rows,
+)
 
 NUMERIC_SIDE_AXES = ("batch", "dim", "heads")
 CATEGORICAL_SIDE_AXES = ("dtype", "compile", "cross", "device")
@@ -49,6 +61,9 @@ details { margin: 8px 0; font-size: 13px; }
 summary { cursor: pointer; color: #1f4f99; }
 pre { background: #f6f7f9; padding: 8px; max-height: 420px; overflow: auto; font-size: 12px; }
 .good { color: #0a6b2c; }
+ul.verdict { font-size: 15px; margin: 6px 0 10px 0; padding-left: 22px; }
+ul.verdict li { margin: 4px 0; }
+span.note { color: #4a5263; font-size: 13px; }
 .bad { color: #a3161b; }
 """
 
@@ -97,9 +112,11 @@ def _empty(text: str) -> str:
     return f'<p class="empty">{esc(text)}</p>'
 
 
-def build_report(runs: list[Run], baseline: str = analysis.DEFAULT_BASELINE) -> str:
-    """The whole report page for ``runs`` as one HTML string."""
+def build_report(runs: list[Run], baseline: str | analysis.Baseline = analysis.DEFAULT_BASELINE) -> str:
+    """The whole report page for ``runs`` as one HTML string; ``baseline`` is ``NAME[:IMPL]`` or a
+    :class:`~reports.analysis.Baseline` (see :func:`~reports.analysis.resolve_baseline`)."""
     df = tidy(runs)
+    baseline = analysis.as_baseline(baseline, df)
     train = train_rows(runs)
     figs: list[tuple[str, Any]] = []
 
@@ -110,17 +127,20 @@ def build_report(runs: list[Run], baseline: str = analysis.DEFAULT_BASELINE) -> 
 
     ref = analysis.references(df, baseline)
     palette = figures.colors(df)
+    crossings = analysis.crossovers(df, ref, baseline) if baseline.mask(df).any() else pd.DataFrame()
     sections = [
-        _environment(runs),
-        _configuration(runs, df, ref, baseline),
+        _verdict(df, ref, baseline, crossings, palette, fig),
         _summary(df, ref, baseline),
+        _bound(df, ref, baseline, palette, fig),
         _scaling(df, ref, palette, fig),
-        _crossover(df, ref, baseline, palette, fig),
+        _crossover(df, ref, baseline, crossings, palette, fig),
         _knobs(df, ref, fig),
         _side_axes(df, ref, palette, fig),
         _roofline(df, palette, fig),
         _accuracy(train, fig),
         _failures(df),
+        _configuration(runs, df, ref, baseline),
+        _environment(runs),
     ]
     names = ", ".join(r.name for r in runs)
     nav = "\n".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in sections)
@@ -169,7 +189,7 @@ def _env_value(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def _configuration(runs: list[Run], df: pd.DataFrame, ref: analysis.References, baseline: str) -> Section:
+def _configuration(runs: list[Run], df: pd.DataFrame, ref: analysis.References, baseline: analysis.Baseline) -> Section:
     body = []
     if df.empty:
         return Section("configuration", "Sweep configuration", [_empty("the runs hold no benchmark points.")])
@@ -206,7 +226,7 @@ def _configuration(runs: list[Run], df: pd.DataFrame, ref: analysis.References, 
         )
     body.append(
         '<p class="note">Reference point for the summary and the curves (side axes at their most common values; '
-        f"the largest resolution at which {esc(baseline)} ran in every pass): {esc(ref.describe())}</p>"
+        f"the largest resolution at which {esc(baseline.label)} ran in every pass): {esc(ref.describe())}</p>"
     )
     for r in runs:
         if r.sweep:
@@ -217,28 +237,137 @@ def _configuration(runs: list[Run], df: pd.DataFrame, ref: analysis.References, 
     return Section("configuration", "Sweep configuration", body)
 
 
-def _summary(df: pd.DataFrame, ref: analysis.References, baseline: str) -> Section:
+def _baseline_note(df: pd.DataFrame, baseline: analysis.Baseline) -> str:
+    """Which baseline every ratio is set against, or that there is none."""
+    if not baseline.mask(df).any():
+        return f"No {baseline.label} points in these runs, so no ratio to a baseline (choose one with --baseline). "
+    text = f"Every ratio is set against the declared baseline {baseline.label} at the same point"
+    return text + (f" ({baseline.note})" if baseline.note else "") + ". "
+
+
+def _overhead_note(df: pd.DataFrame) -> str:
+    """What the fits leave out, or that they could not tell."""
+    ok = df[df["status"] == "ok"]
+    if ok.empty:
+        return ""
+    if ok["overhead_ms"].isna().all():
+        return (
+            "The per-call overhead was not measured in these results (no overhead_ms), so it is unknown how much "
+            "of the smallest latencies is the call itself; no point is left out of the fits. "
+        )
+    n = int(ok["overhead_bound"].sum())
+    text = (
+        f"Per-call overhead (an empty module's call, same timer) {analysis.fmt_number(ok['overhead_ms'].median())} "
+        f"ms: {n} of {len(ok)} ok points time within {OVERHEAD_FACTOR:g}x of it"
+    )
+    return text + (", are marked (open markers) and left out of latency fits and crossovers. " if n else ". ")
+
+
+def _fit_rules() -> str:
+    return (
+        f"An exponent or crossover is given only over {analysis.MIN_FIT_POINTS} points or more (else "
+        f'"n/a (N pts)" / "too few points") and an exponent only with R\u00b2 at least {analysis.MIN_R2:g} '
+        '(else "poor fit"). '
+    )
+
+
+def _verdict(
+    df: pd.DataFrame,
+    ref: analysis.References,
+    baseline: analysis.Baseline,
+    crossings: pd.DataFrame,
+    palette: dict[str, dict[str, Any]],
+    fig: Any,
+) -> Section:
+    title = "Verdict"
+    table = analysis.verdict(df, ref, baseline)
+    if table.empty:
+        return Section("verdict", title, [_empty("no point ran, so there is no verdict.")])
+    items = []
+    for r in table.to_dict("records"):
+        where = f"{r['pass']} at {r['resolution']}" + (f" ({r['run']})" if table["run"].nunique() > 1 else "")
+        fastest = (
+            f"fastest <b>{esc(r['fastest'])}</b> ({esc(analysis.fmt_number(r['fastest_value']))} ms, "
+            f"{esc(r['fastest_text'])}"
+            + (" than " + esc(baseline.label) if math.isfinite(r["fastest_ratio"]) else "")
+            + (", but within the per-call overhead" if r.get("fastest_bound") else "")
+            + ")"
+        )
+        smallest = (
+            f"smallest <b>{esc(r['smallest'])}</b> ({esc(analysis.fmt_number(r['smallest_value'] / MIB))} MiB, "
+            f"{esc(r['smallest_text'])}"
+            + (" than " + esc(baseline.label) if math.isfinite(r["smallest_ratio"]) else "")
+            + ")"
+        )
+        line = f"<li><b>{esc(where)}</b>: {fastest}; {smallest}"
+        if r["unranked"]:
+            line += (
+                f' <span class="note">({esc(", ".join(r["unranked"]))}: not ranked, no baseline in its context)</span>'
+            )
+        items.append(line + "</li>")
+    body = [f'<ul class="verdict">{"".join(items)}</ul>']
+    body.append(
+        f'<p class="note">{esc(_baseline_note(df, baseline))}Lower latency is faster; peak memory is '
+        "above the inputs and weights.</p>"
+    )
+    f = figures.crossover_chart(crossings, baseline, palette)
+    if f is not None:
+        body.append(fig(f))
+        body.append(
+            '<p class="note">The grey slots left and right of the measured maps hold the mechanisms that are '
+            "already faster / smaller at the smallest map (always), never in the measured range (never), or have "
+            "too few points above the per-call overhead to tell (too few). Open markers: never, too few, or "
+            'faster only below the map shown. The <a href="#crossover">crossover table</a> gives each in words.</p>'
+        )
+    return Section("verdict", title, body)
+
+
+def _summary(df: pd.DataFrame, ref: analysis.References, baseline: analysis.Baseline) -> Section:
     title = "Summary at the reference point"
     table = analysis.summary_table(df, ref, baseline)
     if table.empty:
         return Section("summary", title, [_empty("no point ran, so there is no reference point.")])
-    lead = f'<p class="note">At {esc(ref.describe())}. '
-    if not (df["mechanism"] == baseline).any():
-        lead += f"No {esc(baseline)} points in these runs, so no speed-up or memory saving. "
-    else:
-        lead += (
-            f"Speed-up = {esc(baseline)} latency / latency and memory saving = 1 - memory / {esc(baseline)} memory,"
-            f" against the fastest {esc(baseline)} implementation at the same point. "
-        )
-    lead += "Latency is the median; peak memory is above the inputs and weights.</p>"
+    lead = f'<p class="note">At {esc(ref.describe())}, fastest first. {esc(_baseline_note(df, baseline))}'
+    lead += esc(
+        "Speed-up = baseline latency / latency; memory = baseline peak / peak; MACs = baseline MACs / MACs of the "
+        "timed pass (the speed-up the FLOPs promise); share realised = speed-up / that promise, where one is "
+        "promised. Latency is the median; peak memory is above the inputs and weights. "
+    )
+    lead += esc(_overhead_note(df)) + "</p>"
     return Section(
         "summary",
         title,
-        [lead, table_html(table), f'<p class="note">{esc(analysis.FLOPS_NOTE)}</p>'],
+        [lead, table_html(analysis.display_table(table)), f'<p class="note">{esc(analysis.FLOPS_NOTE)}</p>'],
     )
 
 
-def _scaling(df: pd.DataFrame, ref: analysis.References, palette: dict[str, dict[str, str]], fig: Any) -> Section:
+def _bound(
+    df: pd.DataFrame, ref: analysis.References, baseline: analysis.Baseline, palette: dict[str, Any], fig: Any
+) -> Section:
+    title = "How close to its bound"
+    f = figures.bound(df, ref, baseline, palette)
+    if f is None:
+        why = (
+            f"no mechanism ran with fewer MACs than {baseline.label} at a point where it ran, so none was promised "
+            "a saving."
+            if baseline.mask(df).any()
+            else f"no {baseline.label} point, so there is no promise to measure against."
+        )
+        return Section("bound", title, [_empty(why)])
+    note = (
+        '<p class="note">'
+        + esc(
+            f"Each efficient mechanism's measured speed-up over {baseline.label} divided by the speed-up its MACs "
+            f"promise ({baseline.name} MACs / its MACs, same pass): 100% means the implementation realises all the "
+            "saving its FLOPs promise; below, time goes elsewhere (memory traffic, launches, the per-call overhead). "
+            "Only points with a promised saving are drawn. "
+        )
+        + "</p>"
+    )
+    return Section("bound", title, [note, fig(f)])
+
+
+def _scaling(df: pd.DataFrame, ref: analysis.References, palette: dict[str, dict[str, Any]], fig: Any) -> Section:
     body = []
     for metric in analysis.METRICS:
         f = figures.scaling(df, ref, metric, palette)
@@ -251,38 +380,51 @@ def _scaling(df: pd.DataFrame, ref: analysis.References, palette: dict[str, dict
             0,
             '<p class="note">One line per mechanism and knob setting, with the other axes at the reference ('
             + esc(ref.describe())
-            + "). The legend gives the least-squares exponent of each curve in N (tokens); 2 is quadratic.</p>",
+            + "). Each mechanism keeps its colour in every report; the fast implementation is drawn, others "
+            "(and curves beyond ten) are listed in the legend: click one to draw it. The legend gives the "
+            "least-squares exponent of each curve in N (tokens); 2 is quadratic. "
+            + esc(_fit_rules() + _overhead_note(df))
+            + "</p>",
         )
     return Section("scaling", "Scaling with resolution", body)
 
 
 def _crossover(
-    df: pd.DataFrame, ref: analysis.References, baseline: str, palette: dict[str, dict[str, str]], fig: Any
+    df: pd.DataFrame,
+    ref: analysis.References,
+    baseline: analysis.Baseline,
+    table: pd.DataFrame,
+    palette: dict[str, dict[str, Any]],
+    fig: Any,
 ) -> Section:
-    title = f"Where each mechanism beats {baseline} attention"
-    if not ((df["mechanism"] == baseline) & (df["status"] == "ok")).any():
-        return Section("crossover", title, [_empty(f"no {baseline} point ran, so there is nothing to compare with.")])
-    table = analysis.crossovers(df, ref, baseline)
+    title = f"Where each mechanism beats {baseline.label}"
+    if not (baseline.mask(df) & (df["status"] == "ok")).any():
+        return Section(
+            "crossover", title, [_empty(f"no {baseline.label} point ran, so there is nothing to compare with.")]
+        )
     if table.empty:
-        return Section("crossover", title, [_empty(f"no other mechanism ran at a point where {baseline} ran.")])
+        return Section("crossover", title, [_empty(f"no other mechanism ran at a point where {baseline.label} ran.")])
     unmatched = sorted(table[table["faster_kind"] == "none"]["series"].unique())
     table = table[table["faster_kind"] != "none"]
     shown = table[["series", "pass", "faster_than_baseline", "smaller_than_baseline", "note"]].rename(
-        columns={"faster_than_baseline": f"faster than {baseline}", "smaller_than_baseline": f"smaller than {baseline}"}
+        columns={
+            "faster_than_baseline": f"faster than {baseline.label}",
+            "smaller_than_baseline": f"smaller than {baseline.label}",
+        }
     )
     if (shown["note"] == "").all():
         shown = shown.drop(columns=["note"])
     body = [
-        '<p class="note">Each point is set against the fastest '
-        + esc(baseline)
-        + " implementation at the same resolution, batch, dtype and pass. The crossover resolution is interpolated "
+        '<p class="note">Each point is set against '
+        + esc(baseline.label)
+        + " at the same resolution, batch, dtype and pass. The crossover resolution is interpolated "
         "log-log between the two measured resolutions that bracket it (shown as the equivalent square map); the first "
-        "measured resolution past it is given too.</p>",
+        "measured resolution past it is given too. " + esc(_fit_rules() + _overhead_note(df)) + "</p>",
         table_html(shown),
     ]
     if unmatched:
         body.append(
-            f'<p class="note">Not compared, no {esc(baseline)} point in the same context (e.g. cross attention): '
+            f'<p class="note">Not compared, no {esc(baseline.label)} point in the same context (e.g. cross attention): '
             + esc(", ".join(unmatched))
             + ".</p>"
         )

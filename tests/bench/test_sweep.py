@@ -394,17 +394,20 @@ def test_dataframe_of_an_empty_run_has_the_schema(tmp_path):
     assert isinstance(df, pd.DataFrame)
 
 
-def test_quick_preset_runs_every_mechanism():
+@pytest.mark.parametrize("name", ["quick", "smoke"])
+def test_cpu_presets_run_every_mechanism(name):
     from bench import presets
     from bench.measure import precheck
 
-    grid, settings = resolve_request(preset="quick")
+    grid, settings = resolve_request(preset=name)
     exp = expand(grid)
     assert {p.mechanism for p in exp.points} == set(attentions.available())
     assert not exp.refused
     refused = {p.label(): precheck(p) for p in exp.points if precheck(p)}
     assert not refused, refused
-    assert set(presets.names()) >= {"quick", "scaling", "topk", "batch", "paper"}
+    if name == "quick":  # the main job compares at maps where the mechanisms differ, at a Swin-T stage width
+        assert max(p.tokens for p in exp.points) >= 64 * 64 and {p.dim for p in exp.points} == {96}
+    assert set(presets.names()) >= {"quick", "smoke", "scaling", "topk", "batch", "paper"}
     topk = expand(Grid.from_dict(presets.get("topk")["grid"]))
     assert all(attentions.get(p.mechanism).cost_knob == "topk" for p in topk.points)
 

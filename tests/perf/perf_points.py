@@ -2,7 +2,7 @@
 
 The points come from the sweep harness (``bench.points.expand``), so every
 registered mechanism and every implementation it declares gets a case without
-this file naming any of them: CPU-sized (the ``quick`` preset's small-map cost
+this file naming any of them: CPU-sized (the ``smoke`` preset's small-map cost
 knobs at 16x16 and 32x32, float32, one thread) by default, GPU-sized (the
 ``scaling`` preset at 56x56 and 112x112, bfloat16, mechanism defaults) when CUDA
 is present.
@@ -24,7 +24,7 @@ from bench.points import Grid, Point, expand
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# One intra-op thread on the CPU (as the quick preset): spinning threads on a small shared CPU make latency erratic.
+# One intra-op thread on the CPU (as the CPU presets): spinning threads on a small shared CPU make latency erratic.
 THREADS = torch.get_num_threads() if CUDA else 1
 
 CPU_RESOLUTIONS = ["16", "32"]
@@ -38,7 +38,7 @@ def grid() -> Grid:
         values = presets.get("scaling")["grid"]
         values["resolutions"] = GPU_RESOLUTIONS
     else:
-        values = presets.get("quick")["grid"]
+        values = presets.get("smoke")["grid"]
         values["resolutions"] = CPU_RESOLUTIONS
     values["impls"] = impls  # every implementation any mechanism declares; the others are refused below
     values["devices"] = [DEVICE]

@@ -107,8 +107,13 @@ def test_summary_table_values_and_units(make_run):
     df = tidy([load_run(make_run(rows))])
     table = analysis.summary_table(df, analysis.references(df))
     t = table.set_index(["mechanism", "knobs"])
-    assert t.loc[("lin", "r=2"), "speed-up vs full (x)"] == pytest.approx(4.0)
-    assert t.loc[("lin", "r=4"), "memory saving vs full %"] == pytest.approx(50.0)
+    # The fixture rows' impl is "default": with no fast full point, full's only impl is the baseline.
+    assert t.loc[("lin", "r=2"), "speed-up vs full [default] (x)"] == pytest.approx(4.0)
+    assert t.loc[("lin", "r=4"), "memory vs full [default] (x smaller)"] == pytest.approx(2.0)
+    assert t.loc[("lin", "r=2"), "MACs vs full [default] (x fewer)"] == pytest.approx(10.0)
+    assert t.loc[("lin", "r=2"), "share of MAC promise realised %"] == pytest.approx(40.0)
+    # Fastest first.
+    assert list(table["mechanism"][:3]) == ["lin", "lin", "full"]
     assert t.loc[("full", "-"), "GFLOPs fwd (2 x MACs)"] == pytest.approx(2.0)
     # 2 * 1e9 FLOPs in 2 ms = 1 TFLOP/s; the H100 fp16 dense peak is 989.5 TFLOP/s.
     assert t.loc[("full", "-"), "achieved TFLOP/s"] == pytest.approx(1.0)
@@ -153,12 +158,12 @@ def test_mechanism_outside_the_common_context_keeps_its_own(make_run):
     table = analysis.summary_table(df, refs).set_index("mechanism")
     assert set(table.index) == {"full", "x", "y"}
     # No full attention point shares x's context, so it gets no speed-up rather than a wrong one.
-    assert math.isnan(table.loc["x", "speed-up vs full (x)"])
-    assert table.loc["y", "speed-up vs full (x)"] == pytest.approx(2.0)
+    assert math.isnan(table.loc["x", "speed-up vs full [default] (x)"])
+    assert table.loc["y", "speed-up vs full [default] (x)"] == pytest.approx(2.0)
     assert set(analysis.in_side(df, refs)["mechanism"]) == {"full", "x", "y"}
 
 
-def test_baselines_slower_implementation_is_below_one(make_run):
+def test_baselines_other_implementation_is_a_row_against_the_declared_one(make_run):
     rows = [
         row("full", 32, 2.0, peak=4_000_000, impl="fast"),
         row("full", 32, 8.0, peak=8_000_000, impl="reference"),
@@ -166,7 +171,13 @@ def test_baselines_slower_implementation_is_below_one(make_run):
     ]
     df = tidy([load_run(make_run(rows))])
     t = analysis.summary_table(df, analysis.references(df)).set_index(["mechanism", "impl"])
-    assert t.loc[("full", "fast"), "speed-up vs full (x)"] == pytest.approx(1.0)
-    assert t.loc[("full", "reference"), "speed-up vs full (x)"] == pytest.approx(0.25)
-    assert t.loc[("full", "reference"), "memory saving vs full %"] == pytest.approx(-100.0)
-    assert t.loc[("lin", "fast"), "speed-up vs full (x)"] == pytest.approx(2.0)
+    col = "speed-up vs full [fast] (x)"
+    assert t.loc[("full", "fast"), col] == pytest.approx(1.0)
+    assert t.loc[("full", "reference"), col] == pytest.approx(0.25)
+    assert t.loc[("full", "reference"), "memory vs full [fast] (x smaller)"] == pytest.approx(0.5)
+    assert t.loc[("lin", "fast"), col] == pytest.approx(2.0)
+    # Read by a person: below 1 is "N x" the other way, never a negative percentage.
+    shown = analysis.display_table(t.reset_index()).set_index(["mechanism", "impl"])
+    assert shown.loc[("full", "reference"), "speed-up vs full [fast]"] == "4x slower"
+    assert shown.loc[("full", "reference"), "memory vs full [fast]"] == "2x larger"
+    assert shown.loc[("lin", "fast"), "memory vs full [fast]"] == "4x smaller"

@@ -54,22 +54,46 @@ def driver():
     d.quit()
 
 
-def _open_and_wait(driver, page: Path, timeout_s: float = 60.0) -> int:
-    """Load ``page``; wait until plotly has drawn every trace of every plot; return the number of plots."""
-    driver.get_log("browser")  # drop what earlier pages logged
-    driver.get(page.as_uri())
-    expected = driver.execute_script("return document.querySelectorAll('.plotly-graph-div').length")
+# Plots whose drawn traces number at least their shown ones (traces listed only in the legend are not drawn).
+COUNT_DRAWN = (
+    "return Array.from(document.querySelectorAll('.plotly-graph-div')).filter(d => d._fullLayout !== undefined"
+    " && d.data.length > 0 && d.querySelectorAll('svg.main-svg .trace').length >="
+    " d.data.filter(t => t.visible !== 'legendonly').length).length"
+)
+SHOW_ALL = (
+    "document.querySelectorAll('.plotly-graph-div').forEach(d => Plotly.restyle(d, {visible: true}));"
+    "return Array.from(document.querySelectorAll('.plotly-graph-div'))"
+    ".reduce((n, d) => n + d.data.filter(t => t.visible === 'legendonly').length, 0)"
+)
+
+
+def _wait_drawn(driver, expected: int, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
     rendered = -1
     while time.monotonic() < deadline:
-        rendered = driver.execute_script(
-            "return Array.from(document.querySelectorAll('.plotly-graph-div')).filter(d => d._fullLayout !== undefined"
-            " && d.data.length > 0 && d.querySelectorAll('svg.main-svg .trace').length >= d.data.length).length"
-        )
+        rendered = driver.execute_script(COUNT_DRAWN)
         if rendered == expected:
             break
         time.sleep(0.25)
+    return rendered
+
+
+def _open_and_wait(driver, page: Path, timeout_s: float = 60.0) -> int:
+    """Load ``page``; wait until plotly has drawn every shown trace of every plot, then every trace once those
+    waiting in the legend are switched on; no console error. Returns the number of plots."""
+    driver.get_log("browser")  # drop what earlier pages logged
+    driver.get(page.as_uri())
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and driver.execute_script(
+        f"return document.readyState !== 'complete' || document.URL !== {page.as_uri()!r}"
+    ):
+        time.sleep(0.1)
+    expected = driver.execute_script("return document.querySelectorAll('.plotly-graph-div').length")
+    rendered = _wait_drawn(driver, expected, timeout_s)
     assert rendered == expected, f"{rendered} of {expected} plots rendered in {timeout_s} s"
+    assert driver.execute_script(SHOW_ALL) == 0
+    rendered = _wait_drawn(driver, expected, timeout_s)
+    assert rendered == expected, f"{rendered} of {expected} plots drew every trace once all were shown"
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, f"console errors: {errors}"
     return expected
@@ -78,9 +102,12 @@ def _open_and_wait(driver, page: Path, timeout_s: float = 60.0) -> int:
 def test_report_renders_without_console_errors(driver, tmp_path):
     page = tmp_path / "report.html"
     page.write_text(build_report([load_run(FIXTURES / "gpu_base")]), encoding="utf-8")
-    assert _open_and_wait(driver, page) == 10
+    assert _open_and_wait(driver, page) == 12
+    # The verdict comes first and names the fastest and smallest per pass against the declared baseline.
+    verdict = driver.execute_script("return document.querySelector('main section').innerText")
+    assert verdict.startswith("Verdict") and "fastest" in verdict and "smallest" in verdict
     # The hover text of a point holds its configuration; plotly keeps it on the trace.
-    hover = driver.execute_script("return document.querySelector('.plotly-graph-div').data[0].customdata[0]")
+    hover = driver.execute_script("return document.querySelector('#scaling .plotly-graph-div').data[0].customdata[0]")
     assert "tokens, batch" in hover
 
 

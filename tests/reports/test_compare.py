@@ -134,7 +134,7 @@ def test_cli_report_html_md_and_csv(tmp_path):
     csv = runner.invoke(cli.app, ["report", run, "--format", "csv"])
     table = pd.read_csv(io.StringIO(csv.stdout))
     assert set(table["mechanism"]) == {"full", "linear"}
-    assert "speed-up vs full (x)" in table.columns
+    assert "speed-up vs full [math] (x)" in table.columns
     assert runner.invoke(cli.app, ["report", run, "--format", "tex"]).exit_code != 0
     other = runner.invoke(cli.app, ["report", run, "--format", "csv", "--baseline", "linear"])
-    assert "speed-up vs linear (x)" in other.stdout
+    assert "speed-up vs linear [math] (x)" in other.stdout

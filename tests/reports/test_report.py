@@ -50,10 +50,8 @@ def test_scaling_figures_have_a_line_per_series_and_the_exponent(gpu):
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
     names = {t.name for t in fig.data if t.showlegend}
     full = next(n for n in names if n.startswith("full"))
-    fwd = analysis.fit_exponent(
-        *ok[(ok["series"] == "full") & (ok["pass"] == "fwd")][["tokens", "latency_ms_median"]].T.values
-    )
-    assert f"~N^{fwd:.2f} / " in full
+    fwd = analysis.fit(*ok[(ok["series"] == "full") & (ok["pass"] == "fwd")][["tokens", "latency_ms_median"]].T.values)
+    assert f"~N^{fwd.text()} / " in full
     # FLOPs are per forward pass: one panel, and the quadratic mechanism shows an exponent near 2.
     flops = figures.scaling(df, ref, "flops", palette)
     assert all(t.xaxis == "x" for t in flops.data)
@@ -113,10 +111,13 @@ def test_accuracy_against_cost_from_training_rows(gpu):
 
 def test_report_sections_and_size(gpu_html):
     html = gpu_html
-    for section in ("environment", "configuration", "summary", "scaling", "crossover", "knobs", "axes", "roofline"):
+    for section in ("verdict", "environment", "configuration", "summary", "bound", "scaling", "crossover", "knobs"):
         assert f'<section id="{section}">' in html
     assert '<section id="accuracy">' in html and '<section id="failures">' in html
-    assert html.count("Plotly.newPlot") == 10
+    assert '<section id="axes">' in html and '<section id="roofline">' in html
+    # The verdict comes first.
+    assert html.index('<section id="verdict">') < html.index('<section id="summary">')
+    assert html.count("Plotly.newPlot") == 12
     # plotly.js inlined exactly once, no CDN: the page opens offline.
     assert html.count("plotly.js v") == 1
     assert "<script src=" not in html and "<link " not in html
@@ -134,7 +135,7 @@ def test_empty_sections_say_why():
     assert "no training results" in html
     assert "no mechanism&#x27;s knob took more than one value" in html
     assert "batch, dtype and the other side axes were not swept" in html
-    assert html.count("Plotly.newPlot") == 4  # latency, memory, FLOPs, speed-up
+    assert html.count("Plotly.newPlot") == 6  # crossovers, bound, latency, memory, FLOPs, speed-up
 
 
 def test_report_of_two_runs_tells_them_apart(gpu):

@@ -218,7 +218,9 @@ def _bandwidth(env: dict[str, Any], device_name: str) -> float:
     """Memory bandwidth (GB/s) of a point's GPU from bench's hardware table, NaN when unknown."""
     from bench.hardware import lookup
 
-    name = device_name if device_name not in ("-", "") else env.get("gpu_name")
+    # a point refused before it ran has no device name (NA): the run's GPU stands for it
+    named = isinstance(device_name, str) and device_name not in ("-", "")
+    name = device_name if named else env.get("gpu_name")
     spec = lookup(name)
     return spec.bandwidth_gbs if spec else math.nan
 

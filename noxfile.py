@@ -2,7 +2,7 @@
 
 Every session that needs torch installs it first from ATTNBENCH_TORCH (default
 ``torch==2.13.0``, the CPU build), so a GPU user can choose theirs, e.g.
-``ATTNBENCH_TORCH="torch==2.9.1" nox -s gpu``; then the project, editable, with
+``ATTNBENCH_TORCH="torch==2.9.1" nox -s train``; then the project, editable, with
 the extras the session needs from pyproject.toml. Virtualenvs are reused
 (``nox -R`` also skips the install step).
 

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .base import HW, Attention, build, get, register
+from .base import _REGISTRY, HW, Attention, build, get, register
 
 
 def timm_available() -> bool:
@@ -300,14 +300,32 @@ PEER_CLASSES: dict[str, tuple[type[Peer], str]] = {
 }
 PEERS: dict[str, type[Peer]] = {}
 
-if timm_available():
-    for _ours, (_cls, _doc) in PEER_CLASSES.items():
-        PEERS[f"timm_{_ours}"] = register(_peer_class(_ours, _doc)(_cls))
+
+def register_peers() -> list[str]:
+    """Register every peer (importing this module does it, where timm imports); their names."""
+    if not timm_available():
+        return []
+    for ours, (cls, doc) in PEER_CLASSES.items():
+        name = f"timm_{ours}"
+        if name not in PEERS:
+            PEERS[name] = _peer_class(ours, doc)(cls)
+        if name not in _REGISTRY:
+            register(PEERS[name])
+    return list(PEERS)
+
+
+def unregister_peers() -> None:
+    """Take the peers out of the registry again (tests that must not leave them to the next module)."""
+    for name in PEERS:
+        _REGISTRY.pop(name, None)
 
 
 def registered() -> list[str]:
-    """The peers registered here (none without timm)."""
-    return list(PEERS)
+    """The peers now in the registry (none without timm)."""
+    return [name for name in PEERS if name in _REGISTRY]
+
+
+register_peers()
 
 
 # Where each peer's parity is checked: a small map every one of them runs, with its knobs.

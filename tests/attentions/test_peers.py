@@ -17,6 +17,15 @@ from bench.measure import Settings, measure  # noqa: E402
 from bench.points import Grid, expand  # noqa: E402
 
 NAMES = peers.registered()
+# The test modules collected after this one iterate over the registry: they must not meet the peers.
+peers.unregister_peers()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _peers_registered():
+    peers.register_peers()
+    yield
+    peers.unregister_peers()
 
 
 def test_every_peer_is_registered_beside_ours_with_our_knobs():

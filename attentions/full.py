@@ -77,10 +77,11 @@ class FullAttention(Attention):
         changes (under torch.compile made in the graph, which folds them)."""
         if torch.compiler.is_compiling():
             return map_offsets(hw, self.knobs.bias_table, device)
-        key = (tuple(hw), torch.device(device))
-        if self._offsets is None or self._offsets[0] != key:
-            self._offsets = (key, map_offsets(hw, self.knobs.bias_table, device))
-        return self._offsets[1]
+        key = ((hw[0], hw[1]), torch.device(device))
+        cached = self._offsets
+        if cached is None or cached[0] != key:
+            cached = self._offsets = (key, map_offsets(hw, self.knobs.bias_table, device))
+        return cached[1]
 
     def _forward(self, x: torch.Tensor, hw: HW, context: torch.Tensor | None, context_hw: HW | None) -> torch.Tensor:
         q = self.proj.queries(x)  # (B, h, N, d)

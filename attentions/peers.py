@@ -42,6 +42,8 @@ class Peer(Attention):
     """A timm module behind our interface; subclasses name ``ours`` and build and fill ``self.peer``."""
 
     ours: ClassVar[str]
+    peer: Any  # timm's module
+    knobs: Any  # our mechanism's knob dataclass
     impls = ("timm",)
     default_impl = "timm"
     supports_cross = False

@@ -38,7 +38,7 @@ def phases(out: Path) -> dict[str, dict]:
     return {r["phase"]: r for r in map(json.loads, (out / "phases.jsonl").read_text().splitlines())}
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the dry run: about a minute on 2 cores, two when loaded
 def test_every_phase_ran_in_order_and_none_failed(dry_run):
     out, _ = dry_run
     recs = phases(out)  # read before the resume test appends its own records
@@ -49,6 +49,7 @@ def test_every_phase_ran_in_order_and_none_failed(dry_run):
         assert rec["budget_s"] > 0 and rec["wall_s"] >= 0
 
 
+@pytest.mark.slow  # the dry run: about a minute on 2 cores, two when loaded
 def test_each_sweep_phase_wrote_its_points_as_it_went(dry_run):
     out, _ = dry_run
     for name in SWEEP_PHASES:
@@ -61,6 +62,7 @@ def test_each_sweep_phase_wrote_its_points_as_it_went(dry_run):
     assert {r["status"] for r in flex if r["impl"] == "flex"} == {"skipped"}
 
 
+@pytest.mark.slow  # the dry run: about a minute on 2 cores, two when loaded
 def test_env_report_and_pack(dry_run):
     out, _ = dry_run
     assert json.loads((out / "env" / "env.json").read_text())["torch"]
@@ -75,6 +77,7 @@ def test_env_report_and_pack(dry_run):
     assert "run/phases.jsonl" in names and "run/report.html" in names
 
 
+@pytest.mark.slow  # the dry run: about a minute on 2 cores, two when loaded
 def test_the_plan_prints_points_and_estimates_within_the_budget(dry_run):
     _, stdout = dry_run
     assert "plan of the GPU run" in stdout
@@ -85,6 +88,7 @@ def test_the_plan_prints_points_and_estimates_within_the_budget(dry_run):
     assert budget <= gpu_run.TOTAL_S <= 9 * 60
 
 
+@pytest.mark.slow  # the dry run: about a minute on 2 cores, two when loaded
 def test_a_rerun_resumes_and_measures_nothing_twice(dry_run, tmp_path):
     out, _ = dry_run
     before = {n: len((out / n / "results.jsonl").read_text().splitlines()) for n in ("full",)}

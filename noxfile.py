@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import nox
 
@@ -153,7 +154,8 @@ def gpu(session: nox.Session) -> None:
     nox -s gpu -- runs/x --dry-run   any arguments go to the script: --dry-run, --tiny, --plan, --pack FILE
     """
     args = list(session.posargs) or ["runs/gpu"]
-    session.run("bash", "scripts/gpu_run.sh", *args, external=True)
+    python = os.environ.get("PYTHON", sys.executable)  # the Python nox runs in, unless PYTHON names another
+    session.run("bash", "scripts/gpu_run.sh", *args, external=True, env={"PYTHON": python})
 
 
 @nox.session

@@ -77,7 +77,8 @@ POINT_OVERHEAD_S = 0.4  # module and inputs built, first call, memory call, sync
 FIRST_COMPILE_S = {"flex": 25.0, "triton": 6.0}  # the first compile in a process (inductor / Triton JIT)
 SHAPE_COMPILE_S = {"flex": 8.0, "triton": 0.5}  # each further shape (or pass) compiled
 PYTEST_S = 45.0  # the parity tests: collection, Triton JIT and flex compiles of a dozen cases
-REPORT_S = 12.0  # two report commands (pandas and plotly, no torch)
+REPORT_S = 12.0  # the report command (pandas and plotly, no torch)
+PEER_PARITY_S = 6.0  # timm imported, five small float32 forward and backward passes on each side
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,14 +117,14 @@ PHASES: tuple[Phase, ...] = (
     Phase("parity", 60, "tests", "the GPU tests of the Triton and flex paths against their references"),
     Phase(
         "full",
-        35,
+        30,
         "sweep",
         "full attention through SDPA over the scaling resolutions: the baseline",
         (Sweep(("--mechanism", "full", "--impl", "fast")),),
     ),
     Phase(
         "quadtree",
-        80,
+        70,
         "sweep",
         "quadtree (top-K 8) reference, fast and triton over the scaling resolutions",
         (Sweep(("--mechanism", "quadtree", "--impl", "reference,fast,triton", "--knob", "topk=8")),),
@@ -161,7 +162,7 @@ PHASES: tuple[Phase, ...] = (
             *_flex_sweeps({"full": ["--knob", "bias_table=128"]}, BIAS_RESOLUTIONS),
         ),
     ),
-    Phase("peers", 45, "peers", "timm's equivalent modules beside ours (weights copied, parity first)"),
+    Phase("peers", 60, "peers", "timm's equivalent modules beside ours (weights copied, parity first)"),
     Phase("report", 25, "report", "report.html and summary.md of every phase's run; nvidia-smi at the end"),
 )
 assert INSTALL_BUDGET_S + sum(p.budget_s for p in PHASES) <= TOTAL_S
@@ -285,6 +286,8 @@ def plan(phases: tuple[Phase, ...], log: Any) -> dict[str, dict[str, Any]]:
             est = REPORT_S
         elif phase.kind == "peers" and not sweeps:
             lines = ["(timm is not importable here: on the GPU image the peers' parity check and sweep run)"]
+        elif phase.kind == "peers":
+            est += PROCESS_START_S + PEER_PARITY_S  # python -m attentions.peers first
         flag = "  OVER BUDGET" if est > phase.budget_s else ""
         log(f"  {phase.name:<9}budget {phase.budget_s:5.0f} s  estimated {est:5.0f} s  {n:3d} points{flag}")
         for line in lines:

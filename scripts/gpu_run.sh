@@ -9,7 +9,7 @@
 # a site folder of its own, without an index and without dependencies (the image has the rest), and puts it
 # and this checkout on PYTHONPATH: nothing is installed into the machine's Python. Then scripts/gpu_run.py
 # runs the phases, each with its own budget and log, none stopping the next (see its docstring):
-#   install 20 s | env 10 | parity 60 | full 35 | quadtree 80 | windowed 170 | biased 90 | peers 45 | report 25
+#   install 20 s | env 10 | parity 60 | full 30 | quadtree 70 | windowed 170 | biased 90 | peers 60 | report 25
 # Everything goes to OUTDIR as it is made: phases.jsonl (status, budget, estimate and wall time per phase),
 # <phase>.log, env/ (nvidia-smi at start and end, env.json, packages), parity/junit.xml, one run directory per
 # sweep phase, report.html and summary.md. No `set -e`: a failing step is recorded and the run goes on.

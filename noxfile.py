@@ -2,7 +2,7 @@
 
 Every session that needs torch installs it first from ATTNBENCH_TORCH (default
 ``torch==2.13.0``, the CPU build), so a GPU user can choose theirs, e.g.
-``ATTNBENCH_TORCH="torch==2.9.1" nox -s gpu``; then the project, editable, with
+``ATTNBENCH_TORCH="torch==2.9.1" nox -s train``; then the project, editable, with
 the extras the session needs from pyproject.toml. Virtualenvs are reused
 (``nox -R`` also skips the install step).
 
@@ -11,7 +11,7 @@ the extras the session needs from pyproject.toml. Virtualenvs are reused
     typecheck  mypy on the packages
     bench      pytest-benchmark against this machine's saved baseline; fails on a regression
     smoke      the smoke sweep (CI-sized), its HTML report and a headless-browser check of it
-    gpu        the GPU tests and the scaling preset (skips without CUDA)
+    gpu        scripts/gpu_run.sh: the phased GPU run, in this Python, nothing from the network
     train      a short training of every tiny model
     quick      the main job: the quick sweep and its report
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import nox
 
@@ -146,17 +147,16 @@ def smoke(session: nox.Session) -> None:
     session.run("attnbench", "match", "--smoke", "--seeds", "1", "--out", f"{out}-match")
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
-    """The GPU tests (compiled Triton kernels, no interpreter) and the scaling preset with its report."""
-    install(session)
-    if not has_cuda(session):
-        session.skip("CUDA is not available here; run nox -s gpu on a GPU machine (ATTNBENCH_TORCH picks the torch)")
-    out = session.posargs[0] if session.posargs else "runs/scaling"
-    session.run("pytest", "-q", "-m", "gpu", env={"TRITON_INTERPRET": "0"})
-    session.run("attnbench", "sweep", "--preset", "scaling", "--device", "cuda", "--out", out, "--resume")
-    session.run("attnbench", "report", out, "--out", f"{out}/report.html")
-    session.log(f"report written to {out}/report.html")
+    """The phased GPU run (scripts/gpu_run.sh) in this Python, installing nothing from the network.
+
+    nox -s gpu                       the full run into runs/gpu (wheels from .whl/ if present)
+    nox -s gpu -- runs/x --dry-run   any arguments go to the script: --dry-run, --tiny, --plan, --pack FILE
+    """
+    args = list(session.posargs) or ["runs/gpu"]
+    python = os.environ.get("PYTHON", sys.executable)  # the Python nox runs in, unless PYTHON names another
+    session.run("bash", "scripts/gpu_run.sh", *args, external=True, env={"PYTHON": python})
 
 
 @nox.session

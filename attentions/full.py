@@ -16,7 +16,7 @@ import torch
 
 from .base import HW, Attention, KnobError, Knobs, register
 from .common import Projections, attend, attention_macs, merge_heads
-from .relpos import swin_bias, swin_index, swin_table
+from .relpos import AxisOffsets, map_bias, map_offsets, swin_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,8 @@ class FullAttention(Attention):
         super().__init__(dim, heads, knobs, impl)
         self.proj = Projections(dim, heads, bias=knobs.qkv_bias)
         self.table = swin_table(knobs.bias_table, heads) if knobs.bias_table else None
+        # The table offsets of the last map and device seen: one entry, O(H^2 + W^2) longs, replaced on a new key.
+        self._offsets: tuple[tuple[HW, torch.device], AxisOffsets] | None = None
 
     def _unsupported(
         self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
@@ -68,16 +70,27 @@ class FullAttention(Attention):
         """The (h, N, N) relative-position bias of an H x W map (None without a table)."""
         if self.table is None:
             return None
-        s = self.knobs.bias_table
-        # rows of the (2S-1)^2 table for every token pair of the map: a window of the map's size
-        return swin_bias(self.table, swin_index(hw, s).to(device))
+        return map_bias(self.table, self.offsets(hw, device))
+
+    def offsets(self, hw: HW, device: Any) -> AxisOffsets:
+        """The per-axis table offsets of an H x W map, made on ``device`` once and kept until the map or device
+        changes (under torch.compile made in the graph, which folds them)."""
+        if torch.compiler.is_compiling():
+            return map_offsets(hw, self.knobs.bias_table, device)
+        key = ((hw[0], hw[1]), torch.device(device))
+        cached = self._offsets
+        if cached is None or cached[0] != key:
+            cached = self._offsets = (key, map_offsets(hw, self.knobs.bias_table, device))
+        return cached[1]
 
     def _forward(self, x: torch.Tensor, hw: HW, context: torch.Tensor | None, context_hw: HW | None) -> torch.Tensor:
         q = self.proj.queries(x)  # (B, h, N, d)
         k, v = self.proj.keys_values(x if context is None else context)  # (B, h, M, d)
         if self.impl == "flex":
             return self.proj.out(merge_heads(self._attend_flex(q, k, v, hw)))
-        o = attend(q, k, v, self.bias(hw, x.device), math=self.math)  # (B, h, N, d)
+        bias = self.bias(hw, x.device)
+        # (1, h, N, N): a 4-D mask keeps SDPA on its fused CPU kernel (a 3-D one sends it to the math path)
+        o = attend(q, k, v, None if bias is None else bias[None], math=self.math)  # (B, h, N, d)
         return self.proj.output(o)
 
     def _attend_flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: HW) -> torch.Tensor:

@@ -3,6 +3,9 @@ MViTv2's decomposed tables and DAT's continuous bias table."""
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +46,44 @@ def swin_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather the per-head bias of every token pair: (rows, heads) x (T, T) -> (heads, T, T)."""
     t = index.shape[0]
     return table[index.flatten()].view(t, t, -1).permute(2, 0, 1)
+
+
+class AxisOffsets(NamedTuple):
+    rows: torch.Tensor  # (H, H)
+    cols: torch.Tensor  # (W, W)
+
+
+def map_offsets(hw: tuple[int, int], table_window: int, device: torch.device | str | None = None) -> AxisOffsets:
+    """Per-axis offsets of an H x W map into a table built for ``table_window`` (M), made on ``device``.
+
+    ``rows[i, j] = i - j + M - 1`` over the H rows and ``cols`` likewise over the
+    W columns: (H, H) and (W, W) longs, O(H^2 + W^2) memory where
+    :func:`swin_index` of the whole map would take (HW)^2.
+    """
+    h, w = hw
+    if h > table_window or w > table_window:
+        raise ValueError(f"map {hw} is larger than the table's window {table_window}")
+    ar_h = torch.arange(h, device=device)
+    ar_w = torch.arange(w, device=device)
+    return AxisOffsets(
+        ar_h[:, None] - ar_h[None, :] + table_window - 1, ar_w[:, None] - ar_w[None, :] + table_window - 1
+    )
+
+
+def map_bias(table: torch.Tensor, offsets: AxisOffsets) -> torch.Tensor:
+    """The (heads, N, N) bias of an H x W map from a ((2M-1)^2, heads) Swin table, equal to
+    ``swin_bias(table, swin_index(hw, M))`` without its (N, N) index.
+
+    The table is read as a (2M-1) x (2M-1) grid per head. Along a row offset the
+    bias over (query column, key column) is a W x W Toeplitz slab; the slabs of
+    all row offsets are gathered first (small), then one per (query row, key row).
+    """
+    h, w = offsets.rows.shape[0], offsets.cols.shape[0]
+    span = math.isqrt(table.shape[0])
+    grid = table.t().reshape(-1, span, span)  # (heads, 2M-1, 2M-1): [head, row offset, column offset]
+    slabs = grid[:, :, offsets.cols]  # (heads, 2M-1, W, W): [head, row offset, query col, key col]
+    bias = slabs[:, offsets.rows]  # (heads, H, H, W, W): [head, query row, key row, query col, key col]
+    return bias.permute(0, 1, 3, 2, 4).reshape(-1, h * w, h * w)  # (heads, N, N), tokens row-major
 
 
 # ---------------------------------------------------------------------------- MViTv2

@@ -114,3 +114,21 @@ def get(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise UnknownName(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
+
+
+# The sweeps of scripts/gpu_run.sh: the scaling grid, measured to fit a short GPU session. Shorter CUDA
+# warm-up and timing windows (still at least 3 samples per point), a 30 s limit per point, and the analytic MAC
+# count in place of an fvcore trace of every point (``count_flops``; the trace cannot follow the compiled flex
+# path anyway). The CPU settings only matter for the CPU dry run of that script.
+PRESETS["gpu-run"] = {
+    "description": "the scaling grid measured for a short GPU session (scripts/gpu_run.sh): analytic MACs",
+    "grid": copy.deepcopy(PRESETS["scaling"]["grid"]),
+    "settings": {
+        "timeout_s": 30.0,
+        "cuda_warmup_ms": 10.0,
+        "cuda_rep_ms": 50.0,
+        "count_flops": False,
+        "cpu_min_run_time": 0.01,
+        "min_samples": 3,
+    },
+}

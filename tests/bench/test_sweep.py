@@ -234,6 +234,10 @@ def test_percent_of_peak_from_the_hardware_table(tmp_path):
     assert lookup("NVIDIA GeForce RTX 4090").bf16 == 165.2
     assert lookup("NVIDIA L4").fp32 == 30.3 and lookup("NVIDIA H200").bandwidth_gbs == 4800.0
     assert lookup("Some Laptop GPU") is None
+    # The NVL boards are not the SXM parts of the same name.
+    assert lookup("NVIDIA H200 NVL").name == "NVIDIA H200 NVL" and lookup("NVIDIA H200").name == "NVIDIA H200 SXM"
+    assert lookup("NVIDIA H200 NVL").bf16 < lookup("NVIDIA H200").bf16
+    assert lookup("NVIDIA H100 NVL").bandwidth_gbs == 3900.0
     run = tmp_path / "gpu"
     run.mkdir()
     (run / "env.json").write_text(json.dumps({"gpu_name": "NVIDIA H100 80GB HBM3"}))

@@ -352,7 +352,9 @@ class Runner:
         return [self.python, "-m", "cli", *args]
 
     def sweep_cmd(self, sweep: Sweep, run_dir: Path) -> list[str]:
-        return self.cli("sweep", "--preset", PRESET, *tiny_args(sweep.args, self.args), "--out", str(run_dir))
+        # a phase sweeps several grids (mechanisms, impls, knobs) into one run directory: --append says so
+        args = tiny_args(sweep.args, self.args)
+        return self.cli("sweep", "--preset", PRESET, *args, "--out", str(run_dir), "--append")
 
     def nvidia_smi(self, name: str, log: Path) -> str:
         """Clocks, power, temperature and throttling now, as CSV in env/nvidia-smi-NAME.csv."""

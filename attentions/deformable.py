@@ -9,11 +9,11 @@ learnable table at the query-to-sample displacements.
 
 Coordinates. All positions live in ``grid_sample``'s ``align_corners=True``
 frame of the query map: -1 and +1 are the centres of the first and last pixel,
-so one pixel is ``2 / (H - 1)`` (a map one pixel high or wide has every
-position at 0). The query projection feeding the offset network, the offset
-network itself, positions, bilinear weights and the bias table lookup are
-computed in float32 whatever the input dtype (autocast off); the queries used
-for attention and the sampled features are cast back to the input dtype.
+so one pixel is ``2 / (H - 1)``. The query projection feeding the offset
+network, the offset network itself, positions, bilinear weights and the bias
+table lookup are computed in float32 whatever the input dtype (autocast off);
+the queries used for attention and the sampled features are cast back to the
+input dtype.
 
 Why float32: the gradient of a bilinear sample with respect to its position
 jumps when the position crosses a pixel boundary. Positions computed from bf16
@@ -21,20 +21,30 @@ queries move by ~0.01 pixel, enough to cross one on many samples, and the
 offset network's and query projection's gradients then differ from float32 by
 far more than rounding. In float32 the positions match and so do the gradients.
 
-Choices where the official code (LeapLabTHU/DAT) is not followed to the letter:
+Geometry (knob ``geometry``): where the ``Hk x Wk`` reference points sit, where
+the queries sit for the bias lookup, and what bounds the offsets. With
+``j = 0 .. Hk-1`` and ``i = 0 .. H-1`` (columns alike), in normalised units:
 
-- Reference points are the centres of an ``Hk x Wk`` grid of equal cells over
-  the map, ``(j + 1/2) * H / Hk - 1/2`` in pixels. With ``stride=1`` they are
-  exactly the pixel centres. (The official code normalises
-  ``linspace(0.5, Hk - 0.5)`` by ``Hk - 1``, which puts the grid half a cell off
-  and its last row outside the map.)
-- Offsets are ``tanh(raw) * offset_range_factor / (Wk, Hk)`` in normalised units,
-  so they reach at most ``offset_range_factor / 2`` key cells (about
-  ``offset_range_factor * stride / 2`` pixels). The official code divides by
-  ``Hk - 1``, which is undefined for a one-row key grid. A factor of ``-1``
-  means unbounded: raw offsets, positions clamped to the map, as DAT does.
-- Offset channel 0 is the horizontal (x) offset, channel 1 the vertical (y), the
-  order ``grid_sample`` reads.
+- ``cvpr2022`` (default; the CVPR 2022 release of LeapLabTHU/DAT, whose DAT-T
+  ``dat_t`` reproduces): reference ``(j + 1/2) / Hk * 2 - 1``, query
+  ``(i + 1/2) / H * 2 - 1`` (the same formula at (H, W)), offsets
+  ``tanh(raw) * offset_range_factor / Hk``. Factor 0 leaves the raw offsets
+  unbounded, and -1 takes ``tanh`` of the position, as that release does.
+- ``datpp`` (DAT++, the repository's current head): reference
+  ``(j + 1/2) / (Hk - 1) * 2 - 1`` (half a cell off, the last row outside the
+  map), query ``i / (H - 1) * 2 - 1`` (the pixel centres), offsets
+  ``tanh(raw) * offset_range_factor / (Hk - 1)``; -1 clamps the position to the
+  map. Undefined for a key grid or map one pixel high or wide, so refused there.
+- ``centres`` (ours): the centres of ``Hk x Wk`` equal cells,
+  ``(j + 1/2) * H / Hk - 1/2`` in pixels; the queries at the pixel centres;
+  offsets as ``cvpr2022``; -1 clamps. Kept because it is the one placement that
+  is exactly the pixel grid at stride 1 and the cell means at ``kernel ==
+  stride`` (zero offsets sample x itself, or its average pool), and is defined
+  for every map size including a single row.
+
+Offset channel 0 is the horizontal (x) offset, channel 1 the vertical (y), the
+order ``grid_sample`` reads; the official code predicts (y, x) and swaps, the
+same function up to the order of the 1x1 conv's two output rows.
 
 Samples that fall outside the map read zeros (``padding_mode="zeros"``), and so
 do bias lookups beyond the table, as in DAT.
@@ -43,7 +53,7 @@ do bias lookups beyond the table, as in DAT.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +91,9 @@ class DeformableKnobs(Knobs):
     # entries, other sizes interpolate it (DAT sizes it to the stage's map, 14x14 at stage 3).
     table_hw: tuple[int, ...] = (14, 14)
     qkv_bias: bool = True
+    # Where reference points and queries sit, what bounds the offsets: the CVPR 2022 release, DAT++, or
+    # the centres of equal cells (see the module docstring).
+    geometry: Literal["cvpr2022", "datpp", "centres"] = "cvpr2022"
 
     def check(self) -> None:
         for knob in ("stride", "kernel", "groups"):
@@ -105,9 +118,31 @@ def normalise(p: torch.Tensor, size: int) -> torch.Tensor:
     return p * (2.0 / (size - 1)) - 1.0
 
 
-def grid_points(size: int, cells: int, device: Any) -> torch.Tensor:
-    """Centres of ``cells`` equal cells over ``size`` pixels, in pixel coordinates (float32)."""
-    return (torch.arange(cells, device=device, dtype=torch.float32) + 0.5) * (size / cells) - 0.5
+def reference_axis(geometry: str, size: int, cells: int, device: Any) -> torch.Tensor:
+    """Normalised float32 positions of ``cells`` reference points along a side of ``size`` pixels."""
+    j = torch.arange(cells, device=device, dtype=torch.float32) + 0.5
+    if geometry == "cvpr2022":
+        return j / cells * 2.0 - 1.0
+    if geometry == "datpp":
+        return j / (cells - 1) * 2.0 - 1.0
+    return normalise(j * (size / cells) - 0.5, size)
+
+
+def query_axis(geometry: str, size: int, device: Any) -> torch.Tensor:
+    """Normalised float32 positions of the ``size`` queries along a side, as the bias lookup sees them."""
+    if geometry == "cvpr2022":
+        return reference_axis(geometry, size, size, device)
+    return normalise(torch.arange(size, device=device, dtype=torch.float32), size)
+
+
+def offset_cells(geometry: str, cells: int) -> int:
+    """What a bounded offset is divided by along a side of ``cells`` reference points."""
+    return cells - 1 if geometry == "datpp" else cells
+
+
+def _grid(ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # each (len(ys), len(xs))
+    return torch.stack((gx, gy), dim=-1)  # (len(ys), len(xs), 2): (x, y)
 
 
 @register
@@ -146,17 +181,13 @@ class DeformableAttention(Attention):
 
     def reference_points(self, hw: HW, key_hw: HW, device: Any) -> torch.Tensor:
         """(Hk, Wk, 2) float32 reference positions (x, y), normalised."""
-        ys = normalise(grid_points(hw[0], key_hw[0], device), hw[0])
-        xs = normalise(grid_points(hw[1], key_hw[1], device), hw[1])
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # each (Hk, Wk)
-        return torch.stack((gx, gy), dim=-1)
+        geo = self.knobs.geometry
+        return _grid(reference_axis(geo, hw[0], key_hw[0], device), reference_axis(geo, hw[1], key_hw[1], device))
 
     def query_points(self, hw: HW, device: Any) -> torch.Tensor:
-        """(H*W, 2) float32 positions (x, y) of the queries (pixel centres), normalised."""
-        ys = normalise(torch.arange(hw[0], device=device, dtype=torch.float32), hw[0])
-        xs = normalise(torch.arange(hw[1], device=device, dtype=torch.float32), hw[1])
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # each (H, W)
-        return torch.stack((gx, gy), dim=-1).reshape(-1, 2)
+        """(H*W, 2) float32 positions (x, y) of the queries, normalised."""
+        geo = self.knobs.geometry
+        return _grid(query_axis(geo, hw[0], device), query_axis(geo, hw[1], device)).reshape(-1, 2)
 
     def offsets(self, q_map: torch.Tensor) -> torch.Tensor:
         """Group query maps (B*g, Cg, H, W) -> offsets (B*g, Hk, Wk, 2), (x, y), normalised, float32.
@@ -175,18 +206,21 @@ class DeformableAttention(Attention):
         t = self.offset_act(t).permute(0, 3, 1, 2)  # (B*g, Cg, Hk, Wk)
         raw = F.conv2d(t, self.offset_out.weight.float())  # (B*g, 2, Hk, Wk)
         raw = raw.permute(0, 2, 3, 1)  # (B*g, Hk, Wk, 2)
-        factor = self.knobs.offset_range_factor
-        if factor < 0:
+        factor, geo = self.knobs.offset_range_factor, self.knobs.geometry
+        if factor < 0 or (factor == 0 and geo == "cvpr2022"):  # the CVPR release bounds only factor > 0
             return raw
-        hk, wk = raw.shape[1], raw.shape[2]
+        hk, wk = offset_cells(geo, raw.shape[1]), offset_cells(geo, raw.shape[2])
         scale = torch.tensor([factor / wk, factor / hk], device=raw.device, dtype=raw.dtype)
         return raw.tanh() * scale
 
     def positions(self, offsets: torch.Tensor, hw: HW) -> torch.Tensor:
-        """Sampling positions (B*g, Hk, Wk, 2): reference grid + offsets (clamped to the map when unbounded)."""
+        """Sampling positions (B*g, Hk, Wk, 2): reference grid + offsets; when unbounded, squashed into the map
+        by tanh (cvpr2022) or clamped to it."""
         ref = self.reference_points(hw, (offsets.shape[1], offsets.shape[2]), offsets.device)
         pos = ref + offsets  # (B*g, Hk, Wk, 2)
-        return pos.clamp(-1.0, 1.0) if self.knobs.offset_range_factor < 0 else pos
+        if self.knobs.offset_range_factor >= 0:
+            return pos
+        return pos.tanh() if self.knobs.geometry == "cvpr2022" else pos.clamp(-1.0, 1.0)
 
     def sample(self, x_map: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Bilinear samples of x (B, C, H, W) at the groups' positions (B*g, Hk, Wk, 2) -> tokens (B, Hk*Wk, C)."""
@@ -227,6 +261,11 @@ class DeformableAttention(Attention):
             return [
                 f"the offset network (kernel {self.knobs.kernel}, stride {s}) leaves no reference points on a "
                 f"{hw[0]}x{hw[1]} map; use a smaller kernel or stride"
+            ]
+        if self.knobs.geometry == "datpp" and min(hk, wk, *hw) < 2:
+            return [
+                f"geometry 'datpp' divides by Hk-1 and H-1 (as DAT++ does), undefined for the {hw[0]}x{hw[1]} map "
+                f"and its {hk}x{wk} key grid: use a map and key grid at least 2x2, or geometry='cvpr2022'"
             ]
         return []
 

@@ -19,6 +19,7 @@ Sources (facts only: depths, widths, heads, window, ratios, strides):
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -68,8 +69,10 @@ def _stages(dims, depths, heads, mlp, attention, knobs) -> tuple[StageConfig, ..
     )
 
 
-def _swin_knobs(window: int) -> tuple[dict[str, Any], ...]:
-    return ({"window": window}, {"window": window, "shift": True})
+def _swin_knobs(window: int, shift_size: int = 0) -> tuple[dict[str, Any], ...]:
+    """Local then shifted windows; shift_size 0 rolls by window // 2 (Swin)."""
+    shifted = {"window": window, "shift": True} | ({"shift_size": shift_size} if shift_size else {})
+    return ({"window": window}, shifted)
 
 
 # ---------------------------------------------------------------------- Swin-T
@@ -101,6 +104,7 @@ def _b0(tiny: bool, attention: list[tuple[str, ...]], knobs: list[tuple[dict[str
         conv_mlp=True,
         stage_norm=True,
         norm_eps=1e-6,
+        embed_eps=1e-5,  # the overlapping patch embedding's LayerNorm keeps torch's default
         drop_path=0.0 if tiny else 0.1,
         resolution=TINY_RESOLUTION if tiny else 224,
     )
@@ -164,6 +168,8 @@ def dat_t(tiny: bool) -> BackboneConfig:
         dims, depths, heads, window, groups = (96, 192, 384, 768), (2, 2, 6, 2), (3, 6, 12, 24), 7, (3, 6)
     maps = _maps(tiny)
     local = {"window": window}
+    # DAT's shifted windows roll by ceil(window / 2) (4 for 7), Swin's by window // 2
+    shifted = _swin_knobs(window, math.ceil(window / 2))
     deform = [
         # DAT-T: stride 1, offset range factor 2, bias table of the stage's map; offset kernel 5 at 14x14, 3 at 7x7.
         {"stride": 1, "kernel": k, "groups": g, "offset_range_factor": 2.0, "use_pe": True, "table_hw": (m, m)}
@@ -173,7 +179,7 @@ def dat_t(tiny: bool) -> BackboneConfig:
         stages=_stages(
             dims, depths, heads, (4,) * 4,
             [("swin",), ("swin",), ("swin", "deformable"), ("swin", "deformable")],
-            [_swin_knobs(window), _swin_knobs(window), (local, deform[0]), (local, deform[1])],
+            [shifted, shifted, (local, deform[0]), (local, deform[1])],
         ),
         stem="patch",
         merge="conv",

@@ -234,3 +234,16 @@ def test_full_bias_reads_the_offset_rows_by_hand():
         row = (dy + 4) * span + (dx + 4)
         assert torch.equal(bias[:, i, j], full.table[row])
     assert full.unsupported(1, (6, 5)) and not full.unsupported(1, (5, 5))
+
+
+def test_reference_attend_is_float64_in_float64():
+    from attentions.common import attend
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = attend(q, k, v, bias, math=True)
+    by_hand = torch.softmax(q @ k.transpose(-2, -1) / 2.0 + bias, dim=-1) @ v  # scale 4 ** -0.5
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, by_hand, rtol=1e-15, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda *t: attend(*t, math=True), (q, k, v, bias))

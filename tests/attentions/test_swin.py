@@ -54,7 +54,8 @@ def brute_force(module: attentions.Attention, x: torch.Tensor, hw: tuple[int, in
     """
     h, w = hw
     big = module.knobs.window
-    m, s = (min(h, w), 0) if min(h, w) <= big else (big, big // 2 if module.knobs.shift else 0)
+    shift = module.knobs.shift_size or big // 2
+    m, s = (min(h, w), 0) if min(h, w) <= big else (big, shift if module.knobs.shift else 0)
     q = module.proj.queries(x)  # (B, h, N, d)
     k, v = module.proj.keys_values(x)
     rows = torch.arange(h * w) // w
@@ -105,6 +106,44 @@ def test_non_square_map_smaller_than_the_window_pads_or_says_so():
     padded = build(window=7, pad=True)
     x, _ = padded.example_inputs(1, (4, 6))
     torch.testing.assert_close(padded(x, (4, 6)), brute_force(padded, x, (4, 6)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shift_size", [0, 1, 3])
+def test_shift_size_is_the_roll_of_the_windows(impl, shift_size):
+    # window 4 on an 8x12 map: the brute force draws cells [0, s), [s, s + 4), ... with s = shift_size (0: 2)
+    module = build(window=4, shift=True, shift_size=shift_size, impl=impl)
+    assert module.layout((8, 12)).shift == (shift_size or 2)
+    x, _ = module.example_inputs(2, (8, 12))
+    torch.testing.assert_close(module(x, (8, 12)), brute_force(module, x, (8, 12)), rtol=1e-5, atol=1e-5)
+    other = build(window=4, shift=True, shift_size=(shift_size or 2) % 3 + 1, impl=impl)
+    assert not torch.allclose(other(x, (8, 12)), module(x, (8, 12)), atol=1e-4)
+
+
+def test_dat_t_shifted_blocks_roll_by_4():
+    import models
+
+    cfg = models.config("dat_t")
+    shifted = [
+        (stage, knobs)
+        for stage in cfg.stages
+        for j, knobs in enumerate(stage.knobs)  # attention and knobs cycle over a stage's blocks
+        if stage.attention[j % len(stage.attention)] == "swin" and knobs.get("shift")
+    ]
+    assert len(shifted) == 2  # stages 1 and 2 alternate local and shifted windows; 3 and 4 use deformable
+    for i, (stage, knobs) in enumerate(shifted):
+        attn = attentions.build("swin", dim=stage.dim, heads=stage.heads, **knobs)
+        assert attn.layout((56 // 2**i, 56 // 2**i)).shift == 4  # DAT: ceil(7 / 2)
+    # the same knobs on a small module roll the windows by 4, checked against the brute force
+    module = build(**shifted[0][1])
+    x, _ = module.example_inputs(1, (14, 21))
+    torch.testing.assert_close(module(x, (14, 21)), brute_force(module, x, (14, 21)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift_size", [-1, 7, 9])
+def test_shift_size_outside_the_window_is_refused(shift_size):
+    with pytest.raises(attentions.KnobError, match="shift_size"):
+        attentions.build("swin", dim=16, heads=2, window=7, shift_size=shift_size)
 
 
 def test_shifted_window_region_mask_by_hand():

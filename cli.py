@@ -430,18 +430,19 @@ def flops_(
             if not sep or not key:
                 raise typer.BadParameter(f"--knob takes k=v (e.g. --knob window=7), got {item!r}")
             values[key.strip()] = value.strip()
-        try:
-            module = attentions.build(mechanism, dim=dim, heads=heads, impl=impl, **values)
-        except (KeyError, ValueError) as exc:
-            raise typer.BadParameter(str(exc).strip("'\"")) from None
         context_hw = _flops_hw(context_resolution, "--context-resolution") if context_resolution else None
         if context_hw is not None and not cross:
             raise typer.BadParameter("--context-resolution needs --cross")
-        if cross and not module.supports_cross:
-            raise typer.BadParameter(f"{mechanism} does not support cross attention; drop --cross")
-        reasons = module.unsupported(batch, hw, context_hw if cross else None)
-        if reasons:
-            raise typer.BadParameter("; ".join(reasons))
+        try:
+            reasons = attentions.not_supported_reasons(
+                mechanism, dim=dim, heads=heads, hw=hw, knobs=values, impl=impl, batch=batch, cross=cross,
+                context_hw=context_hw,
+            )  # fmt: skip
+            if reasons:
+                raise typer.BadParameter("; ".join(reasons))
+            module = attentions.build(mechanism, dim=dim, heads=heads, impl=impl, **values)
+        except (KeyError, ValueError) as exc:
+            raise typer.BadParameter(str(exc).strip("'\"")) from None
         args = module.example_inputs(batch, hw, cross=cross, context_hw=context_hw)
         what = f"{mechanism} ({module.impl}) at {hw[0]}x{hw[1]} tokens, batch {batch}, dim {dim}, heads {heads}"
         what += f", cross with {args[3][0]}x{args[3][1]} context" if len(args) > 3 else ""

@@ -9,7 +9,20 @@ torch.Size([2, 3136, 96])
 
 import importlib
 
-from .base import HW, Attention, KnobError, Knobs, UnsupportedPoint, available, build, get, register
+from .base import (
+    HW,
+    Attention,
+    KnobError,
+    Knobs,
+    MapRule,
+    Requires,
+    UnsupportedPoint,
+    available,
+    build,
+    get,
+    not_supported_reasons,
+    register,
+)
 
 # Registration order is the order of listings and reports: dense first, then by family.
 MECHANISMS = ("full", "linear", "pvt", "swin", "quadtree", "deformable", "pooling", "cross")
@@ -22,9 +35,12 @@ __all__ = [
     "Attention",
     "KnobError",
     "Knobs",
+    "MapRule",
+    "Requires",
     "UnsupportedPoint",
     "available",
     "build",
     "get",
+    "not_supported_reasons",
     "register",
 ]

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import HW, Attention, KnobError, Knobs, register
+from .base import HW, Attention, KnobError, Knobs, MapRule, register
 from .common import (
     Projections,
     attend,
@@ -157,11 +157,6 @@ class DeformableAttention(Attention):
     def __init__(self, dim: int, heads: int, knobs: DeformableKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
         g = knobs.groups
-        if dim % g or heads % g:
-            raise KnobError(
-                f"deformable knob 'groups' ({g}) must divide dim ({dim}) and heads ({heads}); "
-                f"choose groups from {[d for d in range(1, heads + 1) if heads % d == 0 and dim % d == 0]}"
-            )
         self.group_channels = dim // g
         cg = self.group_channels
         self.padding = 0 if knobs.kernel == knobs.stride else knobs.kernel // 2
@@ -250,12 +245,26 @@ class DeformableAttention(Attention):
         return self.proj.output(o)
 
     # ------------------------------------------------------------------ contract
+    @classmethod
+    def _static_reasons(cls, dim: int, heads: int, knobs: Any) -> list[str]:
+        g = knobs.groups
+        if dim % g or heads % g:
+            return [
+                f"deformable knob 'groups' ({g}) must divide dim ({dim}) and heads ({heads}); "
+                f"choose groups from {[d for d in range(1, heads + 1) if heads % d == 0 and dim % d == 0]}"
+            ]
+        return []
+
+    def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
+        s = self.knobs.stride
+        return [MapRule(f"the sampling stride {s}", at_least=s, fix=f"use stride <= {min(hw)}")]
+
     def _unsupported(
         self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
     ) -> list[str]:
         s = self.knobs.stride
         if min(hw) < s:
-            return [f"map {hw[0]}x{hw[1]} is smaller than the sampling stride {s}; use stride <= {min(hw)}"]
+            return []  # the map rule says why
         hk, wk = self.key_hw(hw)
         if hk < 1 or wk < 1:
             return [

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import HW, Attention, KnobError, Knobs, register
+from .base import HW, Attention, KnobError, Knobs, MapRule, Requires, register
 from .common import (
     Projections,
     attend,
@@ -281,18 +281,16 @@ class Pyramid:
     selected: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (B, h, N_l, K_l), levels but finest
 
 
-def _triton_unsupported(dtype: torch.dtype | None, device: Any) -> list[str]:
-    """Why impl="triton" cannot run here; device None means wherever the module would run."""
+def _triton_probe(kind: str) -> list[str]:
+    """Why impl="triton" cannot run on a device type: triton missing, or no CUDA nor interpreter."""
     try:
         from .kernels import quadtree as kernel
     except ImportError as exc:
         return [f"impl='triton' needs triton ({exc}); install triton or use impl='fast'"]
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    reasons = kernel.unsupported(device)
-    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"the quadtree triton kernel takes float32, float16 or bfloat16, not {dtype}")
-    return reasons
+    return kernel.unsupported(kind)
+
+
+TRITON = Requires(dtypes=("float32", "float16", "bfloat16"), probe=_triton_probe, fix="use impl='fast'")
 
 
 def _largest_levels(*sizes: int) -> int:
@@ -315,6 +313,7 @@ class QuadTreeAttention(Attention):
     cancelling_grads = ("level_weight",)
     # "triton": QuadTree-B's fine levels on the fused kernel of attentions/kernels/quadtree.py
     impls = ("reference", "fast", "triton")
+    impl_requires = {"triton": TRITON}
 
     knobs: QuadTreeKnobs
 
@@ -358,20 +357,23 @@ class QuadTreeAttention(Attention):
             f"or a single integer for every level"
         )
 
+    def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
+        f = 2 ** (self.knobs.levels - 1)
+        most = _largest_levels(*hw, *(context_hw or ()))
+        fix = f"choose a map whose H and W are multiples of {f}, or use levels <= {most}"
+        rules = [MapRule(f"2^(levels-1) = {f}", multiple=f, fix=fix)]
+        return rules + ([MapRule(f"2^(levels-1) = {f}", multiple=f, fix=fix, which="context_hw")] if context_hw else [])
+
     def _unsupported(
         self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
     ) -> list[str]:
         kn = self.knobs
         reasons: list[str] = []
         f = 2 ** (kn.levels - 1)
-        maps = [("hw", hw)] + ([("context_hw", context_hw)] if context_hw is not None else [])
-        for label, (h, w) in maps:
-            if h % f or w % f:
-                most = _largest_levels(*(s for _, m in maps for s in m))
-                reasons.append(
-                    f"{label} {h}x{w} is not divisible by 2^(levels-1) = {f} in both sides: choose a map whose "
-                    f"H and W are multiples of {f}, or use levels <= {most}"
-                )
+        # a map the pyramid cannot cut: its map rule says why, and the top-K checks below do not apply
+        cut = all(
+            rule.fits(context_hw or hw if rule.which == "context_hw" else hw) for rule in self.map_rules(hw, context_hw)
+        )
         if context_hw is not None and kn.lepe:
             reasons.append(
                 "lepe adds a conv of the values at the query positions, so it needs self attention: "
@@ -382,12 +384,10 @@ class QuadTreeAttention(Attention):
                 "the conv value branch is for self attention (the classification backbones): "
                 "set values='avg' for cross attention, as LoFTR does"
             )
-        if self.impl == "triton":
-            reasons += _triton_unsupported(dtype, device)
         if isinstance(kn.topk, tuple) and len(kn.topk) != kn.levels:
             reasons.append(self._length_reason())
             return reasons
-        if kn.levels == 1 or reasons:
+        if kn.levels == 1 or reasons or not cut:
             return reasons
         topks = self.topks()
         ch, cw = context_hw or hw

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import HW, Attention, KnobError, Knobs, register
+from .base import HW, Attention, KnobError, Knobs, MapRule, register
 from .common import Projections, attend, attention_macs
+from .kernels import flex
 from .relpos import swin_bias, swin_index, swin_table
 
 # Added to the score of a masked pair (the official Swin value).
@@ -140,6 +141,7 @@ class SwinAttention(Attention):
     # "flex": FlexAttention over the windows laid end to end, a block mask per window and the bias table read by a
     # score_mod (no (nW, h, T, T) bias in memory); CUDA only (see attentions/kernels/flex.py)
     impls = ("reference", "fast", "flex")
+    impl_requires = {"flex": flex.REQUIRES}
 
     def __init__(self, dim: int, heads: int, knobs: SwinKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
@@ -153,28 +155,17 @@ class SwinAttention(Attention):
     def layout(self, hw: HW) -> WindowLayout:
         return window_layout(hw, self.knobs.window, self.knobs.shift, self.knobs.shift_size)
 
-    def _unsupported(
-        self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
-    ) -> list[str]:
-        reasons = []
-        if self.impl == "flex":
-            from .kernels import flex
-
-            reasons += flex.unsupported(device)
-        return reasons + self._window_reasons(hw)
-
-    def _window_reasons(self, hw: HW) -> list[str]:
-        lay = self.layout(hw)
-        if lay.padded_hw == tuple(hw) or self.knobs.pad:
+    def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
+        if self.knobs.pad:
             return []
+        lay = self.layout(hw)
         h, w = hw
-        m = lay.window
         fits = [d for d in range(2, min(h, w) + 1) if h % d == 0 and w % d == 0]
         hint = f"a window that divides both ({', '.join(map(str, fits[:6]))})" if fits else "another map size"
-        return [
-            f"swin: H={h} and W={w} must be multiples of the window {m}; pass pad=True to zero-pad "
-            f"to {lay.padded_hw[0]}x{lay.padded_hw[1]} (padded keys masked), or choose {hint}"
-        ]
+        fix = (
+            f"pass pad=True to zero-pad to {lay.padded_hw[0]}x{lay.padded_hw[1]} (padded keys masked), or choose {hint}"
+        )
+        return [MapRule(f"the window {lay.window}", multiple=lay.window, fix=fix)]
 
     def window_bias(self, hw: HW, device: torch.device) -> torch.Tensor:
         """Relative position bias plus the shift/pad mask: (windows or 1, h, T, T), shared by both impls."""

@@ -250,8 +250,7 @@ class Grid:
 @dataclasses.dataclass
 class Expansion:
     points: list[Point]
-    # Points refused before measuring (bad dim/heads pairs, an impl a mechanism
-    # lacks, cross attention a mechanism cannot do): point -> reasons.
+    # Points refused before measuring, with the reasons attentions.not_supported_reasons gives.
     refused: dict[Point, list[str]]
 
 
@@ -265,9 +264,9 @@ def expand(grid: Grid) -> Expansion:
     """The cartesian product of the grid's axes, one Point each (duplicates removed).
 
     Knob values are validated by the mechanism's own typed knobs (a bad value
-    raises at once); points a mechanism refuses for static reasons are returned
-    in ``refused`` so the sweep records them as ``skipped``. Reasons that depend on
-    the module (``unsupported``) are checked when the point is measured.
+    raises at once); points the mechanism refuses (``point_reasons``, the
+    registry's one answer) are returned in ``refused`` so the sweep records them
+    as ``skipped``.
     """
     import attentions
 
@@ -320,20 +319,13 @@ def expand(grid: Grid) -> Expansion:
             grid.devices,
             grid.cross,
         ):
-            reasons: list[str] = []
             if dim == "stage":
                 if res.stage is None:
                     raise GridError(f"dim 'stage' needs stage resolutions such as 224px:s1, got {res.label()}")
                 dim, heads = STAGE_WIDTHS[res.stage]
             elif not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
                 raise GridError(f"dim values must be positive integers or 'stage', got {dim!r}")
-            if dim % heads:
-                reasons.append(f"dim {dim} is not divisible by heads {heads}")
-            if impl not in cls.impls:
-                reasons.append(f"{name} has no impl {impl!r}; its impls: {', '.join(cls.impls)}")
             cross = bool(cross) or cls.requires_context
-            if cross and not cls.supports_cross:
-                reasons.append(f"{name} does not support cross attention")
             point = Point(
                 mechanism=name,
                 knobs=knobs,
@@ -356,9 +348,32 @@ def expand(grid: Grid) -> Expansion:
                 continue
             seen.add(point)
             points.append(point)
+            try:
+                reasons = point_reasons(point)
+            except Exception:  # noqa: BLE001 - a module that fails to build: the sweep records that error
+                continue
             if reasons:
                 refused[point] = reasons
     return Expansion(points, refused)
+
+
+def point_reasons(point: Point) -> list[str]:
+    """Why a point cannot run on this machine (empty when it can): attentions.not_supported_reasons of it."""
+    import attentions
+
+    return attentions.not_supported_reasons(
+        point.mechanism,
+        dim=point.dim,
+        heads=point.heads,
+        hw=point.hw,
+        knobs=point.knob_dict(),
+        impl=point.impl,
+        batch=point.batch,
+        cross=point.cross,
+        dtype=point.dtype,
+        device=point.device,
+        grad=point.pass_ == "fwd+bwd",
+    )
 
 
 def load_plugins() -> list[str]:

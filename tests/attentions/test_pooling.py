@@ -274,7 +274,7 @@ def test_dim_out_from_the_command_line_string():
 @pytest.mark.parametrize(
     ("knobs", "match"),
     [
-        ({"dim_out": 33}, r"dim_out.*\(33\) must be divisible by heads \(2\).*32 or 34"),
+        ({"dim_out": 33}, r"output_dim \(33\) must be divisible by heads \(2\); choose heads from \[1, 3, 11, 33\]"),
         ({"dim_out": -16}, "dim_out.*non-negative"),
         ({"mode": "none"}, "stride_kv=1"),  # the default stride_kv is 4
         ({"mode": "median"}, "'conv', 'avg', 'max', 'none'"),

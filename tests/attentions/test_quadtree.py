@@ -354,9 +354,9 @@ def test_unsupported_points_say_what_to_change():
     module = build(levels=3, topk=8)
     assert module.unsupported(1, (16, 12)) == []
     (reason,) = module.unsupported(1, (10, 12))
-    assert "divisible by 2^(levels-1) = 4" in reason and "levels <= 2" in reason
+    assert "multiples of 2^(levels-1) = 4" in reason and "10x12" in reason and "levels <= 2" in reason
     (reason,) = module.unsupported(1, (16, 12), context_hw=(8, 6))
-    assert "context_hw 8x6" in reason
+    assert "context map 8x6" in reason
     (reason,) = module.unsupported(1, (4, 8))  # coarsest 1x2: 2 keys
     assert "top-K 8 is larger than the 2 keys" in reason and "topk <= 2" in reason
     (reason,) = build(topk=(8, 8)).unsupported(1, (16, 16))

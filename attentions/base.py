@@ -273,6 +273,13 @@ class Attention(nn.Module):
         """The constraints this module puts on the maps (as data; :meth:`unsupported` checks them)."""
         return []
 
+    @classmethod
+    def stage_knobs(cls, stage: int, hw: HW) -> tuple[dict[str, Any], ...]:
+        """Knobs of this mechanism's blocks (cycled) at stage 1-4 of a four-stage backbone whose stage map
+        is ``hw`` at its native resolution: the family's published per-stage settings, the defaults where
+        it has none. A model fits them to the maps it runs at (:func:`fit_knobs`)."""
+        return ({},)
+
     # ------------------------------------------------------------------ knobs
     @classmethod
     def knob_types(cls) -> dict[str, Any]:
@@ -613,3 +620,100 @@ def not_supported_reasons(
             return [f"{name} does not support cross attention"]
         context_hw = module.default_context_hw(hw)
     return module.unsupported(batch, hw, context_hw, dtype=torch_dtype, device=device, grad=grad)
+
+
+# ---------------------------------------------------------------------- knob values that fit
+def knob_candidates(name: str, knob: str, maps: list[HW]) -> list[Any]:
+    """Values of ``knob`` worth trying on ``maps``, the default first, then by preference.
+
+    Integers: the default, then smaller values downwards, then larger ones up to the
+    largest side of the maps (beyond it a map-sized knob changes nothing); a choice
+    (``Literal``, bool): the default, then the others. Other types: the default alone.
+    """
+    cls = get(name)
+    tp, default = cls.knob_types()[knob], cls.knob_defaults()[knob]
+    if tp is bool:
+        return [default, not default]
+    if get_origin(tp) is Literal:
+        return [default, *(c for c in get_args(tp) if c != default)]
+    if (tp is int or int in get_args(tp)) and isinstance(default, int) and not isinstance(default, bool):
+        top = max(default, *(max(hw) for hw in maps))
+        return [default, *range(default - 1, 0, -1), *range(default + 1, top + 1)]
+    return [default]
+
+
+def fitting_values(
+    name: str,
+    knob: str,
+    maps: list[HW],
+    *,
+    dim: int,
+    heads: int,
+    knobs: dict[str, Any] | None = None,
+    impl: str | None = None,
+    budget: int | None = None,
+    limit: int | None = None,
+) -> list[Any]:
+    """Values of ``knob`` under which the mechanism runs on every map of ``maps``, by preference.
+
+    The other knobs are ``knobs`` (defaults for the rest). ``budget``: only values whose
+    analytic multiply-adds of one image at the largest map are at most this. ``limit``:
+    stop after that many. The preference is :func:`knob_candidates`' order, so ``limit=1``
+    keeps the default when it fits and otherwise takes the nearest smaller value that does.
+    """
+    cls = get(name)
+    if knob not in cls.knob_types():
+        raise KnobError(f"{name} has no knob {knob!r}; its knobs: {', '.join(cls.knob_types())}")
+    largest = max(maps, key=lambda hw: hw[0] * hw[1])
+    found: list[Any] = []
+    for value in knob_candidates(name, knob, maps):
+        try:
+            made = cls.make_knobs(**{**(knobs or {}), knob: value})
+        except KnobError:
+            continue
+        point = dict(dim=dim, heads=heads, knobs=made, impl=impl)
+        if any(not_supported_reasons(name, hw=hw, **point) for hw in maps):  # type: ignore[arg-type]
+            continue
+        if budget is not None and probe_module(name, dim, heads, made, impl).macs(1, largest) > budget:
+            continue
+        found.append(value)
+        if limit is not None and len(found) >= limit:
+            break
+    return found
+
+
+def fit_knobs(
+    name: str,
+    maps: list[HW],
+    *,
+    dim: int,
+    heads: int,
+    knobs: dict[str, Any] | None = None,
+    impl: str | None = None,
+) -> dict[str, Any]:
+    """``knobs`` with the values that keep the mechanism off every map in ``maps`` replaced.
+
+    Values that fit stay. Otherwise the cost knob is refitted first, then every other knob
+    in declaration order, each to its preferred fitting value (:func:`fitting_values`),
+    until the point runs on all the maps. Raises :class:`KnobError` naming the reasons when
+    no single-knob change makes it run.
+    """
+    cls = get(name)
+    out = dict(knobs or {})
+
+    def reasons() -> list[str]:
+        return [
+            r for hw in maps for r in not_supported_reasons(name, dim=dim, heads=heads, hw=hw, knobs=out, impl=impl)
+        ]
+
+    order = ([cls.cost_knob] if cls.cost_knob else []) + [k for k in cls.knob_types() if k != cls.cost_knob]
+    for knob in order:
+        if not reasons():
+            return out
+        values = fitting_values(name, knob, maps, dim=dim, heads=heads, knobs=out, impl=impl, limit=1)
+        if values:
+            out[knob] = values[0]
+    left = reasons()
+    if left:
+        raise KnobError(f"no knob of {name} fits the maps {maps}: {'; '.join(left)}")
+    return out

@@ -255,6 +255,14 @@ class DeformableAttention(Attention):
             ]
         return []
 
+    @classmethod
+    def stage_knobs(cls, stage: int, hw: HW) -> tuple[dict[str, Any], ...]:
+        # DAT++'s strided reference grids (8, 4, 2, 1) and offset kernels (9, 7, 5, 3); the bias table sized
+        # to the stage's map; offsets bounded as in DAT (factor 2).
+        i = stage - 1
+        knobs = {"stride": (8, 4, 2, 1)[i], "kernel": (9, 7, 5, 3)[i], "groups": (1, 1, 1, 2)[i]}
+        return ({**knobs, "offset_range_factor": 2.0, "table_hw": hw},)
+
     def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
         s = self.knobs.stride
         return [MapRule(f"the sampling stride {s}", at_least=s, fix=f"use stride <= {min(hw)}")]

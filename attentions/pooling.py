@@ -182,6 +182,11 @@ class PoolingAttention(Attention):
         return flex.attention(q, k, v, score_mod)
 
     @classmethod
+    def stage_knobs(cls, stage: int, hw: HW) -> tuple[dict[str, Any], ...]:
+        # MViTv2's keys/values pooled to a quarter of the first stage's side (stride 4, 2, 1, 1), queries not
+        return ({"stride_q": 1, "stride_kv": (4, 2, 1, 1)[stage - 1], "rel_pos_size": hw[0]},)
+
+    @classmethod
     def attention_width(cls, dim: int, knobs: Any) -> int:
         return knobs.dim_out or dim
 

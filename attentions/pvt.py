@@ -17,7 +17,7 @@ context map.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -105,6 +105,10 @@ class PVTAttention(Attention):
         k, v = self.proj.keys_values(self.reduce(source, source_hw))  # (B, h, M', d)
         o = attend(q, k, v, math=self.math)  # (B, h, N, d)
         return self.proj.output(o)
+
+    @classmethod
+    def stage_knobs(cls, stage: int, hw: HW) -> tuple[dict[str, Any], ...]:
+        return ({"version": "v1", "sr_ratio": (8, 4, 2, 1)[stage - 1]},)  # PVTv2-b0's reductions
 
     def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
         if self.version != "v1" or self.sr_ratio == 1:

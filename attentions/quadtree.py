@@ -357,6 +357,11 @@ class QuadTreeAttention(Attention):
             f"or a single integer for every level"
         )
 
+    @classmethod
+    def stage_knobs(cls, stage: int, hw: HW) -> tuple[dict[str, Any], ...]:
+        # QuadTree-B-b0 (classification/quadtree.py): levels 4, 3, 2, 1, top-K 8, conv values, LePE
+        return ({"variant": "B", "levels": 5 - stage, "topk": 8, "values": "conv", "lepe": True},)
+
     def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
         f = 2 ** (self.knobs.levels - 1)
         most = _largest_levels(*hw, *(context_hw or ()))

@@ -155,6 +155,10 @@ class SwinAttention(Attention):
     def layout(self, hw: HW) -> WindowLayout:
         return window_layout(hw, self.knobs.window, self.knobs.shift, self.knobs.shift_size)
 
+    @classmethod
+    def stage_knobs(cls, stage: int, hw: HW) -> tuple[dict[str, Any], ...]:
+        return ({"window": 7}, {"window": 7, "shift": True})  # Swin-T: local then shifted windows of 7
+
     def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
         if self.knobs.pad:
             return []

@@ -215,6 +215,9 @@ class Grid:
     cost_knob_values: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
     # Only mechanisms whose cost knob has one of these names (empty: no filter).
     cost_knob_names: list[str] = dataclasses.field(default_factory=list)
+    # Replace knob defaults that a mechanism's map rules refuse on the grid's maps by the values the
+    # mechanism says fit all of them (attentions.fit_knobs; swept knobs keep their values).
+    fit_knobs: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Grid:
@@ -234,6 +237,11 @@ class Grid:
             name = aliases.get(key, key)
             if name not in fields:
                 raise GridError(f"unknown sweep field {key!r}; valid fields: {', '.join(sorted(fields))}")
+            if name == "fit_knobs":
+                if not isinstance(value, bool):
+                    raise GridError(f"fit_knobs must be true or false, got {value!r}")
+                kwargs[name] = value
+                continue
             if name in ("knobs", "cost_knob_values"):
                 if not isinstance(value, dict):
                     raise GridError(f"{key} must be a mapping of knob name to a list of values, got {value!r}")
@@ -302,9 +310,10 @@ def expand(grid: Grid) -> Expansion:
         axes = {k: v for k, v in grid.knobs.items() if k in types_}
         if cls.cost_knob and cls.cost_knob in grid.cost_knob_values and cls.cost_knob not in axes:
             axes[cls.cost_knob] = grid.cost_knob_values[cls.cost_knob]
+        fitted = _fitted_knobs(grid, name, resolutions) if grid.fit_knobs else {}
         knob_sets = []
         for combo in itertools.product(*axes.values()):
-            knobs = cls.make_knobs(**dict(zip(axes, combo, strict=True)))  # raises KnobError naming the fix
+            knobs = cls.make_knobs(**fitted, **dict(zip(axes, combo, strict=True)))  # raises KnobError naming the fix
             knob_sets.append(tuple(sorted(knobs.as_dict().items())))
         for knobs, res, batch, dim, heads, dtype, pass_, impl, comp, device, cross in itertools.product(
             knob_sets,
@@ -355,6 +364,22 @@ def expand(grid: Grid) -> Expansion:
             if reasons:
                 refused[point] = reasons
     return Expansion(points, refused)
+
+
+def _fitted_knobs(grid: Grid, name: str, resolutions: list[Resolution]) -> dict[str, Any]:
+    """The knobs attentions.fit_knobs gives for the grid's maps, at its first width and heads (none for
+    stage widths, or when no knob change fits: the points then say why they are refused)."""
+    import attentions
+
+    dims = [d for d in grid.dims if isinstance(d, int) and not isinstance(d, bool)]
+    if not dims or not grid.heads:
+        return {}
+    swept = set(grid.knobs) | set(grid.cost_knob_values)
+    try:
+        fitted = attentions.fit_knobs(name, [r.hw for r in resolutions], dim=dims[0], heads=grid.heads[0])
+    except attentions.KnobError:
+        return {}
+    return {k: v for k, v in fitted.items() if k not in swept}
 
 
 def point_reasons(point: Point) -> list[str]:

@@ -224,6 +224,8 @@ class Attention(nn.Module):
     # What the mechanism needs wherever it runs, and what each impl needs on top (impls not named: nothing).
     requires: ClassVar[Requires] = Requires()
     impl_requires: ClassVar[dict[str, Requires]] = {}
+    # Knob sets that reach code paths one knob changed from its default does not (registry-driven tests).
+    examples: ClassVar[tuple[dict[str, Any], ...]] = ()
     # Parameters whose gradient is a small difference of large sums (e.g. softmax
     # weights over nearly equal messages): in low precision their relative error
     # measures that cancellation, so parity holds them to a looser, stated bound.

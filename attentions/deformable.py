@@ -151,6 +151,7 @@ class DeformableAttention(Attention):
     summary = "DAT: keys/values sampled at learned offsets from a strided grid, continuous relative-position bias"
     Knobs = DeformableKnobs
     cost_knob = "stride"
+    examples = ({"stride": 4, "kernel": 3, "groups": 2, "offset_range_factor": -1.0},)
     complexity = "O(N^2 / stride^2)"
     knobs: DeformableKnobs
 

@@ -41,6 +41,7 @@ class FullAttention(Attention):
     # "flex": FlexAttention, the bias table read by a score_mod (CUDA; see attentions/kernels/flex.py)
     impls = ("reference", "fast", "flex")
     impl_requires = {"flex": flex.REQUIRES}
+    examples = ({"bias_table": 16},)
 
     knobs: FullKnobs
 

@@ -99,6 +99,7 @@ class PoolingAttention(Attention):
     # (Nq, kh) and (Nq, kw) terms, never summed into an (Nq, Nk) bias; CUDA only (attentions/kernels/flex.py)
     impls = ("reference", "fast", "flex")
     impl_requires = {"flex": flex.REQUIRES}
+    examples = ({"stride_q": 2, "stride_kv": 2, "dim_out": 64},)  # MViTv2's stage transition (widening)
 
     def __init__(self, dim: int, heads: int, knobs: PoolingKnobs, impl: str | None = None):
         # The base splits the widened channels into heads: head_dim = dim_out // heads (dim need not divide).

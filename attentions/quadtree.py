@@ -314,6 +314,7 @@ class QuadTreeAttention(Attention):
     # "triton": QuadTree-B's fine levels on the fused kernel of attentions/kernels/quadtree.py
     impls = ("reference", "fast", "triton")
     impl_requires = {"triton": TRITON}
+    examples = ({"levels": 3, "topk": (4, 2, 2)}, {"levels": 2, "topk": 2, "values": "conv", "lepe": True})
 
     knobs: QuadTreeKnobs
 

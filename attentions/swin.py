@@ -142,6 +142,7 @@ class SwinAttention(Attention):
     # score_mod (no (nW, h, T, T) bias in memory); CUDA only (see attentions/kernels/flex.py)
     impls = ("reference", "fast", "flex")
     impl_requires = {"flex": flex.REQUIRES}
+    examples = ({"window": 3, "pad": True}, {"window": 3, "shift": True, "pad": True})
 
     def __init__(self, dim: int, heads: int, knobs: SwinKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)

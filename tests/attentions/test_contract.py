@@ -276,3 +276,23 @@ def test_reference_attend_is_float64_in_float64():
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, by_hand, rtol=1e-15, atol=1e-15)
     assert torch.autograd.gradcheck(lambda *t: attend(*t, math=True), (q, k, v, bias))
+
+
+def test_fast_takes_the_explicit_path_where_sdpa_would_not_fuse(monkeypatch):
+    # On the CPU SDPA has no fused kernel for a bias that needs a gradient: fast must not call it then
+    # (its unfused math kernel is slower than attend's explicit path), and must call it otherwise.
+    from attentions import common
+
+    calls = []
+    real = common.F.scaled_dot_product_attention
+    monkeypatch.setattr(common.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    module = attentions.build("swin", dim=DIM, heads=HEADS, window=4, shift=True)  # its bias table needs a grad
+    x, hw = module.example_inputs(1, (8, 8))
+    module(x, hw).sum().backward()
+    assert calls == [] and module.table.grad is not None
+    with torch.no_grad():
+        module(x, hw)
+    assert calls == [1]
+    monkeypatch.setitem(common.SDPA_FUSES_BIAS_GRAD, "cpu", True)  # a device whose kernels fuse it
+    module(x, hw).sum().backward()
+    assert calls == [1, 1]

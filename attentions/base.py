@@ -58,7 +58,8 @@ class Requires:
             out.append(f"{what} runs on {' or '.join(self.devices)}, not {kind}{fix}")
         name = None if dtype is None else str(dtype).replace("torch.", "")
         if name is not None and name not in self.dtypes:
-            out.append(f"{what} takes {', '.join(self.dtypes)}, not {name}{fix}")
+            *most, last = self.dtypes
+            out.append(f"{what} takes {', '.join(most) + ' or ' if most else ''}{last}, not {name}{fix}")
         if grad and not self.backward:
             out.append(f"{what} has no backward pass{fix}")
         if self.probe is not None and not out:

@@ -296,3 +296,24 @@ def test_fast_takes_the_explicit_path_where_sdpa_would_not_fuse(monkeypatch):
     monkeypatch.setitem(common.SDPA_FUSES_BIAS_GRAD, "cpu", True)  # a device whose kernels fuse it
     module(x, hw).sum().backward()
     assert calls == [1, 1]
+
+
+def test_fitting_values_are_exactly_the_values_that_run_on_every_map():
+    maps = [(8, 8), (12, 12)]
+    values = attentions.fitting_values("swin", "window", maps, dim=DIM, heads=HEADS)
+    for window in range(1, 13):
+        module = attentions.build("swin", dim=DIM, heads=HEADS, window=window)
+        assert (window in values) == all(not module.unsupported(1, hw) for hw in maps), window
+    assert values[0] == 4  # the default 7 does not fit: the nearest smaller value that does comes first
+    budget = attentions.build("swin", dim=DIM, heads=HEADS, window=2).macs(1, (12, 12))
+    cheap = attentions.fitting_values("swin", "window", maps, dim=DIM, heads=HEADS, budget=budget)
+    assert 2 in cheap and 4 not in cheap
+    assert attentions.fitting_values("swin", "window", maps, dim=DIM, heads=HEADS, limit=2) == values[:2]
+
+
+def test_fit_knobs_keeps_what_fits_and_says_when_nothing_does():
+    assert attentions.fit_knobs("swin", [(14, 14)], dim=DIM, heads=HEADS) == {}
+    fitted = attentions.fit_knobs("swin", [(8, 8)], dim=DIM, heads=HEADS, knobs={"window": 7, "shift": True})
+    assert fitted == {"window": 4, "shift": True}
+    with pytest.raises(attentions.KnobError, match="divisible by heads"):
+        attentions.fit_knobs("full", [(8, 8)], dim=30, heads=4)  # no knob changes the widths

@@ -113,7 +113,9 @@ class DeformableBiasTable(nn.Module):
     map ([-1, 1] from the first to the last pixel centre). A displacement
     ``query - sample`` spans [-2, 2]; halved, it spans the table, whose centre
     entry (Ht-1, Wt-1) is zero displacement. On a map of exactly Ht x Wt a whole
-    pixel of displacement moves one entry; other sizes stretch the table.
+    pixel of displacement moves one entry where a pixel is 2/(H-1) (deformable's
+    ``datpp`` and ``centres`` geometries; ``cvpr2022``'s query grid steps by 2/H, as
+    that release does); other sizes stretch the table.
     Lookups beyond the table read zero. Computed in float32.
     """
 

@@ -28,6 +28,9 @@ def tiles():
     import tiles  # noqa: F401  registers "tiles"
 
     yield attentions.get("tiles")
+    # the rest of the session sees the registry as it was: tests that list it at run time stay as they were
+    attentions.base._REGISTRY.pop("tiles")
+    sys.modules.pop("tiles")
     sys.path.remove(str(PLUGINS))
 
 

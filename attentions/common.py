@@ -46,6 +46,11 @@ def explicit_is_faster(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return needs_grad and not SDPA_FUSES_BIAS_GRAD.get(q.device.type, False)
 
 
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or in float64 when it is: the precision the sensitive steps compute in."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,

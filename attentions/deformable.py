@@ -70,6 +70,7 @@ from .common import (
     split_heads,
     to_map,
     to_tokens,
+    widen,
 )
 from .relpos import DeformableBiasTable
 
@@ -118,9 +119,9 @@ def normalise(p: torch.Tensor, size: int) -> torch.Tensor:
     return p * (2.0 / (size - 1)) - 1.0
 
 
-def reference_axis(geometry: str, size: int, cells: int, device: Any) -> torch.Tensor:
-    """Normalised float32 positions of ``cells`` reference points along a side of ``size`` pixels."""
-    j = torch.arange(cells, device=device, dtype=torch.float32) + 0.5
+def reference_axis(geometry: str, size: int, cells: int, device: Any, dtype: Any = torch.float32) -> torch.Tensor:
+    """Normalised positions of ``cells`` reference points along a side of ``size`` pixels."""
+    j = torch.arange(cells, device=device, dtype=dtype) + 0.5
     if geometry == "cvpr2022":
         return j / cells * 2.0 - 1.0
     if geometry == "datpp":
@@ -128,11 +129,11 @@ def reference_axis(geometry: str, size: int, cells: int, device: Any) -> torch.T
     return normalise(j * (size / cells) - 0.5, size)
 
 
-def query_axis(geometry: str, size: int, device: Any) -> torch.Tensor:
-    """Normalised float32 positions of the ``size`` queries along a side, as the bias lookup sees them."""
+def query_axis(geometry: str, size: int, device: Any, dtype: Any = torch.float32) -> torch.Tensor:
+    """Normalised positions of the ``size`` queries along a side, as the bias lookup sees them."""
     if geometry == "cvpr2022":
-        return reference_axis(geometry, size, size, device)
-    return normalise(torch.arange(size, device=device, dtype=torch.float32), size)
+        return reference_axis(geometry, size, size, device, dtype)
+    return normalise(torch.arange(size, device=device, dtype=dtype), size)
 
 
 def offset_cells(geometry: str, cells: int) -> int:
@@ -175,15 +176,16 @@ class DeformableAttention(Attention):
         k, s = self.knobs.kernel, self.knobs.stride
         return conv_out(hw[0], k, s, self.padding), conv_out(hw[1], k, s, self.padding)
 
-    def reference_points(self, hw: HW, key_hw: HW, device: Any) -> torch.Tensor:
-        """(Hk, Wk, 2) float32 reference positions (x, y), normalised."""
+    def reference_points(self, hw: HW, key_hw: HW, device: Any, dtype: Any = torch.float32) -> torch.Tensor:
+        """(Hk, Wk, 2) reference positions (x, y), normalised (float32, or float64 for float64 inputs)."""
         geo = self.knobs.geometry
-        return _grid(reference_axis(geo, hw[0], key_hw[0], device), reference_axis(geo, hw[1], key_hw[1], device))
+        ys, xs = (reference_axis(geo, hw[i], key_hw[i], device, dtype) for i in (0, 1))
+        return _grid(ys, xs)
 
-    def query_points(self, hw: HW, device: Any) -> torch.Tensor:
-        """(H*W, 2) float32 positions (x, y) of the queries, normalised."""
+    def query_points(self, hw: HW, device: Any, dtype: Any = torch.float32) -> torch.Tensor:
+        """(H*W, 2) positions (x, y) of the queries, normalised."""
         geo = self.knobs.geometry
-        return _grid(query_axis(geo, hw[0], device), query_axis(geo, hw[1], device)).reshape(-1, 2)
+        return _grid(query_axis(geo, hw[0], device, dtype), query_axis(geo, hw[1], device, dtype)).reshape(-1, 2)
 
     def offsets(self, q_map: torch.Tensor) -> torch.Tensor:
         """Group query maps (B*g, Cg, H, W) -> offsets (B*g, Hk, Wk, 2), (x, y), normalised, float32.
@@ -193,14 +195,14 @@ class DeformableAttention(Attention):
         moves samples across pixel boundaries, where bilinear sampling's gradient
         jumps (see the module docstring).
         """
-        q_map = q_map.float()
-        conv, norm = self.offset_conv, self.offset_norm
-        bias = None if conv.bias is None else conv.bias.float()
-        t = F.conv2d(q_map, conv.weight.float(), bias, conv.stride, conv.padding, groups=conv.groups)
+        q_map = widen(q_map)
+        conv, norm, wide = self.offset_conv, self.offset_norm, q_map.dtype
+        bias = None if conv.bias is None else conv.bias.to(wide)
+        t = F.conv2d(q_map, conv.weight.to(wide), bias, conv.stride, conv.padding, groups=conv.groups)
         t = t.permute(0, 2, 3, 1)  # (B*g, Hk, Wk, Cg)
-        t = F.layer_norm(t, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+        t = F.layer_norm(t, norm.normalized_shape, norm.weight.to(wide), norm.bias.to(wide), norm.eps)
         t = self.offset_act(t).permute(0, 3, 1, 2)  # (B*g, Cg, Hk, Wk)
-        raw = F.conv2d(t, self.offset_out.weight.float())  # (B*g, 2, Hk, Wk)
+        raw = F.conv2d(t, self.offset_out.weight.to(wide))  # (B*g, 2, Hk, Wk)
         raw = raw.permute(0, 2, 3, 1)  # (B*g, Hk, Wk, 2)
         factor, geo = self.knobs.offset_range_factor, self.knobs.geometry
         if factor < 0 or (factor == 0 and geo == "cvpr2022"):  # the CVPR release bounds only factor > 0
@@ -212,7 +214,7 @@ class DeformableAttention(Attention):
     def positions(self, offsets: torch.Tensor, hw: HW) -> torch.Tensor:
         """Sampling positions (B*g, Hk, Wk, 2): reference grid + offsets; when unbounded, squashed into the map
         by tanh (cvpr2022) or clamped to it."""
-        ref = self.reference_points(hw, (offsets.shape[1], offsets.shape[2]), offsets.device)
+        ref = self.reference_points(hw, (offsets.shape[1], offsets.shape[2]), offsets.device, offsets.dtype)
         pos = ref + offsets  # (B*g, Hk, Wk, 2)
         if self.knobs.offset_range_factor >= 0:
             return pos
@@ -222,7 +224,7 @@ class DeformableAttention(Attention):
         """Bilinear samples of x (B, C, H, W) at the groups' positions (B*g, Hk, Wk, 2) -> tokens (B, Hk*Wk, C)."""
         b, c, h, w = x_map.shape
         grouped = x_map.reshape(b * self.knobs.groups, self.group_channels, h, w)  # (B*g, Cg, H, W)
-        s = F.grid_sample(grouped.float(), pos, mode="bilinear", padding_mode="zeros", align_corners=True)
+        s = F.grid_sample(grouped.to(pos.dtype), pos, mode="bilinear", padding_mode="zeros", align_corners=True)
         return to_tokens(s.reshape(b, c, pos.shape[1], pos.shape[2])).to(x_map.dtype)  # (B, Hk*Wk, C)
 
     # ------------------------------------------------------------------ forward
@@ -231,7 +233,9 @@ class DeformableAttention(Attention):
         with torch.autocast(x.device.type, enabled=False):
             # Queries in float32 feed the offset network; attention gets them in x's dtype.
             lin = self.proj.q
-            q32 = F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())  # (B, N, C)
+            wide = widen(x).dtype
+            q_bias = None if lin.bias is None else lin.bias.to(wide)
+            q32 = F.linear(x.to(wide), lin.weight.to(wide), q_bias)  # (B, N, C)
             q_map = to_map(q32, hw).reshape(b * g, cg, hw[0], hw[1])  # (B*g, Cg, H, W)
             pos = self.positions(self.offsets(q_map), hw)  # (B*g, Hk, Wk, 2)
         q_tokens = q32.to(x.dtype)
@@ -241,7 +245,7 @@ class DeformableAttention(Attention):
         bias = None
         if self.rpe is not None:
             # (B, h, N, Ns): table read at query - sample displacements, per group
-            bias = self.rpe(self.query_points(hw, x.device), pos.flatten(1, 2), groups=g)
+            bias = self.rpe(self.query_points(hw, x.device, pos.dtype), pos.flatten(1, 2), groups=g)
         o = attend(q, k, v, bias, math=self.math)  # (B, h, N, d)
         return self.proj.output(o)
 

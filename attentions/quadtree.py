@@ -53,6 +53,7 @@ from .common import (
     split_heads,
     to_map,
     to_tokens,
+    widen,
 )
 
 
@@ -129,13 +130,13 @@ def coarse_level(
         selected: torch.Tensor | None = None
         if keep:
             with torch.no_grad():
-                logits = q.float() @ k.float().transpose(-2, -1)  # (B, h, N, M)
+                logits = widen(q) @ widen(k).transpose(-2, -1)  # (B, h, N, M)
                 selected = logits.topk(keep, dim=-1).indices  # (B, h, N, keep)
         # Contiguous copies of the (small) coarsest level: the CPU SDPA kernel returns wrong values for these
         # head-split strides under torch.compile's AOT autograd in torch 2.13 (eager is right).
         return attend(q.contiguous(), k.contiguous(), v.contiguous(), scale=scale), None, selected
     # A: scores, softmax and selection in float32 (the kept scores weight the level below).
-    probs = torch.softmax((q.float() @ k.float().transpose(-2, -1)) * scale, dim=-1)  # (B, h, N, M)
+    probs = torch.softmax((widen(q) @ widen(k).transpose(-2, -1)) * scale, dim=-1)  # (B, h, N, M)
     if not keep:
         return probs.to(v.dtype) @ v, None, None
     top_score, top_idx = probs.topk(keep, dim=-1)  # (B, h, N, keep)
@@ -215,7 +216,7 @@ def refine(
     flat = (idx + offset).reshape(-1)  # (B*h*P*4K,) rows of the flattened keys
     kg = k.reshape(b * h * m, d).index_select(0, flat).view(b, h, p, c, d)  # (B, h, P, 4K, d)
     vg = v.reshape(b * h * m, d).index_select(0, flat).view(b, h, p, c, d)
-    scores = (q.float() @ kg.float().transpose(-2, -1)) * scale  # (B, h, P, 4, 4K)
+    scores = (widen(q) @ widen(kg).transpose(-2, -1)) * scale  # (B, h, P, 4, 4K)
     if parent_score is None:
         probs = torch.softmax(scores, dim=-1)
     else:
@@ -487,12 +488,12 @@ class QuadTreeAttention(Attention):
                 out = upsample(out, pyr.q_hw[level - 1]) + pyr.messages[level]  # (B, h, N_l, d)
             return self.proj.output(out)
         # Mixed in float32: the gradient of the level weights is a small difference of large sums.
-        weight = torch.softmax(self.level_weight.float(), dim=0)
+        weight = torch.softmax(widen(self.level_weight), dim=0)
         mixed: torch.Tensor | None = None
         for level, message in enumerate(pyr.messages):
             if self.knobs.lepe:
                 message = message + split_heads(to_tokens(self.lepe[level](pyr.value_maps[level])), self.heads)
-            term = weight[level] * message.float()  # (B, h, N_l, d)
+            term = weight[level] * widen(message)  # (B, h, N_l, d)
             mixed = term if mixed is None else upsample(mixed, pyr.q_hw[level - 1]) + term
         assert mixed is not None
         return self.proj.output(mixed.to(x.dtype))

@@ -317,3 +317,16 @@ def test_fit_knobs_keeps_what_fits_and_says_when_nothing_does():
     assert fitted == {"window": 4, "shift": True}
     with pytest.raises(attentions.KnobError, match="divisible by heads"):
         attentions.fit_knobs("full", [(8, 8)], dim=30, heads=4)  # no knob changes the widths
+
+
+@pytest.mark.parametrize("name", attentions.available())
+def test_reference_is_exact_in_float64(name):
+    # float64 inputs stay float64 on the reference path (no float32 step inside), so gradcheck holds
+    hw = (4, 4)
+    knobs = attentions.fit_knobs(name, [hw], dim=8, heads=2, knobs=supported_point(name)[0])
+    torch.manual_seed(0)
+    module = attentions.build(name, dim=8, heads=2, impl="reference", **knobs).double()
+    x, *rest = module.example_inputs(1, hw, dtype=torch.float64, cross=modes(name)[0] == "cross")
+    assert module(x, *rest).dtype == torch.float64
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: module(t, *rest), (x,), eps=1e-6, atol=1e-5, rtol=1e-4)

@@ -11,7 +11,8 @@ Coordinates. All positions live in ``grid_sample``'s ``align_corners=True``
 frame of the query map: -1 and +1 are the centres of the first and last pixel,
 so one pixel is ``2 / (H - 1)``. The query projection feeding the offset
 network, the offset network itself, positions, bilinear weights and the bias
-table lookup are computed in float32 whatever the input dtype (autocast off);
+table lookup are computed in float32 whatever the input dtype (float64 inputs
+stay float64; autocast off);
 the queries used for attention and the sampled features are cast back to the
 input dtype.
 

@@ -438,15 +438,16 @@ def flops_(
             if len(parsed) != 1:
                 raise AttnbenchError(f"--knob {item}: flops counts one point, so give one value")
             values[key] = parsed[0]
-        module = attentions.build(mechanism, dim=dim, heads=heads, impl=impl, **values)
         context_hw = _flops_hw(context_resolution, "--context-resolution") if context_resolution else None
         if context_hw is not None and not cross:
             raise AttnbenchError("--context-resolution needs --cross")
-        if cross and not module.supports_cross:
-            raise AttnbenchError(f"{mechanism} does not support cross attention; drop --cross")
-        reasons = module.unsupported(batch, hw, context_hw if cross else None)
+        reasons = attentions.not_supported_reasons(
+            mechanism, dim=dim, heads=heads, hw=hw, knobs=values, impl=impl, batch=batch, cross=cross,
+            context_hw=context_hw,
+        )  # fmt: skip
         if reasons:
             raise AttnbenchError("; ".join(reasons))
+        module = attentions.build(mechanism, dim=dim, heads=heads, impl=impl, **values)
         args = module.example_inputs(batch, hw, cross=cross, context_hw=context_hw)
         what = f"{mechanism} ({module.impl}) at {hw[0]}x{hw[1]} tokens, batch {batch}, dim {dim}, heads {heads}"
         what += f", cross with {args[3][0]}x{args[3][1]} context" if len(args) > 3 else ""

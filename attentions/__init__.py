@@ -9,7 +9,22 @@ torch.Size([2, 3136, 96])
 
 import importlib
 
-from .base import HW, Attention, KnobError, Knobs, UnsupportedPoint, available, build, get, register
+from .base import (
+    HW,
+    Attention,
+    KnobError,
+    Knobs,
+    MapRule,
+    Requires,
+    UnsupportedPoint,
+    available,
+    build,
+    fit_knobs,
+    fitting_values,
+    get,
+    not_supported_reasons,
+    register,
+)
 
 # Registration order is the order of listings and reports: dense first, then by family.
 MECHANISMS = ("full", "linear", "pvt", "swin", "quadtree", "deformable", "pooling", "cross")
@@ -22,9 +37,14 @@ __all__ = [
     "Attention",
     "KnobError",
     "Knobs",
+    "MapRule",
+    "Requires",
     "UnsupportedPoint",
     "available",
     "build",
+    "fit_knobs",
+    "fitting_values",
     "get",
+    "not_supported_reasons",
     "register",
 ]

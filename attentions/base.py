@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import torch
@@ -30,6 +31,72 @@ class UnsupportedPoint(AttnbenchError, ValueError):
     def __init__(self, name: str, reasons: list[str]):
         self.reasons = list(reasons)
         super().__init__(f"{name} cannot run here: " + "; ".join(self.reasons))
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class Requires:
+    """What a mechanism, or one of its impls, needs to run: data that :func:`not_supported_reasons` reads.
+
+    In the style of xformers' ``not_supported_reasons``: device types, dtypes and
+    autograd are declared, not coded; ``probe`` asks the environment what a
+    declaration cannot say (a library, a torch feature): device type -> reasons.
+    ``fix`` ends every refusal these declarations give.
+    """
+
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[str, ...] = FLOAT_DTYPES
+    backward: bool = True
+    probe: Callable[[str], list[str]] | None = None
+    fix: str = ""
+
+    def reasons(self, what: str, dtype: Any, device: Any, grad: bool) -> list[str]:
+        fix = f"; {self.fix}" if self.fix else ""
+        out: list[str] = []
+        kind = None if device is None else torch.device(device).type
+        if kind is not None and kind != "meta" and kind not in self.devices:
+            out.append(f"{what} runs on {' or '.join(self.devices)}, not {kind}{fix}")
+        name = None if dtype is None else str(dtype).replace("torch.", "")
+        if name is not None and name not in self.dtypes:
+            *most, last = self.dtypes
+            out.append(f"{what} takes {', '.join(most) + ' or ' if most else ''}{last}, not {name}{fix}")
+        if grad and not self.backward:
+            out.append(f"{what} has no backward pass{fix}")
+        if self.probe is not None and not out:
+            default = "cuda" if torch.cuda.is_available() else "cpu"
+            out += self.probe(default if kind is None else kind)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MapRule:
+    """A constraint a token map must meet: H and W multiples of ``multiple``, each side in
+    [``at_least``, ``at_most``]. ``what`` names the quantity (``the window 7``); ``fix`` says
+    what to change. ``which`` is ``hw`` (the query map) or ``context_hw``."""
+
+    what: str
+    multiple: int = 1
+    at_least: int = 1
+    at_most: int | None = None
+    fix: str = ""
+    which: str = "hw"
+
+    def reasons(self, name: str, hw: HW) -> list[str]:
+        h, w = hw
+        where = f"{name}: {'the map' if self.which == 'hw' else 'the context map'} {h}x{w}"
+        fix = f"; {self.fix}" if self.fix else ""
+        if h % self.multiple or w % self.multiple:
+            return [f"{where}: H and W must be multiples of {self.what}{fix}"]
+        if min(h, w) < self.at_least:
+            return [f"{where} is smaller than {self.what} in a dimension{fix}"]
+        if self.at_most is not None and max(h, w) > self.at_most:
+            return [f"{where} is larger than {self.what}{fix}"]
+        return []
+
+    def fits(self, hw: HW) -> bool:
+        return not self.reasons("", hw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +224,11 @@ class Attention(nn.Module):
     # Implementations; "reference" is the plain PyTorch definition of correct.
     impls: ClassVar[tuple[str, ...]] = ("reference", "fast")
     default_impl: ClassVar[str] = "fast"
+    # What the mechanism needs wherever it runs, and what each impl needs on top (impls not named: nothing).
+    requires: ClassVar[Requires] = Requires()
+    impl_requires: ClassVar[dict[str, Requires]] = {}
+    # Knob sets that reach code paths one knob changed from its default does not (registry-driven tests).
+    examples: ClassVar[tuple[dict[str, Any], ...]] = ()
     # Parameters whose gradient is a small difference of large sums (e.g. softmax
     # weights over nearly equal messages): in low precision their relative error
     # measures that cancellation, so parity holds them to a looser, stated bound.
@@ -168,19 +240,50 @@ class Attention(nn.Module):
             raise KnobError(f"dim must be a positive integer, got {dim!r}")
         if not isinstance(heads, int) or heads <= 0:
             raise KnobError(f"heads must be a positive integer, got {heads!r}")
+        reasons = self.static_reasons(dim, heads, knobs, impl)
+        if reasons:
+            raise KnobError("; ".join(reasons))
         self.dim = dim
         self.heads = heads
         self.knobs = knobs
-        # Heads split the channels the attention works at: dim, or output_dim where a mechanism widens.
-        width = self.output_dim
-        if width % heads:
-            label = "dim" if width == dim else "output_dim"
-            raise KnobError(
-                f"{label} ({width}) must be divisible by heads ({heads}); choose heads from {_divisors(width)}"
-            )
-        self.head_dim = width // heads
+        self.head_dim = self.attention_width(dim, knobs) // heads
         self._impl = self.default_impl
         self.impl = impl or self.default_impl
+
+    # ------------------------------------------------------------------ requirements
+    @classmethod
+    def attention_width(cls, dim: int, knobs: KnobsBase) -> int:
+        """Channels the heads split: dim, or the widened width where a mechanism widens (pooling's dim_out)."""
+        return dim
+
+    @classmethod
+    def static_reasons(cls, dim: int, heads: int, knobs: KnobsBase, impl: str | None = None) -> list[str]:
+        """Why the module cannot be built with these widths, knobs and impl (empty when it can)."""
+        reasons = []
+        if impl is not None and impl not in cls.impls:
+            reasons.append(f"impl {impl!r} is not one of {cls.name}'s implementations: {', '.join(cls.impls)}")
+        width = cls.attention_width(dim, knobs)
+        if width % heads:
+            label = "dim" if width == dim else "output_dim"
+            reasons.append(
+                f"{label} ({width}) must be divisible by heads ({heads}); choose heads from {_divisors(width)}"
+            )
+        return reasons + cls._static_reasons(dim, heads, knobs)
+
+    @classmethod
+    def _static_reasons(cls, dim: int, heads: int, knobs: Any) -> list[str]:
+        return []
+
+    def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
+        """The constraints this module puts on the maps (as data; :meth:`unsupported` checks them)."""
+        return []
+
+    @classmethod
+    def stage_knobs(cls, stage: int, hw: HW) -> tuple[dict[str, Any], ...]:
+        """Knobs of this mechanism's blocks (cycled) at stage 1-4 of a four-stage backbone whose stage map
+        is ``hw`` at its native resolution: the family's published per-stage settings, the defaults where
+        it has none. A model fits them to the maps it runs at (:func:`fit_knobs`)."""
+        return ({},)
 
     # ------------------------------------------------------------------ knobs
     @classmethod
@@ -275,8 +378,12 @@ class Attention(nn.Module):
         *,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        grad: bool = False,
     ) -> list[str]:
-        """Human reasons why this point cannot run (empty when it can)."""
+        """Human reasons why this point cannot run (empty when it can); see :func:`not_supported_reasons`.
+
+        ``device`` None means wherever the module would run; ``grad`` asks for a backward pass too.
+        """
         reasons: list[str] = []
         if batch < 1:
             reasons.append(f"batch must be at least 1, got {batch}")
@@ -287,14 +394,25 @@ class Attention(nn.Module):
                 reasons.append(f"{label} must be two positive integers (H, W), got {value!r}")
         if reasons:
             return reasons
+        if context_hw is not None and not self.supports_cross:
+            return [f"{self.name} does not support cross attention"]
         if self.requires_context and context_hw is None:
             context_hw = self.default_context_hw(hw)
+        reasons += _device_reasons(device)
+        reasons += self.requires.reasons(self.name, dtype, device, grad)
+        if self.impl in self.impl_requires:
+            reasons += self.impl_requires[self.impl].reasons(f"impl={self.impl!r}", dtype, device, grad)
+        for rule in self.map_rules(hw, context_hw):
+            on = hw if rule.which == "hw" else context_hw
+            if on is not None:
+                reasons += rule.reasons(self.name, on)
         reasons += self._unsupported(batch, hw, context_hw, dtype=dtype, device=device)
         return reasons
 
     def _unsupported(
         self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
     ) -> list[str]:
+        """What the declared requirements and map rules cannot say (empty when nothing)."""
         return []
 
     def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
@@ -473,3 +591,173 @@ def build(name: str, *, dim: int, heads: int, impl: str | None = None, **knobs: 
     """Build a registered mechanism: ``build("swin", dim=96, heads=3, window=7)``."""
     cls = get(name)
     return cls(dim=dim, heads=heads, knobs=cls.make_knobs(**knobs), impl=impl)
+
+
+def _device_reasons(device: Any) -> list[str]:
+    """Whether this machine has the device at all (an environment fact, before any mechanism's needs)."""
+    if device is None:
+        return []
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return []
+    if not torch.cuda.is_available():
+        return ["CUDA is not available on this machine; sweep --device cpu or run on a GPU machine"]
+    if (dev.index or 0) >= torch.cuda.device_count():
+        return [f"{dev} does not exist; this machine has {torch.cuda.device_count()} GPU(s)"]
+    return []
+
+
+_PROBES: dict[tuple, Attention] = {}
+
+
+def probe_module(name: str, dim: int, heads: int, knobs: KnobsBase, impl: str | None) -> Attention:
+    """The module of a configuration, built on the meta device where it can be (cached), to ask it questions."""
+    key = (name, dim, heads, impl, tuple(sorted(knobs.as_dict().items())))
+    if key not in _PROBES:
+        cls = get(name)
+        try:
+            with torch.device("meta"):
+                module = cls(dim=dim, heads=heads, knobs=knobs, impl=impl)
+        except (NotImplementedError, RuntimeError):  # a mechanism whose constructor reads tensor data
+            module = cls(dim=dim, heads=heads, knobs=knobs, impl=impl)
+        if len(_PROBES) > 256:
+            _PROBES.clear()
+        _PROBES[key] = module
+    return _PROBES[key]
+
+
+def not_supported_reasons(
+    name: str,
+    *,
+    dim: int,
+    heads: int,
+    hw: HW,
+    knobs: dict[str, Any] | KnobsBase | None = None,
+    impl: str | None = None,
+    batch: int = 1,
+    cross: bool = False,
+    context_hw: HW | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    grad: bool = False,
+) -> list[str]:
+    """Can this point run, and if not why: the one answer that build, the harness, presets, models and CLI use.
+
+    Empty when the point runs. Knob values that are not values of their type or range raise
+    :class:`KnobError` (they are wrong anywhere); everything that depends on the point is a reason:
+    widths and heads, the impl, the device, dtype and autograd an impl declares, cross attention, the
+    map rules and the mechanism's own checks. ``cross`` without ``context_hw`` takes the mechanism's
+    default context map.
+    """
+    cls = get(name)
+    made = knobs if isinstance(knobs, KnobsBase) else cls.make_knobs(**(knobs or {}))
+    for label, value in (("dim", dim), ("heads", heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise KnobError(f"{label} must be a positive integer, got {value!r}")
+    reasons = cls.static_reasons(dim, heads, made, impl)
+    if reasons:
+        return reasons
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    module = probe_module(name, dim, heads, made, impl)
+    if (cross or cls.requires_context) and context_hw is None:
+        if not cls.supports_cross:
+            return [f"{name} does not support cross attention"]
+        context_hw = module.default_context_hw(hw)
+    return module.unsupported(batch, hw, context_hw, dtype=torch_dtype, device=device, grad=grad)
+
+
+# ---------------------------------------------------------------------- knob values that fit
+def knob_candidates(name: str, knob: str, maps: list[HW]) -> list[Any]:
+    """Values of ``knob`` worth trying on ``maps``, the default first, then by preference.
+
+    Integers: the default, then smaller values downwards, then larger ones up to the
+    largest side of the maps (beyond it a map-sized knob changes nothing); a choice
+    (``Literal``, bool): the default, then the others. Other types: the default alone.
+    """
+    cls = get(name)
+    tp, default = cls.knob_types()[knob], cls.knob_defaults()[knob]
+    if tp is bool:
+        return [default, not default]
+    if get_origin(tp) is Literal:
+        return [default, *(c for c in get_args(tp) if c != default)]
+    if (tp is int or int in get_args(tp)) and isinstance(default, int) and not isinstance(default, bool):
+        top = max(default, *(max(hw) for hw in maps))
+        return [default, *range(default - 1, 0, -1), *range(default + 1, top + 1)]
+    return [default]
+
+
+def fitting_values(
+    name: str,
+    knob: str,
+    maps: list[HW],
+    *,
+    dim: int,
+    heads: int,
+    knobs: dict[str, Any] | None = None,
+    impl: str | None = None,
+    budget: int | None = None,
+    limit: int | None = None,
+) -> list[Any]:
+    """Values of ``knob`` under which the mechanism runs on every map of ``maps``, by preference.
+
+    The other knobs are ``knobs`` (defaults for the rest). ``budget``: only values whose
+    analytic multiply-adds of one image at the largest map are at most this. ``limit``:
+    stop after that many. The preference is :func:`knob_candidates`' order, so ``limit=1``
+    keeps the default when it fits and otherwise takes the nearest smaller value that does.
+    """
+    cls = get(name)
+    if knob not in cls.knob_types():
+        raise KnobError(f"{name} has no knob {knob!r}; its knobs: {', '.join(cls.knob_types())}")
+    largest = max(maps, key=lambda hw: hw[0] * hw[1])
+    found: list[Any] = []
+    for value in knob_candidates(name, knob, maps):
+        try:
+            made = cls.make_knobs(**{**(knobs or {}), knob: value})
+        except KnobError:
+            continue
+        point = dict(dim=dim, heads=heads, knobs=made, impl=impl)
+        if any(not_supported_reasons(name, hw=hw, **point) for hw in maps):  # type: ignore[arg-type]
+            continue
+        if budget is not None and probe_module(name, dim, heads, made, impl).macs(1, largest) > budget:
+            continue
+        found.append(value)
+        if limit is not None and len(found) >= limit:
+            break
+    return found
+
+
+def fit_knobs(
+    name: str,
+    maps: list[HW],
+    *,
+    dim: int,
+    heads: int,
+    knobs: dict[str, Any] | None = None,
+    impl: str | None = None,
+) -> dict[str, Any]:
+    """``knobs`` with the values that keep the mechanism off every map in ``maps`` replaced.
+
+    Values that fit stay. Otherwise the cost knob is refitted first, then every other knob
+    in declaration order, each to its preferred fitting value (:func:`fitting_values`),
+    until the point runs on all the maps. Raises :class:`KnobError` naming the reasons when
+    no single-knob change makes it run.
+    """
+    cls = get(name)
+    out = dict(knobs or {})
+
+    def reasons() -> list[str]:
+        return [
+            r for hw in maps for r in not_supported_reasons(name, dim=dim, heads=heads, hw=hw, knobs=out, impl=impl)
+        ]
+
+    order = ([cls.cost_knob] if cls.cost_knob else []) + [k for k in cls.knob_types() if k != cls.cost_knob]
+    for knob in order:
+        if not reasons():
+            return out
+        values = fitting_values(name, knob, maps, dim=dim, heads=heads, knobs=out, impl=impl, limit=1)
+        if values:
+            out[knob] = values[0]
+    left = reasons()
+    if left:
+        raise KnobError(f"no knob of {name} fits the maps {maps}: {'; '.join(left)}")
+    return out

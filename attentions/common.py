@@ -38,6 +38,23 @@ def to_tokens(m: torch.Tensor) -> torch.Tensor:
 PROBES: list = []
 
 
+# Whether SDPA's fused kernels take an additive bias that needs a gradient, per device type. Where they do
+# not (the CPU, torch 2.11-2.13), SDPA runs its unfused math kernel, slower than the explicit path of
+# attend() (scores, add, softmax, weighted sum): the fast path takes the explicit one there.
+SDPA_FUSES_BIAS_GRAD: dict[str, bool] = {"cuda": True, "cpu": False}
+
+
+def explicit_is_faster(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether attend()'s explicit path beats SDPA at this point (device, dtype, grad): see SDPA_FUSES_BIAS_GRAD."""
+    needs_grad = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    return needs_grad and not SDPA_FUSES_BIAS_GRAD.get(q.device.type, False)
+
+
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or in float64 when it is: the precision the sensitive steps compute in."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -51,14 +68,16 @@ def attend(
 
     q: (..., Nq, d), k: (..., Nk, d), v: (..., Nk, dv); bias is additive and
     broadcastable to (..., Nq, Nk) (-inf masks a pair). ``math=True`` forces the
-    plain PyTorch path, which is the reference every fast path must match.
+    plain PyTorch path, which is the reference every fast path must match;
+    otherwise SDPA, unless the explicit path is the faster one (explicit_is_faster).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if math:
+    if math or explicit_is_faster(q, bias):
         scores = (q @ k.transpose(-2, -1)) * scale  # (..., Nq, Nk)
         if bias is not None:
             scores = scores + bias
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        # softmax in float32 at least: float64 inputs stay float64, so the reference is exact there
+        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v.dtype)
         for probe in PROBES:  # attentions/footprint.py reads the reference path's weights here
             probe(probs)
         return probs @ v

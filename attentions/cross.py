@@ -72,11 +72,6 @@ class CrossAttention(Attention):
     def __init__(self, dim: int, heads: int, knobs: CrossKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
         cd = knobs.context_dim or dim
-        if cd % heads:
-            raise KnobError(
-                f"cross attention runs its {heads} heads at the other branch's width, so context_dim ({cd}) "
-                f"must be divisible by heads; choose heads from {_divisors(cd)} or change context_dim"
-            )
         self._context_dim = cd
         self.to_context = _proj_in_out(dim, cd)
         self.norm = nn.LayerNorm(cd, eps=EPS)
@@ -108,9 +103,14 @@ class CrossAttention(Attention):
         cls = self.from_context(self.fuse(x[:, :1], context))  # (B, 1, dim)
         return torch.cat([cls, x[:, 1:]], dim=1)  # (B, 1 + H*W, dim)
 
-    def _unsupported(
-        self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
-    ) -> list[str]:
+    @classmethod
+    def _static_reasons(cls, dim: int, heads: int, knobs: Any) -> list[str]:
+        cd = knobs.context_dim or dim
+        if cd % heads:
+            return [
+                f"cross attention runs its {heads} heads at the other branch's width, so context_dim ({cd}) "
+                f"must be divisible by heads; choose heads from {_divisors(cd)} or change context_dim"
+            ]
         return []
 
     def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:

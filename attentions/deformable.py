@@ -9,11 +9,12 @@ learnable table at the query-to-sample displacements.
 
 Coordinates. All positions live in ``grid_sample``'s ``align_corners=True``
 frame of the query map: -1 and +1 are the centres of the first and last pixel,
-so one pixel is ``2 / (H - 1)`` (a map one pixel high or wide has every
-position at 0). The query projection feeding the offset network, the offset
-network itself, positions, bilinear weights and the bias table lookup are
-computed in float32 whatever the input dtype (autocast off); the queries used
-for attention and the sampled features are cast back to the input dtype.
+so one pixel is ``2 / (H - 1)``. The query projection feeding the offset
+network, the offset network itself, positions, bilinear weights and the bias
+table lookup are computed in float32 whatever the input dtype (float64 inputs
+stay float64; autocast off);
+the queries used for attention and the sampled features are cast back to the
+input dtype.
 
 Why float32: the gradient of a bilinear sample with respect to its position
 jumps when the position crosses a pixel boundary. Positions computed from bf16
@@ -21,20 +22,30 @@ queries move by ~0.01 pixel, enough to cross one on many samples, and the
 offset network's and query projection's gradients then differ from float32 by
 far more than rounding. In float32 the positions match and so do the gradients.
 
-Choices where the official code (LeapLabTHU/DAT) is not followed to the letter:
+Geometry (knob ``geometry``): where the ``Hk x Wk`` reference points sit, where
+the queries sit for the bias lookup, and what bounds the offsets. With
+``j = 0 .. Hk-1`` and ``i = 0 .. H-1`` (columns alike), in normalised units:
 
-- Reference points are the centres of an ``Hk x Wk`` grid of equal cells over
-  the map, ``(j + 1/2) * H / Hk - 1/2`` in pixels. With ``stride=1`` they are
-  exactly the pixel centres. (The official code normalises
-  ``linspace(0.5, Hk - 0.5)`` by ``Hk - 1``, which puts the grid half a cell off
-  and its last row outside the map.)
-- Offsets are ``tanh(raw) * offset_range_factor / (Wk, Hk)`` in normalised units,
-  so they reach at most ``offset_range_factor / 2`` key cells (about
-  ``offset_range_factor * stride / 2`` pixels). The official code divides by
-  ``Hk - 1``, which is undefined for a one-row key grid. A factor of ``-1``
-  means unbounded: raw offsets, positions clamped to the map, as DAT does.
-- Offset channel 0 is the horizontal (x) offset, channel 1 the vertical (y), the
-  order ``grid_sample`` reads.
+- ``cvpr2022`` (default; the CVPR 2022 release of LeapLabTHU/DAT, whose DAT-T
+  ``dat_t`` reproduces): reference ``(j + 1/2) / Hk * 2 - 1``, query
+  ``(i + 1/2) / H * 2 - 1`` (the same formula at (H, W)), offsets
+  ``tanh(raw) * offset_range_factor / Hk``. Factor 0 leaves the raw offsets
+  unbounded, and -1 takes ``tanh`` of the position, as that release does.
+- ``datpp`` (DAT++, the repository's current head): reference
+  ``(j + 1/2) / (Hk - 1) * 2 - 1`` (half a cell off, the last row outside the
+  map), query ``i / (H - 1) * 2 - 1`` (the pixel centres), offsets
+  ``tanh(raw) * offset_range_factor / (Hk - 1)``; -1 clamps the position to the
+  map. Undefined for a key grid or map one pixel high or wide, so refused there.
+- ``centres`` (ours): the centres of ``Hk x Wk`` equal cells,
+  ``(j + 1/2) * H / Hk - 1/2`` in pixels; the queries at the pixel centres;
+  offsets as ``cvpr2022``; -1 clamps. Kept because it is the one placement that
+  is exactly the pixel grid at stride 1 and the cell means at ``kernel ==
+  stride`` (zero offsets sample x itself, or its average pool), and is defined
+  for every map size including a single row.
+
+Offset channel 0 is the horizontal (x) offset, channel 1 the vertical (y), the
+order ``grid_sample`` reads; the official code predicts (y, x) and swaps, the
+same function up to the order of the 1x1 conv's two output rows.
 
 Samples that fall outside the map read zeros (``padding_mode="zeros"``), and so
 do bias lookups beyond the table, as in DAT.
@@ -43,13 +54,13 @@ do bias lookups beyond the table, as in DAT.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import HW, Attention, KnobError, Knobs, register
+from .base import HW, Attention, KnobError, Knobs, MapRule, register
 from .common import (
     Projections,
     attend,
@@ -60,6 +71,7 @@ from .common import (
     split_heads,
     to_map,
     to_tokens,
+    widen,
 )
 from .relpos import DeformableBiasTable
 
@@ -81,6 +93,9 @@ class DeformableKnobs(Knobs):
     # entries, other sizes interpolate it (DAT sizes it to the stage's map, 14x14 at stage 3).
     table_hw: tuple[int, ...] = (14, 14)
     qkv_bias: bool = True
+    # Where reference points and queries sit, what bounds the offsets: the CVPR 2022 release, DAT++, or
+    # the centres of equal cells (see the module docstring).
+    geometry: Literal["cvpr2022", "datpp", "centres"] = "cvpr2022"
 
     def check(self) -> None:
         for knob in ("stride", "kernel", "groups"):
@@ -105,9 +120,31 @@ def normalise(p: torch.Tensor, size: int) -> torch.Tensor:
     return p * (2.0 / (size - 1)) - 1.0
 
 
-def grid_points(size: int, cells: int, device: Any) -> torch.Tensor:
-    """Centres of ``cells`` equal cells over ``size`` pixels, in pixel coordinates (float32)."""
-    return (torch.arange(cells, device=device, dtype=torch.float32) + 0.5) * (size / cells) - 0.5
+def reference_axis(geometry: str, size: int, cells: int, device: Any, dtype: Any = torch.float32) -> torch.Tensor:
+    """Normalised positions of ``cells`` reference points along a side of ``size`` pixels."""
+    j = torch.arange(cells, device=device, dtype=dtype) + 0.5
+    if geometry == "cvpr2022":
+        return j / cells * 2.0 - 1.0
+    if geometry == "datpp":
+        return j / (cells - 1) * 2.0 - 1.0
+    return normalise(j * (size / cells) - 0.5, size)
+
+
+def query_axis(geometry: str, size: int, device: Any, dtype: Any = torch.float32) -> torch.Tensor:
+    """Normalised positions of the ``size`` queries along a side, as the bias lookup sees them."""
+    if geometry == "cvpr2022":
+        return reference_axis(geometry, size, size, device, dtype)
+    return normalise(torch.arange(size, device=device, dtype=dtype), size)
+
+
+def offset_cells(geometry: str, cells: int) -> int:
+    """What a bounded offset is divided by along a side of ``cells`` reference points."""
+    return cells - 1 if geometry == "datpp" else cells
+
+
+def _grid(ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # each (len(ys), len(xs))
+    return torch.stack((gx, gy), dim=-1)  # (len(ys), len(xs), 2): (x, y)
 
 
 @register
@@ -116,17 +153,13 @@ class DeformableAttention(Attention):
     summary = "DAT: keys/values sampled at learned offsets from a strided grid, continuous relative-position bias"
     Knobs = DeformableKnobs
     cost_knob = "stride"
+    examples = ({"stride": 4, "kernel": 3, "groups": 2, "offset_range_factor": -1.0},)
     complexity = "O(N^2 / stride^2)"
     knobs: DeformableKnobs
 
     def __init__(self, dim: int, heads: int, knobs: DeformableKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
         g = knobs.groups
-        if dim % g or heads % g:
-            raise KnobError(
-                f"deformable knob 'groups' ({g}) must divide dim ({dim}) and heads ({heads}); "
-                f"choose groups from {[d for d in range(1, heads + 1) if heads % d == 0 and dim % d == 0]}"
-            )
         self.group_channels = dim // g
         cg = self.group_channels
         self.padding = 0 if knobs.kernel == knobs.stride else knobs.kernel // 2
@@ -144,19 +177,16 @@ class DeformableAttention(Attention):
         k, s = self.knobs.kernel, self.knobs.stride
         return conv_out(hw[0], k, s, self.padding), conv_out(hw[1], k, s, self.padding)
 
-    def reference_points(self, hw: HW, key_hw: HW, device: Any) -> torch.Tensor:
-        """(Hk, Wk, 2) float32 reference positions (x, y), normalised."""
-        ys = normalise(grid_points(hw[0], key_hw[0], device), hw[0])
-        xs = normalise(grid_points(hw[1], key_hw[1], device), hw[1])
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # each (Hk, Wk)
-        return torch.stack((gx, gy), dim=-1)
+    def reference_points(self, hw: HW, key_hw: HW, device: Any, dtype: Any = torch.float32) -> torch.Tensor:
+        """(Hk, Wk, 2) reference positions (x, y), normalised (float32, or float64 for float64 inputs)."""
+        geo = self.knobs.geometry
+        ys, xs = (reference_axis(geo, hw[i], key_hw[i], device, dtype) for i in (0, 1))
+        return _grid(ys, xs)
 
-    def query_points(self, hw: HW, device: Any) -> torch.Tensor:
-        """(H*W, 2) float32 positions (x, y) of the queries (pixel centres), normalised."""
-        ys = normalise(torch.arange(hw[0], device=device, dtype=torch.float32), hw[0])
-        xs = normalise(torch.arange(hw[1], device=device, dtype=torch.float32), hw[1])
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # each (H, W)
-        return torch.stack((gx, gy), dim=-1).reshape(-1, 2)
+    def query_points(self, hw: HW, device: Any, dtype: Any = torch.float32) -> torch.Tensor:
+        """(H*W, 2) positions (x, y) of the queries, normalised."""
+        geo = self.knobs.geometry
+        return _grid(query_axis(geo, hw[0], device, dtype), query_axis(geo, hw[1], device, dtype)).reshape(-1, 2)
 
     def offsets(self, q_map: torch.Tensor) -> torch.Tensor:
         """Group query maps (B*g, Cg, H, W) -> offsets (B*g, Hk, Wk, 2), (x, y), normalised, float32.
@@ -166,33 +196,36 @@ class DeformableAttention(Attention):
         moves samples across pixel boundaries, where bilinear sampling's gradient
         jumps (see the module docstring).
         """
-        q_map = q_map.float()
-        conv, norm = self.offset_conv, self.offset_norm
-        bias = None if conv.bias is None else conv.bias.float()
-        t = F.conv2d(q_map, conv.weight.float(), bias, conv.stride, conv.padding, groups=conv.groups)
+        q_map = widen(q_map)
+        conv, norm, wide = self.offset_conv, self.offset_norm, q_map.dtype
+        bias = None if conv.bias is None else conv.bias.to(wide)
+        t = F.conv2d(q_map, conv.weight.to(wide), bias, conv.stride, conv.padding, groups=conv.groups)
         t = t.permute(0, 2, 3, 1)  # (B*g, Hk, Wk, Cg)
-        t = F.layer_norm(t, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+        t = F.layer_norm(t, norm.normalized_shape, norm.weight.to(wide), norm.bias.to(wide), norm.eps)
         t = self.offset_act(t).permute(0, 3, 1, 2)  # (B*g, Cg, Hk, Wk)
-        raw = F.conv2d(t, self.offset_out.weight.float())  # (B*g, 2, Hk, Wk)
+        raw = F.conv2d(t, self.offset_out.weight.to(wide))  # (B*g, 2, Hk, Wk)
         raw = raw.permute(0, 2, 3, 1)  # (B*g, Hk, Wk, 2)
-        factor = self.knobs.offset_range_factor
-        if factor < 0:
+        factor, geo = self.knobs.offset_range_factor, self.knobs.geometry
+        if factor < 0 or (factor == 0 and geo == "cvpr2022"):  # the CVPR release bounds only factor > 0
             return raw
-        hk, wk = raw.shape[1], raw.shape[2]
+        hk, wk = offset_cells(geo, raw.shape[1]), offset_cells(geo, raw.shape[2])
         scale = torch.tensor([factor / wk, factor / hk], device=raw.device, dtype=raw.dtype)
         return raw.tanh() * scale
 
     def positions(self, offsets: torch.Tensor, hw: HW) -> torch.Tensor:
-        """Sampling positions (B*g, Hk, Wk, 2): reference grid + offsets (clamped to the map when unbounded)."""
-        ref = self.reference_points(hw, (offsets.shape[1], offsets.shape[2]), offsets.device)
+        """Sampling positions (B*g, Hk, Wk, 2): reference grid + offsets; when unbounded, squashed into the map
+        by tanh (cvpr2022) or clamped to it."""
+        ref = self.reference_points(hw, (offsets.shape[1], offsets.shape[2]), offsets.device, offsets.dtype)
         pos = ref + offsets  # (B*g, Hk, Wk, 2)
-        return pos.clamp(-1.0, 1.0) if self.knobs.offset_range_factor < 0 else pos
+        if self.knobs.offset_range_factor >= 0:
+            return pos
+        return pos.tanh() if self.knobs.geometry == "cvpr2022" else pos.clamp(-1.0, 1.0)
 
     def sample(self, x_map: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Bilinear samples of x (B, C, H, W) at the groups' positions (B*g, Hk, Wk, 2) -> tokens (B, Hk*Wk, C)."""
         b, c, h, w = x_map.shape
         grouped = x_map.reshape(b * self.knobs.groups, self.group_channels, h, w)  # (B*g, Cg, H, W)
-        s = F.grid_sample(grouped.float(), pos, mode="bilinear", padding_mode="zeros", align_corners=True)
+        s = F.grid_sample(grouped.to(pos.dtype), pos, mode="bilinear", padding_mode="zeros", align_corners=True)
         return to_tokens(s.reshape(b, c, pos.shape[1], pos.shape[2])).to(x_map.dtype)  # (B, Hk*Wk, C)
 
     # ------------------------------------------------------------------ forward
@@ -201,7 +234,9 @@ class DeformableAttention(Attention):
         with torch.autocast(x.device.type, enabled=False):
             # Queries in float32 feed the offset network; attention gets them in x's dtype.
             lin = self.proj.q
-            q32 = F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())  # (B, N, C)
+            wide = widen(x).dtype
+            q_bias = None if lin.bias is None else lin.bias.to(wide)
+            q32 = F.linear(x.to(wide), lin.weight.to(wide), q_bias)  # (B, N, C)
             q_map = to_map(q32, hw).reshape(b * g, cg, hw[0], hw[1])  # (B*g, Cg, H, W)
             pos = self.positions(self.offsets(q_map), hw)  # (B*g, Hk, Wk, 2)
         q_tokens = q32.to(x.dtype)
@@ -211,22 +246,49 @@ class DeformableAttention(Attention):
         bias = None
         if self.rpe is not None:
             # (B, h, N, Ns): table read at query - sample displacements, per group
-            bias = self.rpe(self.query_points(hw, x.device), pos.flatten(1, 2), groups=g)
+            bias = self.rpe(self.query_points(hw, x.device, pos.dtype), pos.flatten(1, 2), groups=g)
         o = attend(q, k, v, bias, math=self.math)  # (B, h, N, d)
         return self.proj.output(o)
 
     # ------------------------------------------------------------------ contract
+    @classmethod
+    def _static_reasons(cls, dim: int, heads: int, knobs: Any) -> list[str]:
+        g = knobs.groups
+        if dim % g or heads % g:
+            return [
+                f"deformable knob 'groups' ({g}) must divide dim ({dim}) and heads ({heads}); "
+                f"choose groups from {[d for d in range(1, heads + 1) if heads % d == 0 and dim % d == 0]}"
+            ]
+        return []
+
+    @classmethod
+    def stage_knobs(cls, stage: int, hw: HW) -> tuple[dict[str, Any], ...]:
+        # DAT++'s strided reference grids (8, 4, 2, 1) and offset kernels (9, 7, 5, 3); the bias table sized
+        # to the stage's map; offsets bounded as in DAT (factor 2).
+        i = stage - 1
+        knobs = {"stride": (8, 4, 2, 1)[i], "kernel": (9, 7, 5, 3)[i], "groups": (1, 1, 1, 2)[i]}
+        return ({**knobs, "offset_range_factor": 2.0, "table_hw": hw},)
+
+    def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
+        s = self.knobs.stride
+        return [MapRule(f"the sampling stride {s}", at_least=s, fix=f"use stride <= {min(hw)}")]
+
     def _unsupported(
         self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
     ) -> list[str]:
         s = self.knobs.stride
         if min(hw) < s:
-            return [f"map {hw[0]}x{hw[1]} is smaller than the sampling stride {s}; use stride <= {min(hw)}"]
+            return []  # the map rule says why
         hk, wk = self.key_hw(hw)
         if hk < 1 or wk < 1:
             return [
                 f"the offset network (kernel {self.knobs.kernel}, stride {s}) leaves no reference points on a "
                 f"{hw[0]}x{hw[1]} map; use a smaller kernel or stride"
+            ]
+        if self.knobs.geometry == "datpp" and min(hk, wk, *hw) < 2:
+            return [
+                f"geometry 'datpp' divides by Hk-1 and H-1 (as DAT++ does), undefined for the {hw[0]}x{hw[1]} map "
+                f"and its {hk}x{wk} key grid: use a map and key grid at least 2x2, or geometry='cvpr2022'"
             ]
         return []
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from .base import HW, Attention, KnobError, Knobs, register
+from .base import HW, Attention, KnobError, Knobs, MapRule, register
 from .common import Projections, attend, attention_macs, merge_heads
+from .kernels import flex
 from .relpos import AxisOffsets, map_bias, map_offsets, swin_table
 
 
@@ -39,6 +40,8 @@ class FullAttention(Attention):
     supports_cross = True
     # "flex": FlexAttention, the bias table read by a score_mod (CUDA; see attentions/kernels/flex.py)
     impls = ("reference", "fast", "flex")
+    impl_requires = {"flex": flex.REQUIRES}
+    examples = ({"bias_table": 16},)
 
     knobs: FullKnobs
 
@@ -52,19 +55,16 @@ class FullAttention(Attention):
     def _unsupported(
         self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
     ) -> list[str]:
-        reasons = []
-        s = self.knobs.bias_table
-        if s and max(hw) > s:
-            reasons.append(
-                f"the bias table covers maps up to {s}x{s}, not {hw[0]}x{hw[1]}: set bias_table >= {max(hw)}"
-            )
-        if s and context_hw is not None:
-            reasons.append("the relative-position bias is for self attention: set bias_table=0 for cross attention")
-        if self.impl == "flex":
-            from .kernels import flex
+        if self.knobs.bias_table and context_hw is not None:
+            return ["the relative-position bias is for self attention: set bias_table=0 for cross attention"]
+        return []
 
-            reasons += flex.unsupported(device)
-        return reasons
+    def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
+        s = self.knobs.bias_table
+        if not s:
+            return []
+        fix = f"set bias_table >= {max(hw)}"
+        return [MapRule(f"the {s}x{s} maps the bias table covers", at_most=s, fix=fix)]
 
     def bias(self, hw: HW, device: Any) -> torch.Tensor | None:
         """The (h, N, N) relative-position bias of an H x W map (None without a table)."""

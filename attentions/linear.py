@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import HW, Attention, KnobError, Knobs, register
-from .common import Projections
+from .common import Projections, widen
 
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ class LinearKnobs(Knobs):
 def linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     """The quadratic definition. q: (..., N, d), k: (..., M, d), v: (..., M, dv) -> (..., N, dv)."""
     kernel = feature_map(q) @ feature_map(k).transpose(-2, -1)  # (..., N, M), phi(q_i) . phi(k_j)
-    kernel = kernel.float()
+    kernel = widen(kernel)
     # Normalise each row before the weighted sum, in float32 like attend's softmax: the same
     # (A v) / (A 1 + eps), but a row sum over M keys cannot overflow a half-precision type.
     weights = kernel / (kernel.sum(dim=-1, keepdim=True) + eps)  # (..., N, M)
@@ -60,8 +60,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     num = phi_q @ kv  # (..., N, dv): (1/M) sum_j A_ij v_j
     den = phi_q @ k_mean.transpose(-2, -1)  # (..., N, 1): (1/M) sum_j A_ij
     # M / (phi(q) . sum_j phi(k_j) + eps), i.e. LoFTR's normaliser times M, in float32.
-    z = m / (den.float() * m + eps)
-    if num.dtype != torch.float32:
+    z = m / (widen(den) * m + eps)
+    if num.dtype not in (torch.float32, torch.float64):
         # Only a query whose features all underflow to 0 (num = 0 too) can reach the clamp.
         z = z.clamp(max=torch.finfo(num.dtype).max).to(num.dtype)
     return num * z

@@ -42,6 +42,7 @@ from torch import nn
 
 from .base import HW, Attention, KnobError, Knobs, register
 from .common import Projections, attend, attention_macs, conv_macs, conv_out, linear_macs, norm_macs
+from .kernels import flex
 from .relpos import mvit_bias, mvit_table
 
 KERNEL = 3  # MViTv2's POOL_KVQ_KERNEL
@@ -97,14 +98,10 @@ class PoolingAttention(Attention):
     # "flex": FlexAttention with the decomposed relative position read by a score_mod from the two
     # (Nq, kh) and (Nq, kw) terms, never summed into an (Nq, Nk) bias; CUDA only (attentions/kernels/flex.py)
     impls = ("reference", "fast", "flex")
+    impl_requires = {"flex": flex.REQUIRES}
+    examples = ({"stride_q": 2, "stride_kv": 2, "dim_out": 64},)  # MViTv2's stage transition (widening)
 
     def __init__(self, dim: int, heads: int, knobs: PoolingKnobs, impl: str | None = None):
-        if isinstance(heads, int) and heads > 0 and knobs.dim_out % heads:
-            multiple = max(heads, knobs.dim_out // heads * heads)
-            raise KnobError(
-                f"pooling knob 'dim_out' ({knobs.dim_out}) must be divisible by heads ({heads}); "
-                f"choose a multiple of {heads} such as {multiple} or {multiple + heads}, or 0 to keep dim"
-            )
         # The base splits the widened channels into heads: head_dim = dim_out // heads (dim need not divide).
         super().__init__(dim, heads, knobs, impl)
         self.proj = Projections(dim, heads, bias=knobs.qkv_bias, out_dim=self.output_dim)
@@ -185,14 +182,14 @@ class PoolingAttention(Attention):
 
         return flex.attention(q, k, v, score_mod)
 
-    def _unsupported(
-        self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
-    ) -> list[str]:
-        if self.impl != "flex":
-            return []
-        from .kernels import flex
+    @classmethod
+    def stage_knobs(cls, stage: int, hw: HW) -> tuple[dict[str, Any], ...]:
+        # MViTv2's keys/values pooled to a quarter of the first stage's side (stride 4, 2, 1, 1), queries not
+        return ({"stride_q": 1, "stride_kv": (4, 2, 1, 1)[stage - 1], "rel_pos_size": hw[0]},)
 
-        return flex.unsupported(device)
+    @classmethod
+    def attention_width(cls, dim: int, knobs: Any) -> int:
+        return knobs.dim_out or dim
 
     def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
         # The flex path computes the same pairs (no block mask: every query sees every pooled key) and the

@@ -17,12 +17,12 @@ context map.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .base import HW, Attention, KnobError, Knobs, register
+from .base import HW, Attention, KnobError, Knobs, MapRule, register
 from .common import Projections, attend, attention_macs, conv_macs, norm_macs, to_map, to_tokens
 
 VERSIONS = ("v1", "v2")
@@ -106,18 +106,16 @@ class PVTAttention(Attention):
         o = attend(q, k, v, math=self.math)  # (B, h, N, d)
         return self.proj.output(o)
 
-    def _unsupported(
-        self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: object
-    ) -> list[str]:
+    @classmethod
+    def stage_knobs(cls, stage: int, hw: HW) -> tuple[dict[str, Any], ...]:
+        return ({"version": "v1", "sr_ratio": (8, 4, 2, 1)[stage - 1]},)  # PVTv2-b0's reductions
+
+    def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
         if self.version != "v1" or self.sr_ratio == 1:
             return []
-        source_hw, label = (hw, "map") if context_hw is None else (context_hw, "context map")
-        if min(source_hw) < self.sr_ratio:
-            return [
-                f"pvt v1: the {label} {source_hw[0]}x{source_hw[1]} is smaller than sr_ratio={self.sr_ratio} "
-                f"in a dimension, so no key would remain; use sr_ratio <= {min(source_hw)} or a larger map"
-            ]
-        return []
+        source_hw, which = (hw, "hw") if context_hw is None else (context_hw, "context_hw")
+        fix = f"no key would remain; use sr_ratio <= {min(source_hw)} or a larger map"
+        return [MapRule(f"sr_ratio={self.sr_ratio}", at_least=self.sr_ratio, fix=fix, which=which)]
 
     def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
         source_hw = hw if context_hw is None else context_hw

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import HW, Attention, KnobError, Knobs, register
+from .base import HW, Attention, KnobError, Knobs, MapRule, Requires, register
 from .common import (
     Projections,
     attend,
@@ -53,6 +53,7 @@ from .common import (
     split_heads,
     to_map,
     to_tokens,
+    widen,
 )
 
 
@@ -129,13 +130,13 @@ def coarse_level(
         selected: torch.Tensor | None = None
         if keep:
             with torch.no_grad():
-                logits = q.float() @ k.float().transpose(-2, -1)  # (B, h, N, M)
+                logits = widen(q) @ widen(k).transpose(-2, -1)  # (B, h, N, M)
                 selected = logits.topk(keep, dim=-1).indices  # (B, h, N, keep)
         # Contiguous copies of the (small) coarsest level: the CPU SDPA kernel returns wrong values for these
         # head-split strides under torch.compile's AOT autograd in torch 2.13 (eager is right).
         return attend(q.contiguous(), k.contiguous(), v.contiguous(), scale=scale), None, selected
     # A: scores, softmax and selection in float32 (the kept scores weight the level below).
-    probs = torch.softmax((q.float() @ k.float().transpose(-2, -1)) * scale, dim=-1)  # (B, h, N, M)
+    probs = torch.softmax((widen(q) @ widen(k).transpose(-2, -1)) * scale, dim=-1)  # (B, h, N, M)
     if not keep:
         return probs.to(v.dtype) @ v, None, None
     top_score, top_idx = probs.topk(keep, dim=-1)  # (B, h, N, keep)
@@ -215,7 +216,7 @@ def refine(
     flat = (idx + offset).reshape(-1)  # (B*h*P*4K,) rows of the flattened keys
     kg = k.reshape(b * h * m, d).index_select(0, flat).view(b, h, p, c, d)  # (B, h, P, 4K, d)
     vg = v.reshape(b * h * m, d).index_select(0, flat).view(b, h, p, c, d)
-    scores = (q.float() @ kg.float().transpose(-2, -1)) * scale  # (B, h, P, 4, 4K)
+    scores = (widen(q) @ widen(kg).transpose(-2, -1)) * scale  # (B, h, P, 4, 4K)
     if parent_score is None:
         probs = torch.softmax(scores, dim=-1)
     else:
@@ -281,18 +282,16 @@ class Pyramid:
     selected: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (B, h, N_l, K_l), levels but finest
 
 
-def _triton_unsupported(dtype: torch.dtype | None, device: Any) -> list[str]:
-    """Why impl="triton" cannot run here; device None means wherever the module would run."""
+def _triton_probe(kind: str) -> list[str]:
+    """Why impl="triton" cannot run on a device type: triton missing, or no CUDA nor interpreter."""
     try:
         from .kernels import quadtree as kernel
     except ImportError as exc:
         return [f"impl='triton' needs triton ({exc}); install triton or use impl='fast'"]
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    reasons = kernel.unsupported(device)
-    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"the quadtree triton kernel takes float32, float16 or bfloat16, not {dtype}")
-    return reasons
+    return kernel.unsupported(kind)
+
+
+TRITON = Requires(dtypes=("float32", "float16", "bfloat16"), probe=_triton_probe, fix="use impl='fast'")
 
 
 def _largest_levels(*sizes: int) -> int:
@@ -315,6 +314,8 @@ class QuadTreeAttention(Attention):
     cancelling_grads = ("level_weight",)
     # "triton": QuadTree-B's fine levels on the fused kernel of attentions/kernels/quadtree.py
     impls = ("reference", "fast", "triton")
+    impl_requires = {"triton": TRITON}
+    examples = ({"levels": 3, "topk": (4, 2, 2)}, {"levels": 2, "topk": 2, "values": "conv", "lepe": True})
 
     knobs: QuadTreeKnobs
 
@@ -358,20 +359,28 @@ class QuadTreeAttention(Attention):
             f"or a single integer for every level"
         )
 
+    @classmethod
+    def stage_knobs(cls, stage: int, hw: HW) -> tuple[dict[str, Any], ...]:
+        # QuadTree-B-b0 (classification/quadtree.py): levels 4, 3, 2, 1, top-K 8, conv values, LePE
+        return ({"variant": "B", "levels": 5 - stage, "topk": 8, "values": "conv", "lepe": True},)
+
+    def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
+        f = 2 ** (self.knobs.levels - 1)
+        most = _largest_levels(*hw, *(context_hw or ()))
+        fix = f"choose a map whose H and W are multiples of {f}, or use levels <= {most}"
+        rules = [MapRule(f"2^(levels-1) = {f}", multiple=f, fix=fix)]
+        return rules + ([MapRule(f"2^(levels-1) = {f}", multiple=f, fix=fix, which="context_hw")] if context_hw else [])
+
     def _unsupported(
         self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
     ) -> list[str]:
         kn = self.knobs
         reasons: list[str] = []
         f = 2 ** (kn.levels - 1)
-        maps = [("hw", hw)] + ([("context_hw", context_hw)] if context_hw is not None else [])
-        for label, (h, w) in maps:
-            if h % f or w % f:
-                most = _largest_levels(*(s for _, m in maps for s in m))
-                reasons.append(
-                    f"{label} {h}x{w} is not divisible by 2^(levels-1) = {f} in both sides: choose a map whose "
-                    f"H and W are multiples of {f}, or use levels <= {most}"
-                )
+        # a map the pyramid cannot cut: its map rule says why, and the top-K checks below do not apply
+        cut = all(
+            rule.fits(context_hw or hw if rule.which == "context_hw" else hw) for rule in self.map_rules(hw, context_hw)
+        )
         if context_hw is not None and kn.lepe:
             reasons.append(
                 "lepe adds a conv of the values at the query positions, so it needs self attention: "
@@ -382,12 +391,10 @@ class QuadTreeAttention(Attention):
                 "the conv value branch is for self attention (the classification backbones): "
                 "set values='avg' for cross attention, as LoFTR does"
             )
-        if self.impl == "triton":
-            reasons += _triton_unsupported(dtype, device)
         if isinstance(kn.topk, tuple) and len(kn.topk) != kn.levels:
             reasons.append(self._length_reason())
             return reasons
-        if kn.levels == 1 or reasons:
+        if kn.levels == 1 or reasons or not cut:
             return reasons
         topks = self.topks()
         ch, cw = context_hw or hw
@@ -481,12 +488,12 @@ class QuadTreeAttention(Attention):
                 out = upsample(out, pyr.q_hw[level - 1]) + pyr.messages[level]  # (B, h, N_l, d)
             return self.proj.output(out)
         # Mixed in float32: the gradient of the level weights is a small difference of large sums.
-        weight = torch.softmax(self.level_weight.float(), dim=0)
+        weight = torch.softmax(widen(self.level_weight), dim=0)
         mixed: torch.Tensor | None = None
         for level, message in enumerate(pyr.messages):
             if self.knobs.lepe:
                 message = message + split_heads(to_tokens(self.lepe[level](pyr.value_maps[level])), self.heads)
-            term = weight[level] * message.float()  # (B, h, N_l, d)
+            term = weight[level] * widen(message)  # (B, h, N_l, d)
             mixed = term if mixed is None else upsample(mixed, pyr.q_hw[level - 1]) + term
         assert mixed is not None
         return self.proj.output(mixed.to(x.dtype))

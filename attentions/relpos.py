@@ -154,7 +154,9 @@ class DeformableBiasTable(nn.Module):
     map ([-1, 1] from the first to the last pixel centre). A displacement
     ``query - sample`` spans [-2, 2]; halved, it spans the table, whose centre
     entry (Ht-1, Wt-1) is zero displacement. On a map of exactly Ht x Wt a whole
-    pixel of displacement moves one entry; other sizes stretch the table.
+    pixel of displacement moves one entry where a pixel is 2/(H-1) (deformable's
+    ``datpp`` and ``centres`` geometries; ``cvpr2022``'s query grid steps by 2/H, as
+    that release does); other sizes stretch the table.
     Lookups beyond the table read zero. Computed in float32.
     """
 
@@ -171,8 +173,9 @@ class DeformableBiasTable(nn.Module):
         """
         bg, ns, _ = sample_pos.shape
         batch, hg = bg // groups, self.heads // groups
-        disp = (query_pos[None, :, None, :].float() - sample_pos[:, None, :, :].float()) * 0.5  # (B*g, Nq, Ns, 2)
-        table = self.table.float().reshape(1, groups, hg, *self.table.shape[1:])  # (1, g, h/g, 2Ht-1, 2Wt-1)
+        wide = torch.promote_types(sample_pos.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        disp = (query_pos[None, :, None, :].to(wide) - sample_pos[:, None, :, :].to(wide)) * 0.5  # (B*g, Nq, Ns, 2)
+        table = self.table.to(wide).reshape(1, groups, hg, *self.table.shape[1:])  # (1, g, h/g, 2Ht-1, 2Wt-1)
         table = table.expand(batch, -1, -1, -1, -1).reshape(bg, hg, *self.table.shape[1:])  # (B*g, h/g, ., .)
         # (B*g, h/g, Nq, Ns)
         bias = F.grid_sample(table, disp, mode="bilinear", padding_mode="zeros", align_corners=True)

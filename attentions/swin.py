@@ -2,9 +2,10 @@
 
 Tokens attend only within non-overlapping M x M windows, with a learnable
 relative position bias per head read from a ((2M-1)^2, heads) table through a
-precomputed index. With ``shift=True`` the map is rolled by -(M // 2) before
-partitioning (and back after), and a region mask keeps tokens from attending
-across the wrap-around: masked pairs get -100 added to their scores, as in the
+precomputed index. With ``shift=True`` the map is rolled by -S before
+partitioning (and back after), S = ``shift_size`` (M // 2 by default, as Swin;
+DAT uses ceil(M / 2)), and a region mask keeps tokens from attending across the
+wrap-around: masked pairs get -100 added to their scores, as in the
 official code, so that no softmax row is ever empty (a padded query's row may
 hold only masked keys; it is cropped away, and -inf would turn its gradient
 into NaN).
@@ -25,8 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import HW, Attention, KnobError, Knobs, register
+from .base import HW, Attention, KnobError, Knobs, MapRule, register
 from .common import Projections, attend, attention_macs
+from .kernels import flex
 from .relpos import swin_bias, swin_index, swin_table
 
 # Added to the score of a masked pair (the official Swin value).
@@ -37,8 +39,10 @@ MASKED = -100.0
 class SwinKnobs(Knobs):
     # Side M of the square window (Swin-T/S/B use 7 at 224 px).
     window: int = 7
-    # Shift the windows by M // 2 (Swin alternates False and True between blocks).
+    # Shift the windows (Swin alternates False and True between blocks).
     shift: bool = False
+    # Rows and columns a shifted window rolls by, 0 < S < M; 0 means M // 2 (Swin). DAT uses ceil(M / 2).
+    shift_size: int = 0
     # Zero-pad H and W up to multiples of the window and mask the padding.
     pad: bool = False
     qkv_bias: bool = True
@@ -46,6 +50,11 @@ class SwinKnobs(Knobs):
     def check(self) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise KnobError(f"swin knob 'window' must be a positive integer (Swin uses 7), got {self.window!r}")
+        if self.shift_size and not 0 < self.shift_size < self.window:
+            raise KnobError(
+                f"swin knob 'shift_size' must be 0 (window // 2) or between 1 and window - 1 = {self.window - 1}, "
+                f"got {self.shift_size}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +74,13 @@ class WindowLayout:
         return self.grid[0] * self.grid[1]
 
 
-def window_layout(hw: HW, window: int, shift: bool) -> WindowLayout:
+def window_layout(hw: HW, window: int, shift: bool, shift_size: int = 0) -> WindowLayout:
     """The official rule: a map no larger than the window gets one window of min(H, W) and no shift."""
     h, w = hw
     if min(h, w) <= window:
         m, s = min(h, w), 0
     else:
-        m, s = window, (window // 2 if shift else 0)
+        m, s = window, ((shift_size or window // 2) if shift else 0)
     return WindowLayout(m, s, (math.ceil(h / m) * m, math.ceil(w / m) * m))
 
 
@@ -121,8 +130,9 @@ class SwinAttention(Attention):
     name = "swin"
     summary = (
         "Swin window attention over M x M windows with a relative position bias table; shift=True rolls the "
-        "windows by M//2 with the region mask (-100 on masked pairs); pad=True zero-pads H and W to multiples of "
-        "M and masks the padded keys; maps with min(H, W) <= M use one window of min(H, W) and no shift"
+        "windows by shift_size (M//2 by default) with the region mask (-100 on masked pairs); pad=True zero-pads "
+        "H and W to multiples of M and masks the padded keys; maps with min(H, W) <= M use one window of "
+        "min(H, W) and no shift"
     )
     Knobs = SwinKnobs
     cost_knob = "window"
@@ -131,6 +141,8 @@ class SwinAttention(Attention):
     # "flex": FlexAttention over the windows laid end to end, a block mask per window and the bias table read by a
     # score_mod (no (nW, h, T, T) bias in memory); CUDA only (see attentions/kernels/flex.py)
     impls = ("reference", "fast", "flex")
+    impl_requires = {"flex": flex.REQUIRES}
+    examples = ({"window": 3, "pad": True}, {"window": 3, "shift": True, "pad": True})
 
     def __init__(self, dim: int, heads: int, knobs: SwinKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
@@ -142,30 +154,23 @@ class SwinAttention(Attention):
         self._flex_cache: dict[tuple, Any] = {}  # block masks and region ids of the flex path, per resolution
 
     def layout(self, hw: HW) -> WindowLayout:
-        return window_layout(hw, self.knobs.window, self.knobs.shift)
+        return window_layout(hw, self.knobs.window, self.knobs.shift, self.knobs.shift_size)
 
-    def _unsupported(
-        self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
-    ) -> list[str]:
-        reasons = []
-        if self.impl == "flex":
-            from .kernels import flex
+    @classmethod
+    def stage_knobs(cls, stage: int, hw: HW) -> tuple[dict[str, Any], ...]:
+        return ({"window": 7}, {"window": 7, "shift": True})  # Swin-T: local then shifted windows of 7
 
-            reasons += flex.unsupported(device)
-        return reasons + self._window_reasons(hw)
-
-    def _window_reasons(self, hw: HW) -> list[str]:
-        lay = self.layout(hw)
-        if lay.padded_hw == tuple(hw) or self.knobs.pad:
+    def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
+        if self.knobs.pad:
             return []
+        lay = self.layout(hw)
         h, w = hw
-        m = lay.window
         fits = [d for d in range(2, min(h, w) + 1) if h % d == 0 and w % d == 0]
         hint = f"a window that divides both ({', '.join(map(str, fits[:6]))})" if fits else "another map size"
-        return [
-            f"swin: H={h} and W={w} must be multiples of the window {m}; pass pad=True to zero-pad "
-            f"to {lay.padded_hw[0]}x{lay.padded_hw[1]} (padded keys masked), or choose {hint}"
-        ]
+        fix = (
+            f"pass pad=True to zero-pad to {lay.padded_hw[0]}x{lay.padded_hw[1]} (padded keys masked), or choose {hint}"
+        )
+        return [MapRule(f"the window {lay.window}", multiple=lay.window, fix=fix)]
 
     def window_bias(self, hw: HW, device: torch.device) -> torch.Tensor:
         """Relative position bias plus the shift/pad mask: (windows or 1, h, T, T), shared by both impls."""

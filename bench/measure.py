@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .points import Point
+from .points import Point, point_reasons
 
 CPU_MEMORY_METHOD = "torch.profiler memory events (CPU allocator), peak of the running sum"
 CUDA_MEMORY_METHOD = "torch.cuda max_memory_allocated"
@@ -81,33 +81,8 @@ def _sync(device: str) -> None:
 
 
 def precheck(point: Point) -> list[str]:
-    """Reasons the point cannot run, from the device and the mechanism's ``unsupported``."""
-    import torch
-
-    import attentions
-
-    if point.device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            return ["CUDA is not available on this machine; sweep --device cpu or run on a GPU machine"]
-        index = torch.device(point.device).index or 0
-        if index >= torch.cuda.device_count():
-            return [f"{point.device} does not exist; this machine has {torch.cuda.device_count()} GPU(s)"]
-    cls = attentions.get(point.mechanism)
-    if point.impl not in cls.impls:
-        return [f"{point.mechanism} has no impl {point.impl!r}; its impls: {', '.join(cls.impls)}"]
-    if point.dim % point.heads:
-        return [f"dim {point.dim} is not divisible by heads {point.heads}"]
-    try:
-        with torch.device("meta"):
-            module = attentions.build(
-                point.mechanism, dim=point.dim, heads=point.heads, impl=point.impl, **point.knob_dict()
-            )
-    except Exception:  # a mechanism that cannot be built on meta tensors: build it for real
-        module = attentions.build(
-            point.mechanism, dim=point.dim, heads=point.heads, impl=point.impl, **point.knob_dict()
-        )
-    context_hw = module.default_context_hw(point.hw) if point.cross else None
-    return list(module.unsupported(point.batch, point.hw, context_hw, dtype=_dtype(point.dtype), device=point.device))
+    """Reasons the point cannot run: the registry's one answer (bench.points.point_reasons)."""
+    return point_reasons(point)
 
 
 def _quantile(values: list[float], q: float) -> float:

@@ -217,6 +217,9 @@ class Grid:
     cost_knob_values: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
     # Only mechanisms whose cost knob has one of these names (empty: no filter).
     cost_knob_names: list[str] = dataclasses.field(default_factory=list)
+    # Replace knob defaults that a mechanism's map rules refuse on the grid's maps by the values the
+    # mechanism says fit all of them (attentions.fit_knobs; swept knobs keep their values).
+    fit_knobs: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Grid:
@@ -236,6 +239,11 @@ class Grid:
             name = aliases.get(key, key)
             if name not in fields:
                 raise GridError(f"unknown sweep field {key!r}; valid fields: {', '.join(sorted(fields))}")
+            if name == "fit_knobs":
+                if not isinstance(value, bool):
+                    raise GridError(f"fit_knobs must be true or false, got {value!r}")
+                kwargs[name] = value
+                continue
             if name in ("knobs", "cost_knob_values"):
                 if not isinstance(value, dict):
                     raise GridError(f"{key} must be a mapping of knob name to a list of values, got {value!r}")
@@ -252,8 +260,7 @@ class Grid:
 @dataclasses.dataclass
 class Expansion:
     points: list[Point]
-    # Points refused before measuring (bad dim/heads pairs, an impl a mechanism
-    # lacks, cross attention a mechanism cannot do): point -> reasons.
+    # Points refused before measuring, with the reasons attentions.not_supported_reasons gives.
     refused: dict[Point, list[str]]
 
 
@@ -267,9 +274,9 @@ def expand(grid: Grid) -> Expansion:
     """The cartesian product of the grid's axes, one Point each (duplicates removed).
 
     Knob values are validated by the mechanism's own typed knobs (a bad value
-    raises at once); points a mechanism refuses for static reasons are returned
-    in ``refused`` so the sweep records them as ``skipped``. Reasons that depend on
-    the module (``unsupported``) are checked when the point is measured.
+    raises at once); points the mechanism refuses (``point_reasons``, the
+    registry's one answer) are returned in ``refused`` so the sweep records them
+    as ``skipped``.
     """
     import attentions
 
@@ -308,9 +315,10 @@ def expand(grid: Grid) -> Expansion:
         axes = {k: v for k, v in grid.knobs.items() if k in types_}
         if cls.cost_knob and cls.cost_knob in grid.cost_knob_values and cls.cost_knob not in axes:
             axes[cls.cost_knob] = grid.cost_knob_values[cls.cost_knob]
+        fitted = _fitted_knobs(grid, name, resolutions) if grid.fit_knobs else {}
         knob_sets = []
         for combo in itertools.product(*axes.values()):
-            knobs = cls.make_knobs(**dict(zip(axes, combo, strict=True)))  # raises KnobError naming the fix
+            knobs = cls.make_knobs(**fitted, **dict(zip(axes, combo, strict=True)))  # raises KnobError naming the fix
             knob_sets.append(tuple(sorted(knobs.as_dict().items())))
         for knobs, res, batch, dim, heads, dtype, pass_, impl, comp, device, cross in itertools.product(
             knob_sets,
@@ -325,20 +333,13 @@ def expand(grid: Grid) -> Expansion:
             grid.devices,
             grid.cross,
         ):
-            reasons: list[str] = []
             if dim == "stage":
                 if res.stage is None:
                     raise GridError(f"dim 'stage' needs stage resolutions such as 224px:s1, got {res.label()}")
                 dim, heads = STAGE_WIDTHS[res.stage]
             elif not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
                 raise GridError(f"dim values must be positive integers or 'stage', got {dim!r}")
-            if dim % heads:
-                reasons.append(f"dim {dim} is not divisible by heads {heads}")
-            if impl not in cls.impls:
-                reasons.append(f"{name} has no impl {impl!r}; its impls: {', '.join(cls.impls)}")
             cross = bool(cross) or cls.requires_context
-            if cross and not cls.supports_cross:
-                reasons.append(f"{name} does not support cross attention")
             point = Point(
                 mechanism=name,
                 knobs=knobs,
@@ -361,9 +362,48 @@ def expand(grid: Grid) -> Expansion:
                 continue
             seen.add(point)
             points.append(point)
+            try:
+                reasons = point_reasons(point)
+            except Exception:  # noqa: BLE001 - a module that fails to build: the sweep records that error
+                continue
             if reasons:
                 refused[point] = reasons
     return Expansion(points, refused)
+
+
+def _fitted_knobs(grid: Grid, name: str, resolutions: list[Resolution]) -> dict[str, Any]:
+    """The knobs attentions.fit_knobs gives for the grid's maps, at its first width and heads (none for
+    stage widths, or when no knob change fits: the points then say why they are refused)."""
+    import attentions
+
+    dims = [d for d in grid.dims if isinstance(d, int) and not isinstance(d, bool)]
+    if not dims or not grid.heads:
+        return {}
+    swept = set(grid.knobs) | set(grid.cost_knob_values)
+    try:
+        fitted = attentions.fit_knobs(name, [r.hw for r in resolutions], dim=dims[0], heads=grid.heads[0])
+    except attentions.KnobError:
+        return {}
+    return {k: v for k, v in fitted.items() if k not in swept}
+
+
+def point_reasons(point: Point) -> list[str]:
+    """Why a point cannot run on this machine (empty when it can): attentions.not_supported_reasons of it."""
+    import attentions
+
+    return attentions.not_supported_reasons(
+        point.mechanism,
+        dim=point.dim,
+        heads=point.heads,
+        hw=point.hw,
+        knobs=point.knob_dict(),
+        impl=point.impl,
+        batch=point.batch,
+        cross=point.cross,
+        dtype=point.dtype,
+        device=point.device,
+        grad=point.pass_ == "fwd+bwd",
+    )
 
 
 def load_plugins() -> list[str]:

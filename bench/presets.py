@@ -13,11 +13,6 @@ from typing import Any
 
 from attnbench.errors import UnknownName
 
-# Cost-knob values that keep every mechanism runnable on small CPU maps
-# (8x8 .. 32x32): windows and reductions that divide them, a top-K below the
-# coarsest level's token count.
-SMALL_MAP_COST = {"window": [4], "sr_ratio": [2], "stride_kv": [2], "stride": [2], "topk": [4]}
-
 # What the GPU presets share: batch 1, dim 128 in 4 heads, bf16, fwd and fwd+bwd, the fast impls.
 GPU_GRID: dict[str, Any] = {
     "batches": [1],
@@ -44,8 +39,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             # The reference paths (the definitions of correct) would triple the time; --impls adds them.
             "impls": ["fast"],
             "devices": ["cpu"],
-            # Windows and reductions that divide every map; the mechanisms' own defaults otherwise.
-            "cost_knob_values": {"window": [8], "topk": [8]},
+            # knob values every mechanism says fit all these maps (a window that divides them all), asked of
+            # the registry when the grid expands; the mechanisms' own defaults wherever those fit
+            "fit_knobs": True,
         },
         "settings": {"cpu_min_run_time": 0.15, "timeout_s": 60.0, "min_samples": 5, "threads": 1},
     },
@@ -61,7 +57,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "passes": ["fwd", "fwd+bwd"],
             "impls": ["reference", "fast"],
             "devices": ["cpu"],
-            "cost_knob_values": SMALL_MAP_COST,
+            # knob values every mechanism says fit all these maps (windows that divide them, a top-K below
+            # the coarsest level's tokens), asked of the registry when the grid expands
+            "fit_knobs": True,
         },
         # One thread: on a small shared CPU, spinning intra-op threads make latency erratic.
         "settings": {"cpu_min_run_time": 0.15, "timeout_s": 30.0, "min_samples": 5, "threads": 1},

@@ -59,6 +59,8 @@ class BackboneConfig:
     conv_mlp: bool = False  # PVTv2's depthwise 3x3 conv inside the MLP
     stage_norm: bool = False  # a LayerNorm at the end of every stage (PVTv2), not only the last
     norm_eps: float = 1e-5
+    # eps of the stem's and merges' LayerNorms; None: norm_eps (PVTv2: 1e-5 there, 1e-6 in blocks and stage norms)
+    embed_eps: float | None = None
     drop_path: float = 0.0
     num_classes: int = 1000
     in_chans: int = 3
@@ -182,7 +184,8 @@ class Backbone(nn.Module):
         names = [st.block(j)[0] for st in cfg.stages for j in range(st.depth)]
         self.prefix = max(attentions.get(n).prefix_tokens for n in names)
         dims = [st.dim for st in cfg.stages]
-        self.stem = Stem(cfg.stem, cfg.in_chans, dims[0], cfg.norm_eps)
+        embed_eps = cfg.norm_eps if cfg.embed_eps is None else cfg.embed_eps
+        self.stem = Stem(cfg.stem, cfg.in_chans, dims[0], embed_eps)
         if self.prefix:
             self.cls_token = nn.Parameter(torch.zeros(1, self.prefix, dims[0]))
             nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -193,7 +196,7 @@ class Backbone(nn.Module):
         k = 0
         for i, st in enumerate(cfg.stages):
             if i > 0 and cfg.merge != "none":
-                self.merges.append(Merge(cfg.merge, dims[i - 1], st.dim, cfg.norm_eps, self.prefix))
+                self.merges.append(Merge(cfg.merge, dims[i - 1], st.dim, embed_eps, self.prefix))
             else:
                 self.merges.append(nn.Identity())
             blocks = []

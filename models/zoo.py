@@ -18,7 +18,9 @@ Sources (facts only: depths, widths, heads, window, ratios, strides):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +33,8 @@ from .backbone import Backbone, BackboneConfig, StageConfig
 from .crossvit import CrossViT, CrossViTConfig
 
 TINY_RESOLUTION = 32
+# The tiny variants run at 32 px and at their other resolution: their knobs must fit the stage maps of both.
+TINY_OTHER_RESOLUTION = 64
 
 Config = BackboneConfig | CrossViTConfig
 
@@ -48,9 +52,20 @@ class Entry:
     summary: str
     config: Callable[[bool], Config]  # tiny -> configuration
     published: Published | None = None
-    # A resolution other than the native one at which the full-size and the tiny model run.
-    other_resolution: int = 448
-    tiny_other_resolution: int = 64
+    # Resolutions other than the native one, in order of preference: the first at which the full-size
+    # model runs is its other resolution; the tiny model runs at tiny_other_resolution.
+    other_resolutions: tuple[int, ...] = (448,)
+    tiny_other_resolution: int = TINY_OTHER_RESOLUTION
+
+    @property
+    def other_resolution(self) -> int:
+        """The first of ``other_resolutions`` at which every block of the full-size model runs (the last if none)."""
+        *first, last = self.other_resolutions
+        for res in first:
+            model = create(self.name)
+            if not getattr(model, "unsupported", lambda r: [])(res):
+                return res
+        return last
 
 
 _ZOO: dict[str, Entry] = {}
@@ -69,8 +84,10 @@ def _stages(dims, depths, heads, mlp, attention, knobs) -> tuple[StageConfig, ..
     )
 
 
-def _swin_knobs(window: int) -> tuple[dict[str, Any], ...]:
-    return ({"window": window}, {"window": window, "shift": True})
+def _swin_knobs(window: int, shift_size: int = 0) -> tuple[dict[str, Any], ...]:
+    """Local then shifted windows; shift_size 0 rolls by window // 2 (Swin)."""
+    shifted = {"window": window, "shift": True} | ({"shift_size": shift_size} if shift_size else {})
+    return ({"window": window}, shifted)
 
 
 # ---------------------------------------------------------------------- Swin-T
@@ -102,6 +119,7 @@ def _b0(tiny: bool, attention: list[tuple[str, ...]], knobs: list[tuple[dict[str
         conv_mlp=True,
         stage_norm=True,
         norm_eps=1e-6,
+        embed_eps=1e-5,  # the overlapping patch embedding's LayerNorm keeps torch's default
         drop_path=0.0 if tiny else 0.1,
         resolution=TINY_RESOLUTION if tiny else 224,
     )
@@ -113,48 +131,34 @@ def _maps(tiny: bool) -> tuple[int, ...]:
     return tuple(res // s for s in (4, 8, 16, 32))
 
 
-def pvt_v2_b0(tiny: bool) -> BackboneConfig:
-    return _b0(tiny, [("pvt",)] * 4, [({"version": "v1", "sr_ratio": r},) for r in (8, 4, 2, 1)])
-
-
-def quadtree_b_b0(tiny: bool) -> BackboneConfig:
-    # Levels 4, 3, 2, 1 and top-K 8 at 224 px (coarsest levels of 7x7); the tiny maps (8, 4, 2, 1 wide) take
-    # levels 3, 2, 1, 1 (coarsest levels of 2x2) and top-K 2.
-    levels, topk = ((3, 2, 1, 1), 2) if tiny else ((4, 3, 2, 1), 8)
-    knobs = [({"variant": "B", "levels": lv, "topk": topk, "values": "conv", "lepe": True},) for lv in levels]
-    return _b0(tiny, [("quadtree",)] * 4, knobs)
-
-
-# Per-mechanism knobs of the pyramid family, per stage, from the stage map side m (56, 28, 14, 7 at 224 px).
-def _pyramid_knobs(mechanism: str, tiny: bool) -> tuple[list[tuple[str, ...]], list[tuple[dict[str, Any], ...]]]:
-    maps = _maps(tiny)
-    if mechanism == "pvt":
-        knobs = [({"version": "v1", "sr_ratio": r},) for r in (8, 4, 2, 1)]
-    elif mechanism == "swin":
-        knobs = [_swin_knobs(2 if tiny else 7)] * 4
-    elif mechanism == "quadtree":
-        return [("quadtree",)] * 4, list(quadtree_b_b0(tiny).stages[i].knobs for i in range(4))
-    elif mechanism == "deformable":
-        # DAT++'s strided reference grids (8, 4, 2, 1) and offset kernels (9, 7, 5, 3); the bias table sized
-        # to each stage's map; offsets bounded as in DAT (factor 2).
-        knobs = [
-            ({"stride": s, "kernel": k, "groups": g, "offset_range_factor": 2.0, "table_hw": (m, m)},)
-            for s, k, g, m in zip((8, 4, 2, 1), (9, 7, 5, 3), (1, 1, 1, 2), maps, strict=True)
-        ]
-    elif mechanism == "pooling":
-        # MViTv2's keys/values pooled to a quarter of the first stage's side (stride 4, 2, 1, 1), queries not.
-        knobs = [({"stride_q": 1, "stride_kv": s, "rel_pos_size": m},) for s, m in zip((4, 2, 1, 1), maps, strict=True)]
-    else:  # full, linear, cross and any mechanism registered later: its defaults
-        knobs = [({},)] * 4
-    return [(mechanism,)] * 4, knobs
+def _pyramid_knobs(mechanism: str, tiny: bool) -> list[tuple[dict[str, Any], ...]]:
+    """The mechanism's own per-stage knobs (``stage_knobs``), fitted by the registry to every stage map the
+    model runs at (the native one; for tiny variants also TINY_OTHER_RESOLUTION's)."""
+    dims, heads = (TINY_DIMS, TINY_HEADS) if tiny else (B0_DIMS, B0_HEADS)
+    resolutions = (TINY_RESOLUTION, TINY_OTHER_RESOLUTION) if tiny else (224,)
+    cls = attentions.get(mechanism)
+    out = []
+    for i, side in enumerate(_maps(tiny)):
+        maps = [(r // 2 ** (i + 2), r // 2 ** (i + 2)) for r in resolutions]
+        blocks = []
+        for knobs in cls.stage_knobs(i + 1, (side, side)):
+            with contextlib.suppress(attentions.KnobError):  # nothing fits: Backbone.unsupported says why
+                knobs = attentions.fit_knobs(mechanism, maps, dim=dims[i], heads=heads[i], knobs=knobs)
+            blocks.append(knobs)
+        out.append(tuple(blocks))
+    return out
 
 
 def pyramid(mechanism: str) -> Callable[[bool], BackboneConfig]:
     def config(tiny: bool) -> BackboneConfig:
-        attention, knobs = _pyramid_knobs(mechanism, tiny)
-        return _b0(tiny, attention, knobs)
+        return _b0(tiny, [(mechanism,)] * 4, _pyramid_knobs(mechanism, tiny))
 
     return config
+
+
+# PVTv2-b0 and QuadTree-B-b0 are the pyramids of their mechanisms: the knobs are the mechanisms' stage_knobs.
+pvt_v2_b0 = pyramid("pvt")
+quadtree_b_b0 = pyramid("quadtree")
 
 
 # ---------------------------------------------------------------------- DAT-T
@@ -165,6 +169,8 @@ def dat_t(tiny: bool) -> BackboneConfig:
         dims, depths, heads, window, groups = (96, 192, 384, 768), (2, 2, 6, 2), (3, 6, 12, 24), 7, (3, 6)
     maps = _maps(tiny)
     local = {"window": window}
+    # DAT's shifted windows roll by ceil(window / 2) (4 for 7), Swin's by window // 2
+    shifted = _swin_knobs(window, math.ceil(window / 2))
     deform = [
         # DAT-T: stride 1, offset range factor 2, bias table of the stage's map; offset kernel 5 at 14x14, 3 at 7x7.
         {"stride": 1, "kernel": k, "groups": g, "offset_range_factor": 2.0, "use_pe": True, "table_hw": (m, m)}
@@ -174,7 +180,7 @@ def dat_t(tiny: bool) -> BackboneConfig:
         stages=_stages(
             dims, depths, heads, (4,) * 4,
             [("swin",), ("swin",), ("swin", "deformable"), ("swin", "deformable")],
-            [_swin_knobs(window), _swin_knobs(window), (local, deform[0]), (local, deform[1])],
+            [shifted, shifted, (local, deform[0]), (local, deform[1])],
         ),
         stem="patch",
         merge="conv",
@@ -229,7 +235,7 @@ _add(
         "Swin-T: shifted windows of 7, patch merging",
         swin_t,
         Published(28.3e6, 4.5, "Liu et al., ICCV 2021"),
-        other_resolution=448,
+        other_resolutions=(448,),
     )
 )
 _add(
@@ -238,7 +244,7 @@ _add(
         "PVTv2-b0: spatial-reduction attention (sr 8, 4, 2, 1), overlapping patches, conv-FFN",
         pvt_v2_b0,
         Published(3.7e6, 0.6, "Wang et al., CVMJ 2022"),
-        other_resolution=320,
+        other_resolutions=(320,),
     )
 )
 _add(
@@ -247,7 +253,7 @@ _add(
         "QuadTree-B-b0: PVTv2-b0 layout, QuadTree-B (levels 4, 3, 2, 1, top-K 8)",
         quadtree_b_b0,
         Published(3.5e6, 0.6, "Tang et al., ICLR 2022"),
-        other_resolution=448,
+        other_resolutions=(448,),
     )
 )
 _add(
@@ -256,7 +262,7 @@ _add(
         "DAT-T: Swin-T layout, deformable attention in stages 3 and 4",
         dat_t,
         Published(29e6, 4.6, "Xia et al., CVPR 2022"),
-        other_resolution=448,
+        other_resolutions=(448,),
     )
 )
 _add(
@@ -265,7 +271,7 @@ _add(
         "MViTv2-T: pooling attention, pooled queries between stages",
         mvitv2_t,
         Published(24e6, 4.7, "Li et al., CVPR 2022"),
-        other_resolution=256,
+        other_resolutions=(256,),
     )
 )
 _add(
@@ -274,13 +280,13 @@ _add(
         "CrossViT-9: two branches (12 px / 16 px patches) fused by CLS cross attention",
         crossvit_9,
         Published(8.6e6, 1.8, "Chen et al., ICCV 2021"),
-        other_resolution=384,
+        other_resolutions=(384,),
         tiny_other_resolution=48,
     )
 )
 for _m in attentions.available():
     _add(Entry(f"pyramid_{_m}", f"PVTv2-b0 layout with {_m} attention in every stage", pyramid(_m),
-               other_resolution=320 if _m not in ("swin", "quadtree") else 448))  # fmt: skip
+               other_resolutions=(320, 448)))  # fmt: skip
 
 
 # ---------------------------------------------------------------------- API

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from ..base import Requires
+
 BLOCK = 128  # flex attention's default block size, in queries and in keys
 
 
@@ -47,6 +49,10 @@ def unsupported(device: Any) -> list[str]:
     if kind not in ("cpu", "cuda"):
         return [f"impl='flex' is built and tested for CUDA, not {kind}"]
     return []
+
+
+# What impl="flex" needs, wherever it is offered: the module, and fused CUDA or a CPU backward (see unsupported).
+REQUIRES = Requires(probe=lambda kind: unsupported(kind))
 
 
 def cpu_backward() -> bool:

@@ -17,11 +17,23 @@ CANDIDATE_HW = [(12, 20), (14, 21), (24, 40), (28, 42), (28, 28), (56, 56)]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def first_supported_hw(module: attentions.Attention) -> tuple[int, int]:
+def supported_point(name: str) -> tuple[dict, tuple[int, int]]:
+    """Knobs and map of a mechanism's example point: its defaults on the first candidate map they accept,
+    else the knobs the registry fits to the first candidate map it can (attentions.fit_knobs)."""
     for hw in CANDIDATE_HW:
-        if not module.unsupported(BATCH, hw):
-            return hw
-    raise AssertionError(f"{module.name} refuses every candidate map: {module.unsupported(BATCH, CANDIDATE_HW[-1])}")
+        if not attentions.not_supported_reasons(name, dim=DIM, heads=HEADS, hw=hw, batch=BATCH):
+            return {}, hw
+    for hw in CANDIDATE_HW:
+        try:
+            return attentions.fit_knobs(name, [hw], dim=DIM, heads=HEADS), hw
+        except attentions.KnobError:
+            continue
+    raise AssertionError(f"{name} refuses every candidate map {CANDIDATE_HW}, whatever its knobs")
+
+
+def example_module(name: str, **overrides) -> tuple[attentions.Attention, tuple[int, int]]:
+    knobs, hw = supported_point(name)
+    return attentions.build(name, dim=DIM, heads=HEADS, **{**knobs, **overrides}), hw
 
 
 def modes(name: str) -> list[str]:
@@ -37,23 +49,17 @@ IDS = [f"{n}-{m}" for n, m in CASES]
 
 def make(name: str, mode: str, seed: int = 0) -> tuple[attentions.Attention, tuple]:
     torch.manual_seed(seed)
-    module = attentions.build(name, dim=DIM, heads=HEADS)
-    hw = first_supported_hw(module)
+    module, hw = example_module(name)
     args = module.example_inputs(BATCH, hw, cross=(mode == "cross"), seed=seed)
     return module, args
 
 
-def test_all_eight_registered():
-    assert set(attentions.available()) == {
-        "full",
-        "linear",
-        "pvt",
-        "swin",
-        "quadtree",
-        "deformable",
-        "pooling",
-        "cross",
-    }
+def test_registration_order_is_the_listing_order_and_names_are_unique():
+    names = attentions.available()
+    assert names[: len(attentions.MECHANISMS)] == list(attentions.MECHANISMS)
+    with pytest.raises(ValueError, match="registered twice"):
+        attentions.register(attentions.get(names[0]))
+    assert attentions.available() == names
 
 
 @pytest.mark.parametrize("name", attentions.available())
@@ -64,9 +70,8 @@ def test_declarations(name):
     assert "reference" in cls.impls and cls.default_impl in cls.impls
     if cls.cost_knob is not None:
         assert cls.cost_knob in d["knobs"]
-    module = attentions.build(name, dim=DIM, heads=HEADS)
+    module, hw = example_module(name)
     assert module.output_dim == DIM  # widening the tokens is opt-in (pooling's dim_out)
-    hw = first_supported_hw(module)
     assert module.macs(BATCH, hw) > 0
     # doubling the batch doubles the analytic count
     assert module.macs(2 * BATCH, hw) == 2 * module.macs(BATCH, hw)
@@ -112,18 +117,42 @@ def test_fast_path_matches_reference(name, mode, impl, dtype):
     assert_parity(module, impl, dtype, args)
 
 
-@pytest.mark.parametrize("name", attentions.available())
-def test_tie_free_knobs_are_valid_knobs(name):
+def _with_tie_free_knobs() -> list[str]:
+    """Mechanisms that declare tie-free knobs at their example point (those that make a discrete choice)."""
+    out = []
+    for name in attentions.available():
+        module, args = make(name, modes(name)[0])
+        if module.tie_free_knobs(args[1], args[3] if len(args) > 3 else None) is not None:
+            out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("name", _with_tie_free_knobs())
+def test_tie_free_knobs_remove_the_discrete_choice(name):
     module, args = make(name, modes(name)[0])
-    overrides = module.tie_free_knobs(args[1], args[3] if len(args) > 3 else None)
-    if overrides is None:
-        return
-    rebuilt = attentions.build(name, dim=DIM, heads=HEADS, **{**module.knobs.as_dict(), **overrides})
-    assert not rebuilt.unsupported(BATCH, args[1], args[3] if len(args) > 3 else None)
+    context_hw = args[3] if len(args) > 3 else None
+    overrides = module.tie_free_knobs(args[1], context_hw)
+    torch.manual_seed(0)
+    rebuilt = attentions.build(name, dim=DIM, heads=HEADS, impl="reference", **{**module.knobs.as_dict(), **overrides})
+    assert not rebuilt.unsupported(BATCH, args[1], context_hw)
+    # no choice left: a small perturbation moves the output in proportion (a flipped selection would jump)
+    x = args[0].double()
+    rebuilt = rebuilt.double()
+    step = 1e-3 * torch.randn_like(x)
+    rest = tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args[1:])
+    base, moved, twice = (rebuilt(x + k * step, *rest) for k in (0, 1, 2))
+    torch.testing.assert_close(twice - base, 2 * (moved - base), rtol=0.05, atol=1e-6)
 
 
-def test_tolerances_are_per_dtype():
-    assert TOLERANCE[torch.float32] < TOLERANCE[torch.float16] < TOLERANCE[torch.bfloat16]
+def test_parity_catches_a_fast_path_off_by_more_than_the_tolerance(monkeypatch):
+    module, args = make("full", "self")
+    assert_parity(module, "fast", torch.float32, args)
+    real = attentions.common.F.scaled_dot_product_attention
+    # 1e-3 relative: ten times the float32 gradient tolerance, far below what eyeballing an output shows
+    monkeypatch.setattr(attentions.common.F, "scaled_dot_product_attention", lambda *a, **k: real(*a, **k) * 1.001)
+    with pytest.raises(AssertionError):
+        assert_parity(module, "fast", torch.float32, args)
+    assert TOLERANCE[torch.float32] < 1e-3
 
 
 @pytest.mark.parametrize("name", attentions.available())
@@ -191,8 +220,8 @@ def test_cross_is_refused_where_unsupported():
         cls = attentions.get(name)
         if cls.supports_cross:
             continue
-        module = attentions.build(name, dim=DIM, heads=HEADS)
-        x, hw = module.example_inputs(1, first_supported_hw(module))
+        module, hw = example_module(name)
+        x, hw = module.example_inputs(1, hw)
         with pytest.raises(ValueError, match="cross"):
             module(x, hw, x.clone(), hw)
 
@@ -234,3 +263,70 @@ def test_full_bias_reads_the_offset_rows_by_hand():
         row = (dy + 4) * span + (dx + 4)
         assert torch.equal(bias[:, i, j], full.table[row])
     assert full.unsupported(1, (6, 5)) and not full.unsupported(1, (5, 5))
+
+
+def test_reference_attend_is_float64_in_float64():
+    from attentions.common import attend
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = attend(q, k, v, bias, math=True)
+    by_hand = torch.softmax(q @ k.transpose(-2, -1) / 2.0 + bias, dim=-1) @ v  # scale 4 ** -0.5
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, by_hand, rtol=1e-15, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda *t: attend(*t, math=True), (q, k, v, bias))
+
+
+def test_fast_takes_the_explicit_path_where_sdpa_would_not_fuse(monkeypatch):
+    # On the CPU SDPA has no fused kernel for a bias that needs a gradient: fast must not call it then
+    # (its unfused math kernel is slower than attend's explicit path), and must call it otherwise.
+    from attentions import common
+
+    calls = []
+    real = common.F.scaled_dot_product_attention
+    monkeypatch.setattr(common.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    module = attentions.build("swin", dim=DIM, heads=HEADS, window=4, shift=True)  # its bias table needs a grad
+    x, hw = module.example_inputs(1, (8, 8))
+    module(x, hw).sum().backward()
+    assert calls == [] and module.table.grad is not None
+    with torch.no_grad():
+        module(x, hw)
+    assert calls == [1]
+    monkeypatch.setitem(common.SDPA_FUSES_BIAS_GRAD, "cpu", True)  # a device whose kernels fuse it
+    module(x, hw).sum().backward()
+    assert calls == [1, 1]
+
+
+def test_fitting_values_are_exactly_the_values_that_run_on_every_map():
+    maps = [(8, 8), (12, 12)]
+    values = attentions.fitting_values("swin", "window", maps, dim=DIM, heads=HEADS)
+    for window in range(1, 13):
+        module = attentions.build("swin", dim=DIM, heads=HEADS, window=window)
+        assert (window in values) == all(not module.unsupported(1, hw) for hw in maps), window
+    assert values[0] == 4  # the default 7 does not fit: the nearest smaller value that does comes first
+    budget = attentions.build("swin", dim=DIM, heads=HEADS, window=2).macs(1, (12, 12))
+    cheap = attentions.fitting_values("swin", "window", maps, dim=DIM, heads=HEADS, budget=budget)
+    assert 2 in cheap and 4 not in cheap
+    assert attentions.fitting_values("swin", "window", maps, dim=DIM, heads=HEADS, limit=2) == values[:2]
+
+
+def test_fit_knobs_keeps_what_fits_and_says_when_nothing_does():
+    assert attentions.fit_knobs("swin", [(14, 14)], dim=DIM, heads=HEADS) == {}
+    fitted = attentions.fit_knobs("swin", [(8, 8)], dim=DIM, heads=HEADS, knobs={"window": 7, "shift": True})
+    assert fitted == {"window": 4, "shift": True}
+    with pytest.raises(attentions.KnobError, match="divisible by heads"):
+        attentions.fit_knobs("full", [(8, 8)], dim=30, heads=4)  # no knob changes the widths
+
+
+@pytest.mark.parametrize("name", attentions.available())
+def test_reference_is_exact_in_float64(name):
+    # float64 inputs stay float64 on the reference path (no float32 step inside), so gradcheck holds
+    hw = (4, 4)
+    knobs = attentions.fit_knobs(name, [hw], dim=8, heads=2, knobs=supported_point(name)[0])
+    torch.manual_seed(0)
+    module = attentions.build(name, dim=8, heads=2, impl="reference", **knobs).double()
+    x, *rest = module.example_inputs(1, hw, dtype=torch.float64, cross=modes(name)[0] == "cross")
+    assert module(x, *rest).dtype == torch.float64
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: module(t, *rest), (x,), eps=1e-6, atol=1e-5, rtol=1e-4)

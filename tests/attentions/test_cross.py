@@ -11,14 +11,15 @@ import attentions
 EPS = 1e-6
 
 
-def build(dim=16, heads=2, impl="reference", **knobs):
-    torch.manual_seed(0)
-    m = attentions.build("cross", dim=dim, heads=heads, impl=impl, **knobs)
-    with torch.no_grad():  # move the LayerNorms off their identity initialisation
-        for p in m.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return m
+MECHANISM = "cross"
+BUILD = dict(impl="reference")
+
+
+def prepare(module: attentions.Attention) -> None:
+    """Move the LayerNorms off their identity initialisation."""
+    for p in module.parameters():
+        if p.dim() == 1:
+            p.add_(0.1 * torch.randn_like(p))
 
 
 def inputs(m, hw, context_hw, batch=2, seed=1):
@@ -54,13 +55,13 @@ def by_hand(m, x, ctx):
     ("dim", "context_dim", "heads", "hw", "context_hw"),
     [(16, 24, 2, (3, 5), (2, 7)), (24, 16, 4, (7, 3), (5, 5)), (16, 0, 2, (1, 1), (1, 1))],
 )
-def test_output_is_the_step_by_step_computation(impl, dim, context_dim, heads, hw, context_hw):
+def test_output_is_the_step_by_step_computation(build, impl, dim, context_dim, heads, hw, context_hw):
     m = build(dim=dim, heads=heads, impl=impl, context_dim=context_dim)
     x, ctx = inputs(m, hw, context_hw)
     torch.testing.assert_close(m(x, hw, ctx, context_hw), by_hand(m, x, ctx), rtol=1e-5, atol=1e-5)
 
 
-def test_only_the_cls_row_changes():
+def test_only_the_cls_row_changes(build):
     m = build(context_dim=24)
     hw, chw = (3, 5), (2, 7)
     x, ctx = inputs(m, hw, chw)
@@ -74,7 +75,7 @@ def test_only_the_cls_row_changes():
     assert torch.equal(g[:, 1:], torch.ones_like(g[:, 1:])) and torch.equal(g[:, 0], torch.zeros_like(g[:, 0]))
 
 
-def test_the_context_cls_is_not_used_and_its_patches_are():
+def test_the_context_cls_is_not_used_and_its_patches_are(build):
     m = build(context_dim=24)
     hw, chw = (3, 5), (2, 7)
     x, ctx = inputs(m, hw, chw)
@@ -87,7 +88,7 @@ def test_the_context_cls_is_not_used_and_its_patches_are():
     assert not torch.allclose(m(x, hw, other_patch, chw)[:, 0], out[:, 0])
 
 
-def test_cls_cross_attention_over_x_own_patches_is_full_attention():
+def test_cls_cross_attention_over_x_own_patches_is_full_attention(build):
     # context_dim == dim and a context whose patches are x's: the attention step is full
     # self attention over [projected CLS, patches], read at the CLS row (full attention of
     # the CLS query), with the same projection weights.

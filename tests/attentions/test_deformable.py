@@ -12,10 +12,7 @@ import attentions
 from attentions.common import to_map, to_tokens
 from attentions.relpos import DeformableBiasTable
 
-
-def build(**knobs):
-    torch.manual_seed(0)
-    return attentions.build("deformable", dim=knobs.pop("dim", 16), heads=knobs.pop("heads", 2), **knobs)
+MECHANISM = "deformable"
 
 
 def zero_offsets(m) -> None:
@@ -49,8 +46,8 @@ def sampled_of(m, x, hw):
 # ---------------------------------------------------------------------------- zero offsets
 
 
-def test_zero_offsets_with_stride_1_sample_x_itself():
-    m = build(stride=1, kernel=3, groups=2)
+def test_zero_offsets_with_stride_1_sample_x_itself(build):
+    m = build(stride=1, kernel=3, groups=2, geometry="centres")
     zero_offsets(m)
     hw = (5, 7)
     x = torch.randn(2, 35, 16)
@@ -64,8 +61,8 @@ def test_zero_offsets_with_stride_1_sample_x_itself():
     torch.testing.assert_close(sampled, x, rtol=1e-5, atol=1e-5)
 
 
-def test_zero_offsets_with_stride_1_and_no_bias_is_full_attention():
-    m = build(stride=1, kernel=3, groups=2, use_pe=False, impl="reference")
+def test_zero_offsets_with_stride_1_and_no_bias_is_full_attention(build):
+    m = build(stride=1, kernel=3, groups=2, use_pe=False, impl="reference", geometry="centres")
     zero_offsets(m)
     full = attentions.build("full", dim=16, heads=2, impl="reference")
     full.proj.load_state_dict(m.proj.state_dict())
@@ -73,9 +70,9 @@ def test_zero_offsets_with_stride_1_and_no_bias_is_full_attention():
     torch.testing.assert_close(m(x, (5, 7)), full(x, (5, 7)), rtol=1e-5, atol=1e-5)
 
 
-def test_zero_offsets_with_stride_2_sample_cell_centres():
+def test_zero_offsets_with_stride_2_sample_cell_centres(build):
     # kernel == stride: no padding, a 3x4 grid of 2x2 cells; bilinear at a cell centre is the cell's mean
-    m = build(stride=2, kernel=2)
+    m = build(stride=2, kernel=2, geometry="centres")
     zero_offsets(m)
     hw = (6, 8)
     x = torch.randn(1, 48, 16)
@@ -88,11 +85,11 @@ def test_zero_offsets_with_stride_2_sample_cell_centres():
 # ---------------------------------------------------------------------------- offsets
 
 
-def test_an_offset_moves_the_sample_bilinearly():
+def test_an_offset_moves_the_sample_bilinearly(build):
     # stride 1 on a 6x9 map: the reference point of key (2, 3) is pixel (y=2, x=3).
     # Raw offsets chosen so that tanh(raw) * 2 / (Wk, Hk) is +1/4 pixel in x and -1/2 pixel in y:
     # one pixel is 2/(W-1) = 1/4 (x) and 2/(H-1) = 2/5 (y) in normalised units.
-    m = build(stride=1, kernel=3, offset_range_factor=2.0)
+    m = build(stride=1, kernel=3, offset_range_factor=2.0, geometry="centres")
     hw = (6, 9)
     raw_x = math.atanh(0.25 * (2 / 8) * 9 / 2)  # tanh = 0.28125
     raw_y = math.atanh(-0.5 * (2 / 5) * 6 / 2)  # tanh = -0.6
@@ -109,7 +106,7 @@ def test_an_offset_moves_the_sample_bilinearly():
     torch.testing.assert_close(pos[0] - ref, torch.tensor([0.0625, -0.2]).expand(6, 9, 2), rtol=0, atol=1e-6)
 
 
-def test_bounded_offsets_stay_within_the_range():
+def test_bounded_offsets_stay_within_the_range(build):
     m = build(stride=2, kernel=3, offset_range_factor=1.0)
     constant_raw_offsets(m, 50.0, -50.0)  # saturate tanh
     hw = (6, 10)
@@ -119,14 +116,100 @@ def test_bounded_offsets_stay_within_the_range():
     torch.testing.assert_close(moved, torch.tensor([1.0 / wk, -1.0 / hk]).expand(hk, wk, 2), rtol=0, atol=1e-6)
 
 
-def test_unbounded_offsets_are_clamped_to_the_map():
-    m = build(stride=2, kernel=3, offset_range_factor=-1)
+def test_unbounded_offsets_are_clamped_to_the_map(build):
+    m = build(stride=2, kernel=3, offset_range_factor=-1, geometry="centres")
     constant_raw_offsets(m, 5.0, -0.25)  # raw offsets used as they are
     hw = (6, 10)
     pos, _ = sampled_of(m, torch.randn(1, 60, 16), hw)
     ref = m.reference_points(hw, m.key_hw(hw), "cpu")
     assert (pos[0, ..., 0] == 1.0).all()  # pushed past the right edge, clamped
     torch.testing.assert_close(pos[0, ..., 1], (ref[..., 1] - 0.25).clamp(-1, 1), rtol=0, atol=1e-6)
+
+
+def grid_by_hand(geometry: str, size: int, cells: int) -> list[float]:
+    """The official formulas, written out per point (normalised, align_corners=True)."""
+    if geometry == "cvpr2022":  # linspace(0.5, Hk - 0.5, Hk) / Hk * 2 - 1
+        return [(j + 0.5) / cells * 2 - 1 for j in range(cells)]
+    if geometry == "datpp":  # linspace(0.5, Hk - 0.5, Hk) / (Hk - 1) * 2 - 1
+        return [(j + 0.5) / (cells - 1) * 2 - 1 for j in range(cells)]
+    # centres of equal cells, (j + 1/2) * H / Hk - 1/2 pixels, in the align_corners=True frame
+    return [((j + 0.5) * size / cells - 0.5) * 2 / (size - 1) - 1 for j in range(cells)]
+
+
+def query_by_hand(geometry: str, size: int) -> list[float]:
+    if geometry == "cvpr2022":  # the reference formula at (H, W)
+        return [(i + 0.5) / size * 2 - 1 for i in range(size)]
+    return [i / (size - 1) * 2 - 1 for i in range(size)]  # DAT++'s q grid: arange(H) / (H - 1) * 2 - 1
+
+
+GEOMETRY_CASES = [
+    # (stride, kernel, map): kernel == stride (no padding) or kernel stride+1 (padding kernel // 2)
+    (1, 3, (6, 6)),
+    (1, 3, (5, 8)),
+    (2, 2, (8, 8)),
+    (2, 3, (6, 10)),
+    (4, 4, (16, 16)),
+    (4, 5, (12, 20)),
+]
+
+
+@pytest.mark.parametrize("geometry", ["cvpr2022", "datpp", "centres"])
+@pytest.mark.parametrize(("stride", "kernel", "hw"), GEOMETRY_CASES, ids=lambda v: str(v))
+def test_zero_offset_positions_are_the_official_grids(build, geometry, stride, kernel, hw):
+    m = build(stride=stride, kernel=kernel, geometry=geometry)
+    zero_offsets(m)
+    hk, wk = m.key_hw(hw)
+    pos, sampled = sampled_of(m, torch.randn(2, hw[0] * hw[1], 16), hw)
+    ys, xs = torch.tensor(grid_by_hand(geometry, hw[0], hk)), torch.tensor(grid_by_hand(geometry, hw[1], wk))
+    for g in range(pos.shape[0]):
+        torch.testing.assert_close(pos[g, ..., 0], xs.expand(hk, wk), rtol=0, atol=1e-6)
+        torch.testing.assert_close(pos[g, ..., 1], ys[:, None].expand(hk, wk), rtol=0, atol=1e-6)
+    qy, qx = torch.tensor(query_by_hand(geometry, hw[0])), torch.tensor(query_by_hand(geometry, hw[1]))
+    q = m.query_points(hw, "cpu").reshape(hw[0], hw[1], 2)
+    torch.testing.assert_close(q[..., 0], qx.expand(*hw), rtol=0, atol=1e-6)
+    torch.testing.assert_close(q[..., 1], qy[:, None].expand(*hw), rtol=0, atol=1e-6)
+
+
+def test_the_geometries_sample_different_points(build):
+    # at stride 2 on a 6x10 map the three placements differ, and so do the sampled features
+    hw, x = (6, 10), torch.randn(1, 60, 16)
+    samples = []
+    for geometry in ("cvpr2022", "datpp", "centres"):
+        m = build(stride=2, kernel=3, geometry=geometry)
+        zero_offsets(m)
+        samples.append(sampled_of(m, x, hw)[1])
+    for i in range(3):
+        for j in range(i):
+            assert not torch.allclose(samples[i], samples[j], atol=1e-3)
+
+
+@pytest.mark.parametrize(("geometry", "cells"), [("cvpr2022", lambda n: n), ("datpp", lambda n: n - 1)])
+def test_bounded_offsets_are_divided_as_in_the_release(build, geometry, cells):
+    m = build(stride=2, kernel=3, offset_range_factor=2.0, geometry=geometry)
+    constant_raw_offsets(m, 50.0, -50.0)  # tanh saturates at +-1
+    hw = (8, 12)
+    pos, _ = sampled_of(m, torch.randn(1, 96, 16), hw)
+    hk, wk = m.key_hw(hw)
+    moved = pos[0] - m.reference_points(hw, (hk, wk), "cpu")
+    torch.testing.assert_close(moved, torch.tensor([2.0 / cells(wk), -2.0 / cells(hk)]).expand(hk, wk, 2))
+
+
+def test_unbounded_offsets_follow_the_release(build):
+    # CVPR 2022: tanh of the position; DAT++: the position clamped to the map
+    hw = (6, 10)
+    for geometry, squash in (("cvpr2022", torch.tanh), ("datpp", lambda p: p.clamp(-1, 1))):
+        m = build(stride=2, kernel=3, offset_range_factor=-1, geometry=geometry)
+        constant_raw_offsets(m, 1.5, -0.25)
+        pos, _ = sampled_of(m, torch.randn(1, 60, 16), hw)
+        ref = m.reference_points(hw, m.key_hw(hw), "cpu")
+        torch.testing.assert_close(pos[0], squash(ref + torch.tensor([1.5, -0.25])), rtol=0, atol=1e-5)
+
+
+def test_datpp_refuses_a_one_row_key_grid(build):
+    m = build(stride=4, kernel=4, geometry="datpp")
+    assert "datpp" in m.unsupported(1, (4, 8))[0]  # a 1x2 key grid: Hk - 1 = 0
+    assert not m.unsupported(1, (8, 8))
+    assert not build(stride=4, kernel=4).unsupported(1, (4, 8))  # cvpr2022 is defined there
 
 
 # ---------------------------------------------------------------------------- bias table
@@ -171,7 +254,7 @@ def test_bias_groups_serve_their_own_heads():
     torch.testing.assert_close(bias[0, 2:, 0, 0], table.table[2:, 1, 1])  # group 1: (-1, -1)/2 -> corner (1, 1)
 
 
-def test_use_pe_adds_the_bias():
+def test_use_pe_adds_the_bias(build):
     hw = (4, 6)
     x = torch.randn(1, 24, 16)
     with_pe = build(impl="reference")
@@ -197,7 +280,7 @@ def test_use_pe_adds_the_bias():
         ((3, 11), dict(stride=3, kernel=4)),
     ],
 )
-def test_non_square_maps_fast_matches_reference(hw, knobs):
+def test_non_square_maps_fast_matches_reference(build, hw, knobs):
     m = build(**knobs)
     x = torch.randn(2, hw[0] * hw[1], 16, requires_grad=True)
     ref = build(**knobs)
@@ -259,7 +342,7 @@ def test_table_hw_accepts_a_cli_string():
     assert m.rpe.table.shape == (2, 5, 9)
 
 
-def test_map_smaller_than_the_stride_is_refused():
+def test_map_smaller_than_the_stride_is_refused(build):
     m = build(stride=4, kernel=5)
     reasons = m.unsupported(1, (3, 8))
     assert reasons and "stride" in reasons[0]
@@ -268,7 +351,7 @@ def test_map_smaller_than_the_stride_is_refused():
         m(torch.randn(1, 24, 16), (3, 8))
 
 
-def test_cross_is_refused():
+def test_cross_is_refused(build):
     m = build()
     x = torch.randn(1, 24, 16)
     with pytest.raises(ValueError, match="cross"):

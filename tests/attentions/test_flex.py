@@ -35,9 +35,7 @@ def allow_cpu_backward(monkeypatch):
         yield
 
 
-def build(name, seed=0, **knobs):
-    torch.manual_seed(seed)
-    return attentions.build(name, dim=32, heads=2, **knobs)
+BUILD = dict(dim=32, heads=2)
 
 
 # ---------------------------------------------------------------------- swin
@@ -50,21 +48,21 @@ SWIN = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("hw", "knobs"), SWIN, ids=[f"{h}x{w}-{k}" for (h, w), k in SWIN])
-def test_swin_flex_matches_reference(allow_cpu_backward, hw, knobs, dtype):
+def test_swin_flex_matches_reference(build, allow_cpu_backward, hw, knobs, dtype):
     module = build("swin", **knobs)
     args = module.example_inputs(2, hw, device=DEVICE)
     assert_parity(module.to(DEVICE), "flex", dtype, args)
 
 
 @pytest.mark.parametrize(("hw", "knobs"), [((5, 9), dict(window=7, pad=True)), ((12, 6), dict(window=6, shift=True))])
-def test_swin_flex_small_map_and_single_column_of_windows(allow_cpu_backward, hw, knobs):
+def test_swin_flex_small_map_and_single_column_of_windows(build, allow_cpu_backward, hw, knobs):
     # (5, 9) shrinks the window to 5 (central rows of the table) and pads W to 10
     module = build("swin", **knobs)
     args = module.example_inputs(2, hw, device=DEVICE)
     assert_parity(module.to(DEVICE), "flex", torch.float32, args)
 
 
-def test_swin_flex_never_builds_the_bias(allow_cpu_backward, monkeypatch):
+def test_swin_flex_never_builds_the_bias(build, allow_cpu_backward, monkeypatch):
     module = build("swin", window=4, shift=True, impl="flex")
 
     def forbidden(*args, **kwargs):
@@ -76,7 +74,7 @@ def test_swin_flex_never_builds_the_bias(allow_cpu_backward, monkeypatch):
     assert module.table.grad is not None and module.table.grad.abs().sum() > 0
 
 
-def test_swin_block_masks_are_cached_per_resolution(allow_cpu_backward):
+def test_swin_block_masks_are_cached_per_resolution(build, allow_cpu_backward):
     module = build("swin", window=4, impl="flex")
     for hw in [(8, 8), (8, 12), (8, 8)]:
         module(*module.example_inputs(1, hw))
@@ -97,7 +95,7 @@ def test_window_block_pairs_are_the_pairs_of_the_visited_blocks(windows, tokens)
     assert counted >= windows * tokens * tokens  # every pair of every window, and more across block edges
 
 
-def test_swin_flex_macs_count_the_visited_blocks():
+def test_swin_flex_macs_count_the_visited_blocks(build):
     module = build("swin", window=7, impl="flex")
     exact = build("swin", window=7).macs(2, (56, 56))
     # 64 windows of 49 tokens: 3136 tokens in 25 query blocks, each visiting 1 or 2 key blocks
@@ -117,19 +115,19 @@ POOLING = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("hw", "knobs"), POOLING, ids=[f"{h}x{w}-{k}" for (h, w), k in POOLING])
-def test_pooling_flex_matches_reference(allow_cpu_backward, hw, knobs, dtype):
+def test_pooling_flex_matches_reference(build, allow_cpu_backward, hw, knobs, dtype):
     module = build("pooling", **knobs)
     args = module.example_inputs(2, hw, device=DEVICE)
     assert_parity(module.to(DEVICE), "flex", dtype, args)
 
 
-def test_pooling_flex_without_relative_position(allow_cpu_backward):
+def test_pooling_flex_without_relative_position(build, allow_cpu_backward):
     module = build("pooling", mode="max", stride_kv=2, rel_pos=False)
     args = module.example_inputs(2, (7, 10), device=DEVICE)
     assert_parity(module.to(DEVICE), "flex", torch.float32, args)
 
 
-def test_pooling_flex_never_builds_the_bias(allow_cpu_backward, monkeypatch):
+def test_pooling_flex_never_builds_the_bias(build, allow_cpu_backward, monkeypatch):
     import attentions.pooling
 
     def forbidden(*args, **kwargs):
@@ -142,7 +140,7 @@ def test_pooling_flex_never_builds_the_bias(allow_cpu_backward, monkeypatch):
     assert module.rel_pos_h.grad.abs().sum() > 0 and module.rel_pos_w.grad.abs().sum() > 0
 
 
-def test_pooling_flex_macs_are_the_reference_pairs():
+def test_pooling_flex_macs_are_the_reference_pairs(build):
     module = build("pooling", rel_pos_size=16, impl="flex")
     assert module.macs(2, (16, 16)) == build("pooling", rel_pos_size=16).macs(2, (16, 16))
 
@@ -157,13 +155,13 @@ FULL = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("hw", "knobs"), FULL, ids=[f"{h}x{w}-{k}" for (h, w), k in FULL])
-def test_full_flex_matches_reference(allow_cpu_backward, hw, knobs, dtype):
+def test_full_flex_matches_reference(build, allow_cpu_backward, hw, knobs, dtype):
     module = build("full", **knobs)
     args = module.example_inputs(2, hw, device=DEVICE)
     assert_parity(module.to(DEVICE), "flex", dtype, args)
 
 
-def test_full_flex_never_builds_the_bias(allow_cpu_backward, monkeypatch):
+def test_full_flex_never_builds_the_bias(build, allow_cpu_backward, monkeypatch):
     module = build("full", bias_table=8, impl="flex")
     x, hw = module.example_inputs(1, (8, 8))
     expected = build("full", bias_table=8, impl="reference")(x, hw)
@@ -177,7 +175,7 @@ def test_full_flex_never_builds_the_bias(allow_cpu_backward, monkeypatch):
 
 # ---------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("name", ["swin", "pooling", "full"])
-def test_cpu_is_refused_with_the_fix(name):
+def test_cpu_is_refused_with_the_fix(build, name):
     if flex.cpu_backward():
         pytest.skip("this torch differentiates flex attention on the CPU")
     module = build(name, impl="flex")
@@ -198,7 +196,7 @@ def test_cpu_is_refused_with_the_fix(name):
         ("full", (32, 32), dict(bias_table=32)),
     ],
 )
-def test_gpu_compiled_flex_matches_reference(name, hw, knobs):
+def test_gpu_compiled_flex_matches_reference(build, name, hw, knobs):
     module = build(name, **knobs)
     args = module.example_inputs(2, hw, device="cuda")
     assert_parity(module.cuda(), "flex", torch.bfloat16, args)

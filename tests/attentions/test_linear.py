@@ -15,9 +15,7 @@ from attentions.testing import TOLERANCE, parity, rel_error
 BOTH = [linear_attention_reference, linear_attention]
 
 
-def build(dim: int = 16, heads: int = 2, seed: int = 0, **knobs) -> attentions.Attention:
-    torch.manual_seed(seed)
-    return attentions.build("linear", dim=dim, heads=heads, **knobs)
+MECHANISM = "linear"
 
 
 def set_identity_projections(module: attentions.Attention) -> None:
@@ -50,7 +48,7 @@ def test_feature_map_is_elu_plus_one():
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_module_with_identity_projections_is_the_formula(impl):
+def test_module_with_identity_projections_is_the_formula(build, impl):
     module = build(dim=4, heads=1, impl=impl)
     set_identity_projections(module)
     x = torch.randn(1, 6, 4)
@@ -59,7 +57,7 @@ def test_module_with_identity_projections_is_the_formula(impl):
 
 
 @pytest.mark.parametrize(("hw", "context_hw"), [((5, 7), None), ((6, 10), None), ((5, 7), (3, 11)), ((4, 4), (9, 6))])
-def test_fast_matches_reference_in_float32(hw, context_hw):
+def test_fast_matches_reference_in_float32(build, hw, context_hw):
     module = build()
     args = module.example_inputs(2, hw, cross=context_hw is not None, context_hw=context_hw)
     errors = parity(module, "fast", torch.float32, args)
@@ -75,7 +73,7 @@ LARGE_HW, LARGE_CONTEXT_HW = (3, 5), (300, 300)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_many_keys_in_half_precision_stay_finite_and_close(dtype):
+def test_many_keys_in_half_precision_stay_finite_and_close(build, dtype):
     module = build()
     x, hw, ctx, chw = module.example_inputs(1, LARGE_HW, cross=True, context_hw=LARGE_CONTEXT_HW)
     ctx = ctx + 2.0  # values with a nonzero mean, so that sum_j phi(k_j) v_j grows with M too
@@ -98,7 +96,7 @@ def test_many_keys_in_half_precision_stay_finite_and_close(dtype):
     assert all(torch.isfinite(p.grad).all() for p in low.parameters())
 
 
-def test_cross_takes_keys_and_values_from_the_context():
+def test_cross_takes_keys_and_values_from_the_context(build):
     module = build(impl="reference")
     x, hw, ctx, chw = module.example_inputs(2, (3, 4), cross=True, context_hw=(5, 2))
     out = module(x, hw, ctx, chw)
@@ -116,7 +114,7 @@ def test_cross_takes_keys_and_values_from_the_context():
     assert not torch.allclose(module(x, hw, ctx.flip(1), chw), out)
 
 
-def test_macs_by_hand():
+def test_macs_by_hand(build):
     # dim 8, 2 heads of d=4, a 2x3 map: N = M = 6.
     fast, ref = build(dim=8, impl="fast"), build(dim=8, impl="reference")
     projections = 6 * 8 * 8 + 6 * 8 * 16 + 6 * 8 * 8  # q, kv, out = 1536
@@ -132,7 +130,7 @@ def test_macs_by_hand():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fvcore traces with torch.jit
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 @pytest.mark.parametrize("context_hw", [None, (3, 4)])
-def test_macs_match_fvcore(impl, context_hw):
+def test_macs_match_fvcore(build, impl, context_hw):
     module = build(dim=8, impl=impl)
     args = module.example_inputs(2, (5, 7), cross=context_hw is not None, context_hw=context_hw)
     from fvcore.nn import FlopCountAnalysis  # imported here: it warns about torch.jit on import
@@ -144,12 +142,12 @@ def test_macs_match_fvcore(impl, context_hw):
 
 
 @pytest.mark.parametrize("bad", [-1e-3, 1.0, "tiny", True])
-def test_bad_eps_says_what_to_change(bad):
+def test_bad_eps_says_what_to_change(build, bad):
     with pytest.raises(attentions.KnobError, match="eps"):
         build(eps=bad)
 
 
-def test_knobs_and_declarations():
+def test_knobs_and_declarations(build):
     module = build(eps=1e-4, qkv_bias=False)
     assert module.eps == 1e-4 and module.proj.q.bias is None
     cls = attentions.get("linear")

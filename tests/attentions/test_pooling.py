@@ -16,14 +16,14 @@ from attentions.testing import assert_parity, rel_error
 IMPLS = ["reference", "fast"]
 
 
-def build(dim: int = 16, heads: int = 2, seed: int = 0, **knobs) -> attentions.Attention:
-    torch.manual_seed(seed)
-    module = attentions.build("pooling", dim=dim, heads=heads, **knobs)
+MECHANISM = "pooling"
+
+
+def prepare(module: attentions.Attention) -> None:
+    """Relative-position tables large enough to matter (the init has std 0.02)."""
     if module.knobs.rel_pos:
-        with torch.no_grad():  # tables large enough to matter (the init has std 0.02)
-            module.rel_pos_h.normal_()
-            module.rel_pos_w.normal_()
-    return module
+        module.rel_pos_h.normal_()
+        module.rel_pos_w.normal_()
 
 
 def row(q: int, k: int, hq: int, hk: int) -> int:
@@ -47,7 +47,7 @@ def resize_by_hand(table: torch.Tensor, length: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("hw", [(6, 6), (5, 7)])
-def test_no_pooling_no_rel_pos_no_residual_is_full_attention(impl, hw):
+def test_no_pooling_no_rel_pos_no_residual_is_full_attention(build, impl, hw):
     module = build(mode="none", stride_q=1, stride_kv=1, rel_pos=False, residual_pooling=False, impl=impl)
     full = attentions.build("full", dim=16, heads=2, impl="reference")
     full.load_state_dict(module.state_dict())  # the same projections, nothing else
@@ -84,7 +84,7 @@ def test_table_rows_with_different_strides():
     assert mvit_index(4, 8)[0].tolist() == [7, 6, 5, 4, 3, 2, 1, 0]
 
 
-def test_tables_are_sized_for_rel_pos_size_and_not_resized_there():
+def test_tables_are_sized_for_rel_pos_size_and_not_resized_there(build):
     module = build(stride_kv=4, rel_pos_size=56)
     # 56x56 queries, 14x14 keys: 2 * 56 - 1 rows, as MViTv2's first stage
     assert module.rel_pos_h.shape == module.rel_pos_w.shape == (111, 8)
@@ -109,7 +109,7 @@ def test_resize_table_matches_linear_interpolation_by_hand():
         ((1, 1), 2, 4, (1, 1), (1, 1)),
     ],
 )
-def test_pooled_shapes(hw, stride_q, stride_kv, q_hw, kv_hw):
+def test_pooled_shapes(build, hw, stride_q, stride_kv, q_hw, kv_hw):
     module = build(stride_q=stride_q, stride_kv=stride_kv)
     assert module.output_hw(hw) == q_hw and module.kv_hw(hw) == kv_hw
     x, _ = module.example_inputs(2, hw)
@@ -119,14 +119,14 @@ def test_pooled_shapes(hw, stride_q, stride_kv, q_hw, kv_hw):
 
 
 @pytest.mark.parametrize("mode", ["conv", "avg", "max"])
-def test_fast_matches_reference_with_query_stride(mode):
+def test_fast_matches_reference_with_query_stride(build, mode):
     module = build(mode=mode, stride_q=2, stride_kv=2)
     args = module.example_inputs(2, (7, 10))
     assert_parity(module, "fast", torch.float32, args)
 
 
 @pytest.mark.parametrize("mode", ["avg", "max"])
-def test_avg_and_max_pool_each_head_map(mode):
+def test_avg_and_max_pool_each_head_map(build, mode):
     module = build(mode=mode, stride_q=2, stride_kv=3, rel_pos=False, impl="reference")
     x, hw = module.example_inputs(1, (7, 9))
     pool = F.avg_pool2d if mode == "avg" else F.max_pool2d
@@ -142,7 +142,7 @@ def test_avg_and_max_pool_each_head_map(mode):
     torch.testing.assert_close(module(x, hw), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_pooling_is_depthwise_shared_across_heads_then_layernorm():
+def test_conv_pooling_is_depthwise_shared_across_heads_then_layernorm(build):
     module = build(heads=2, stride_q=2)
     assert module.pool_q.weight.shape == (8, 1, 3, 3) and module.pool_q.stride == (2, 2)
     assert module.pool_k.stride == module.pool_v.stride == (4, 4)
@@ -152,7 +152,7 @@ def test_conv_pooling_is_depthwise_shared_across_heads_then_layernorm():
 
 
 @pytest.mark.parametrize("dim_out", [0, 24])
-def test_residual_pooling_adds_the_pooled_queries(dim_out):
+def test_residual_pooling_adds_the_pooled_queries(build, dim_out):
     with_res = build(stride_q=2, stride_kv=2, dim_out=dim_out)
     without = build(stride_q=2, stride_kv=2, residual_pooling=False, dim_out=dim_out)
     without.load_state_dict(with_res.state_dict())
@@ -162,7 +162,7 @@ def test_residual_pooling_adds_the_pooled_queries(dim_out):
     torch.testing.assert_close(diff, merge_heads(q) @ with_res.proj.out.weight.t(), rtol=1e-5, atol=1e-5)
 
 
-def test_rel_pos_changes_the_output_and_trains_its_tables():
+def test_rel_pos_changes_the_output_and_trains_its_tables(build):
     with_rel = build(stride_kv=2)
     without = build(stride_kv=2, rel_pos=False)
     without.load_state_dict(with_rel.state_dict(), strict=False)
@@ -189,7 +189,7 @@ def test_macs_by_hand():
 
 
 @pytest.mark.parametrize("mode", ["conv", "max"])
-def test_dim_out_widens_q_k_v_heads_and_output(mode):
+def test_dim_out_widens_q_k_v_heads_and_output(build, mode):
     # dim 16 in, dim_out 48 with 2 heads of 24: MViTv2's qkv Linear(dim, 3 * dim_out), pooling at head_dim 24.
     module = build(dim=16, heads=2, dim_out=48, mode=mode, stride_q=2, stride_kv=2, rel_pos_size=8)
     assert module.output_dim == 48 and module.head_dim == 24 and module.dim == 16
@@ -208,7 +208,7 @@ def test_dim_out_widens_q_k_v_heads_and_output(mode):
     assert all(p.grad is not None for p in module.parameters())
 
 
-def test_dim_out_equal_to_dim_is_the_default():
+def test_dim_out_equal_to_dim_is_the_default(build):
     plain = build(stride_q=2, stride_kv=2)
     same = build(stride_q=2, stride_kv=2, dim_out=16)
     same.load_state_dict(plain.state_dict())  # the same parameters, shape for shape
@@ -218,13 +218,13 @@ def test_dim_out_equal_to_dim_is_the_default():
 
 
 @pytest.mark.parametrize("mode", ["conv", "avg"])
-def test_fast_matches_reference_with_dim_out(mode):
+def test_fast_matches_reference_with_dim_out(build, mode):
     module = build(dim=16, heads=2, dim_out=32, mode=mode, stride_q=2, stride_kv=2)
     args = module.example_inputs(2, (7, 10))
     assert_parity(module, "fast", torch.float32, args)
 
 
-def test_dim_out_by_hand():
+def test_dim_out_by_hand(build):
     # The same heads computed from the widened projections, one head at a time, by hand.
     module = build(dim=8, heads=2, dim_out=12, mode="avg", stride_q=2, stride_kv=2, rel_pos=False, impl="reference")
     x, hw = module.example_inputs(1, (4, 6))
@@ -256,7 +256,7 @@ def test_macs_by_hand_with_dim_out():
     assert module.proj.macs(1, 64, 64) == 64 * 32 * 64 + 64 * 32 * 128 + 64 * 64 * 64
 
 
-def test_heads_split_dim_out_so_dim_need_not_divide():
+def test_heads_split_dim_out_so_dim_need_not_divide(build):
     # 32 -> 48 channels in 3 heads of 16 (32 is not a multiple of 3; MViTv2's qkv projects from it)
     module = build(dim=32, heads=3, dim_out=48, stride_q=2, stride_kv=2)
     assert module.head_dim == 16
@@ -274,7 +274,7 @@ def test_dim_out_from_the_command_line_string():
 @pytest.mark.parametrize(
     ("knobs", "match"),
     [
-        ({"dim_out": 33}, r"dim_out.*\(33\) must be divisible by heads \(2\).*32 or 34"),
+        ({"dim_out": 33}, r"output_dim \(33\) must be divisible by heads \(2\); choose heads from \[1, 3, 11, 33\]"),
         ({"dim_out": -16}, "dim_out.*non-negative"),
         ({"mode": "none"}, "stride_kv=1"),  # the default stride_kv is 4
         ({"mode": "median"}, "'conv', 'avg', 'max', 'none'"),

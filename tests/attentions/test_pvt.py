@@ -15,16 +15,15 @@ from attentions.testing import parity
 DIM, HEADS = 16, 2
 
 
-def build(seed: int = 0, dim: int = DIM, heads: int = HEADS, **knobs) -> attentions.Attention:
-    torch.manual_seed(seed)
-    return attentions.build("pvt", dim=dim, heads=heads, **knobs)
+MECHANISM = "pvt"
+BUILD = dict(dim=DIM, heads=HEADS)
 
 
 def randn(*shape: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def test_defaults_and_declarations():
+def test_defaults_and_declarations(build):
     cls = attentions.get("pvt")
     assert cls.knob_defaults() == {"version": "v1", "sr_ratio": 4, "pool_size": 7, "qkv_bias": True}
     assert cls.cost_knob == "sr_ratio" and cls.supports_cross
@@ -35,7 +34,7 @@ def test_defaults_and_declarations():
     assert v2.pool.output_size == 7 and v2.sr.kernel_size == (1, 1) and isinstance(v2.act, torch.nn.GELU)
 
 
-def test_v1_reduction_by_hand():
+def test_v1_reduction_by_hand(build):
     # A conv that averages each channel over its 2x2 cell is average pooling: the keys
     # and values come from LayerNorm(avg_pool(map)), tokens in row-major order.
     module = build(sr_ratio=2)
@@ -48,7 +47,7 @@ def test_v1_reduction_by_hand():
     assert module.kv_hw((4, 6)) == (2, 3)
 
 
-def test_v1_output_by_hand():
+def test_v1_output_by_hand(build):
     # Identity q/kv/out projections and a constant reduced map: every query sees equal
     # keys, so softmax is uniform and each output token is the (single) reduced value.
     module = build(dim=4, heads=1, sr_ratio=2, impl="reference")
@@ -68,7 +67,7 @@ def test_v1_output_by_hand():
     torch.testing.assert_close(module(x, (4, 4)), value.expand(1, 16, 4))
 
 
-def test_v1_floors_a_map_not_divisible_by_sr_ratio():
+def test_v1_floors_a_map_not_divisible_by_sr_ratio(build):
     # 5x7 with sr_ratio 2: keys from the top-left 4x6, the last row and column are dropped.
     module = build(sr_ratio=2, impl="reference")
     assert module.kv_hw((5, 7)) == (2, 3)
@@ -87,7 +86,7 @@ def test_v1_floors_a_map_not_divisible_by_sr_ratio():
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 @pytest.mark.parametrize(("hw", "context_hw"), [((5, 7), None), ((4, 6), (3, 9))])
-def test_v1_sr_ratio_1_is_full_attention(impl, hw, context_hw):
+def test_v1_sr_ratio_1_is_full_attention(build, impl, hw, context_hw):
     full = attentions.build("full", dim=DIM, heads=HEADS, impl=impl)
     pvt = build(seed=7, sr_ratio=1, impl=impl)
     pvt.load_state_dict(full.state_dict())  # the same q, kv and out weights (strict: nothing else)
@@ -97,7 +96,7 @@ def test_v1_sr_ratio_1_is_full_attention(impl, hw, context_hw):
 
 
 @pytest.mark.parametrize("size", [(7, 7), (5, 5)])
-def test_v2_pool_size_equal_to_the_map(size):
+def test_v2_pool_size_equal_to_the_map(build, size):
     # The adaptive pool is then the identity: keys from GELU(LN(conv1x1(x))).
     module = build(version="v2", pool_size=size[0])
     x = randn(2, size[0] * size[1], DIM)
@@ -108,7 +107,7 @@ def test_v2_pool_size_equal_to_the_map(size):
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
-def test_v2_pools_to_a_fixed_size():
+def test_v2_pools_to_a_fixed_size(build):
     module = build(version="v2", pool_size=3, impl="reference")
     x = randn(1, 6 * 9, DIM)
     # 6x9 -> 3x3: adaptive pooling here is exact 2x3 averaging.
@@ -129,7 +128,7 @@ def test_v2_pools_to_a_fixed_size():
         ({"version": "v2"}, (5, 7), (11, 13)),
     ],
 )
-def test_fast_matches_reference_on_odd_maps(knobs, hw, context_hw):
+def test_fast_matches_reference_on_odd_maps(build, knobs, hw, context_hw):
     module = build(**knobs)
     args = module.example_inputs(2, hw, cross=context_hw is not None, context_hw=context_hw)
     errors = parity(module, "fast", torch.float32, args)
@@ -139,7 +138,7 @@ def test_fast_matches_reference_on_odd_maps(knobs, hw, context_hw):
 
 
 @pytest.mark.parametrize("knobs", [{"sr_ratio": 2}, {"version": "v2", "pool_size": 3}])
-def test_cross_reduces_the_context(knobs):
+def test_cross_reduces_the_context(build, knobs):
     module = build(impl="reference", **knobs)
     x, hw, ctx, chw = module.example_inputs(2, (3, 5), cross=True, context_hw=(8, 6))
     out = module(x, hw, ctx, chw)
@@ -155,7 +154,7 @@ def test_cross_reduces_the_context(knobs):
     torch.testing.assert_close(module(x2, hw, ctx, chw)[:, 1:], out[:, 1:])
 
 
-def test_unsupported_says_why():
+def test_unsupported_says_why(build):
     module = build(sr_ratio=4)
     (reason,) = module.unsupported(1, (3, 10))
     assert "sr_ratio=4" in reason and "3x10" in reason and "sr_ratio <= 3" in reason
@@ -169,7 +168,7 @@ def test_unsupported_says_why():
     assert not build(version="v2").unsupported(1, (1, 1))
 
 
-def test_macs_by_hand():
+def test_macs_by_hand(build):
     # dim 8, 2 heads of d=4.
     v1 = build(dim=8, sr_ratio=2)
     # 4x6 map, N=24, keys 2x3 (M=6): conv 6*8*8*2*2, LayerNorm 5*6*8,
@@ -190,7 +189,7 @@ def test_macs_by_hand():
 @pytest.mark.parametrize(
     ("knobs", "context_hw"), [({"sr_ratio": 2}, None), ({"sr_ratio": 3}, (7, 10)), ({"version": "v2"}, None)]
 )
-def test_macs_match_fvcore_on_the_reference(knobs, context_hw):
+def test_macs_match_fvcore_on_the_reference(build, knobs, context_hw):
     # fvcore does not count SDPA, so the plain math path is the one to compare.
     module = build(dim=8, impl="reference", **knobs)
     args = module.example_inputs(2, (5, 7), cross=context_hw is not None, context_hw=context_hw)
@@ -213,7 +212,7 @@ def test_macs_match_fvcore_on_the_reference(knobs, context_hw):
         ({"version": 2}, "version"),
     ],
 )
-def test_bad_knobs_say_what_to_change(knobs, match):
+def test_bad_knobs_say_what_to_change(build, knobs, match):
     with pytest.raises(attentions.KnobError, match=match):
         build(**knobs)
 

@@ -14,9 +14,8 @@ DIM, HEADS = 16, 2
 IMPLS = ["reference", "fast"]
 
 
-def build(impl: str = "reference", seed: int = 0, **knobs) -> attentions.Attention:
-    torch.manual_seed(seed)
-    return attentions.build("quadtree", dim=DIM, heads=HEADS, impl=impl, **knobs)
+MECHANISM = "quadtree"
+BUILD = dict(dim=DIM, heads=HEADS, impl="reference")
 
 
 def inputs(module, hw, context_hw=None, batch=1, seed=0):
@@ -96,9 +95,9 @@ def brute_force(pyr, variant: str, topks: tuple[int, ...]):
         ("A", (8, 12), (12, 8), (5, 3, 2)),
     ],
 )
-def test_selection_and_messages_match_brute_force(impl, variant, hw, context_hw, topk):
+def test_selection_and_messages_match_brute_force(build, impl, variant, hw, context_hw, topk):
     """Each query keeps exactly its true top-K, and each level's message is its definition."""
-    module = build(impl, variant=variant, levels=3, topk=topk)
+    module = build(impl=impl, variant=variant, levels=3, topk=topk)
     args = inputs(module, hw, context_hw, seed=1)
     with torch.no_grad():
         pyr = module.pyramid(*args)
@@ -114,7 +113,7 @@ def test_selection_and_messages_match_brute_force(impl, variant, hw, context_hw,
 # ---------------------------------------------------------------------- equivalences
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("hw", "context_hw"), [((8, 8), None), ((8, 12), None), ((8, 8), (8, 16))])
-def test_full_topk_quadtree_b_is_full_attention_at_its_finest_level(impl, hw, context_hw):
+def test_full_topk_quadtree_b_is_full_attention_at_its_finest_level(build, impl, hw, context_hw):
     """QuadTree-B whose top-K covers every candidate is full attention at its finest level.
 
     With topk = (M0, 4*M0, 16*M0) for M0 keys at the coarsest level, every
@@ -126,7 +125,7 @@ def test_full_topk_quadtree_b_is_full_attention_at_its_finest_level(impl, hw, co
     """
     ch, cw = context_hw or hw
     m0 = (ch // 4) * (cw // 4)
-    module = build(impl, variant="B", levels=3, topk=(m0, 4 * m0, 16 * m0))
+    module = build(impl=impl, variant="B", levels=3, topk=(m0, 4 * m0, 16 * m0))
     args = inputs(module, hw, context_hw, batch=2)
     with torch.no_grad():
         pyr = module.pyramid(*args)
@@ -135,13 +134,13 @@ def test_full_topk_quadtree_b_is_full_attention_at_its_finest_level(impl, hw, co
         module.level_weight.copy_(torch.tensor([float("-inf"), float("-inf"), 0.0]))
         torch.testing.assert_close(module(*args), full_twin(module)(*args), rtol=1e-5, atol=1e-6)
         # the test can fail: keep one key fewer at the coarsest level and it is no longer full attention
-        pruned = build(impl, variant="B", levels=3, topk=(m0 - 1, 4 * (m0 - 1), 16 * (m0 - 1)))
+        pruned = build(impl=impl, variant="B", levels=3, topk=(m0 - 1, 4 * (m0 - 1), 16 * (m0 - 1)))
         pruned.load_state_dict(module.state_dict())
         assert not torch.allclose(pruned(*args), full_twin(module)(*args), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_quadtree_a_with_full_topk_is_a_hierarchical_softmax(impl):
+def test_quadtree_a_with_full_topk_is_a_hierarchical_softmax(build, impl):
     """QuadTree-A with a top-K covering every candidate.
 
     A's weights are not a flat softmax: a finest key gets p0(ancestor at level 0)
@@ -151,7 +150,7 @@ def test_quadtree_a_with_full_topk_is_a_hierarchical_softmax(impl):
     plain full attention. Both are checked here against dense computations.
     """
     hw = (8, 8)
-    module = build(impl, variant="A", levels=3, topk=(4, 16, 64))
+    module = build(impl=impl, variant="A", levels=3, topk=(4, 16, 64))
     args = inputs(module, hw, batch=2)
     with torch.no_grad():
         pyr = module.pyramid(*args)
@@ -180,14 +179,14 @@ def test_quadtree_a_with_full_topk_is_a_hierarchical_softmax(impl):
         torch.testing.assert_close(pyr.messages[2], weight @ v2, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(module(*args), module.proj.output(weight @ v2), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(weight @ v2, attend(q2, k2, v2, math=True), atol=1e-4)
-        one = build(impl, variant="A", levels=1)
+        one = build(impl=impl, variant="A", levels=1)
         x, hw = inputs(one, hw)
         torch.testing.assert_close(one(x, hw), full_twin(one)(x, hw), rtol=1e-5, atol=1e-6)
 
 
-def test_quadtree_b_mixes_levels_with_a_softmax_weight_and_lepe():
+def test_quadtree_b_mixes_levels_with_a_softmax_weight_and_lepe(build):
     """Output = out_proj(sum_l softmax(w)_l * upsample(message_l + dwconv3x3_l(values_l)))."""
-    module = build("reference", variant="B", levels=3, topk=3, values="conv", lepe=True)
+    module = build(impl="reference", variant="B", levels=3, topk=3, values="conv", lepe=True)
     x, hw = inputs(module, (8, 12), batch=2)
     with torch.no_grad():
         pyr = module.pyramid(x, hw)
@@ -218,8 +217,8 @@ def test_quadtree_b_mixes_levels_with_a_softmax_weight_and_lepe():
     ],
     ids=["B", "A", "B-conv-lepe-tuple", "A-cross", "B-2-levels-cross"],
 )
-def test_fast_matches_reference_in_float32(knobs, hw, context_hw):
-    module = build("fast", **knobs)
+def test_fast_matches_reference_in_float32(build, knobs, hw, context_hw):
+    module = build(impl="fast", **knobs)
     assert_parity(module, "fast", torch.float32, inputs(module, hw, context_hw, batch=2))
 
 
@@ -281,13 +280,13 @@ def test_macs_by_hand_two_levels_k2():
     assert a.macs(1, (4, 4), (8, 4)) == proj_x + pool_x + 2 * 2 * 4 * 8 * 4 + fine
 
 
-def test_topk_as_int_and_as_per_level_tuple():
-    base = build("reference", topk=2)
+def test_topk_as_int_and_as_per_level_tuple(build):
+    base = build(impl="reference", topk=2)
     x, hw = inputs(base, (8, 8))
-    same = build("reference", topk=(2, 2, 2))
+    same = build(impl="reference", topk=(2, 2, 2))
     torch.testing.assert_close(base(x, hw), same(x, hw), rtol=0, atol=0)
     assert base.topks() == same.topks() == (2, 2, 2)
-    per_level = build("reference", topk=(4, 3, 3))
+    per_level = build(impl="reference", topk=(4, 3, 3))
     with torch.no_grad():
         pyr = per_level.pyramid(x, hw)
     assert [s.shape[-1] for s in pyr.selected] == [4, 3]  # coarsest entry first; the finest selects nothing
@@ -302,8 +301,8 @@ def test_topk_as_int_and_as_per_level_tuple():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_cross_attention_with_a_context_of_another_size(impl):
-    module = build(impl, topk=3)
+def test_cross_attention_with_a_context_of_another_size(build, impl):
+    module = build(impl=impl, topk=3)
     x, hw, ctx, chw = inputs(module, (8, 12), (16, 8), batch=2)
     out = module(x, hw, ctx, chw)
     assert out.shape == x.shape and torch.isfinite(out).all()
@@ -315,8 +314,8 @@ def test_cross_attention_with_a_context_of_another_size(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("hw", "levels"), [((8, 12), 3), ((12, 20), 3), ((20, 12), 2), ((24, 8), 4)])
-def test_non_square_and_non_power_of_two_maps(impl, hw, levels):
-    module = build(impl, levels=levels, topk=2, values="conv", lepe=True)
+def test_non_square_and_non_power_of_two_maps(build, impl, hw, levels):
+    module = build(impl=impl, levels=levels, topk=2, values="conv", lepe=True)
     assert module.unsupported(2, hw) == []
     x, _ = inputs(module, hw, batch=2)
     x.requires_grad_(True)
@@ -350,13 +349,13 @@ def test_bad_knobs_say_what_to_change(knobs, match):
         attentions.build("quadtree", dim=DIM, heads=HEADS, **knobs)
 
 
-def test_unsupported_points_say_what_to_change():
+def test_unsupported_points_say_what_to_change(build):
     module = build(levels=3, topk=8)
     assert module.unsupported(1, (16, 12)) == []
     (reason,) = module.unsupported(1, (10, 12))
-    assert "divisible by 2^(levels-1) = 4" in reason and "levels <= 2" in reason
+    assert "multiples of 2^(levels-1) = 4" in reason and "10x12" in reason and "levels <= 2" in reason
     (reason,) = module.unsupported(1, (16, 12), context_hw=(8, 6))
-    assert "context_hw 8x6" in reason
+    assert "context map 8x6" in reason
     (reason,) = module.unsupported(1, (4, 8))  # coarsest 1x2: 2 keys
     assert "top-K 8 is larger than the 2 keys" in reason and "topk <= 2" in reason
     (reason,) = build(topk=(8, 8)).unsupported(1, (16, 16))

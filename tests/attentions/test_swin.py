@@ -16,12 +16,12 @@ from attentions.testing import assert_parity, rel_error
 IMPLS = ["reference", "fast"]
 
 
-def build(dim: int = 16, heads: int = 2, seed: int = 0, **knobs) -> attentions.Attention:
-    torch.manual_seed(seed)
-    module = attentions.build("swin", dim=dim, heads=heads, **knobs)
-    with torch.no_grad():
-        module.table.normal_()  # a bias large enough to matter (the init has std 0.02)
-    return module
+MECHANISM = "swin"
+
+
+def prepare(module: attentions.Attention) -> None:
+    """A bias large enough to matter (the init has std 0.02)."""
+    module.table.normal_()
 
 
 def full_with_bias(module: attentions.Attention, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,8 @@ def brute_force(module: attentions.Attention, x: torch.Tensor, hw: tuple[int, in
     """
     h, w = hw
     big = module.knobs.window
-    m, s = (min(h, w), 0) if min(h, w) <= big else (big, big // 2 if module.knobs.shift else 0)
+    shift = module.knobs.shift_size or big // 2
+    m, s = (min(h, w), 0) if min(h, w) <= big else (big, shift if module.knobs.shift else 0)
     q = module.proj.queries(x)  # (B, h, N, d)
     k, v = module.proj.keys_values(x)
     rows = torch.arange(h * w) // w
@@ -73,7 +74,7 @@ def brute_force(module: attentions.Attention, x: torch.Tensor, hw: tuple[int, in
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("hw", [(6, 6), (5, 5)])
-def test_one_window_over_the_whole_map_is_full_attention_with_its_bias(impl, hw):
+def test_one_window_over_the_whole_map_is_full_attention_with_its_bias(build, impl, hw):
     window = hw[0]
     module = build(window=window, impl=impl)
     x, _ = module.example_inputs(2, hw)
@@ -86,7 +87,7 @@ def test_one_window_over_the_whole_map_is_full_attention_with_its_bias(impl, hw)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_map_smaller_than_the_window_is_one_window_on_the_table_centre(impl):
+def test_map_smaller_than_the_window_is_one_window_on_the_table_centre(build, impl):
     # window 7 on a 5x5 map: one 5x5 window, no shift, offsets read from the 13x13 table's centre.
     hw = (5, 5)
     module = build(window=7, shift=True, impl=impl)
@@ -97,7 +98,7 @@ def test_map_smaller_than_the_window_is_one_window_on_the_table_centre(impl):
     assert rel_error(module(x, hw), expected) < 1e-5
 
 
-def test_non_square_map_smaller_than_the_window_pads_or_says_so():
+def test_non_square_map_smaller_than_the_window_pads_or_says_so(build):
     # min(4, 6) = 4 <= 7: windows of 4, so W = 6 needs padding to 8.
     module = build(window=7)
     (reason,) = module.unsupported(1, (4, 6))
@@ -105,6 +106,44 @@ def test_non_square_map_smaller_than_the_window_pads_or_says_so():
     padded = build(window=7, pad=True)
     x, _ = padded.example_inputs(1, (4, 6))
     torch.testing.assert_close(padded(x, (4, 6)), brute_force(padded, x, (4, 6)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shift_size", [0, 1, 3])
+def test_shift_size_is_the_roll_of_the_windows(build, impl, shift_size):
+    # window 4 on an 8x12 map: the brute force draws cells [0, s), [s, s + 4), ... with s = shift_size (0: 2)
+    module = build(window=4, shift=True, shift_size=shift_size, impl=impl)
+    assert module.layout((8, 12)).shift == (shift_size or 2)
+    x, _ = module.example_inputs(2, (8, 12))
+    torch.testing.assert_close(module(x, (8, 12)), brute_force(module, x, (8, 12)), rtol=1e-5, atol=1e-5)
+    other = build(window=4, shift=True, shift_size=(shift_size or 2) % 3 + 1, impl=impl)
+    assert not torch.allclose(other(x, (8, 12)), module(x, (8, 12)), atol=1e-4)
+
+
+def test_dat_t_shifted_blocks_roll_by_4(build):
+    import models
+
+    cfg = models.config("dat_t")
+    shifted = [
+        (stage, knobs)
+        for stage in cfg.stages
+        for j, knobs in enumerate(stage.knobs)  # attention and knobs cycle over a stage's blocks
+        if stage.attention[j % len(stage.attention)] == "swin" and knobs.get("shift")
+    ]
+    assert len(shifted) == 2  # stages 1 and 2 alternate local and shifted windows; 3 and 4 use deformable
+    for i, (stage, knobs) in enumerate(shifted):
+        attn = attentions.build("swin", dim=stage.dim, heads=stage.heads, **knobs)
+        assert attn.layout((56 // 2**i, 56 // 2**i)).shift == 4  # DAT: ceil(7 / 2)
+    # the same knobs on a small module roll the windows by 4, checked against the brute force
+    module = build(**shifted[0][1])
+    x, _ = module.example_inputs(1, (14, 21))
+    torch.testing.assert_close(module(x, (14, 21)), brute_force(module, x, (14, 21)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift_size", [-1, 7, 9])
+def test_shift_size_outside_the_window_is_refused(shift_size):
+    with pytest.raises(attentions.KnobError, match="shift_size"):
+        attentions.build("swin", dim=16, heads=2, window=7, shift_size=shift_size)
 
 
 def test_shifted_window_region_mask_by_hand():
@@ -132,7 +171,7 @@ def test_unshifted_unpadded_windows_need_no_mask():
     assert window_mask((8, 12), window_layout((8, 12), 4, False)) is None
 
 
-def test_masked_pairs_get_minus_100_added_to_the_bias():
+def test_masked_pairs_get_minus_100_added_to_the_bias(build):
     module = build(window=2, shift=True)
     bias = module.window_bias((4, 4), torch.device("cpu"))  # (nW, h, T, T)
     rel = swin_bias(module.table, module.index)  # (h, T, T)
@@ -153,26 +192,26 @@ def test_masked_pairs_get_minus_100_added_to_the_bias():
     ],
 )
 @pytest.mark.parametrize("impl", IMPLS)
-def test_windows_match_a_per_query_brute_force(hw, knobs, impl):
+def test_windows_match_a_per_query_brute_force(build, hw, knobs, impl):
     module = build(impl=impl, **knobs)
     x, _ = module.example_inputs(2, hw)
     torch.testing.assert_close(module(x, hw), brute_force(module, x, hw), rtol=1e-5, atol=1e-5)
 
 
-def test_the_shift_changes_the_output():
+def test_the_shift_changes_the_output(build):
     a, b = build(window=3), build(window=3, shift=True)
     x, hw = a.example_inputs(1, (9, 12))
     assert rel_error(a(x, hw), b(x, hw)) > 1e-3
 
 
-def test_fast_matches_reference_shifted_and_padded_with_gradients():
+def test_fast_matches_reference_shifted_and_padded_with_gradients(build):
     module = build(window=3, shift=True, pad=True)
     args = module.example_inputs(2, (7, 10))
     assert_parity(module, "fast", torch.float32, args)
     assert_parity(module, "fast", torch.bfloat16, args)
 
 
-def test_padded_queries_leave_no_nan_in_gradients():
+def test_padded_queries_leave_no_nan_in_gradients(build):
     module = build(window=4, shift=True, pad=True)
     x, hw = module.example_inputs(1, (9, 11))
     x.requires_grad_(True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import typing
 
 import pytest
 import torch
@@ -16,29 +17,29 @@ from bench import flops
 DIM, HEADS, BATCH = 32, 2, 1
 RESOLUTIONS = [(8, 8), (8, 16)]
 
-# Knob sets per mechanism, cost knob varied; a mechanism not named here is
-# checked at its defaults. Points a mechanism refuses are skipped per point.
-KNOB_SETS: dict[str, list[dict]] = {
-    "full": [{}, {"qkv_bias": False}, {"bias_table": 16}],
-    "linear": [{}],
-    "pvt": [{"sr_ratio": 2}, {"sr_ratio": 4}, {"version": "v2", "pool_size": 3}],
-    "swin": [{"window": 4}, {"window": 4, "shift": True}, {"window": 8, "shift": True}, {"window": 3, "pad": True}],
-    "quadtree": [
-        {"levels": 2, "topk": 2},
-        {"levels": 3, "topk": (4, 2, 2)},
-        {"variant": "A", "levels": 2, "topk": 4},
-        {"levels": 2, "topk": 2, "values": "conv", "lepe": True},
-    ],
-    "deformable": [{"stride": 2, "table_hw": (8, 8)}, {"stride": 4, "kernel": 3, "groups": 2, "table_hw": (8, 8)}],
-    "pooling": [
-        {"rel_pos_size": 16},
-        {"stride_q": 2, "stride_kv": 2, "rel_pos_size": 16},
-        {"mode": "avg", "rel_pos_size": 16},
-        {"mode": "max", "stride_kv": 2, "rel_pos_size": 16},
-        {"stride_q": 2, "stride_kv": 2, "rel_pos_size": 16, "dim_out": 2 * DIM},  # MViTv2's stage transition
-    ],
-    "cross": [{}],
-}
+
+def knob_sets(name: str) -> list[dict]:
+    """Knob sets from the registry: the defaults fitted to RESOLUTIONS, each choice knob (bool, Literal) at
+    its other values, one more value of the cost knob that fits, and the mechanism's declared examples."""
+    cls = attentions.get(name)
+    base = attentions.fit_knobs(name, RESOLUTIONS, dim=DIM, heads=HEADS)
+    sets = [base]
+    for knob, tp in cls.knob_types().items():
+        if tp is bool or typing.get_origin(tp) is typing.Literal:
+            sets += [{**base, knob: v} for v in attentions.base.knob_candidates(name, knob, RESOLUTIONS)[1:]]
+    if cls.cost_knob:
+        values = attentions.fitting_values(name, cls.cost_knob, RESOLUTIONS, dim=DIM, heads=HEADS, knobs=base)
+        sets += [{**base, cls.cost_knob: v} for v in values[1:2]]
+    sets += [dict(example) for example in cls.examples]
+    unique: list[dict] = []
+    for knobs in sets:
+        try:
+            cls.make_knobs(**knobs)
+        except attentions.KnobError:  # a value that needs another knob changed with it (pooling's mode 'none')
+            continue
+        if knobs not in unique:
+            unique.append(knobs)
+    return unique
 
 
 def _modes(cls: type[attentions.Attention]) -> list[bool]:
@@ -51,7 +52,7 @@ def _cases() -> list[tuple]:
     cases = []
     for name in attentions.available():
         cls = attentions.get(name)
-        for knobs, cross, impl in itertools.product(KNOB_SETS.get(name, [{}]), _modes(cls), cls.impls):
+        for knobs, cross, impl in itertools.product(knob_sets(name), _modes(cls), cls.impls):
             case_id = f"{name}-{knobs}-{'cross' if cross else 'self'}-{impl}"
             cases.append(pytest.param(name, knobs, cross, impl, id=case_id))
     return cases
@@ -89,7 +90,7 @@ def test_counter_matches_analytic_with_nothing_uncovered(name, knobs, cross, imp
     reference = attentions.build(name, dim=DIM, heads=HEADS, impl="reference", **knobs)
     if not ran and impl != "reference" and any(not reference.unsupported(BATCH, hw) for hw in refused):
         pytest.skip(f"impl={impl} cannot run on the CPU: {next(iter(refused.values()))}")
-    assert ran, f"{name} {knobs}: no resolution in {RESOLUTIONS} was accepted; adjust KNOB_SETS"
+    assert ran, f"{name} {knobs}: no resolution in {RESOLUTIONS} was accepted: {refused}"
 
 
 # ---------------------------------------------------------------------- hand-computed counts
@@ -118,7 +119,6 @@ def test_full_attention_8x8_by_hand():
     assert flops.count(module, args).backward_macs_measured == 2 * projections + 5 * attention // 2
 
 
-@pytest.mark.skipif("swin" not in attentions.available(), reason="swin is not registered yet")
 def test_swin_shifted_windows_by_hand():
     module = attentions.build("swin", dim=16, heads=2, window=4, shift=True)
     n, c, h, d, windows, t = 64, 16, 2, 8, 4, 16
@@ -135,7 +135,6 @@ def test_swin_shifted_windows_by_hand():
     assert result.macs == 4 * 16 * c * c + h * 2 * 16 * 16 * d == 16384 + 8192
 
 
-@pytest.mark.skipif("quadtree" not in attentions.available(), reason="quadtree is not registered yet")
 def test_quadtree_two_levels_k2_by_hand():
     module = attentions.build("quadtree", dim=16, heads=2, levels=2, topk=2)
     n, c, h, d, k = 64, 16, 2, 8, 2
@@ -339,7 +338,7 @@ def test_einsum_is_counted_exactly():
 
 @pytest.mark.parametrize("name", attentions.available())
 def test_backward_is_measured_with_nothing_uncovered(name):
-    module = attentions.build(name, dim=DIM, heads=HEADS, **KNOB_SETS.get(name, [{}])[0])
+    module = attentions.build(name, dim=DIM, heads=HEADS, **knob_sets(name)[0])
     hw = next(hw for hw in RESOLUTIONS if not module.unsupported(BATCH, hw))
     result = flops.count(module, module.example_inputs(BATCH, hw))
     assert result.backward_error is None, result.backward_error

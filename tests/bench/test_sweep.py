@@ -121,8 +121,17 @@ def test_static_refusals_are_returned_with_reasons():
     exp = expand(G(mechanisms=["full"], resolutions=["4"], dims=[30], heads=[4], impls=["fast", "kernel9"]))
     assert len(exp.points) == 2
     reasons = ["; ".join(r) for r in exp.refused.values()]
-    assert any("not divisible by heads" in r for r in reasons)
-    assert any("no impl 'kernel9'" in r for r in reasons)
+    assert any("dim (30) must be divisible by heads (4)" in r for r in reasons)
+    assert any("'kernel9' is not one of full's implementations" in r for r in reasons)
+
+
+def test_pooling_widening_to_a_width_the_heads_divide_sweeps(tmp_path):
+    # dim 30 is not a multiple of 4 heads, but pooling's heads split dim_out = 32: the harness accepts it
+    grid = G(mechanisms=["pooling"], resolutions=["8"], dims=[30], heads=[4], knobs={"dim_out": [32]})
+    exp = expand(grid)
+    assert len(exp.points) == 1 and exp.refused == {}
+    summary = run_sweep(grid, tmp_path / "run", FAST)
+    assert summary.counts == {"ok": 1}
 
 
 def test_cli_value_parsing():

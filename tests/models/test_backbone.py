@@ -103,6 +103,6 @@ def test_one_model_many_resolutions_and_the_reasons_for_others():
     for res in (32, 48, 64):
         assert model(torch.randn(1, 3, res, res)).shape == (1, 3)
     reasons = models.create("pyramid_swin", tiny=True).unsupported(40)
-    assert reasons and reasons[0].startswith("at 40x40 px, stage 2 block 1 (swin) sees a 5x5 map: ")
+    assert reasons and reasons[0].startswith("at 40x40 px, stage 1 block 1 (swin) sees a 10x10 map: ")
     assert "pass pad=True" in reasons[0]
     assert "multiple of 4" in models.create("crossvit_9", tiny=True).unsupported(30)[0]

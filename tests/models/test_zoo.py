@@ -115,3 +115,14 @@ def test_analytic_macs_agree_with_the_counter(name):
     result = count(model, (torch.zeros(2, 3, res, res),), flop_counter=False, backward=False)
     assert result.uncovered == {}
     assert model.macs(2, res) == pytest.approx(result.macs, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["pvt_v2_b0", "quadtree_b_b0"])
+def test_patch_embedding_norms_at_1e5_and_block_norms_at_1e6(name):
+    # the official overlapping patch embedding keeps LayerNorm's default eps; blocks and stage norms use 1e-6
+    net = models.create(name, tiny=True)
+    embed = [net.stem, *(m for m in net.merges if not isinstance(m, torch.nn.Identity))]
+    embed_eps = {m.eps for e in embed for m in e.modules() if isinstance(m, torch.nn.LayerNorm)}
+    block_eps = {m.eps for stage in net.stages for blk in stage for m in (blk.norm1, blk.norm2)}
+    stage_eps = {n.eps for n in net.stage_norms if n is not None} | {net.norm.eps}
+    assert embed_eps == {1e-5} and block_eps == {1e-6} and stage_eps == {1e-6}

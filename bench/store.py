@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import samples
+
 RESULTS = "results.jsonl"
 ENV = "env.json"
 SWEEP = "sweep.json"
@@ -68,6 +70,16 @@ SCHEMA: dict[str, str] = {
     "device_name": "str",
     "wall_s": "float64",
     "finished_at": "str",
+    # What ran, the raw samples and the noise evidence (README, "Provenance and noise").
+    "latency_samples_ms": "object",
+    "provenance": "object",
+    "probe_ms": "float64",
+    "contended": "boolean",
+    "contention": "object",
+    "load_avg": "object",
+    "host_ms_per_call": "float64",
+    "launch_bound": "boolean",
+    "overhead_ms": "float64",
 }
 
 # Environment fields that must match for results to share a run directory.
@@ -233,6 +245,7 @@ def load(run_dir: str | os.PathLike, *, derived: bool = True, dedupe: bool = Tru
     df = df[list(SCHEMA) + extra]
     if dedupe and len(df):
         df = df.drop_duplicates("point_id", keep="last").reset_index(drop=True)
+    df = samples.rederive(df)  # the latency summary comes from the samples wherever they are stored
     for col, dtype in SCHEMA.items():
         if dtype == "object":
             continue

@@ -48,8 +48,10 @@ class Settings:
     threads: int | None = DEFAULT_THREADS
     # torch.compile backend of --compile points and of compiled flex attention.
     compile_backend: str = "inductor"
-    # Contended: the calibration probe slower than the reference by more than this fraction (or noisy).
+    # Contended: the calibration probe slower than the reference by more than this fraction, or the
+    # 95% confidence interval of the median wider than median_ci_bound of the median.
     probe_margin: float = 0.3
+    median_ci_bound: float = 0.1
     # Re-measurements of a contended point's timing before it is stored with contended: true.
     remeasure: int = 2
     # CUDA: launch_bound when the host time per call is at least this fraction of the device time.
@@ -249,6 +251,7 @@ def measure(point: Point, settings: Settings | None = None, clock: Callable[[], 
 
         from .provenance import LabelMismatch
 
+        state["record_keys"] = set(record)
         try:
             with strict_dynamo():  # a recompile limit hit raises (an error point), never runs eager silently
                 _run_point(point, settings, budget, record, state)
@@ -263,6 +266,9 @@ def measure(point: Point, settings: Settings | None = None, clock: Callable[[], 
         status = "oom" if is_oom(exc) else "error"
         record.update(status=status, reason=f"{type(exc).__name__}: {exc}".strip()[:2000])
     finally:
+        if record["status"] != "ok" and "record_keys" in state:  # no number is stored under a failed label
+            for key in set(record) - state["record_keys"]:
+                del record[key]
         state.clear()
         if device.startswith("cuda") and torch.cuda.is_available():
             gc.collect()
@@ -499,7 +505,9 @@ def _latency(point: Point, work: Workload, per_call_s: float, settings: Settings
     """Timing samples between two calibration probes, re-measured while contended.
 
     Contended: the probe (the slower of before and after) exceeds the reference
-    by more than ``probe_margin``, or the samples' spread exceeds ``noisy_spread``.
+    by more than ``probe_margin``, or the distribution-free 95% interval of the
+    median is wider than ``median_ci_bound`` of it (``noisy`` stays the p20-p80
+    spread over ``noisy_spread``, shown in reports).
     Up to ``remeasure`` more attempts; the first clean one is kept, else the one
     with the lowest probe ratio, stored with ``contended: true``.
     """
@@ -510,6 +518,7 @@ def _latency(point: Point, work: Workload, per_call_s: float, settings: Settings
     device = point.device
     attempts: list[dict[str, Any]] = []
     kept: tuple[float, list[float], dict[str, Any]] | None = None
+    _reference(device, float("inf"))  # measured before the point on first use
     for _ in range(1 + settings.remeasure):
         work.zero_grads()
         before = probe_ms(device)
@@ -517,13 +526,18 @@ def _latency(point: Point, work: Workload, per_call_s: float, settings: Settings
         after = probe_ms(device)
         reference = _reference(device, min(before, after))
         probe = max(before, after)
-        spread = samples.spread(times)
+        spread, ci = samples.spread(times), samples.median_ci_width(times)
         why = []
         if probe > reference * (1 + settings.probe_margin):
             why.append(f"probe {probe / reference:.2f}x its reference")
-        if spread > settings.noisy_spread:
-            why.append(f"spread {spread:.2f} over {settings.noisy_spread:g}")
-        attempt = {"probe_ms": [round(before, 4), round(after, 4)], "spread": round(spread, 3), "contended": why}
+        if ci > settings.median_ci_bound:
+            why.append(f"median's 95% interval {ci:.2f} of it, over {settings.median_ci_bound:g}")
+        attempt = {
+            "probe_ms": [round(before, 4), round(after, 4)],
+            "spread": round(spread, 3),
+            "median_ci": round(ci, 3),
+            "contended": why,
+        }
         attempts.append(attempt)
         if kept is None or not why or probe / reference < kept[0]:
             kept = (probe / reference, times, attempt)
@@ -549,7 +563,7 @@ def _latency(point: Point, work: Workload, per_call_s: float, settings: Settings
         else {
             "reference_ms": round(_REFERENCE[_probe_key(device)], 4),
             "probe_margin": settings.probe_margin,
-            "spread_bound": settings.noisy_spread,
+            "median_ci_bound": settings.median_ci_bound,
             "attempts": attempts,
             "kept": attempts.index(attempt),
         },

@@ -38,6 +38,18 @@ def spread(values: Sequence[float]) -> float:
     return (quantile(values, 0.8) - quantile(values, 0.2)) / med if med > 0 else 0.0
 
 
+def median_ci_width(values: Sequence[float], z: float = 1.96) -> float:
+    """Relative width (hi - lo) / median of the distribution-free 95% confidence interval of
+    the median (order statistics n/2 -+ z sqrt(n)/2): how well the samples pin the median
+    down. A load burst on a minority of samples moves the p80 but not this."""
+    s = sorted(values)
+    n = len(s)
+    med = quantile(s, 0.5)
+    lo = max(0, math.floor((n - z * math.sqrt(n)) / 2) - 1)
+    hi = min(n - 1, math.ceil((n + z * math.sqrt(n)) / 2) - 1)
+    return (s[hi] - s[lo]) / med if med > 0 else 0.0
+
+
 def summary(values: Sequence[float]) -> dict[str, Any]:
     """The summary columns of a point's samples."""
     return {

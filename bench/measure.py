@@ -521,6 +521,7 @@ def _latency(point: Point, work: Workload, per_call_s: float, settings: Settings
     _reference(device, float("inf"))  # measured before the point on first use
     for _ in range(1 + settings.remeasure):
         work.zero_grads()
+        started = time.perf_counter()
         before = probe_ms(device)
         times = _times(point, work.step, work.zero_grads, per_call_s, settings, budget)
         after = probe_ms(device)
@@ -541,7 +542,7 @@ def _latency(point: Point, work: Workload, per_call_s: float, settings: Settings
         attempts.append(attempt)
         if kept is None or not why or probe / reference < kept[0]:
             kept = (probe / reference, times, attempt)
-        if not why or budget.remaining() < 3 * sum(times) * 1e-3:
+        if not why or budget.remaining() < 2 * (time.perf_counter() - started):  # one more attempt must fit
             break
     assert kept is not None
     ratio, times, attempt = kept
@@ -669,8 +670,9 @@ def _load_avg() -> list[float] | None:
         return None
 
 
-# Samples on the CPU are blocks of calls at least this long (one call where a call is longer).
-CPU_SAMPLE_S = 2e-3
+# Samples on the CPU are blocks of calls at least this long (one call where a call is longer): short, so
+# that a time slice lost to another process lands on few samples and leaves the median alone.
+CPU_SAMPLE_S = 2e-4
 
 
 def _cpu_times(

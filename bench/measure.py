@@ -50,7 +50,7 @@ class Settings:
     compile_backend: str = "inductor"
     # Contended: the calibration probe slower than the reference by more than this fraction, or the
     # 95% confidence interval of the median wider than median_ci_bound of the median.
-    probe_margin: float = 0.3
+    probe_margin: float = 0.15
     median_ci_bound: float = 0.1
     # Re-measurements of a contended point's timing before it is stored with contended: true.
     remeasure: int = 2

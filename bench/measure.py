@@ -533,7 +533,7 @@ def _latency(point: Point, work: Workload, per_call_s: float, settings: Settings
             why.append(f"probe {probe / reference:.2f}x its reference")
         if ci > settings.median_ci_bound:
             why.append(f"median's 95% interval {ci:.2f} of it, over {settings.median_ci_bound:g}")
-        attempt = {
+        attempt: dict[str, Any] = {
             "probe_ms": [round(before, 4), round(after, 4)],
             "spread": round(spread, 3),
             "median_ci": round(ci, 3),

@@ -65,4 +65,8 @@ def recompile_limit_error() -> type[BaseException]:
     """The exception Dynamo raises in :func:`strict_dynamo` when a frame hits its limit."""
     from torch._dynamo import exc
 
-    return getattr(exc, "FailOnRecompileLimitHit", None) or exc.FailOnCacheLimitHit
+    for name in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit"):  # renamed in torch 2.6
+        if hasattr(exc, name):
+            error: type[BaseException] = getattr(exc, name)
+            return error
+    raise ImportError(f"torch {torch.__version__} has no Dynamo recompile-limit exception")

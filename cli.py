@@ -318,11 +318,13 @@ def compare_(
 ) -> None:
     """Compare two runs point by point: latency and memory change, a verdict per point; exit 1 on regression.
 
-    The test: a bootstrap 95% confidence interval (2000 resamples) of the ratio of the two runs'
-    median latencies, from each point's raw samples, divided by the ratio of the runs' median
-    calibration probes (a machine slower as a whole is not a slower kernel). Interval above 1:
-    slower; below: faster; else within noise. A point stored contended in either run is
-    inconclusive and never fails. Old records without samples: their p20-p80 intervals decide.
+    The test: a bootstrap 95% interval (2000 resamples) of the ratio of medians, new / base, from the raw samples.
+
+    It is divided by the runs' calibration probe ratio: a machine slower as a whole is not a slower kernel.
+
+    Interval above 1: slower; below 1: faster; else within noise. Contended in either run: inconclusive.
+
+    Old records without samples: their p20-p80 intervals decide (decided_by "intervals").
     """
     from pathlib import Path
 

@@ -575,6 +575,7 @@ def _latency(point: Point, work: Workload, per_call_s: float, settings: Settings
 PROBE_SIZE = {"cpu": 96, "cuda": 2048}
 PROBE_CALLS, PROBE_BLOCKS = 5, 5
 _REFERENCE: dict[tuple, float] = {}  # the lowest probe of this process per (device, threads): the sweep's reference
+_PROBE_INPUT: dict[str, Any] = {}  # the probe's matrix per device, made once
 
 
 def _probe_key(device: str) -> tuple:
@@ -588,9 +589,10 @@ def probe_ms(device: str) -> float:
     the median of ``PROBE_BLOCKS`` blocks of ``PROBE_CALLS`` calls."""
     import torch
 
-    n = PROBE_SIZE["cuda" if device.startswith("cuda") else "cpu"]
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(device)
+    if device not in _PROBE_INPUT:
+        n = PROBE_SIZE["cuda" if device.startswith("cuda") else "cpu"]
+        _PROBE_INPUT[device] = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(device)
+    a = _PROBE_INPUT[device]
     (a @ a).softmax(-1)
     blocks = []
     for _ in range(PROBE_BLOCKS):

@@ -288,6 +288,15 @@ def parse_percent(text: str) -> float:
     return value / 100.0
 
 
+def _interval(r: dict[str, Any]) -> str:
+    """The probe-corrected ratio's bootstrap interval as text, or what decided instead."""
+    lo, hi = r.get("ratio_low"), r.get("ratio_high")
+    if isinstance(lo, float) and isinstance(hi, float) and math.isfinite(lo) and math.isfinite(hi):
+        return f"[{lo:.2f}, {hi:.2f}]"
+    decided = r.get("decided_by")
+    return decided if isinstance(decided, str) else "-"
+
+
 def terminal_table(cmp: Comparison) -> pd.DataFrame:
     """A narrow view for the terminal: the point in one column, then base -> new and the change."""
     t = cmp.table
@@ -306,6 +315,7 @@ def terminal_table(cmp: Comparison) -> pd.DataFrame:
             "new ms": t["latency_ms_new"],
             "latency %": 100.0 * t["latency_change"],
             "memory %": 100.0 * t["memory_change"],
+            "ratio 95%": [_interval(r) for r in t.to_dict("records")],
             "verdict": t["verdict"] + np.where(t["noisy"], " (noisy)", "") + np.where(t["regression"], " !", ""),
         }
     )

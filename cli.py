@@ -94,7 +94,9 @@ SWEEP_TIMEOUT_OPTION = typer.Option(
     None, "--timeout", help="Per-point time limit in seconds (a budget in process, a kill with --isolate)."
 )
 SWEEP_THREADS_OPTION = typer.Option(
-    None, "--threads", help="CPU threads (fixed with torch.set_num_threads and recorded)."
+    None,
+    "--threads",
+    help="CPU threads (fixed with torch.set_num_threads and recorded; default 1, not the core count).",
 )
 
 

@@ -118,7 +118,9 @@ SWEEP_TIMEOUT_OPTION = typer.Option(
     None, "--timeout", help="Per-point time limit in seconds (a budget in process, a kill with --isolate)."
 )
 SWEEP_THREADS_OPTION = typer.Option(
-    None, "--threads", help="CPU threads (fixed with torch.set_num_threads and recorded)."
+    None,
+    "--threads",
+    help="CPU threads (fixed with torch.set_num_threads and recorded; default 1, not the core count).",
 )
 
 
@@ -311,9 +313,14 @@ COMPARE_BASE_ARGUMENT = typer.Argument(..., help="The run to compare against (e.
 COMPARE_NEW_ARGUMENT = typer.Argument(..., help="The run under test (e.g. your branch).")
 COMPARE_HTML_OPTION = typer.Option(None, "--html", help="Also write the comparison as a self-contained HTML page.")
 COMPARE_FAIL_OPTION = typer.Option(
-    "10%", "--fail-above", help="Exit 1 when a point got slower (beyond noise) or bigger by more than this."
+    "10%",
+    "--fail-above",
+    help="Exit 1 only on a conclusive regression: the lower end of the bootstrap 95% interval of the "
+    "probe-corrected latency ratio is above 1 + this (or memory grew by more than this, or a point broke).",
 )
-COMPARE_NOISE_OPTION = typer.Option("5%", "--noise", help="Noise band for points stored without a p20/p80 spread.")
+COMPARE_NOISE_OPTION = typer.Option(
+    "5%", "--noise", help="Noise band for old records stored without samples and without a p20/p80 spread."
+)
 COMPARE_FORCE_OPTION = typer.Option(False, "--force", help="Compare runs from different environments anyway.")
 
 
@@ -326,7 +333,16 @@ def compare_(
     noise: str = COMPARE_NOISE_OPTION,
     force: bool = COMPARE_FORCE_OPTION,
 ) -> None:
-    """Compare two runs point by point: latency and memory change, a verdict per point; exit 1 on regression."""
+    """Compare two runs point by point: latency and memory change, a verdict per point; exit 1 on regression.
+
+    The test: a bootstrap 95% interval (2000 resamples) of the ratio of medians, new / base, from the raw samples.
+
+    It is divided by the runs' calibration probe ratio: a machine slower as a whole is not a slower kernel.
+
+    Interval above 1: slower; below 1: faster; else within noise. Contended in either run: inconclusive.
+
+    Old records without samples: their p20-p80 intervals decide (decided_by "intervals").
+    """
     from pathlib import Path
 
     import reports

@@ -14,6 +14,7 @@ the extras the session needs from pyproject.toml. Virtualenvs are reused
     gpu        scripts/gpu_run.sh: the phased GPU run, in this Python, nothing from the network
     train      a short training of every tiny model
     quick      the main job: the quick sweep and its report
+    noise      the noise check: a preset twice on unchanged code, compared; then once with one mechanism 2x slower
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ TYPED_RATCHET = ["models", "cli.py"]
 # ATTNBENCH_BENCH_FAIL, e.g. "median:10%" on a quiet GPU machine.
 BENCH_FAIL = os.environ.get("ATTNBENCH_BENCH_FAIL", "median:50%")
 BENCH_COLUMNS = "median,iqr,min,rounds"
+
+# nox -s noise sweeps this preset three times; the mechanism the slowdown plugin makes 2x slower.
+NOISE_PRESET = "smoke"
+NOISE_SLOWED = "linear"
 
 # For models/ and cli.py: mypy's default checks, less the error codes they do not pass yet (41 errors, mostly
 # plain dicts and unions passed where narrower types are declared). A ratchet: fix a code's errors, then
@@ -185,3 +190,18 @@ def quick(session: nox.Session) -> None:
     session.run("attnbench", "sweep", "--preset", "quick", "--out", out)
     session.run("attnbench", "report", out, "--out", f"{out}/report.html")
     session.log(f"report written to {out}/report.html")
+
+
+@nox.session
+def noise(session: nox.Session) -> None:
+    """Two sweeps of NOISE_PRESET on unchanged code, compared (prints the conclusive regressions); then a third
+    with tests/bench/slowdown.py making NOISE_SLOWED 2x slower, which must be flagged at its every point only."""
+    install(session)
+    out = session.posargs[0] if session.posargs else "runs/noise"
+    shutil.rmtree(out, ignore_errors=True)  # this session's own runs, replaced
+    for name in ("a", "b"):
+        session.run("attnbench", "sweep", "--preset", NOISE_PRESET, "--out", f"{out}/{name}")
+    session.run("python", ".ci/noise_check.py", f"{out}/a", f"{out}/b")
+    slowed = {"ATTNBENCH_PLUGINS": "slowdown", "ATTNBENCH_SLOWDOWN": NOISE_SLOWED, "PYTHONPATH": "tests/bench"}
+    session.run("attnbench", "sweep", "--preset", NOISE_PRESET, "--out", f"{out}/slowed", env=slowed)
+    session.run("python", ".ci/noise_check.py", f"{out}/a", f"{out}/slowed", "--slowed", NOISE_SLOWED)

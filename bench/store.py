@@ -24,6 +24,7 @@ from typing import Any
 
 from attnbench.errors import AttnbenchError
 
+from . import samples
 from .env import env_differences
 
 RESULTS = "results.jsonl"
@@ -420,6 +421,7 @@ def load(run_dir: str | os.PathLike, *, derived: bool = True, dedupe: bool = Tru
     df = df[list(SCHEMA) + extra]
     if dedupe and len(df):
         df = df.drop_duplicates("point_id", keep="last").reset_index(drop=True)
+    df = samples.rederive(df)  # the latency summary comes from the samples wherever they are stored
     for col, dtype in SCHEMA.items():
         if dtype == "object":
             continue

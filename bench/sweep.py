@@ -274,6 +274,10 @@ def make_settings(values: dict[str, Any]) -> Settings:
             if not isinstance(value, bool):
                 raise GridError(f"{label} must be true or false, got {value!r}")
             continue
+        if "str" in kind:
+            if not isinstance(value, str) or not value:
+                raise GridError(f"{label} must be a name, got {value!r}")
+            continue
         number = (int,) if "int" in kind else (int, float)
         if isinstance(value, bool) or not isinstance(value, number) or value != value:
             raise GridError(f"{label} must be {'an integer' if 'int' in kind else 'a number'}, got {value!r}")

@@ -1,8 +1,16 @@
 """Run-to-run comparison: matched points, change in latency and memory, a verdict per point.
 
-A latency change is real only when the two runs' spreads do not overlap: the
-new run's p20-p80 interval lies wholly above (slower) or below (faster) the
-base run's. Points without a stored spread fall back to a relative noise band.
+Latency is decided from the raw samples (``latency_samples_ms``): a bootstrap
+95% confidence interval of the ratio of medians (new / base, ``BOOTSTRAP``
+resamples of each side, seeded), divided by the calibration probe's ratio
+between the runs (the median ``probe_ms`` of each run on that device), so a
+machine that is slower as a whole does not read as a slower kernel. The point is
+``slower`` when the interval lies above 1, ``faster`` below, else within noise;
+it is a regression only when the interval's lower end exceeds ``1 + fail_above``.
+A point stored ``contended`` in either run is ``inconclusive`` and never fails.
+Records without samples (written before they were stored) fall back to their
+p20-p80 intervals: the new run's interval wholly above the base's is slower
+(``noise``, a relative band, where no interval is stored either).
 Memory is deterministic, so any change beyond the threshold counts.
 """
 
@@ -60,6 +68,63 @@ class Comparison:
 
 
 MATCH_KEYS = [f for f in POINT_FIELDS if f != "tokens"]
+BOOTSTRAP = 2000
+CONFIDENCE = 0.95
+
+
+def _samples(value: Any) -> np.ndarray | None:
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) >= 2:
+        arr = np.asarray(value, dtype="float64")
+        if np.isfinite(arr).all() and (arr > 0).all():
+            return arr
+    return None
+
+
+def _flag(value: Any) -> bool:
+    return not isinstance(value, (list, dict)) and not pd.isna(value) and bool(value)
+
+
+def ratio_interval(base: np.ndarray, new: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """median(new) / median(base) and its bootstrap ``CONFIDENCE`` interval (percentile method)."""
+    rng = np.random.default_rng(seed)
+    b = np.median(base[rng.integers(0, len(base), (BOOTSTRAP, len(base)))], axis=1)
+    n = np.median(new[rng.integers(0, len(new), (BOOTSTRAP, len(new)))], axis=1)
+    alpha = (1 - CONFIDENCE) / 2
+    lo, hi = np.quantile(n / b, [alpha, 1 - alpha])
+    return float(np.median(new) / np.median(base)), float(lo), float(hi)
+
+
+def probe_ratios(base: pd.DataFrame, new: pd.DataFrame) -> dict[str, float]:
+    """Per device: the new run's median calibration probe over the base run's (1.0 where either lacks one)."""
+    out: dict[str, float] = {}
+    for device in set(base["device"].dropna()) | set(new["device"].dropna()):
+        pb = pd.to_numeric(base.loc[base["device"] == device, "probe_ms"], errors="coerce").dropna()
+        pn = pd.to_numeric(new.loc[new["device"] == device, "probe_ms"], errors="coerce").dropna()
+        out[str(device)] = float(pn.median() / pb.median()) if len(pb) and len(pn) and pb.median() > 0 else 1.0
+    return out
+
+
+def _latency_decision(rb: pd.Series, rn: pd.Series, probe: float, fail_above: float, noise: float) -> dict[str, Any]:
+    """verdict, what decided it (``samples``, ``intervals`` or ``contended``), regression, the
+    probe-corrected change and its interval, for two ok points."""
+    out: dict[str, Any] = {"ratio_low": math.nan, "ratio_high": math.nan, "probe_ratio": probe}
+    if _flag(rb["contended"]) or _flag(rn["contended"]):
+        out.update(verdict="inconclusive", decided_by="contended", regression=False)
+        out["latency_change"] = rn["latency_ms_median"] / rb["latency_ms_median"] / probe - 1.0
+        return out
+    sb, sn = _samples(rb["latency_samples_ms"]), _samples(rn["latency_samples_ms"])
+    if sb is None or sn is None:  # records without samples: their stored intervals decide
+        verdict = latency_verdict(rb, rn, noise)
+        change = rn["latency_ms_median"] / rb["latency_ms_median"] - 1.0
+        out.update(verdict=verdict, decided_by="intervals", latency_change=change)
+        out["regression"] = verdict == "slower" and change > fail_above
+        return out
+    ratio, lo, hi = ratio_interval(sb, sn)
+    ratio, lo, hi = ratio / probe, lo / probe, hi / probe
+    verdict = "slower" if lo > 1 else "faster" if hi < 1 else "within noise"
+    out.update(verdict=verdict, decided_by="samples", regression=bool(lo > 1 + fail_above), latency_change=ratio - 1.0)
+    out.update(ratio_low=lo, ratio_high=hi)
+    return out
 
 
 def latency_verdict(base: pd.Series, new: pd.Series, noise: float) -> str:
@@ -102,7 +167,11 @@ def compare(base: Run, new: Run, fail_above: float = 0.10, noise: float = 0.05, 
         "latency_ms_p80",
         "peak_bytes",
         "noisy",
+        "latency_samples_ms",
+        "contended",
+        "probe_ms",
     ]
+    probes = probe_ratios(a, b)
     a, b = a[cols].drop_duplicates(MATCH_KEYS, keep="last"), b[cols].drop_duplicates(MATCH_KEYS, keep="last")
     merged = a.merge(b, on=MATCH_KEYS, how="outer", suffixes=("_base", "_new"), indicator=True)
     only_base = merged[merged["_merge"] == "left_only"][MATCH_KEYS]
@@ -129,15 +198,13 @@ def compare(base: Run, new: Run, fail_above: float = 0.10, noise: float = 0.05, 
             }
         )
         if rb["status"] == "ok" and rn["status"] == "ok":
-            row["latency_change"] = rn["latency_ms_median"] / rb["latency_ms_median"] - 1.0
             if rb["peak_bytes"] > 0:
                 row["memory_change"] = rn["peak_bytes"] / rb["peak_bytes"] - 1.0
-            row["verdict"] = latency_verdict(rb, rn, noise)
-            slower = row["verdict"] == "slower" and row["latency_change"] > fail_above
+            row.update(_latency_decision(rb, rn, probes.get(str(r["device"]), 1.0), fail_above, noise))
             bigger = row["memory_change"] > fail_above
-            row["regression"] = bool(slower or bigger)
-            if bigger and row["verdict"] != "slower":
+            if bigger:
                 row["verdict"] += ", memory grew"
+            row["regression"] = bool(row["regression"] or bigger)
         elif rb["status"] == "ok":
             row["verdict"] = f"now {rn['status']}"
             row["regression"] = rn["status"] in BROKEN
@@ -165,6 +232,7 @@ def compare(base: Run, new: Run, fail_above: float = 0.10, noise: float = 0.05, 
 
 def _side(r: pd.Series, suffix: str) -> pd.Series:
     keys = ["status", "latency_ms_median", "latency_ms_p20", "latency_ms_p80", "peak_bytes", "noisy"]
+    keys += ["latency_samples_ms", "contended"]
     return pd.Series({k: r[k + suffix] for k in keys})
 
 
@@ -223,6 +291,15 @@ def parse_percent(text: str) -> float:
     return value / 100.0
 
 
+def _interval(r: dict[str, Any]) -> str:
+    """The probe-corrected ratio's bootstrap interval as text, or what decided instead."""
+    lo, hi = r.get("ratio_low"), r.get("ratio_high")
+    if isinstance(lo, float) and isinstance(hi, float) and math.isfinite(lo) and math.isfinite(hi):
+        return f"[{lo:.2f}, {hi:.2f}]"
+    decided = r.get("decided_by")
+    return decided if isinstance(decided, str) else "-"
+
+
 def terminal_table(cmp: Comparison) -> pd.DataFrame:
     """A narrow view for the terminal: the point in one column, then base -> new and the change."""
     t = cmp.table
@@ -241,6 +318,7 @@ def terminal_table(cmp: Comparison) -> pd.DataFrame:
             "new ms": t["latency_ms_new"],
             "latency %": 100.0 * t["latency_change"],
             "memory %": 100.0 * t["memory_change"],
+            "ratio 95%": [_interval(r) for r in t.to_dict("records")],
             "verdict": t["verdict"] + np.where(t["noisy"], " (noisy)", "") + np.where(t["regression"], " !", ""),
         }
     )

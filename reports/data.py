@@ -169,7 +169,9 @@ def tidy(runs: list[Run]) -> pd.DataFrame:
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run"])
     if "kind" in df.columns:
         df = df[df["kind"].astype(object).fillna("bench").astype(str) != "train"].copy()
-    for col in POINT_FIELDS + ["status", "reason", "point_id", "knobs", "device_name"]:
+    # optional fields a run may lack (older harnesses, failed points): present as nulls, so readers need no guard
+    optional = ["latency_samples_ms", "provenance", "contention", "load_avg"]
+    for col in POINT_FIELDS + ["status", "reason", "point_id", "knobs", "device_name"] + optional:
         if col not in df.columns and col != "knobs_label":
             df[col] = None
     df["knobs"] = [k if isinstance(k, dict) else {} for k in df["knobs"]]

@@ -8,6 +8,14 @@ a backward pass on the CPU. So the flex paths declare the CPU unsupported (the
 reason names the fix) and their CPU parity tests run torch's dense backward
 directly (see tests/attentions/test_flex.py).
 
+Never a silent fallback: Dynamo keeps one cache entry per shape and grad mode
+of the compiled ``flex_attention``; past its recompile limit torch would run
+the unfused path without a word. Here the compiled call runs with
+``fullgraph=True`` under a limit that fits a sweep (``CONFIG.recompile_limit``),
+so hitting it raises an error that says so.
+``PATHS`` counts the calls of each path (``fused``, ``compiled`` by a backend
+other than inductor, ``unfused``) for the benchmark's provenance.
+
 Counting: flex attention computes every pair of every block it visits (a
 partial block evaluates the mask on all of its pairs), so the analytic counts of
 the flex paths count the pairs of the visited blocks, as
@@ -16,15 +24,49 @@ the flex paths count the pairs of the visited blocks, as
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from ..base import Requires
+from . import recompile_limit_error
 
 BLOCK = 128  # flex attention's default block size, in queries and in keys
+
+
+@dataclasses.dataclass
+class CompileConfig:
+    """How flex attention is compiled: the torch.compile backend, the device types
+    compiled (the others run torch's unfused reference), Dynamo's recompile limit."""
+
+    backend: str = "inductor"
+    devices: tuple[str, ...] = ("cuda",)
+    recompile_limit: int = 64
+
+
+CONFIG = CompileConfig()
+PATHS: Counter[str] = Counter()  # calls per path since import: "fused", "compiled", "unfused"
+
+
+@contextlib.contextmanager
+def compile_config(**changes: Any) -> Iterator[CompileConfig]:
+    """Change ``CONFIG`` for the duration (e.g. the CPU tests compile with the eager backend)."""
+    unknown = set(changes) - {f.name for f in dataclasses.fields(CONFIG)}
+    if unknown:
+        raise TypeError(f"unknown flex compile setting(s) {sorted(unknown)}")
+    saved = dataclasses.replace(CONFIG)
+    for key, value in changes.items():
+        setattr(CONFIG, key, value)
+    try:
+        yield CONFIG
+    finally:
+        for f in dataclasses.fields(CONFIG):
+            setattr(CONFIG, f.name, getattr(saved, f.name))
 
 
 def _flex_module() -> Any:
@@ -69,9 +111,18 @@ def cpu_backward() -> bool:
 
 
 @functools.cache
-def _compiled() -> Callable[..., torch.Tensor]:
+def _compiled(backend: str) -> Callable[..., torch.Tensor]:
+    """The compiled flex_attention. fullgraph=True: past the recompile limit Dynamo raises
+    instead of running the function eagerly; the limit is raised (never lowered) to
+    ``CONFIG.recompile_limit`` here, once, not per call (swapping Dynamo's config costs
+    tens of microseconds)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), CONFIG.recompile_limit))
     flex = _flex_module()
-    return torch.compile(flex.flex_attention, dynamic=False)
+    return torch.compile(flex.flex_attention, dynamic=False, fullgraph=True, backend=backend)
 
 
 def attention(
@@ -84,8 +135,22 @@ def attention(
 ) -> torch.Tensor:
     """flex_attention, compiled into one fused kernel on CUDA. q (B, h, Nq, d), k and v (B, h, Nk, d)."""
     flex = _flex_module()
-    run = _compiled() if q.is_cuda else flex.flex_attention
-    return run(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    if q.device.type not in CONFIG.devices:
+        PATHS["unfused"] += 1
+        return flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    try:
+        out = _compiled(CONFIG.backend)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    except recompile_limit_error() as exc:
+        import torch._dynamo
+
+        limit = getattr(torch._dynamo.config, "recompile_limit", None)
+        raise RuntimeError(
+            f"compiled flex_attention hit Dynamo's recompile limit ({limit} shapes and grad modes); "
+            "torch would have run its unfused fallback, which materialises every score, so the call is refused: "
+            "raise attentions.kernels.flex.CONFIG.recompile_limit or reset Dynamo (torch._dynamo.reset())"
+        ) from exc
+    PATHS["fused" if CONFIG.backend == "inductor" else "compiled"] += 1
+    return out
 
 
 def window_block_mask(windows: int, tokens: int, device: torch.device) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pandas as pd
 import pytest
 from report_fixtures import ENV, FIXTURES, row
@@ -138,3 +139,38 @@ def test_cli_report_html_md_and_csv(tmp_path):
     assert runner.invoke(cli.app, ["report", run, "--format", "tex"]).exit_code != 0
     other = runner.invoke(cli.app, ["report", run, "--format", "csv", "--baseline", "linear"])
     assert "speed-up vs linear [math] (x)" in other.stdout
+
+
+def _sampled(mechanism, hw, scale, rng, **kw):
+    """A point with 30 raw samples around ``scale`` ms, 10% of them hit by a 3x load burst."""
+    times = [scale * (1 + 0.02 * rng.standard_normal()) * (3 if i % 10 == 0 else 1) for i in range(30)]
+    return row(mechanism, hw, float(np.median(times)), latency_samples_ms=times, spread=0.5, **kw)
+
+
+def test_compare_decides_from_samples_corrected_by_the_probe(make_run):
+    rng = np.random.default_rng(0)
+    base = [_sampled(m, hw, 1.0, rng, probe_ms=0.1) for m in ("a", "b") for hw in (8, 16)]
+    # The new machine is 1.5x slower as a whole (its probe says so); b is 2x slower on top.
+    new = [_sampled(m, hw, 1.5 * (2 if m == "b" else 1), rng, probe_ms=0.15) for m in ("a", "b") for hw in (8, 16)]
+    cmp = compare(load_run(make_run(base)), load_run(make_run(new)))
+    t = cmp.table.set_index("mechanism")
+    assert set(cmp.regressions["mechanism"]) == {"b"} and len(cmp.regressions) == 2
+    assert (t.loc["a", "verdict"] == "within noise").all() and (t["decided_by"] == "samples").all()
+    assert t.loc["b", "latency_change"].between(0.9, 1.1).all()
+    assert (t.loc["b", "ratio_low"] > 1.1).all()
+
+
+def test_contended_points_are_inconclusive_and_never_fail(make_run):
+    rng = np.random.default_rng(1)
+    base = [_sampled("a", 8, 1.0, rng)]
+    new = [_sampled("a", 8, 3.0, rng, contended=True)]
+    cmp = compare(load_run(make_run(base)), load_run(make_run(new)))
+    assert cmp.table["verdict"].tolist() == ["inconclusive"] and not cmp.failed
+
+
+def test_a_small_conclusive_change_below_fail_above_does_not_fail(make_run):
+    rng = np.random.default_rng(2)
+    base = [_sampled("a", 8, 1.0, rng)]
+    new = [_sampled("a", 8, 1.05, rng)]
+    cmp = compare(load_run(make_run(base)), load_run(make_run(new)))
+    assert cmp.table["verdict"].tolist() == ["slower"] and not cmp.failed

@@ -1,0 +1,153 @@
+"""What ran is recorded, and a point whose label would lie is an error, not a number.
+
+Compiled points use Dynamo's ``eager`` backend (graphs captured and counted, no
+code generation) so that two dozen of them compile in seconds on the CPU; the
+recompile limits they exercise are Dynamo's, whatever the backend.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import bench
+from bench.measure import Settings, measure
+from bench.points import Grid, expand
+
+FAST = dict(cpu_min_run_time=0.005, min_samples=3, remeasure=0, count_flops=False, compile_backend="eager")
+
+
+def _sweep(tmp_path, grid: dict, **settings):
+    base = {"dims": [16], "heads": [2], "passes": ["fwd", "fwd+bwd"], "devices": ["cpu"]}
+    summary = bench.run_sweep(Grid.from_dict({**base, **grid}), tmp_path / "run", Settings(**{**FAST, **settings}))
+    return summary, bench.read_results(tmp_path / "run").records
+
+
+@pytest.mark.slow
+def test_compile_sweep_records_a_graph_at_every_point(tmp_path):
+    # 4 mechanisms x 3 maps x 2 passes = 24 compiled points, three times Dynamo's default limit of 8
+    # entries of the one frame Attention.forward that every mechanism shares.
+    grid = {
+        "mechanisms": ["full", "linear", "swin", "pvt"],
+        "resolutions": ["8", "12", "16"],
+        "impls": ["fast"],
+        "compile": [True],
+        "cost_knob_values": {"window": [4], "sr_ratio": [2]},
+    }
+    summary, records = _sweep(tmp_path, grid)
+    assert summary.total == 24 and len(records) == 24
+    for r in records:
+        assert r["status"] == "ok", r["reason"]
+        c = r["provenance"]["compile"]
+        assert c["backend"] == "eager" and c["graphs"] >= 1 and c["frames_compiled"] >= 1
+        assert c["compiled_regions_per_step"] >= 1 and c["recompiles"] == 0
+    assert {r["mechanism"] for r in records} == {"full", "linear", "swin", "pvt"}
+
+
+def test_compile_recompile_limit_is_an_error_naming_eager(tmp_path, monkeypatch):
+    # Forced: no reset between points and a limit of 1 entry; the later points would run eager.
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: None)
+    grid = {"mechanisms": ["full"], "resolutions": ["8", "12", "16"], "impls": ["fast"], "compile": [True]}
+    with torch._dynamo.config.patch(recompile_limit=1):
+        _, records = _sweep(tmp_path, {**grid, "passes": ["fwd"]})
+    errors = [r for r in records if r["status"] == "error"]
+    assert errors and all("recompile limit" in r["reason"] and "eager" in r["reason"] for r in errors)
+    assert all("latency_ms_median" not in r for r in errors)
+
+
+def test_sdpa_backend_is_recorded():
+    grid = {"mechanisms": ["full"], "resolutions": ["8"], "dims": [16], "heads": [2], "impls": ["reference", "fast"]}
+    point = expand(Grid.from_dict(grid)).points
+    reference = [p for p in point if p.impl == "reference"][0]
+    fast = [p for p in point if p.impl == "fast"][0]
+    settings = Settings(**FAST)
+    assert measure(fast, settings)["provenance"]["sdpa"]  # the CPU kernel SDPA chose, by name
+    assert measure(reference, settings)["provenance"]["sdpa"] == {}  # the math reference calls no SDPA
+
+
+@pytest.fixture
+def flex_on_cpu(monkeypatch):
+    """Compiled flex attention on the CPU (eager backend) with the CPU test backward unlocked."""
+    flex_api = pytest.importorskip("torch.nn.attention.flex_attention")
+    from attentions.kernels import flex
+
+    monkeypatch.setattr(flex_api, "_validate_device", lambda *tensors: None)
+    with warnings.catch_warnings(), flex.compile_config(backend="eager", devices=("cpu", "cuda")):
+        warnings.simplefilter("ignore")
+        yield flex
+
+
+FLEX_GRID = {
+    "mechanisms": ["full", "swin", "pooling"],
+    "resolutions": ["8", "12", "16", "24"],
+    "impls": ["flex"],
+    "cost_knob_values": {"window": [4], "stride_kv": [2]},
+}
+
+
+@pytest.mark.slow
+def test_flex_sweep_never_falls_back(tmp_path, flex_on_cpu):
+    # 3 mechanisms x 4 maps x 2 passes = 24 points, 24 shape and grad combinations of the one
+    # compiled flex_attention: past 8 of them torch used to run its unfused path.
+    summary, records = _sweep(tmp_path, FLEX_GRID)
+    assert summary.total == 24 and len(records) == 24
+    for r in records:
+        assert r["status"] == "ok", r["reason"]
+        assert set(r["provenance"]["flex"]) == {"compiled"}, r["provenance"]
+
+
+def test_flex_forced_fallback_is_an_error_naming_it(tmp_path, monkeypatch, flex_on_cpu):
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: None)
+    grid = {**FLEX_GRID, "mechanisms": ["swin"], "resolutions": ["8", "12", "16"]}
+    with flex_on_cpu.compile_config(recompile_limit=1), torch._dynamo.config.patch(recompile_limit=1):
+        flex_on_cpu._compiled.cache_clear()
+        _, records = _sweep(tmp_path, grid)
+    flex_on_cpu._compiled.cache_clear()
+    errors = [r for r in records if r["status"] == "error"]
+    assert errors and all("unfused fallback" in r["reason"] for r in errors)
+
+
+def _one_point(**grid):
+    base = {"mechanisms": ["full"], "resolutions": ["8"], "dims": [16], "heads": [2], "impls": ["fast"]}
+    return expand(Grid.from_dict({**base, **grid})).points
+
+
+def test_contended_point_is_remeasured_then_flagged_with_evidence(monkeypatch):
+    from bench import measure as m
+
+    probes = iter([1.0, 1.0, 1.0] + [1.0, 5.0] * 3)  # reference, then a slow probe after every attempt
+    monkeypatch.setattr(m, "probe_ms", lambda device: next(probes))
+    monkeypatch.setattr(m, "_REFERENCE", {})
+    r = measure(_one_point(passes=["fwd"])[0], Settings(**{**FAST, "remeasure": 2}))
+    assert r["status"] == "ok" and r["contended"] is True and r["probe_ms"] == 5.0
+    c = r["contention"]
+    assert c["reference_ms"] == 1.0 and len(c["attempts"]) == 3
+    assert all("probe 5.00x its reference" in a["contended"] for a in c["attempts"])
+
+
+def test_quiet_point_is_measured_once(monkeypatch):
+    from bench import measure as m
+
+    monkeypatch.setattr(m, "probe_ms", lambda device: 1.0)
+    monkeypatch.setattr(m, "_REFERENCE", {})
+    r = measure(_one_point(passes=["fwd"])[0], Settings(**{**FAST, "remeasure": 2, "median_ci_bound": 1e9}))
+    assert r["contended"] is False and r["contention"] is None and r["probe_ms"] == 1.0
+    assert r["threads"] == 1 and r["latency_samples_ms"] and r["overhead_ms"] > 0
+    assert r["host_ms_per_call"] == r["latency_ms_median"] and r["launch_bound"] is None  # CPU: host is the device
+
+
+def test_flops_counted_once_per_configuration(monkeypatch):
+    from bench import flops
+    from bench import measure as m
+
+    calls = []
+    real = flops.count
+    monkeypatch.setattr(flops, "count", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(m, "_FLOP_CACHE", {})
+    fwd, bwd = sorted(_one_point(passes=["fwd", "fwd+bwd"]), key=lambda p: p.pass_)
+    settings = Settings(**{**FAST, "count_flops": True})
+    rf, rb = measure(fwd, settings), measure(bwd, settings)
+    assert len(calls) == 1 and rf["macs"] == rb["macs"]
+    assert rf["backward_macs"] is None and rb["backward_macs"] > 0

@@ -33,7 +33,9 @@ MODE_ORDER = {"full": 0, "quick": 1, "smoke": 2}
 
 def load_rows(out_dirs: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """(accuracy rows, cost rows, experiment.json of every directory merged by mode)."""
-    acc, cost, meta = [], [], {}
+    acc: list[dict[str, Any]] = []
+    cost: list[dict[str, Any]] = []
+    meta: dict[str, dict[str, Any]] = {}
     for d in out_dirs:
         for r in read_results(d).records:
             if r.get("kind") == "experiment" and r.get("status") == "ok":
@@ -106,7 +108,7 @@ def _num(v: Any, scale: float = 1.0, digits: int = 3) -> str:
 def section(exp: str, s: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any], fig_html: str) -> str:
     """The HTML of one experiment: description, a table per mode, the plot."""
     modes = sorted(s["mode"].unique(), key=lambda m: MODE_ORDER.get(m, 9))
-    first = next(iter(meta.values()), {}) if meta else {}
+    first: dict[str, Any] = next(iter(meta.values()), {}) if meta else {}
     raw = first.get("experiment", {})
     parts = [f"<h2>{esc(raw.get('title') or exp)}</h2>"]
     if raw.get("paper"):

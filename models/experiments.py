@@ -35,7 +35,8 @@ refused with the field named (:class:`ExperimentError`).
 
 Results: ``OUT/results.jsonl`` of the results store (``kind: "experiment"`` per
 variant and seed: accuracy, params, MACs; ``kind: "experiment_cost"`` per variant and
-cost resolution: params, MACs, latency, peak memory), ``OUT/experiment.json`` (the
+cost resolution: params, MACs, inference latency, peak memory of inference and of a training step),
+``OUT/experiment.json`` (the
 experiment as run) and ``OUT/runs/<mode>/<variant>/seed<k>/``, each a training run
 directory of ``models.train`` with its checkpoint (``--work`` puts them elsewhere).
 A killed run resumes: stored rows are skipped, and an interrupted training run
@@ -351,6 +352,12 @@ def run(
     n_seeds = 1 if mode == "smoke" else (seeds or exp.seeds)
     data = data or exp.data
     train_mod._device(device)  # an unknown or absent device fails before anything is written
+    from . import data as data_mod
+
+    try:  # so does data that cannot be read (an image folder is scanned here)
+        data_mod.build(data, recipe["resolution"], "val", size=8)
+    except data_mod.DataError as exc:
+        raise ExperimentError(f"--data {data}: {exc}") from None
     out = Path(out)
     work_dir = Path(work) if work is not None else out / "runs"
     store = ResultsStore(out)
@@ -423,7 +430,8 @@ def _final_row(run_dir: Path) -> dict[str, Any]:
 
 
 def measure_model(model: Any, resolution: int, batch: int, device: str, smoke: bool = False) -> dict[str, Any]:
-    """Params, MACs (bench.flops), inference latency (median, p20, p80) and peak memory of one forward."""
+    """Params, MACs (bench.flops), inference latency (median, p20, p80), the peak memory of one inference
+    forward (``peak_bytes``) and of one training forward and backward (``train_peak_bytes``)."""
     import torch
 
     from bench import measure as bm
@@ -446,6 +454,10 @@ def measure_model(model: Any, resolution: int, batch: int, device: str, smoke: b
         with torch.no_grad():
             return model(x)
 
+    def train_step() -> None:  # forward and backward, as in training (parameter gradients included)
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+
     settings = bm.Settings(cpu_min_run_time=0.01 if smoke else 0.2, min_samples=1 if smoke else 3)
     budget = bm._Budget(30.0 if smoke else 120.0, time.perf_counter)
     t0 = time.perf_counter()
@@ -462,10 +474,16 @@ def measure_model(model: Any, resolution: int, batch: int, device: str, smoke: b
         torch.cuda.synchronize()
         row.update(peak_bytes=int(torch.cuda.max_memory_allocated() - base), memory_method="cuda_max_allocated",
                    timing_method="cuda_events")  # fmt: skip
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        train_step()
+        torch.cuda.synchronize()
+        row["train_peak_bytes"] = int(torch.cuda.max_memory_allocated() - base)
     else:
         times = bm._cpu_times(step, lambda: None, first, settings, budget)
         row.update(peak_bytes=int(bm._cpu_peak_bytes(step)), memory_method="cpu_profiler",
-                   timing_method="torch.utils.benchmark", threads=torch.get_num_threads())  # fmt: skip
+                   timing_method="torch.utils.benchmark", threads=torch.get_num_threads(),
+                   train_peak_bytes=int(bm._cpu_peak_bytes(train_step)))  # fmt: skip
     row.update(
         latency_ms_median=bm._quantile(times, 0.5), latency_ms_p20=bm._quantile(times, 0.2),
         latency_ms_p80=bm._quantile(times, 0.8), samples=len(times),

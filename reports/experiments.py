@@ -135,7 +135,9 @@ def section(exp: str, s: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any],
                 row[f"latency ms @{res} (p20-p80)"] = (
                     f"{c['latency_ms_median']:.3g} ({c['latency_ms_p20']:.3g}-{c['latency_ms_p80']:.3g})"
                 )
-                row[f"peak MiB @{res}"] = _num(c.get("peak_bytes"), 2**20)
+                row[f"peak MiB @{res} (inference / training)"] = (
+                    f"{_num(c.get('peak_bytes'), 2**20)} / {_num(c.get('train_peak_bytes'), 2**20)}"
+                )
             ci = "" if math.isnan(r["lo"]) else f"[{_pct(r['lo'])}, {_pct(r['hi'])}]"
             row.update({
                 "accuracy % (mean)": _pct(r["mean"]), "95% interval": ci, "seeds": int(r["seeds"]),
@@ -151,7 +153,8 @@ def section(exp: str, s: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any],
         parts.append(table_html(pd.DataFrame(rows)))
         parts.append(
             f'<p class="note">MACs per image at the training resolution (FLOPs = 2 x MACs), counted by bench.flops. '
-            f"Latency: inference forward, batch {batch}, median with p20-p80; peak memory above the baseline. "
+            f"Latency: inference forward, batch {batch}, median with p20-p80; peak memory above the baseline of one "
+            "inference forward and of one training forward and backward, same batch. "
             f"Accuracy: held-out, mean over seeds with a Student-t 95% interval. {esc(_noise_sentence(sm))}</p>"
         )
     parts.append(fig_html)

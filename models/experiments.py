@@ -362,6 +362,14 @@ def run(
     work_dir = Path(work) if work is not None else out / "runs"
     store = ResultsStore(out)
     stored = store.open(fingerprint())
+    hashes = {v.name: spec_hash(exp, v, mode, data) for v in exp.variants}
+    for r in stored.records:  # rows of an edited definition would be mistaken for this one's
+        mine = r.get("experiment") == exp.name and r.get("mode") == mode and r.get("variant") in hashes
+        if mine and r.get("spec_hash") not in (None, hashes[r["variant"]]):  # (rows stored before hashes: None)
+            raise ExperimentError(
+                f"{out} holds {mode} results of variant {r['variant']!r} of {exp.name} as it was defined before "
+                "(the file, the recipe or --data changed since); pass a new --out"
+            )
     done = {r["point_id"] for r in stored.records if r.get("status") == "ok"}
     meta_path = out / "experiment.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -377,24 +385,27 @@ def run(
                 skipped += 1
                 continue
             run_dir = work_dir / mode / v.name / f"seed{seed}"
+            cfg = train_mod.TrainConfig(
+                model=f"{exp.name}/{v.name}", out=str(run_dir), tiny=recipe["tiny"], data=data,
+                resolution=recipe["resolution"], epochs=recipe["epochs"], batch=recipe["batch"], lr=recipe["lr"],
+                weight_decay=recipe["weight_decay"], warmup_epochs=recipe["warmup_epochs"], amp=recipe["amp"],
+                device=device, train_size=recipe["train_size"], val_size=recipe["val_size"], seed=seed,
+                threads=recipe["threads"],
+            )  # fmt: skip
             resume = (run_dir / train_mod.CHECKPOINT).exists()
+            if resume:
+                _same_run(run_dir, cfg)
             if resume and _complete(run_dir):
                 final = _final_row(run_dir)
             else:
-                cfg = train_mod.TrainConfig(
-                    model=f"{exp.name}/{v.name}", out=str(run_dir), tiny=recipe["tiny"], data=data,
-                    resolution=recipe["resolution"], epochs=recipe["epochs"], batch=recipe["batch"], lr=recipe["lr"],
-                    weight_decay=recipe["weight_decay"], warmup_epochs=recipe["warmup_epochs"], amp=recipe["amp"],
-                    device=device, resume=resume, train_size=recipe["train_size"], val_size=recipe["val_size"],
-                    seed=seed, threads=recipe["threads"],
-                )  # fmt: skip
+                cfg.resume = resume
                 log(f"{exp.name} [{mode}] {v.name} seed {seed}: training{' (resumed)' if resume else ''}")
                 t0 = time.perf_counter()
                 final = train_mod.train(cfg, progress=progress, model_fn=fn)
                 final["train_s"] = time.perf_counter() - t0
             row = {
                 "point_id": pid, "kind": "experiment", "status": "ok", "experiment": exp.name, "mode": mode,
-                "variant": v.name, "seed": seed, "data": data, "device": device,
+                "variant": v.name, "seed": seed, "data": data, "device": device, "spec_hash": hashes[v.name],
                 **{k: final.get(k) for k in ("accuracy", "val_loss", "params", "macs", "resolution", "epochs",
                                              "batch", "mechanism", "images_per_s", "train_s", "train_images",
                                              "val_images")},
@@ -415,6 +426,25 @@ def run(
             measured += 1
     wall = time.perf_counter() - t_start
     return {"trained": trained, "measured": measured, "skipped": skipped, "wall_s": wall, "seeds": n_seeds}
+
+
+def spec_hash(exp: Experiment, variant: Variant, mode: str, data: str) -> str:
+    """12 hex digits naming what a variant's rows were made from: its model, the recipe and the data."""
+    import hashlib
+
+    text = json.dumps({"spec": _variant_spec(variant, mode), "recipe": exp.mode(mode), "data": data}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _same_run(run_dir: Path, cfg: Any) -> None:
+    """A training run left in the work directory must be this one (else it would be reused or resumed)."""
+    stored = json.loads((run_dir / "train.json").read_text())["config"]
+    keys = (*cfg.SAME_ON_RESUME, "epochs", "lr", "weight_decay", "warmup_epochs", "amp")
+    diffs = [f"{k}: {stored.get(k)!r} there, {getattr(cfg, k)!r} now" for k in keys if stored.get(k) != getattr(cfg, k)]
+    if diffs:
+        raise ExperimentError(
+            f"{run_dir} holds a training run made differently ({'; '.join(diffs)}); pass a new --work or remove it"
+        )
 
 
 def _complete(run_dir: Path) -> bool:

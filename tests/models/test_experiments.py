@@ -159,3 +159,16 @@ def test_cli_needs_an_experiment_and_out_and_one_mode(tmp_path):
     assert res.exit_code == 2 and "no experiment 'nope'" in res.output
     res = runner.invoke(app, ["reproduce", "crossvit_fusion", "--quick", "--full", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
+
+
+def test_an_edited_definition_never_reuses_older_rows_or_runs(tmp_path):
+    path = _write(tmp_path, TINY)
+    out, work = tmp_path / "out", tmp_path / "work"
+    E.run(E.load(str(path)), "smoke", out, work=work, log=lambda s: None)
+    path.write_text(textwrap.dedent(TINY).replace("epochs: 1", "epochs: 1, lr: 0.01"))
+    edited = E.load(str(path))
+    with pytest.raises(E.ExperimentError, match="as it was defined before"):
+        E.run(edited, "smoke", out, work=work, log=lambda s: None)
+    with pytest.raises(E.ExperimentError, match=r"holds a training run made differently \(lr: 0.002 there, 0.01 now"):
+        E.run(edited, "smoke", tmp_path / "out2", work=work, log=lambda s: None)
+    assert E.run(edited, "smoke", tmp_path / "out3", work=tmp_path / "work3", log=lambda s: None)["trained"] == 2

@@ -634,7 +634,8 @@ def reproduce(
     with open(page, "w", encoding="utf-8") as f:
         f.write(build_page([out, *compare]))
     console.print(
-        f"{escape(exp.name)} \\[{mode}]: {summary['trained']} trained, {summary['measured']} cost points, "
+        f"{escape(exp.name)} \\[{mode}]: {summary['trained']} trained, {summary['reused']} finished trainings reused, "
+        f"{summary['measured']} cost points, "
         f"{summary['skipped']} already stored; {summary['wall_s']:.0f} s; report in {page}"
     )
 

@@ -376,7 +376,7 @@ def run(
     meta[mode] = {"experiment": exp.raw, "path": exp.path, "seeds": n_seeds, "data": data, "device": device}
     meta_path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
     t_start = time.perf_counter()
-    trained = measured = skipped = 0
+    trained = measured = skipped = reused_runs = 0
     for v in exp.variants:
         fn = builders[v.name]
         for seed in range(n_seeds):
@@ -395,8 +395,9 @@ def run(
             resume = (run_dir / train_mod.CHECKPOINT).exists()
             if resume:
                 _same_run(run_dir, cfg)
-            if resume and _complete(run_dir):
-                final = _final_row(run_dir)
+            reused = resume and _complete(run_dir)
+            if reused:  # trained before (its row was lost or is recorded anew): nothing to train
+                final = {**_final_row(run_dir), "train_s": None}
             else:
                 cfg.resume = resume
                 log(f"{exp.name} [{mode}] {v.name} seed {seed}: training{' (resumed)' if resume else ''}")
@@ -409,11 +410,13 @@ def run(
                 **{k: final.get(k) for k in ("accuracy", "val_loss", "params", "macs", "resolution", "epochs",
                                              "batch", "mechanism", "images_per_s", "train_s", "train_images",
                                              "val_images")},
-                "published": v.published, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "published": v.published, "reused": reused, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }  # fmt: skip
             store.append(row)
-            trained += 1
-            log(f"{exp.name} [{mode}] {v.name} seed {seed}: held-out accuracy {row['accuracy']:.1%}")
+            trained += not reused
+            reused_runs += reused
+            log(f"{exp.name} [{mode}] {v.name} seed {seed}: held-out accuracy {row['accuracy']:.1%}"
+                + (" (a finished training, reused)" if reused else ""))  # fmt: skip
         for r in recipe["cost_resolutions"]:
             pid = _pid(exp, mode, v.name, f"cost{r}")
             if pid in done:
@@ -425,7 +428,10 @@ def run(
             })  # fmt: skip
             measured += 1
     wall = time.perf_counter() - t_start
-    return {"trained": trained, "measured": measured, "skipped": skipped, "wall_s": wall, "seeds": n_seeds}
+    return {
+        "trained": trained, "reused": reused_runs, "measured": measured, "skipped": skipped, "wall_s": wall,
+        "seeds": n_seeds,
+    }  # fmt: skip
 
 
 def spec_hash(exp: Experiment, variant: Variant, mode: str, data: str) -> str:

@@ -91,7 +91,7 @@ def test_quick_run_resumes_and_reuses_finished_training(tmp_path):
     keep = [ln for ln in lines if '"swin:seed1"' not in ln and ":swin:seed1" not in ln]
     (out / "results.jsonl").write_text("\n".join(keep) + "\n")
     third = E.run(exp, "quick", out, log=lambda s: None)
-    assert third["trained"] == 1
+    assert third["trained"] == 0 and third["reused"] == 1
     (row,) = [r for r in _rows(out, "experiment") if r["variant"] == "swin" and r["seed"] == 1]
     assert row["accuracy"] == next(r for r in acc if r["variant"] == "swin" and r["seed"] == 1)["accuracy"]
     meta = json.loads((out / "experiment.json").read_text())

@@ -58,8 +58,11 @@ def _open_and_wait(driver, page: Path, timeout_s: float = 60.0) -> int:
     """Load ``page``; wait until plotly has drawn every trace of every plot; return the number of plots."""
     driver.get_log("browser")  # drop what earlier pages logged
     driver.get(page.as_uri())
-    expected = driver.execute_script("return document.querySelectorAll('.plotly-graph-div').length")
     deadline = time.monotonic() + timeout_s
+    # A loaded machine can hand the page back before it is parsed: count the plots once it is.
+    while driver.execute_script("return document.readyState") != "complete" and time.monotonic() < deadline:
+        time.sleep(0.25)
+    expected = driver.execute_script("return document.querySelectorAll('.plotly-graph-div').length")
     rendered = -1
     while time.monotonic() < deadline:
         rendered = driver.execute_script(

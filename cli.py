@@ -681,5 +681,50 @@ def footprint_(
     console.print(f"footprints of {len(panels)} mechanism(s) in {out}")
 
 
+@app.command("reproduce")
+def reproduce(
+    experiment: str = typer.Argument(None, help="A shipped experiment (--list) or the path of an experiment YAML."),
+    quick: bool = typer.Option(False, "--quick", help="The CPU-sized mode: tiny models, >= 3 seeds (the default)."),
+    full: bool = typer.Option(False, "--full", help="The published configuration (224 px; a GPU or an image folder)."),
+    smoke: bool = typer.Option(False, "--smoke", help="One training step per variant, one seed (seconds; for CI)."),
+    seeds: int = typer.Option(None, "--seeds", help="Seeds per variant (default: the file's)."),
+    data: str = typer.Option(None, "--data", help="'synthetic' or an image folder (default: the file's)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
+    out: str = typer.Option(None, "--out", "-o", help="Directory of the rows (results.jsonl) and report.html."),
+    work: str = typer.Option(None, "--work", help="Where the training runs and checkpoints go (default OUT/runs)."),
+    compare: list[str] = typer.Option([], "--compare", help="Other reproduce directories shown on the same page."),
+    list_: bool = typer.Option(False, "--list", help="List the shipped experiments and exit."),
+) -> None:
+    """Train and measure every variant of a paper's experiment; rows in OUT/results.jsonl, page in OUT/report.html."""
+    from models import experiments
+
+    if list_:
+        for path in experiments.shipped():
+            exp = experiments.load(str(path))
+            console.print(f"[bold]{exp.name}[/bold]  {len(exp.variants)} variants  {exp.title}")
+        return
+    if experiment is None or out is None:
+        raise AttnbenchError("give an experiment and --out DIR (or --list)")
+    if quick + full + smoke > 1:
+        raise AttnbenchError("choose one of --quick, --full and --smoke")
+    mode = "full" if full else "smoke" if smoke else "quick"
+    from rich.markup import escape
+
+    from reports.experiments import build_page
+
+    exp = experiments.load(experiment)
+    summary = experiments.run(
+        exp, mode, out, seeds=seeds, data=data, device=device, work=work, log=lambda s: console.print(escape(s))
+    )
+    page = f"{out}/report.html"
+    with open(page, "w", encoding="utf-8") as f:
+        f.write(build_page([out, *compare]))
+    console.print(
+        f"{escape(exp.name)} \\[{mode}]: {summary['trained']} trained, {summary['reused']} finished trainings reused, "
+        f"{summary['measured']} cost points, "
+        f"{summary['skipped']} already stored; {summary['wall_s']:.0f} s; report in {page}"
+    )
+
+
 if __name__ == "__main__":
     app()

@@ -25,6 +25,13 @@ width), the residual pooling adds the ``dim_out``-wide pooled queries and the
 output projection is ``dim_out -> dim_out`` (see ``output_dim``). The block's
 skip connection then needs its own ``Linear(dim, dim_out)``.
 
+``window`` (0: global) is MViTv2's hybrid window attention (HWin, as its
+detection backbones use it): the input map is cut into ``window x window``
+windows and, after pooling, each window's queries attend only to the pooled keys
+of the same window (pooled windows of ``window / stride``; relative positions
+within the window, tables sized to it). H and W must be multiples of ``window``
+and ``window`` a multiple of both strides; nothing is padded.
+
 One deliberate difference from the official code: the LayerNorm after the key
 pooling has a scale but no additive bias. A vector added to every key shifts
 each query's scores by a constant, which softmax ignores, so that bias would
@@ -63,6 +70,8 @@ class PoolingKnobs(Knobs):
     qkv_bias: bool = True
     # Channels of q, k, v and the output (0: dim); MViTv2's first block of a stage widens here.
     dim_out: int = 0
+    # Hybrid window attention (HWin): side of the windows on the input map (0: one global window).
+    window: int = 0
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -75,6 +84,8 @@ class PoolingKnobs(Knobs):
             raise KnobError(
                 f"pooling knob 'dim_out' must be a non-negative integer (0 keeps dim), got {self.dim_out!r}"
             )
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise KnobError(f"pooling knob 'window' must be a non-negative integer (0: global), got {self.window!r}")
         if self.mode == "none" and (self.stride_q, self.stride_kv) != (1, 1):
             raise KnobError(
                 f"pooling mode 'none' cannot stride (got stride_q={self.stride_q}, stride_kv={self.stride_kv}); "
@@ -110,7 +121,7 @@ class PoolingAttention(Attention):
         self.pool_k, self.norm_k = self._pooling(knobs.stride_kv, keys=True)
         self.pool_v, self.norm_v = self._pooling(knobs.stride_kv)
         if knobs.rel_pos:
-            size = knobs.rel_pos_size
+            size = knobs.window or knobs.rel_pos_size  # windowed: positions within one window
             length = 2 * max(self._pooled(size, knobs.stride_q), self._pooled(size, knobs.stride_kv)) - 1
             self.rel_pos_h = mvit_table(length, d)  # (L, d)
             self.rel_pos_w = mvit_table(length, d)  # (L, d)
@@ -159,6 +170,12 @@ class PoolingAttention(Attention):
         q, q_hw = self._pool(q, hw, self.pool_q, self.norm_q)  # (B, h, Nq, d)
         k, k_hw = self._pool(k, hw, self.pool_k, self.norm_k)  # (B, h, Nk, d)
         v, _ = self._pool(v, hw, self.pool_v, self.norm_v)  # (B, h, Nk, d)
+        if self.knobs.window:
+            grid = (hw[0] // self.knobs.window, hw[1] // self.knobs.window)
+            q_hw_all = q_hw
+            q, q_hw = _partition(q, q_hw, grid)  # (B*nW, h, Nq/nW, d)
+            k, k_hw = _partition(k, k_hw, grid)  # (B*nW, h, Nk/nW, d)
+            v, _ = _partition(v, self.kv_hw(hw), grid)  # (B*nW, h, Nk/nW, d)
         if self.impl == "flex":
             o = self._attend_flex(q, k, v, q_hw, k_hw)  # (B, h, Nq, d)
         else:
@@ -166,6 +183,8 @@ class PoolingAttention(Attention):
             o = attend(q, k, v, bias, math=self.math)  # (B, h, Nq, d)
         if self.knobs.residual_pooling:
             o = o + q
+        if self.knobs.window:
+            o = _merge(o, q_hw_all, grid)  # (B, h, Nq, d)
         return self.proj.output(o)  # (B, Nq, C_out)
 
     def _attend_flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_hw: HW, k_hw: HW) -> torch.Tensor:
@@ -191,6 +210,18 @@ class PoolingAttention(Attention):
     def attention_width(cls, dim: int, knobs: Any) -> int:
         return knobs.dim_out or dim
 
+    def _unsupported(
+        self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
+    ) -> list[str]:
+        reasons = []
+        w, sq, skv = self.knobs.window, self.knobs.stride_q, self.knobs.stride_kv
+        if w and (hw[0] % w or hw[1] % w or w % sq or w % skv):
+            reasons.append(
+                f"pooling: window {w} must divide H={hw[0]} and W={hw[1]} and be a multiple of stride_q={sq} "
+                f"and stride_kv={skv} (windows are not padded); choose another window, or 0 for global attention"
+            )
+        return reasons
+
     def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
         # The flex path computes the same pairs (no block mask: every query sees every pooled key) and the
         # same two relative-position products.
@@ -206,7 +237,11 @@ class PoolingAttention(Attention):
                 total += copies * maps * (conv_macs(out_hw, d, d, KERNEL, groups=d) + norm_macs(tokens, d))
         elif self.knobs.mode in ("avg", "max"):
             total += maps * KERNEL * KERNEL * (nq + 2 * nk) * d
-        total += attention_macs(batch, heads, nq, nk, d)
+        windows = 1
+        if self.knobs.window:  # each query sees its window's pooled keys only
+            windows = (hw[0] // self.knobs.window) * (hw[1] // self.knobs.window)
+            kh, kw = kh * self.knobs.window // hw[0], kw * self.knobs.window // hw[1]
+        total += attention_macs(batch * windows, heads, nq // windows, nk // windows, d)
         if self.knobs.rel_pos:
             # q . R_h over (Nq, kh) and q . R_w over (Nq, kw); resizing the tables is batch-independent (0).
             total += maps * nq * (kh + kw) * d
@@ -237,3 +272,19 @@ class PoolingAttention(Attention):
     def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
         kh, kw = self.kv_hw(hw)
         return kh * kw
+
+
+def _partition(t: torch.Tensor, hw: HW, grid: HW) -> tuple[torch.Tensor, HW]:
+    """Cut each head's map into a grid of windows: (B, h, H*W, d) -> (B*gh*gw, h, (H/gh)*(W/gw), d)."""
+    b, heads, _, d = t.shape
+    (gh, gw), (a, c) = grid, (hw[0] // grid[0], hw[1] // grid[1])
+    t = t.reshape(b, heads, gh, a, gw, c, d).permute(0, 2, 4, 1, 3, 5, 6)  # (B, gh, gw, h, a, c, d)
+    return t.reshape(b * gh * gw, heads, a * c, d), (a, c)
+
+
+def _merge(t: torch.Tensor, hw: HW, grid: HW) -> torch.Tensor:
+    """Inverse of ``_partition``: (B*gh*gw, h, a*c, d) -> (B, h, H*W, d)."""
+    (gh, gw), (a, c) = grid, (hw[0] // grid[0], hw[1] // grid[1])
+    heads, d = t.shape[1], t.shape[-1]
+    t = t.reshape(-1, gh, gw, heads, a, c, d).permute(0, 3, 1, 4, 2, 5, 6)  # (B, h, gh, a, gw, c, d)
+    return t.reshape(-1, heads, hw[0] * hw[1], d)

@@ -410,6 +410,13 @@ def _warm_call(work: Workload, device: str, settings: Settings, budget: _Budget)
     return per_call_s
 
 
+def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak of the running sum of CPU allocator events during one call of ``fn`` (the CPU memory probe)."""
+    from .provenance import profile_ops
+
+    return profile_ops(fn, memory=True)[1]
+
+
 def _ops_and_memory(work: Workload, device: str) -> tuple[Any, dict[str, Any]]:
     """One profiled step (its op names feed the provenance) and the peak memory above the
     baseline: module, inputs and upstream gradient built, grads None. On the CPU the

@@ -128,6 +128,9 @@ REQUIRED_BY_KIND: dict[str, tuple[str, ...]] = {
     "train_epoch": REQUIRED_TRAIN,
     # models.matching_run: one row per (mechanism, seed) of the matching task.
     "match": ("point_id", "status", "kind", "mechanism", "seed", "height", "width"),
+    # models.experiments: one row per (variant, seed) trained, one per (variant, resolution) measured.
+    "experiment": ("point_id", "status", "kind", "experiment", "mode", "variant", "seed"),
+    "experiment_cost": ("point_id", "kind", "experiment", "mode", "variant"),
 }
 
 _PANDAS = {"int": "Int64", "float": "float64", "bool": "boolean", "str": "str"}

@@ -64,6 +64,9 @@ class BackboneConfig:
     drop_path: float = 0.0
     num_classes: int = 1000
     in_chans: int = 3
+    # A learned absolute position embedding added after the stem (MViTv2's "absolute" variant), sized for the
+    # stem's map at ``resolution`` and resized bicubically at other resolutions.
+    abs_pos: bool = False
     # The resolution the configuration was published at (any other that the mechanisms accept works too).
     resolution: int = 224
 
@@ -189,6 +192,12 @@ class Backbone(nn.Module):
         if self.prefix:
             self.cls_token = nn.Parameter(torch.zeros(1, self.prefix, dims[0]))
             nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.pos_embed = None
+        if cfg.abs_pos:
+            g = self.stem.output_hw((cfg.resolution, cfg.resolution))
+            self.pos_grid = g
+            self.pos_embed = nn.Parameter(torch.zeros(1, g[0] * g[1], dims[0]))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         rates = torch.linspace(0, cfg.drop_path, sum(st.depth for st in cfg.stages)).tolist()
         self.merges = nn.ModuleList()
         self.stages = nn.ModuleList()
@@ -254,6 +263,9 @@ class Backbone(nn.Module):
         p = self.prefix
         total = batch * self.stem.macs(hw)
         hw = self.stem.output_hw(hw)
+        if self.pos_embed is not None and tuple(hw) != tuple(self.pos_grid):
+            total += 4 * hw[0] * hw[1] * self.pos_embed.shape[-1]  # the table resized, once per call
+
         for merge, blocks, snorm in zip(self.merges, self.stages, self.stage_norms, strict=True):
             if isinstance(merge, Merge):
                 total += batch * merge.macs(hw, p)
@@ -269,6 +281,8 @@ class Backbone(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         x, hw = self.stem(img)  # (B, H*W, C)
+        if self.pos_embed is not None:
+            x = x + self._pos(hw)
         p = self.prefix
         if p:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, p + H*W, C)
@@ -281,6 +295,15 @@ class Backbone(nn.Module):
                 x = snorm(x)
         x = self.norm(x)
         return x[:, 0] if p else x.mean(dim=1)  # (B, C)
+
+    def _pos(self, hw: HW) -> torch.Tensor:
+        """The absolute position table for an (H, W) stem map: (1, H*W, C)."""
+        assert self.pos_embed is not None
+        if tuple(hw) == tuple(self.pos_grid):
+            return self.pos_embed
+        grid = self.pos_embed.transpose(1, 2).reshape(1, -1, *self.pos_grid)  # (1, C, g_h, g_w)
+        grid = F.interpolate(grid, size=hw, mode="bicubic", align_corners=False)  # (1, C, H, W)
+        return grid.flatten(2).transpose(1, 2)  # (1, H*W, C)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(img))

@@ -8,6 +8,17 @@ to the other branch's patch tokens and is projected back (the registry's
 ``cross`` mechanism does all of that). Each branch ends with LayerNorm on its
 CLS token and a linear head; the logits of the two heads are averaged.
 
+``fusion`` chooses one of the four strategies of the paper's Fig. 3 (each branch b
+fuses with the other branch o; ``proj`` is LayerNorm-GELU-Linear from o's width to b's):
+
+- ``cross-attention`` (the paper's choice, above): only the CLS tokens change;
+- ``all-attention``: b's tokens and o's projected tokens, concatenated, go through one
+  self-attention at b's width (b's heads); b keeps the outputs of its own tokens, with
+  a residual. Every token of b mixes with every token of both branches;
+- ``class-token``: ``cls_b + proj(cls_o)``; patch tokens pass unchanged;
+- ``pairwise``: the CLS tokens as in class-token, and each patch token of b adds the
+  token of o at the same place (o's projected patch map resized bilinearly to b's grid).
+
 Position embeddings are learned for the native grids and resized (bicubic) to
 the current grids, so other resolutions run without rebuilding.
 """
@@ -21,10 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import attentions
+from attentions.cross import _proj_in_out
 
 from .layers import HW, DropPath, Mlp, init_linear
 
 EPS = 1e-6  # CrossViT's LayerNorm eps
+FUSIONS = ("cross-attention", "all-attention", "class-token", "pairwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +53,7 @@ class CrossViTConfig:
     drop_path: float = 0.0
     num_classes: int = 1000
     in_chans: int = 3
+    fusion: str = "cross-attention"  # one of FUSIONS (the paper's Fig. 3)
 
     @property
     def resolution(self) -> int:
@@ -68,9 +82,60 @@ class ViTBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x), hw))
 
 
+class _Fusion(nn.Module):
+    """One branch's fusion with the other branch (all-attention, class-token or pairwise; see the module doc)."""
+
+    def __init__(self, kind: str, dim: int, other_dim: int, heads: int):
+        super().__init__()
+        self.kind = kind
+        self.proj = _proj_in_out(other_dim, dim)
+        self.proj.apply(init_linear)
+        if kind == "all-attention":
+            self.norm = nn.LayerNorm(dim, eps=EPS)
+            self.attn = attentions.build("full", dim=dim, heads=heads, qkv_bias=True)
+
+    def forward(self, x: torch.Tensor, hw: HW, other: torch.Tensor, other_hw: HW) -> torch.Tensor:
+        if self.kind == "class-token":
+            return torch.cat([x[:, :1] + self.proj(other[:, :1]), x[:, 1:]], dim=1)  # (B, 1 + H*W, C)
+        o = self.proj(other)  # (B, 1 + Ho*Wo, C)
+        if self.kind == "all-attention":
+            t = self.norm(torch.cat([x, o], dim=1))  # (B, 1 + H*W + 1 + Ho*Wo, C)
+            return x + self.attn(t, (1, t.shape[1]))[:, : x.shape[1]]  # (B, 1 + H*W, C)
+        grid = o[:, 1:].transpose(1, 2).reshape(o.shape[0], -1, *other_hw)  # (B, C, Ho, Wo)
+        if tuple(other_hw) != tuple(hw):
+            grid = F.interpolate(grid, size=hw, mode="bilinear", align_corners=False)  # (B, C, H, W)
+        return x + torch.cat([o[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)  # (B, 1 + H*W, C)
+
+    def macs(self, batch: int, hw: HW, other_hw: HW) -> int:
+        c, co = self.proj[2].out_features, self.proj[2].in_features
+        n, no = hw[0] * hw[1], other_hw[0] * other_hw[1]
+        projected = 1 if self.kind == "class-token" else 1 + no
+        total = batch * projected * (5 * co + co * c)
+        if self.kind == "all-attention":
+            tokens = 2 + n + no
+            total += batch * 5 * tokens * c + self.attn.macs(batch, (1, tokens))
+        elif self.kind == "pairwise" and tuple(hw) != tuple(other_hw):
+            total += batch * 4 * n * c  # bilinear resize: 4 per output element
+        return total
+
+
+def _fuser(kind: str, cfg: CrossViTConfig, b: int, grids: list[int]) -> nn.Module:
+    if kind == "cross-attention":
+        return attentions.build(
+            "cross",
+            dim=cfg.dims[b],
+            heads=cfg.heads[1 - b],  # the fusion runs at the other branch's width, with its heads
+            context_dim=cfg.dims[1 - b],
+            context_scale=grids[1 - b] / grids[b],
+        )
+    return _Fusion(kind, cfg.dims[b], cfg.dims[1 - b], cfg.heads[b])
+
+
 class CrossViT(nn.Module):
     def __init__(self, config: CrossViTConfig):
         super().__init__()
+        if config.fusion not in FUSIONS:
+            raise ValueError(f"CrossViT fusion must be one of {', '.join(FUSIONS)}, got {config.fusion!r}")
         self.config = cfg = config
         self.prefix = 1
         self.native_grids = [r // p for r, p in zip(cfg.resolutions, cfg.patches, strict=True)]
@@ -97,18 +162,7 @@ class CrossViT(nn.Module):
                     for b in range(2)
                 )
             )
-            self.fusers.append(
-                nn.ModuleList(
-                    attentions.build(
-                        "cross",
-                        dim=cfg.dims[b],
-                        heads=cfg.heads[1 - b],  # the fusion runs at the other branch's width, with its heads
-                        context_dim=cfg.dims[1 - b],
-                        context_scale=self.native_grids[1 - b] / self.native_grids[b],
-                    )
-                    for b in range(2)
-                )
-            )
+            self.fusers.append(nn.ModuleList(_fuser(cfg.fusion, cfg, b, self.native_grids) for b in range(2)))
         self.norms = nn.ModuleList(nn.LayerNorm(d, eps=EPS) for d in cfg.dims)
         self.heads = nn.ModuleList(nn.Linear(d, cfg.num_classes) for d in cfg.dims)
         self.heads.apply(init_linear)
@@ -180,6 +234,9 @@ class CrossViT(nn.Module):
             for b in range(2):
                 for blk in blocks[b]:
                     xs[b] = blk(xs[b], hws[b])
-            xs = [fusers[b](xs[b], hws[b], context=xs[1 - b], context_hw=hws[1 - b]) for b in range(2)]
+            if self.config.fusion == "cross-attention":
+                xs = [fusers[b](xs[b], hws[b], context=xs[1 - b], context_hw=hws[1 - b]) for b in range(2)]
+            else:
+                xs = [fusers[b](xs[b], hws[b], xs[1 - b], hws[1 - b]) for b in range(2)]
         logits = [head(norm(x[:, 0])) for x, norm, head in zip(xs, self.norms, self.heads, strict=True)]
         return torch.stack(logits).mean(dim=0)

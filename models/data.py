@@ -90,6 +90,20 @@ class SyntheticRelations(Dataset):
         return _normalise(torch.from_numpy(img).clamp(0, 1)), label
 
 
+class SyntheticDetail(SyntheticRelations):
+    """The same images; the label is the quadrant of the hollow square B: 2 * (B in the right half) + (B in
+    the lower half). Telling B from the filled square A of the same colour takes the fine detail of its
+    one-pixel-wide (at 32 px) outline; where it lies takes the position of that detail in the whole image."""
+
+    classes = ("B upper left", "B lower left", "B upper right", "B lower right")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img, _ = super().__getitem__(index)
+        _, _, yb, xb = self.layout(index)
+        half = (self.resolution - self.shape) / 2  # the square's corner past this puts its centre past the middle
+        return img, 2 * int(xb > half) + int(yb > half)
+
+
 class ImageFolder(Dataset):
     """Images in one folder per class, resized to ``resolution`` x ``resolution``."""
 
@@ -186,7 +200,9 @@ def _split(items: list[tuple[Path, int]], split: str, holdout: float, seed: int)
 
 
 def build(data: str, resolution: int, split: str, *, size: int | None = None, seed: int = 0) -> Dataset:
-    """``"synthetic"`` (``size`` images) or the path of an image folder."""
+    """``"synthetic"`` or ``"synthetic-detail"`` (``size`` images) or the path of an image folder."""
+    if data == "synthetic-detail":
+        return SyntheticDetail(size or (2048 if split == "train" else 512), resolution, split, seed)
     if data == "synthetic":
         default = 2048 if split == "train" else 512
         return SyntheticRelations(size or default, resolution, split, seed)

@@ -267,7 +267,7 @@ def stack_cost(stack: AttentionStack, mcfg: MatcherConfig) -> dict[str, Any]:
     from torch.utils.benchmark import Timer
 
     from bench.flops import count
-    from bench.measure import _cpu_peak_bytes
+    from bench.measure import cpu_peak_bytes
 
     n = mcfg.coarse_hw[0] * mcfg.coarse_hw[1]
     gen = torch.Generator().manual_seed(0)
@@ -291,7 +291,7 @@ def stack_cost(stack: AttentionStack, mcfg: MatcherConfig) -> dict[str, Any]:
             min_run_time=0.5
         )
         times = sorted(t * 1e3 for t in m.times)
-        out["peak_bytes"] = _cpu_peak_bytes(step)
+        out["peak_bytes"] = cpu_peak_bytes(step)
     out.update(
         latency_ms_median=times[len(times) // 2],
         latency_ms_p20=times[int(0.2 * (len(times) - 1))],

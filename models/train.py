@@ -86,12 +86,18 @@ class Prepared:
     checkpoint: dict[str, Any] | None = None
 
 
-def prepare(cfg: TrainConfig) -> Prepared:
-    """Check everything and build model and data; creates nothing on disk."""
-    try:
-        zoo.entry(cfg.model)
-    except KeyError as exc:
-        raise TrainError(exc.args[0]) from None
+ModelFn = Callable[[int], nn.Module]  # number of classes -> a freshly built model
+
+
+def prepare(cfg: TrainConfig, model_fn: ModelFn | None = None) -> Prepared:
+    """Check everything and build model and data; creates nothing on disk.
+
+    ``model_fn`` builds a model that is not a zoo entry (``cfg.model`` then only names it)."""
+    if model_fn is None:
+        try:
+            zoo.entry(cfg.model)
+        except KeyError as exc:
+            raise TrainError(exc.args[0]) from None
     for name in ("epochs", "batch", "threads", "train_size", "val_size"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -102,7 +108,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
     overrides: dict[str, Any] = {}
     if cfg.drop_path is not None:
         overrides["drop_path"] = cfg.drop_path
-    probe = zoo.create(cfg.model, tiny=cfg.tiny, **overrides)
+    if model_fn is None:
+
+        def model_fn(num_classes: int) -> nn.Module:
+            return zoo.create(cfg.model, tiny=cfg.tiny, num_classes=num_classes, **overrides)
+
+    probe = model_fn(1000)
     resolution = cfg.resolution or probe.config.resolution
     cfg = dataclasses.replace(cfg, resolution=resolution)
     reasons = probe.unsupported(resolution)
@@ -116,7 +127,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     except data_mod.DataError as exc:
         raise TrainError(str(exc)) from None
     classes = data_mod.classes_of(train_set)
-    model = zoo.create(cfg.model, tiny=cfg.tiny, num_classes=len(classes), **overrides)
+    model = model_fn(len(classes))
     run_dir = Path(cfg.out)
     ckpt = run_dir / CHECKPOINT
     checkpoint = None
@@ -217,12 +228,13 @@ def train(
     *,
     progress: bool = True,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    model_fn: ModelFn | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and record; returns the final row plus ``step_losses`` of this invocation."""
     from bench.env import fingerprint
     from bench.store import ENV, RESULTS, ResultsStore
 
-    prep = prepare(cfg)
+    prep = prepare(cfg, model_fn)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     cfg, model, device, run_dir = prep.config, prep.model, prep.device, prep.run_dir

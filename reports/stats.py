@@ -1,4 +1,10 @@
-"""Statistics over seeds, torch-free: the mean with its 95% Student t interval."""
+"""Small torch-free statistics shared by the reports: the mean of a few seeds with its 95% interval.
+
+``mean_ci(values) -> (mean, lo, hi)`` uses Student's t with n - 1 degrees of freedom
+(the two-sided 97.5% quantile), so three seeds give a wide, honest interval. The
+quantiles are computed here by bisection on the t distribution's CDF (regularised
+incomplete beta function by its continued fraction), so no SciPy is needed.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +12,66 @@ import math
 from collections.abc import Iterable
 
 
-def _t_density(x: float, df: int) -> float:
-    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    return math.exp(log_norm - (df + 1) / 2 * math.log1p(x * x / df))
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (Lentz's method)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-14:
+            break
+    return h
 
 
-def _t_cdf_half(t: float, df: int, steps: int = 2000) -> float:
-    """P(0 <= T <= t) for Student's t with ``df`` degrees of freedom (Simpson's rule)."""
-    h = t / steps
-    total = _t_density(0.0, df) + _t_density(t, df)
-    total += sum((4 if i % 2 else 2) * _t_density(i * h, df) for i in range(1, steps))
-    return total * h / 3
+def _betai(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
 
 
-def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile (p > 0.5) of Student's t with ``df`` degrees of freedom, by bisection."""
-    lo, hi = 0.0, 1.0
-    while _t_cdf_half(hi, df) < p - 0.5:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _t_cdf_half(mid, df) < p - 0.5 else (lo, mid)
-    return (lo + hi) / 2
+def t_cdf(t: float, df: float) -> float:
+    """CDF of Student's t with ``df`` degrees of freedom."""
+    tail = 0.5 * _betai(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
 
 
-def mean_ci(values: Iterable[float]) -> tuple[float, float, float]:
-    """(mean, lo, hi): the mean of ``values`` and its two-sided 95% Student t interval.
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t (bisection on the CDF)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    lo, hi = -1e3, 1e3
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
-    None and NaN are dropped; one value gives a zero-width interval at that value, none gives NaNs.
+
+def mean_ci(values: Iterable[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the two-sided Student-t interval at ``level``: (mean, lo, hi).
+
+    One value gives (v, nan, nan): no interval can be drawn from a single seed. NaNs are dropped.
     """
     xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     if not xs:
@@ -41,7 +79,14 @@ def mean_ci(values: Iterable[float]) -> tuple[float, float, float]:
     n = len(xs)
     mean = sum(xs) / n
     if n == 1:
-        return (mean, mean, mean)
+        return (mean, math.nan, math.nan)
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+    half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
     return (mean, mean - half, mean + half)
+
+
+def overlap(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
+    """True when two (mean, lo, hi) intervals overlap, or either has none (then nothing can be told apart)."""
+    if any(math.isnan(v) for v in (a[1], a[2], b[1], b[2])):
+        return True
+    return a[1] <= b[2] and b[1] <= a[2]

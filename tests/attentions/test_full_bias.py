@@ -9,7 +9,7 @@ import torch
 import attentions
 import attentions.full
 from attentions.relpos import map_bias, map_offsets, swin_bias, swin_index, swin_table
-from bench.measure import _cpu_peak_bytes
+from bench.measure import cpu_peak_bytes
 
 DIM, HEADS = 16, 2
 
@@ -64,10 +64,10 @@ def test_the_bias_path_keeps_constant_memory_across_calls():
     x, hw = full.example_inputs(1, (16, 16))
     with torch.no_grad():
         full(x, hw)
-        peaks = [_cpu_peak_bytes(lambda: full(x, hw)) for _ in range(3)]
+        peaks = [cpu_peak_bytes(lambda: full(x, hw)) for _ in range(3)]
         for _ in range(20):
             full(x, hw)
-        peaks.append(_cpu_peak_bytes(lambda: full(x, hw)))
+        peaks.append(cpu_peak_bytes(lambda: full(x, hw)))
     assert len(set(peaks)) == 1, peaks
     _, offsets = full._offsets
     cached = sum(t.numel() * t.element_size() for t in offsets)

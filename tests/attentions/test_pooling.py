@@ -293,3 +293,23 @@ def test_knobs_checked_when_built_directly():
 
     with pytest.raises(attentions.KnobError, match="mode"):
         PoolingKnobs(mode="median")  # type: ignore[arg-type]
+
+
+def test_window_over_the_whole_map_is_global_and_windows_do_not_mix():
+    """HWin: a window as large as the map is global attention; smaller windows keep queries in theirs."""
+    torch.manual_seed(0)
+    knobs = dict(stride_q=2, stride_kv=2, rel_pos_size=8)
+    glob = attentions.build("pooling", dim=32, heads=2, **knobs)
+    whole = attentions.build("pooling", dim=32, heads=2, window=8, **knobs)
+    whole.load_state_dict(glob.state_dict())
+    x, hw = glob.example_inputs(2, (8, 8))
+    torch.testing.assert_close(whole(x, hw), glob(x, hw))
+    win = attentions.build("pooling", dim=32, heads=2, window=4, **knobs).eval()
+    moved = x.clone()
+    moved[:, 0] += 1.0  # a token of the top-left 4x4 window
+    with torch.no_grad():
+        diff = (win(x, hw) - win(moved, hw)).abs().amax(-1)[0].reshape(4, 4)  # output map 4x4, windows of 2x2
+    assert diff[:2, :2].gt(0).any() and not diff[2:, :].gt(0).any() and not diff[:, 2:].gt(0).any()
+    assert win.macs(2, (8, 8)) < glob.macs(2, (8, 8))
+    assert win.unsupported(1, (6, 6)) and "window 4" in win.unsupported(1, (6, 6))[0]
+    assert not win.unsupported(1, (8, 8))

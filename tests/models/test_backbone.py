@@ -106,3 +106,20 @@ def test_one_model_many_resolutions_and_the_reasons_for_others():
     assert reasons and reasons[0].startswith("at 40x40 px, stage 1 block 1 (swin) sees a 10x10 map: ")
     assert "pass pad=True" in reasons[0]
     assert "multiple of 4" in models.create("crossvit_9", tiny=True).unsupported(30)[0]
+
+
+def test_absolute_position_table_is_learned_and_resized():
+    from bench.flops import count
+
+    model = models.create("mvitv2_t", tiny=True, abs_pos=True, num_classes=4)
+    assert model.pos_embed is not None and model.pos_embed.shape == (1, 8 * 8, 16)  # the stem's 8x8 map at 32 px
+    for res in (32, 64):
+        x = torch.randn(2, 3, res, res)
+        model(x).sum().backward()
+        assert model.pos_embed.grad is not None and model.pos_embed.grad.abs().sum() > 0
+        model.zero_grad()
+    plain = models.create("mvitv2_t", tiny=True, num_classes=4)
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == 8 * 8 * 16
+    traced = count(model.eval(), (torch.zeros(1, 3, 32, 32),), flop_counter=False, backward=False)
+    assert traced.macs == model.macs(1, 32)

@@ -94,3 +94,20 @@ def test_image_folder_errors(tmp_path):
     (root / "cat" / "fake.png").write_bytes(b"\x89PNG but not really")
     with pytest.raises(DataError, match=r"not images PIL can read: cat/fake.png, dog/notes.txt"):
         ImageFolder(root, 16)
+
+
+def test_synthetic_detail_label_is_the_quadrant_of_the_hollow_square():
+    from models.data import SyntheticDetail
+
+    ds = build("synthetic-detail", 32, "train", size=64, seed=3)
+    assert isinstance(ds, SyntheticDetail) and len(ds.classes) == 4
+    labels = set()
+    for i in range(64):
+        img, label = ds[i]
+        _, _, yb, xb = ds.layout(i)
+        centre_y, centre_x = yb + ds.shape / 2, xb + ds.shape / 2
+        assert label == 2 * int(centre_x > 16) + int(centre_y > 16)
+        labels.add(label)
+        # the same image as the relations task: only the label differs
+        assert torch.equal(img, build("synthetic", 32, "train", size=64, seed=3)[i][0])
+    assert labels == {0, 1, 2, 3}

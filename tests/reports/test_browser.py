@@ -138,3 +138,14 @@ def test_injected_markup_stays_text(driver, tmp_path):
         "return Array.from(document.querySelectorAll('.legendtext')).map(e => e.textContent).join('|')"
     )
     assert evil in legend
+
+
+def test_reproduce_page_renders(driver, tmp_path):
+    """The committed quick run's page: one plot per experiment, drawn without console errors."""
+    from reports.experiments import build_page
+
+    run = Path(__file__).resolve().parents[2] / "results" / "quadtree_mechanisms"
+    page = tmp_path / "reproduce.html"
+    page.write_text(build_page([run]), encoding="utf-8")
+    assert _open_and_wait(driver, page) == 1
+    assert "quadtree_b_no_lepe" in driver.execute_script("return document.body.innerText")

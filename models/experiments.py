@@ -1,0 +1,530 @@
+"""Experiments as files: the papers' ablations, trained and measured by ``attnbench reproduce``.
+
+An experiment is a YAML file (read with the safe loader) under ``experiments/``:
+
+```yaml
+name: quadtree_mechanisms            # the file's stem by convention
+title: ...                            # one line
+paper: Tang et al., ICLR 2022         # the paper whose comparison this is
+task: |                               # why the data and resolution can separate the variants
+  ...
+data: synthetic                       # or an image folder (--data overrides)
+seeds: 3                              # seeds per variant (--seeds overrides)
+modes:                                # quick: CPU, tiny models; full: the published configuration
+  quick: {tiny: true, resolution: 64, epochs: 2, batch: 32, lr: 0.002, train_size: 512, val_size: 256,
+          cost_resolutions: [64, 128], cost_batch: 8}
+  full:  {tiny: false, resolution: 224, ...}
+variants:
+  - name: swin
+    model: pyramid_swin               # a zoo entry (attnbench models)
+    config: {fusion: pairwise}        # fields of its configuration (BackboneConfig or CrossViTConfig)
+    knobs: {topk: 4}                  # merged into every block whose mechanism has these knobs
+    stages:                           # backbone only, one entry per stage; null keeps the stage
+      - {attention: swin, knobs: {window: 2}}   # a new mechanism (and its knobs) for every block
+      - {knobs: {window: 4}}                    # knobs merged into the stage's blocks
+      - {attention: [swin, deformable], knobs: [{window: 2}, {stride: 1}]}   # cycled over the blocks
+    quick: {stages: ...}              # per-mode overrides of model, config, knobs, stages
+    published: {top1: 82.0, params_m: 29, gmacs: 4.6, source: "Table 6, p. 8"}
+```
+
+``--smoke`` runs the quick mode with one training step per variant, one seed and the
+first cost resolution (seconds; CI runs every shipped experiment so). Everything is
+checked before anything trains (:func:`validate`): unknown fields, unknown models,
+mechanisms or knobs, and a variant that cannot run at a stated resolution are
+refused with the field named (:class:`ExperimentError`).
+
+Results: ``OUT/results.jsonl`` of the results store (``kind: "experiment"`` per
+variant and seed: accuracy, params, MACs; ``kind: "experiment_cost"`` per variant and
+cost resolution: params, MACs, inference latency, peak memory of inference and of a training step),
+``OUT/experiment.json`` (the
+experiment as run) and ``OUT/runs/<mode>/<variant>/seed<k>/``, each a training run
+directory of ``models.train`` with its checkpoint (``--work`` puts them elsewhere).
+A killed run resumes: stored rows are skipped, and an interrupted training run
+continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from attnbench.errors import AttnbenchError
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+MODES = ("quick", "full")
+
+TOP_FIELDS = {"name", "title", "paper", "task", "data", "seeds", "modes", "variants", "notes"}
+MODE_FIELDS = {
+    "tiny", "resolution", "epochs", "batch", "lr", "train_size", "val_size", "cost_resolutions", "cost_batch",
+    "warmup_epochs", "weight_decay", "amp", "threads",
+}  # fmt: skip
+VARIANT_FIELDS = {"name", "model", "config", "knobs", "stages", "quick", "full", "published", "notes"}
+OVERRIDE_FIELDS = {"model", "config", "knobs", "stages"}
+STAGE_FIELDS = {"attention", "knobs"}
+PUBLISHED_FIELDS = {"top1", "params_m", "gmacs", "source"}
+MODE_DEFAULTS: dict[str, Any] = {
+    "tiny": True, "resolution": None, "epochs": 2, "batch": 32, "lr": 2e-3, "train_size": 512, "val_size": 256,
+    "cost_resolutions": None, "cost_batch": 1, "warmup_epochs": 1.0, "weight_decay": 0.05, "amp": False,
+    "threads": None,
+}  # fmt: skip
+
+
+class ExperimentError(AttnbenchError, ValueError):
+    """An experiment file that cannot run as written; the message names the field."""
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    spec: dict[str, Any]  # model, config, knobs, stages, quick, full
+    published: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Experiment:
+    name: str
+    title: str
+    paper: str
+    task: str
+    data: str
+    seeds: int
+    modes: dict[str, dict[str, Any]]
+    variants: list[Variant]
+    path: str
+    raw: dict[str, Any]
+
+    def mode(self, mode: str) -> dict[str, Any]:
+        """The recipe of ``mode`` ('quick', 'full' or 'smoke', the quick one cut to one step)."""
+        if mode == "smoke":
+            m = dict(self.modes["quick"])
+            m.update(epochs=1, train_size=m["batch"], val_size=8, cost_resolutions=m["cost_resolutions"][:1])
+            return m
+        if mode not in self.modes:
+            raise ExperimentError(f"{self.path}: modes.{mode}: this experiment has no {mode} mode")
+        return self.modes[mode]
+
+
+# ---------------------------------------------------------------------- loading and checking
+def shipped() -> list[Path]:
+    return sorted(EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+def resolve(name_or_file: str) -> Path:
+    path = Path(name_or_file)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ExperimentError(f"experiment file {path} does not exist")
+        return path
+    candidate = EXPERIMENTS_DIR / f"{name_or_file}.yaml"
+    if candidate.is_file():
+        return candidate
+    names = ", ".join(p.stem for p in shipped())
+    raise ExperimentError(f"no experiment {name_or_file!r}: pass a YAML file or one of {names}")
+
+
+def _fields(obj: Any, allowed: set[str], where: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise ExperimentError(f"{where}: must be a mapping, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise ExperimentError(f"{where}.{unknown[0]}: unknown field; valid fields: {', '.join(sorted(allowed))}")
+    for key in required:
+        if key not in obj:
+            raise ExperimentError(f"{where}.{key}: required field missing")
+    return dict(obj)
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ExperimentError(f"{where}: must be a positive integer, got {value!r}")
+    return value
+
+
+def load(name_or_file: str) -> Experiment:
+    """Read and check the fields of an experiment file (models are built by :func:`validate`)."""
+    import yaml
+
+    path = resolve(name_or_file)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ExperimentError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    where = path.name
+    top = _fields(raw, TOP_FIELDS, where, required=("name", "modes", "variants"))
+    modes_raw = _fields(top["modes"], set(MODES), f"{where}: modes", required=("quick",))
+    modes: dict[str, dict[str, Any]] = {}
+    for m, spec in modes_raw.items():
+        at = f"{where}: modes.{m}"
+        fields = _fields(spec, MODE_FIELDS, at, required=("resolution",))
+        merged = {**MODE_DEFAULTS, **fields}
+        for key in ("resolution", "epochs", "batch", "train_size", "val_size", "cost_batch"):
+            _positive_int(merged[key], f"{at}.{key}")
+        if not isinstance(merged["lr"], (int, float)) or not merged["lr"] > 0:
+            raise ExperimentError(f"{at}.lr: must be a positive number, got {merged['lr']!r}")
+        cost = merged["cost_resolutions"] or [merged["resolution"]]
+        if not isinstance(cost, list) or not cost:
+            raise ExperimentError(f"{at}.cost_resolutions: must be a list of image sides in px, got {cost!r}")
+        merged["cost_resolutions"] = [_positive_int(r, f"{at}.cost_resolutions[{i}]") for i, r in enumerate(cost)]
+        modes[m] = merged
+    variants_raw = top["variants"]
+    if not isinstance(variants_raw, list) or not variants_raw:
+        raise ExperimentError(f"{where}: variants: must be a non-empty list")
+    variants: list[Variant] = []
+    seen: set[str] = set()
+    for i, v in enumerate(variants_raw):
+        at = f"{where}: variants[{i}]"
+        spec = _fields(v, VARIANT_FIELDS, at, required=("name", "model"))
+        name = str(spec.pop("name"))
+        if name in seen or not name or "/" in name:
+            raise ExperimentError(f"{at}.name: {name!r} must be unique, non-empty and without '/'")
+        seen.add(name)
+        at = f"{where}: variants[{i}] ({name})"
+        for m in MODES:
+            if m in spec:
+                _fields(spec[m], OVERRIDE_FIELDS, f"{at}.{m}")
+        published = _fields(spec.pop("published", None) or {}, PUBLISHED_FIELDS, f"{at}.published")
+        for key in ("top1", "params_m", "gmacs"):
+            if published.get(key) is not None and not isinstance(published[key], (int, float)):
+                raise ExperimentError(f"{at}.published.{key}: must be a number or null, got {published[key]!r}")
+        variants.append(Variant(name, spec, published))
+    seeds = _positive_int(top.get("seeds", 3), f"{where}: seeds")
+    return Experiment(
+        name=str(top["name"]), title=str(top.get("title", "")), paper=str(top.get("paper", "")),
+        task=str(top.get("task", "")), data=str(top.get("data", "synthetic")), seeds=seeds, modes=modes,
+        variants=variants, path=str(path), raw=raw,
+    )  # fmt: skip
+
+
+def _variant_spec(variant: Variant, mode: str) -> dict[str, Any]:
+    spec = {k: copy.deepcopy(variant.spec.get(k)) for k in OVERRIDE_FIELDS}
+    override = variant.spec.get("full" if mode == "full" else "quick") or {}
+    spec.update(copy.deepcopy(override))
+    return spec
+
+
+def _tupled(value: Any) -> Any:
+    """YAML lists -> tuples (configuration dataclasses hold tuples)."""
+    if isinstance(value, list):
+        return tuple(_tupled(v) for v in value)
+    return value
+
+
+def model_fn(exp: Experiment, variant: Variant, mode: str) -> Callable[[int], Any]:
+    """num_classes -> the variant's model in ``mode``; raises ExperimentError naming the field."""
+    from attentions import KnobError
+
+    from . import zoo
+    from .backbone import Backbone, BackboneConfig
+    from .crossvit import CrossViT
+
+    spec = _variant_spec(variant, mode)
+    tiny = exp.mode(mode)["tiny"]
+    at = f"{Path(exp.path).name}: variants[{exp.variants.index(variant)}] ({variant.name})"
+    override = (
+        f".{'full' if mode == 'full' else 'quick'}" if variant.spec.get("full" if mode == "full" else "quick") else ""
+    )
+    try:
+        base = zoo.config(str(spec["model"]), tiny)
+    except KeyError as exc:
+        raise ExperimentError(f"{at}.model: {exc.args[0]}") from None
+    config = dict(spec.get("config") or {})
+    fields = {f.name for f in dataclasses.fields(base)} - {"stages", "num_classes"}
+    for key in config:
+        if key not in fields:
+            raise ExperimentError(f"{at}.config.{key}: unknown field of {type(base).__name__}; valid: "
+                                  f"{', '.join(sorted(fields))}")  # fmt: skip
+    cfg = dataclasses.replace(base, **{k: _tupled(v) for k, v in config.items()})
+    knobs_all = spec.get("knobs") or {}
+    stages = spec.get("stages")
+    if isinstance(cfg, BackboneConfig):
+        new_stages = list(cfg.stages)
+        if stages is not None:
+            if not isinstance(stages, list) or len(stages) != len(cfg.stages):
+                raise ExperimentError(f"{at}{override}.stages: must list {len(cfg.stages)} stages (null keeps one)")
+            for i, st in enumerate(stages):
+                if st is None:
+                    continue
+                st = _fields(st, STAGE_FIELDS, f"{at}{override}.stages[{i}]")
+                old = new_stages[i]
+                if "attention" in st:
+                    att = st["attention"]
+                    names = tuple(att) if isinstance(att, list) else (att,)
+                    kn = st.get("knobs") or {}
+                    knobs = tuple(dict(k or {}) for k in kn) if isinstance(kn, list) else (dict(kn),)
+                    new_stages[i] = dataclasses.replace(old, attention=names, knobs=knobs)
+                elif "knobs" in st:  # merged into the stage's blocks (a list: one mapping per block, cycled)
+                    kn = st["knobs"] if isinstance(st["knobs"], list) else [st["knobs"]]
+                    new_stages[i] = dataclasses.replace(
+                        old,
+                        attention=tuple(old.block(j)[0] for j in range(old.depth)),
+                        knobs=tuple({**old.block(j)[1], **(kn[j % len(kn)] or {})} for j in range(old.depth)),
+                    )
+        if knobs_all:
+            import attentions
+
+            used: set[str] = set()
+            for i, st in enumerate(new_stages):
+                per_block = []
+                for j in range(st.depth):
+                    name, kn = st.block(j)
+                    try:
+                        valid = set(attentions.get(name).knob_types())
+                    except KeyError as exc:
+                        raise ExperimentError(f"{at}{override}.stages[{i}].attention: {exc.args[0]}") from None
+                    mine = {k: v for k, v in knobs_all.items() if k in valid}
+                    used |= set(mine)
+                    per_block.append({**kn, **mine})
+                new_stages[i] = dataclasses.replace(
+                    st, attention=tuple(st.block(j)[0] for j in range(st.depth)), knobs=tuple(per_block)
+                )
+            unused = sorted(set(knobs_all) - used)
+            if unused:
+                raise ExperimentError(f"{at}.knobs.{unused[0]}: no mechanism of this model has that knob")
+        cfg = dataclasses.replace(cfg, stages=tuple(new_stages))
+    elif stages is not None or knobs_all:
+        raise ExperimentError(f"{at}.stages: {type(cfg).__name__} has no stages; use config")
+
+    def build(num_classes: int) -> Any:
+        c = dataclasses.replace(cfg, num_classes=num_classes)
+        return Backbone(c) if isinstance(c, BackboneConfig) else CrossViT(c)
+
+    try:
+        build(4)
+    except (KnobError, ValueError, TypeError, KeyError) as exc:
+        field = "stages" if stages is not None else "knobs" if knobs_all else "config"
+        where = f"{at}{override if field == 'stages' else ''}.{field}"
+        raise ExperimentError(f"{where}: {exc.args[0] if exc.args else exc}") from None
+    return build
+
+
+def validate(exp: Experiment, mode: str) -> dict[str, Callable[[int], Any]]:
+    """Build every variant of ``mode`` and check it runs at every stated resolution; the builders."""
+    recipe = exp.mode(mode)
+    key = "quick" if mode == "smoke" else mode
+    builders = {}
+    for i, v in enumerate(exp.variants):
+        fn = model_fn(exp, v, mode)
+        model = fn(4)
+        for field, resolutions in (
+            ("resolution", [recipe["resolution"]]),
+            ("cost_resolutions", recipe["cost_resolutions"]),
+        ):
+            for r in resolutions:
+                reasons = model.unsupported(r)
+                if reasons:
+                    raise ExperimentError(
+                        f"{Path(exp.path).name}: variants[{i}] ({v.name}) cannot run at modes.{key}.{field} {r} px: "
+                        + "; ".join(reasons)
+                    )
+        builders[v.name] = fn
+    return builders
+
+
+# ---------------------------------------------------------------------- running
+def _pid(exp: Experiment, mode: str, variant: str, what: str) -> str:
+    return f"exp:{exp.name}:{mode}:{variant}:{what}"
+
+
+def run(
+    exp: Experiment,
+    mode: str,
+    out: str | os.PathLike,
+    *,
+    seeds: int | None = None,
+    data: str | None = None,
+    device: str = "cpu",
+    work: str | os.PathLike | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train and measure every variant of ``exp`` in ``mode`` into ``out`` (resumable); a summary."""
+    from bench.env import fingerprint
+    from bench.store import ResultsStore
+
+    from . import train as train_mod
+
+    builders = validate(exp, mode)
+    recipe = exp.mode(mode)
+    n_seeds = 1 if mode == "smoke" else (seeds or exp.seeds)
+    data = data or exp.data
+    train_mod._device(device)  # an unknown or absent device fails before anything is written
+    from . import data as data_mod
+
+    try:  # so does data that cannot be read (an image folder is scanned here)
+        data_mod.build(data, recipe["resolution"], "val", size=8)
+    except data_mod.DataError as exc:
+        raise ExperimentError(f"--data {data}: {exc}") from None
+    out = Path(out)
+    work_dir = Path(work) if work is not None else out / "runs"
+    store = ResultsStore(out)
+    stored = store.open(fingerprint())
+    hashes = {v.name: spec_hash(exp, v, mode, data) for v in exp.variants}
+    for r in stored.records:  # rows of an edited definition would be mistaken for this one's
+        mine = r.get("experiment") == exp.name and r.get("mode") == mode and r.get("variant") in hashes
+        if mine and r.get("spec_hash") not in (None, hashes[r["variant"]]):  # (rows stored before hashes: None)
+            raise ExperimentError(
+                f"{out} holds {mode} results of variant {r['variant']!r} of {exp.name} as it was defined before "
+                "(the file, the recipe or --data changed since); pass a new --out"
+            )
+    done = {r["point_id"] for r in stored.records if r.get("status") == "ok"}
+    meta_path = out / "experiment.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta[mode] = {"experiment": exp.raw, "path": exp.path, "seeds": n_seeds, "data": data, "device": device}
+    meta_path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    t_start = time.perf_counter()
+    trained = measured = skipped = reused_runs = 0
+    for v in exp.variants:
+        fn = builders[v.name]
+        for seed in range(n_seeds):
+            pid = _pid(exp, mode, v.name, f"seed{seed}")
+            if pid in done:
+                skipped += 1
+                continue
+            run_dir = work_dir / mode / v.name / f"seed{seed}"
+            cfg = train_mod.TrainConfig(
+                model=f"{exp.name}/{v.name}", out=str(run_dir), tiny=recipe["tiny"], data=data,
+                resolution=recipe["resolution"], epochs=recipe["epochs"], batch=recipe["batch"], lr=recipe["lr"],
+                weight_decay=recipe["weight_decay"], warmup_epochs=recipe["warmup_epochs"], amp=recipe["amp"],
+                device=device, train_size=recipe["train_size"], val_size=recipe["val_size"], seed=seed,
+                threads=recipe["threads"],
+            )  # fmt: skip
+            resume = (run_dir / train_mod.CHECKPOINT).exists()
+            if resume:
+                _same_run(run_dir, cfg)
+            reused = resume and _complete(run_dir)
+            if reused:  # trained before (its row was lost or is recorded anew): nothing to train
+                final = {**_final_row(run_dir), "train_s": None}
+            else:
+                cfg.resume = resume
+                log(f"{exp.name} [{mode}] {v.name} seed {seed}: training{' (resumed)' if resume else ''}")
+                t0 = time.perf_counter()
+                final = train_mod.train(cfg, progress=progress, model_fn=fn)
+                final["train_s"] = time.perf_counter() - t0
+            row = {
+                "point_id": pid, "kind": "experiment", "status": "ok", "experiment": exp.name, "mode": mode,
+                "variant": v.name, "seed": seed, "data": data, "device": device, "spec_hash": hashes[v.name],
+                **{k: final.get(k) for k in ("accuracy", "val_loss", "params", "macs", "resolution", "epochs",
+                                             "batch", "mechanism", "images_per_s", "train_s", "train_images",
+                                             "val_images")},
+                "published": v.published, "reused": reused, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }  # fmt: skip
+            store.append(row)
+            trained += not reused
+            reused_runs += reused
+            log(f"{exp.name} [{mode}] {v.name} seed {seed}: held-out accuracy {row['accuracy']:.1%}"
+                + (" (a finished training, reused)" if reused else ""))  # fmt: skip
+        for r in recipe["cost_resolutions"]:
+            pid = _pid(exp, mode, v.name, f"cost{r}")
+            if pid in done:
+                continue
+            cost = measure_model(fn(4), r, recipe["cost_batch"], device, smoke=mode == "smoke")
+            store.append({
+                "point_id": pid, "kind": "experiment_cost", "experiment": exp.name, "mode": mode, "variant": v.name,
+                "published": v.published, **cost,
+            })  # fmt: skip
+            measured += 1
+    wall = time.perf_counter() - t_start
+    return {
+        "trained": trained, "reused": reused_runs, "measured": measured, "skipped": skipped, "wall_s": wall,
+        "seeds": n_seeds,
+    }  # fmt: skip
+
+
+def spec_hash(exp: Experiment, variant: Variant, mode: str, data: str) -> str:
+    """12 hex digits naming what a variant's rows were made from: its model, the recipe and the data."""
+    import hashlib
+
+    text = json.dumps({"spec": _variant_spec(variant, mode), "recipe": exp.mode(mode), "data": data}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _same_run(run_dir: Path, cfg: Any) -> None:
+    """A training run left in the work directory must be this one (else it would be reused or resumed)."""
+    stored = json.loads((run_dir / "train.json").read_text())["config"]
+    keys = (*cfg.SAME_ON_RESUME, "epochs", "lr", "weight_decay", "warmup_epochs", "amp")
+    diffs = [f"{k}: {stored.get(k)!r} there, {getattr(cfg, k)!r} now" for k in keys if stored.get(k) != getattr(cfg, k)]
+    if diffs:
+        raise ExperimentError(
+            f"{run_dir} holds a training run made differently ({'; '.join(diffs)}); pass a new --work or remove it"
+        )
+
+
+def _complete(run_dir: Path) -> bool:
+    path = run_dir / "train.json"
+    return path.exists() and json.loads(path.read_text()).get("status") == "complete"
+
+
+def _final_row(run_dir: Path) -> dict[str, Any]:
+    from bench.store import read_results
+
+    rows = [r for r in read_results(run_dir).records if r.get("kind") == "train"]
+    return rows[-1]
+
+
+def measure_model(model: Any, resolution: int, batch: int, device: str, smoke: bool = False) -> dict[str, Any]:
+    """Params, MACs (bench.flops), inference latency (median, p20, p80), the peak memory of one inference
+    forward (``peak_bytes``) and of one training forward and backward (``train_peak_bytes``)."""
+    import torch
+
+    from bench import measure as bm
+    from bench.flops import count
+
+    model = model.to(device).eval()
+    x = torch.randn(batch, 3, resolution, resolution, device=device)
+    row: dict[str, Any] = {
+        "status": "ok", "resolution": resolution, "image_height": resolution, "image_width": resolution,
+        "batch": batch, "device": device, "dtype": "float32", "pass": "fwd",
+        "params": sum(p.numel() for p in model.parameters()),
+    }  # fmt: skip
+    try:
+        c = count(model, (x[:1],), flop_counter=False, backward=False)
+        row.update(macs=int(c.macs), macs_uncovered=dict(c.uncovered))
+    except Exception as exc:  # noqa: BLE001  (a counter failure is recorded, not fatal)
+        row.update(macs=None, macs_error=str(exc)[:200])
+
+    def step() -> Any:
+        with torch.no_grad():
+            return model(x)
+
+    def train_step() -> None:  # forward and backward, as in training (parameter gradients included)
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+
+    settings = bm.Settings(cpu_min_run_time=0.01 if smoke else 0.2, min_samples=1 if smoke else 3)
+    budget = bm._Budget(30.0 if smoke else 120.0, time.perf_counter)
+    t0 = time.perf_counter()
+    step()
+    bm._sync(device)
+    first = time.perf_counter() - t0
+    row["first_call_ms"] = first * 1e3
+    if device.startswith("cuda"):
+        times = bm._cuda_times(step, lambda: None, device, first, settings, budget)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        row.update(peak_bytes=int(torch.cuda.max_memory_allocated() - base), memory_method="cuda_max_allocated",
+                   timing_method="cuda_events")  # fmt: skip
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        train_step()
+        torch.cuda.synchronize()
+        row["train_peak_bytes"] = int(torch.cuda.max_memory_allocated() - base)
+    else:
+        times = bm._cpu_times(step, lambda: None, first, settings, budget)
+        row.update(peak_bytes=int(bm.cpu_peak_bytes(step)), memory_method="cpu_profiler",
+                   timing_method="torch.utils.benchmark", threads=torch.get_num_threads(),
+                   train_peak_bytes=int(bm.cpu_peak_bytes(train_step)))  # fmt: skip
+    from bench import samples
+
+    # the harness's one summary of the raw samples, stored beside them
+    row.update(samples.summary(times), latency_samples_ms=samples.compact(times))
+    row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return row

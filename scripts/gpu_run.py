@@ -69,7 +69,7 @@ BIAS_RESOLUTIONS = "32,64,128"  # the fast path materialises an (h, N, N) bias: 
 # The estimate of GPU time. A model, not a measurement: no GPU has run this yet. Each constant is an assumption,
 # to be replaced by what the first GPU run records (phases.jsonl holds each phase's estimate beside its wall time,
 # results.jsonl each point's wall_s).
-BF16_TFLOPS = 788.0  # a large bf16 matmul through PyTorch on this workplace's H200 (the measured ceiling)
+BF16_TFLOPS = 788.0  # assumed ceiling of a large bf16 matmul through PyTorch on an H200 (80% of 989 dense)
 EFFICIENCY = {"reference": 0.05, "fast": 0.3, "flex": 0.25, "triton": 0.2, "timm": 0.3}  # share of that ceiling
 LAUNCH_FLOOR_MS = {"reference": 1.0, "fast": 0.08, "flex": 0.1, "triton": 0.3, "timm": 0.08}  # per fwd call
 PROCESS_START_S = 8.0  # python, torch and attnbench imported, CUDA context and handles made
@@ -117,36 +117,27 @@ PHASES: tuple[Phase, ...] = (
     Phase("parity", 60, "tests", "the GPU tests of the Triton and flex paths against their references"),
     Phase(
         "full",
-        30,
+        25,
         "sweep",
         "full attention through SDPA over the scaling resolutions: the baseline",
         (Sweep(("--mechanism", "full", "--impl", "fast")),),
     ),
     Phase(
         "quadtree",
-        70,
+        65,
         "sweep",
         "quadtree (top-K 8) reference, fast and triton over the scaling resolutions",
         (Sweep(("--mechanism", "quadtree", "--impl", "reference,fast,triton", "--knob", "topk=8")),),
     ),
     Phase(
         "windowed",
-        170,
+        180,
         "sweep",
         "swin (window 8) and pooling through SDPA with a bias (fast) and FlexAttention (flex)",
         (
-            Sweep(
-                (
-                    "--mechanism",
-                    "swin,pooling",
-                    "--impl",
-                    "fast",
-                    "--knob",
-                    "window=8",
-                    "--resolution",
-                    FLEX_RESOLUTIONS,
-                )
-            ),
+            # window=8 is swin's window; pooling stays global (its window knob is MViTv2's hybrid windows)
+            Sweep(("--mechanism", "swin", "--impl", "fast", "--knob", "window=8", "--resolution", FLEX_RESOLUTIONS)),
+            Sweep(("--mechanism", "pooling", "--impl", "fast", "--resolution", FLEX_RESOLUTIONS)),
             *_flex_sweeps({"swin": ["--knob", "window=8"], "pooling": []}, FLEX_RESOLUTIONS),
         ),
     ),
@@ -181,13 +172,18 @@ def peer_sweeps() -> tuple[Sweep, ...]:
         return ()
     ours = sorted({peers.PEERS[n].ours for n in names})
     env = (("ATTNBENCH_PLUGINS", PEER_PLUGIN),)
-    return tuple(
-        Sweep(
-            ("--mechanism", ",".join(mechs), "--impl", impl, "--knob", "window=8", "--resolution", FLEX_RESOLUTIONS),
-            env,
-        )
-        for mechs, impl in ((names, "timm"), (ours, "fast"))
-    )
+    import attentions
+
+    def sweeps(mechs: list[str], impl: str) -> list[Sweep]:
+        # windows of 8 only where the window is the mechanism's cost knob (Swin's), not MViTv2's hybrid one
+        windowed = [m for m in mechs if attentions.get(m).cost_knob == "window"]
+        rest = [m for m in mechs if m not in windowed]
+        out = [Sweep(("--mechanism", ",".join(windowed), "--impl", impl, "--knob", "window=8",
+                      "--resolution", FLEX_RESOLUTIONS), env)] if windowed else []  # fmt: skip
+        return out + ([Sweep(("--mechanism", ",".join(rest), "--impl", impl, "--resolution", FLEX_RESOLUTIONS), env)]
+                      if rest else [])  # fmt: skip
+
+    return tuple(sweeps(list(names), "timm") + sweeps(ours, "fast"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,9 +205,15 @@ def sweep_points(sweep: Sweep, extra: list[str]) -> list[Any]:
             knobs.append(value)
         else:
             axes[names[flag]] = [value]
+    from attentions.base import _device_reasons
+
     grid, _ = resolve_request(PRESET, None, axes, knobs)
     expansion = expand(grid)
-    return [p for p in expansion.points if p not in expansion.refused]
+    # The plan is of the GPU run: a point refused only because this machine has no GPU stays in it
+    # (estimate_point then asks the mechanism about CUDA itself).
+    return [
+        p for p in expansion.points if p not in expansion.refused or expansion.refused[p] == _device_reasons(p.device)
+    ]
 
 
 def estimate_point(point: Any) -> tuple[float, str | None]:
@@ -225,7 +227,10 @@ def estimate_point(point: Any) -> tuple[float, str | None]:
             point.mechanism, dim=point.dim, heads=point.heads, impl=point.impl, **point.knob_dict()
         )
     ctx = module.default_context_hw(point.hw) if point.cross else None
+    from attentions.base import _device_reasons
+
     reasons = module.unsupported(point.batch, point.hw, ctx, dtype=getattr(torch, point.dtype), device="cuda")
+    reasons = [r for r in reasons if r not in _device_reasons("cuda")]  # this machine's lack of a GPU aside
     if reasons:
         return 0.0, "; ".join(reasons)
     macs = module.macs(point.batch, point.hw, ctx)

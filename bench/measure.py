@@ -48,11 +48,11 @@ class Settings:
     threads: int | None = DEFAULT_THREADS
     # torch.compile backend of --compile points and of compiled flex attention.
     compile_backend: str = "inductor"
-    # Contended: the calibration probe slower than the reference by more than this fraction, or the
-    # 95% confidence interval of the median wider than median_ci_bound of the median.
-    probe_margin: float = 0.15
+    # Contended: the calibration probe slower than the reference by more than this fraction. Wide (then
+    # stored noisy): the 95% confidence interval of the median wider than median_ci_bound of the median.
+    probe_margin: float = 0.3
     median_ci_bound: float = 0.1
-    # Re-measurements of a contended point's timing before it is stored with contended: true.
+    # Re-measurements of a contended or wide point's timing before it is stored contended or noisy.
     remeasure: int = 2
     # CUDA: launch_bound when the host time per call is at least this fraction of the device time.
     launch_bound_fraction: float = 0.5
@@ -484,14 +484,15 @@ def _times(
 
 
 def _latency(point: Point, work: Workload, per_call_s: float, settings: Settings, budget: _Budget) -> dict[str, Any]:
-    """Timing samples between two calibration probes, re-measured while contended.
+    """Timing samples between two calibration probes, re-measured while contended or wide.
 
     Contended: the probe (the slower of before and after) exceeds the reference
-    by more than ``probe_margin``, or the distribution-free 95% interval of the
-    median is wider than ``median_ci_bound`` of it (``noisy`` stays the p20-p80
-    spread over ``noisy_spread``, shown in reports).
-    Up to ``remeasure`` more attempts; the first clean one is kept, else the one
-    with the lowest probe ratio, stored with ``contended: true``.
+    by more than ``probe_margin``. Wide: the distribution-free 95% interval of
+    the median is wider than ``median_ci_bound`` of it. Up to ``remeasure`` more
+    attempts; the first clean one is kept, else the best (uncontended first, then
+    not wide, then the lowest probe ratio). Stored ``contended: true`` when the
+    kept attempt is contended, ``noisy: true`` when it is wide or its p20-p80
+    spread is over ``noisy_spread``.
     """
     import torch
 
@@ -505,29 +506,36 @@ def _latency(point: Point, work: Workload, per_call_s: float, settings: Settings
         work.zero_grads()
         started = time.perf_counter()
         before = probe_ms(device)
+        for _ in range(WARM_CALLS):  # the probe just ran: bring the point's own data back into cache, untimed
+            work.zero_grads()
+            work.step()
         times = _times(point, work.step, work.zero_grads, per_call_s, settings, budget)
         after = probe_ms(device)
         reference = _reference(device, min(before, after))
         probe = max(before, after)
         spread, ci = samples.spread(times), samples.median_ci_width(times)
-        why = []
-        if probe > reference * (1 + settings.probe_margin):
-            why.append(f"probe {probe / reference:.2f}x its reference")
-        if ci > settings.median_ci_bound:
-            why.append(f"median's 95% interval {ci:.2f} of it, over {settings.median_ci_bound:g}")
+        # Contended: the machine, by the probe's evidence. Wide: the point's own samples do not pin the
+        # median down. Both are measured again; a point still wide but not contended is stored noisy,
+        # and compare's bootstrap then widens its interval by that spread instead of calling it contended.
+        over = probe > reference * (1 + settings.probe_margin)
+        why = [f"probe {probe / reference:.2f}x its reference"] if over else []
+        wide = [f"median's 95% interval {ci:.2f} of it, over {settings.median_ci_bound:g}"]
+        wide = wide if ci > settings.median_ci_bound else []
         attempt: dict[str, Any] = {
             "probe_ms": [round(before, 4), round(after, 4)],
             "spread": round(spread, 3),
             "median_ci": round(ci, 3),
             "contended": why,
+            "wide": wide,
         }
         attempts.append(attempt)
-        if kept is None or not why or probe / reference < kept[0]:
-            kept = (probe / reference, times, attempt)
-        if not why or budget.remaining() < 2 * (time.perf_counter() - started):  # one more attempt must fit
+        score = (bool(why), bool(wide), probe / reference)
+        if kept is None or score < kept[0]:
+            kept = (score, times, attempt)
+        if not (why or wide) or budget.remaining() < 2 * (time.perf_counter() - started):  # one more must fit
             break
     assert kept is not None
-    ratio, times, attempt = kept
+    _, times, attempt = kept
     contended = bool(attempt["contended"])
     if device.startswith("cuda"):
         method = "cuda events, L2 flushed and grads set to None before each repetition"
@@ -536,13 +544,13 @@ def _latency(point: Point, work: Workload, per_call_s: float, settings: Settings
     return {
         "latency_samples_ms": samples.compact(times),
         **samples.summary(times),
-        "noisy": attempt["spread"] > settings.noisy_spread,
+        "noisy": attempt["spread"] > settings.noisy_spread or bool(attempt["wide"]),
         "timing_method": method,
         "probe_ms": round(max(attempt["probe_ms"]), 4),
         "contended": contended,
         # Evidence wherever an attempt was contended: the reference, the bounds and every attempt.
         "contention": None
-        if len(attempts) == 1 and not contended
+        if len(attempts) == 1 and not (contended or attempt["wide"])
         else {
             "reference_ms": round(_REFERENCE[_probe_key(device)], 4),
             "probe_margin": settings.probe_margin,
@@ -553,6 +561,8 @@ def _latency(point: Point, work: Workload, per_call_s: float, settings: Settings
     }
 
 
+# Untimed calls between the first probe and the samples (the probe evicts the point's data from cache).
+WARM_CALLS = 2
 # The calibration probe: a fixed small kernel, timed around every point.
 PROBE_SIZE = {"cpu": 96, "cuda": 2048}
 PROBE_CALLS, PROBE_BLOCKS = 5, 5

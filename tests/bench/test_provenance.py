@@ -151,3 +151,15 @@ def test_flops_counted_once_per_configuration(monkeypatch):
     rf, rb = measure(fwd, settings), measure(bwd, settings)
     assert len(calls) == 1 and rf["macs"] == rb["macs"]
     assert rf["backward_macs"] is None and rb["backward_macs"] > 0
+
+
+def test_wide_samples_on_a_quiet_machine_are_noisy_not_contended(monkeypatch):
+    from bench import measure as m
+
+    monkeypatch.setattr(m, "probe_ms", lambda device: 1.0)  # the machine is quiet throughout
+    monkeypatch.setattr(m, "_REFERENCE", {})
+    # every attempt's median interval exceeds a bound of zero: wide, measured three times, stored noisy
+    r = measure(_one_point(passes=["fwd"])[0], Settings(**{**FAST, "remeasure": 2, "median_ci_bound": -1.0}))
+    assert r["status"] == "ok" and r["contended"] is False and r["noisy"] is True
+    attempts = r["contention"]["attempts"]
+    assert len(attempts) == 3 and all(a["wide"] and not a["contended"] for a in attempts)

@@ -22,10 +22,9 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
-from plotly.offline import get_plotlyjs
 
 from bench.store import read_results
-from reports.page import CSS, esc, table_html
+from reports.page import Section, document, esc, table_html
 from reports.stats import mean_ci, overlap
 
 MODE_ORDER = {"full": 0, "quick": 1, "smoke": 2}
@@ -105,12 +104,12 @@ def _num(v: Any, scale: float = 1.0, digits: int = 3) -> str:
     return f"{float(v) / scale:.{digits}g}"
 
 
-def section(exp: str, s: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any], fig_html: str) -> str:
-    """The HTML of one experiment: description, a table per mode, the plot."""
+def section(exp: str, s: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any], fig_html: str) -> Section:
+    """One experiment: description, a table per mode, the plot."""
     modes = sorted(s["mode"].unique(), key=lambda m: MODE_ORDER.get(m, 9))
     first: dict[str, Any] = next(iter(meta.values()), {}) if meta else {}
     raw = first.get("experiment", {})
-    parts = [f"<h2>{esc(raw.get('title') or exp)}</h2>"]
+    parts: list[str] = []
     if raw.get("paper"):
         parts.append(f'<p class="note">Paper: {esc(raw["paper"])}</p>')
     if raw.get("task"):
@@ -158,7 +157,7 @@ def section(exp: str, s: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any],
             f"Accuracy: held-out, mean over seeds with a Student-t 95% interval. {esc(_noise_sentence(sm))}</p>"
         )
     parts.append(fig_html)
-    return f'<section id="{esc(exp)}">{"".join(parts)}</section>'
+    return Section(exp, str(raw.get("title") or exp), parts)
 
 
 def _noise_sentence(sm: pd.DataFrame) -> str:
@@ -211,7 +210,11 @@ def build_page(out_dirs: list[str | Path]) -> str:
     s = summarise(acc)
     sections = []
     if s.empty:
-        sections.append('<section><p class="empty">No experiment rows were found in these directories.</p></section>')
+        sections.append(
+            Section(
+                "none", "No experiments", ['<p class="empty">No experiment rows were found in these directories.</p>']
+            )
+        )
     else:
         for i, exp in enumerate(s["experiment"].unique()):
             se = s[s["experiment"] == exp]
@@ -221,14 +224,4 @@ def build_page(out_dirs: list[str | Path]) -> str:
             sections.append(section(exp, se, ce, meta.get(exp, {}), div))
     names = ", ".join(str(d) for d in out_dirs)
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>attnbench reproduce: {esc(names)}</title>
-<style>{CSS}</style>
-<script type="text/javascript">{get_plotlyjs()}</script>
-</head><body>
-<header><h1>attnbench reproduce</h1><p>{esc(names)} &middot; generated {generated}</p></header>
-<main>{"".join(sections)}</main>
-</body></html>
-"""
+    return document("attnbench reproduce", f"{names} · generated {generated}", sections, nav=len(sections) > 1)

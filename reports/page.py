@@ -143,25 +143,13 @@ def build_report(runs: list[Run], baseline: str | analysis.Baseline = analysis.D
         _environment(runs),
     ]
     names = ", ".join(r.name for r in runs)
-    nav = "\n".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in sections)
-    body = "".join(f'<section id="{s.id}"><h2>{esc(s.title)}</h2>{"".join(s.body)}</section>' for s in sections)
     warnings = [w for r in runs for w in r.warnings]
     warn_html = "".join(f'<p class="warn">{esc(w)}</p>' for w in warnings)
     counts = df["status"].value_counts().to_dict() if not df.empty else {}
     status_text = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no points"
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>attnbench report: {esc(names)}</title>
-<style>{CSS}</style>
-<script type="text/javascript">{get_plotlyjs()}</script>
-</head><body>
-<header><h1>attnbench report</h1><p>{esc(names)} &middot; {esc(status_text)} &middot; generated {generated}</p></header>
-<nav>{nav}</nav>
-<main>{warn_html}{body}</main>
-</body></html>
-"""
+    subtitle = f"{names} · {status_text} · generated {generated}"
+    return document("attnbench report", subtitle, sections, preamble=warn_html)
 
 
 def _environment(runs: list[Run]) -> Section:
@@ -550,8 +538,9 @@ def build_compare_page(cmp: Any, base: Run, new: Run) -> str:
     return document(title, f"regression threshold {100 * cmp.fail_above:g}%", sections, nav=False)
 
 
-def document(title: str, subtitle: str, sections: list[Section], nav: bool = True) -> str:
-    """A self-contained page: the sections under a header (plain text, escaped here), plotly.js inlined once."""
+def document(title: str, subtitle: str, sections: list[Section], nav: bool = True, preamble: str = "") -> str:
+    """A self-contained page: the sections under a header (plain text, escaped here), plotly.js inlined once;
+    ``preamble`` is HTML (already escaped) shown above the first section."""
     links = "".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in sections)
     main = "".join(f'<section id="{s.id}"><h2>{esc(s.title)}</h2>{"".join(s.body)}</section>' for s in sections)
     return f"""<!DOCTYPE html>
@@ -563,6 +552,6 @@ def document(title: str, subtitle: str, sections: list[Section], nav: bool = Tru
 </head><body>
 <header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>
 {f"<nav>{links}</nav>" if nav else ""}
-<main>{main}</main>
+<main>{preamble}{main}</main>
 </body></html>
 """

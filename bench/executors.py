@@ -1,6 +1,7 @@
 """Executors: where points are measured. Each yields records as points finish.
 
-- :class:`InProcess` (default): one point after another in this process.
+- :class:`InProcess` (default): in this process, several points' timing rounds taken in
+  rotation (``bench.interleave``).
 - :class:`Subprocess` (``--isolate``): a fresh Python process per point, so
   allocator and autotune state cannot leak and a hard crash costs one point; a
   point that outlives ``timeout_s + startup_grace_s`` is killed and recorded as
@@ -38,13 +39,14 @@ def _failure(point: Point, status: str, reason: str, **extra: Any) -> dict[str, 
 
 
 class InProcess:
+    """Points measured in this process, their timing rounds interleaved (``bench.interleave``)."""
+
     name = "in-process"
 
     def run(self, points: Iterable[Point], settings: Settings) -> Iterator[dict[str, Any]]:
-        from .measure import measure
+        from .interleave import interleaved
 
-        for point in points:
-            yield measure(point, settings)
+        yield from interleaved(points, settings)
 
 
 class Subprocess:

@@ -16,11 +16,12 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import math
 import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from .points import Point, point_reasons
@@ -48,12 +49,21 @@ class Settings:
     threads: int | None = DEFAULT_THREADS
     # torch.compile backend of --compile points and of compiled flex attention.
     compile_backend: str = "inductor"
-    # Contended: the calibration probe slower than the reference by more than this fraction. Wide (then
-    # stored noisy): the 95% confidence interval of the median wider than median_ci_bound of the median.
-    probe_margin: float = 0.3
+    # Timing rounds per point: its samples are taken in this many slots, each between two calibration
+    # probes; in-process, slots of up to ``interleave`` points (holding at most ``interleave_mib`` of
+    # tensors between slots) are taken in rotation, so a load burst lands on one slot of several points
+    # rather than on all of one point's samples. Compiled and flex points are timed on their own.
+    rounds: int = 3
+    interleave: int = 48
+    interleave_mib: float = 2048.0
+    # A slot is contended when its calibration probe (the slower of the two around it) is more than
+    # probe_margin over the sweep's reference; its samples are left out and the slot taken again, at
+    # most ``remeasure`` more slots per point. A point with fewer than half its rounds clean is stored
+    # contended. Noisy: the 95% interval of the median wider than median_ci_bound of it, or the p20-p80
+    # spread over noisy_spread.
+    probe_margin: float = 0.15
     median_ci_bound: float = 0.1
-    # Re-measurements of a contended or wide point's timing before it is stored contended or noisy.
-    remeasure: int = 2
+    remeasure: int = 3
     # CUDA: launch_bound when the host time per call is at least this fraction of the device time.
     launch_bound_fraction: float = 0.5
     count_flops: bool = True
@@ -129,13 +139,23 @@ def _tensor_bytes(tensors: list[Any]) -> int:
 
 
 class _Budget:
+    """A point's own time: paused while other points' slots are timed between its own."""
+
     def __init__(self, limit_s: float, clock: Callable[[], float]):
         self.limit_s = limit_s
         self.clock = clock
         self.start = clock()
+        self.used = 0.0
+        self.running = True
 
     def elapsed(self) -> float:
-        return self.clock() - self.start
+        return self.used + (self.clock() - self.start if self.running else 0.0)
+
+    def pause(self) -> None:
+        self.used, self.running = self.elapsed(), False
+
+    def resume(self) -> None:
+        self.start, self.running = self.clock(), True
 
     def remaining(self) -> float:
         return self.limit_s - self.elapsed()
@@ -200,7 +220,36 @@ def _count_config(module: Any, args: tuple, point: Point) -> dict[str, Any]:
 
 
 def measure(point: Point, settings: Settings | None = None, clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Measure one point and return its full record (never raises for a failing point)."""
+    """Measure one point, its timing rounds back to back, and return its full record (never raises
+    for a failing point). ``bench.interleave`` takes several points' rounds in rotation instead."""
+    steps = measure_steps(point, settings, clock)
+    while True:
+        try:
+            with strict():
+                next(steps)
+        except StopIteration as done:
+            record: dict[str, Any] = done.value
+            return record
+
+
+@contextlib.contextmanager
+def strict() -> Iterator[None]:
+    """Dynamo raises on a recompile limit hit (the point becomes an error) instead of running eager
+    silently. Entered by whoever advances ``measure_steps``, around each step, so that points whose
+    steps are interleaved never restore each other's settings out of order."""
+    from attentions.kernels import strict_dynamo
+
+    with strict_dynamo():
+        yield
+
+
+def measure_steps(
+    point: Point, settings: Settings | None = None, clock: Callable[[], float] = time.perf_counter
+) -> Generator[int, None, dict]:
+    """Measure one point in steps: the set-up (module, first call, memory, MACs) up to the first
+    yield, then one timing slot per step. Each yield gives the bytes of tensors the point holds
+    while it waits; its time budget is paused meanwhile. Returns the record (never raises for a
+    failing point). Advance it inside :func:`strict`."""
     import torch
 
     settings = settings or Settings()
@@ -222,14 +271,13 @@ def measure(point: Point, settings: Settings | None = None, clock: Callable[[], 
         if reasons:
             record.update(status="skipped", reason="; ".join(reasons))
             return record
-        from attentions.kernels import recompile_limit_error, strict_dynamo
+        from attentions.kernels import recompile_limit_error
 
         from .provenance import LabelMismatch
 
         state["record_keys"] = set(record)
         try:
-            with strict_dynamo():  # a recompile limit hit raises (an error point), never runs eager silently
-                _run_point(point, settings, budget, record, state)
+            yield from _run_point(point, settings, budget, record, state)
         except recompile_limit_error() as exc:
             raise LabelMismatch(
                 "torch.compile hit Dynamo's recompile limit; torch would have run this point eager under the "
@@ -252,6 +300,12 @@ def measure(point: Point, settings: Settings | None = None, clock: Callable[[], 
         record["wall_s"] = round(budget.elapsed(), 4)
         record["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return record
+
+
+def timed_alone(point: Point) -> bool:
+    """Points whose rounds are never interleaved with other points': a compiled point (Dynamo is
+    reset for each) and flex attention (one compiled kernel per process, its cache limited)."""
+    return bool(point.compile) or point.impl == "flex"
 
 
 _WARM_DEVICES: set[str] = set()
@@ -338,8 +392,10 @@ def build_workload(point: Point, seed: int = 0, compile_backend: str = "inductor
     return Workload(module, args, step, zero_grads, grad_out)
 
 
-def _run_point(point: Point, settings: Settings, budget: _Budget, record: dict, state: dict) -> None:
-    """The point's probes in order; each fills its part of the record."""
+def _run_point(
+    point: Point, settings: Settings, budget: _Budget, record: dict, state: dict
+) -> Generator[int, None, None]:
+    """The point's probes in order; each fills its part of the record. Yields before each timing slot."""
     from .provenance import CompileWatch
 
     device = point.device
@@ -358,25 +414,37 @@ def _run_point(point: Point, settings: Settings, budget: _Budget, record: dict, 
     names, memory = _ops_and_memory(work, device)
     record.update(memory)
     budget.check("memory measurement")
-    record.update(_latency(point, work, per_call_s, settings, budget))
-    budget.check("timing")
+    record.update(_macs(point, work, settings))
+    work.zero_grads()  # no gradients held while other points' slots run
+    timing = _Timing(point, work, per_call_s, settings, budget)
+    while timing.wants_more():
+        budget.pause()
+        yield int(memory["baseline_bytes"] or 0)
+        budget.resume()
+        timing.slot()
+        work.zero_grads()
+        budget.check("timing")
+    record.update(timing.result())
     watch.checkpoint("end")
     record["provenance"] = _provenance(point, watch, names, work.flex_paths)
     record.update(_host(point, work, record, settings))
     record["overhead_ms"] = _overhead_ms(point, settings, budget)
+
+
+def _macs(point: Point, work: Workload, settings: Settings) -> dict[str, Any]:
+    """The MAC fields: counted (once per configuration) with ``count_flops``, else the analytic count."""
     if settings.count_flops:
-        record.update(_count_macs(point, work.module, work.args))
-    else:
-        context_hw = work.args[3] if len(work.args) > 3 else None
-        analytic = int(work.module.macs(point.batch, point.hw, context_hw))
-        record.update(
-            macs=analytic,
-            analytic_macs=analytic,
-            counted_macs=None,
-            macs_uncovered=None,
-            backward_macs=None,
-            macs_error=None,
-        )
+        return _count_macs(point, work.module, work.args)
+    context_hw = work.args[3] if len(work.args) > 3 else None
+    analytic = int(work.module.macs(point.batch, point.hw, context_hw))
+    return {
+        "macs": analytic,
+        "analytic_macs": analytic,
+        "counted_macs": None,
+        "macs_uncovered": None,
+        "backward_macs": None,
+        "macs_error": None,
+    }
 
 
 def _first_call(work: Workload, device: str) -> float:
@@ -477,92 +545,117 @@ def _times(
     per_call_s: float,
     settings: Settings,
     budget: _Budget,
+    share: float = 1.0,
 ) -> list[float]:
+    """Timing samples (ms per call) of ``share`` of the point's timing (one slot of its rounds)."""
     if point.device.startswith("cuda"):
-        return _cuda_times(step, zero_grads, point.device, per_call_s, settings, budget)
-    return _cpu_times(step, zero_grads, per_call_s, settings, budget)
+        return _cuda_times(step, zero_grads, point.device, per_call_s, settings, budget, share)
+    return _cpu_times(step, zero_grads, per_call_s, settings, budget, share)
 
 
-def _latency(point: Point, work: Workload, per_call_s: float, settings: Settings, budget: _Budget) -> dict[str, Any]:
-    """Timing samples between two calibration probes, re-measured while contended or wide.
+@dataclasses.dataclass
+class _Slot:
+    times: list[float]
+    probe_ms: tuple[float, float]  # before and after the slot
 
-    Contended: the probe (the slower of before and after) exceeds the reference
-    by more than ``probe_margin``. Wide: the distribution-free 95% interval of
-    the median is wider than ``median_ci_bound`` of it. Up to ``remeasure`` more
-    attempts; the first clean one is kept, else the best (uncontended first, then
-    not wide, then the lowest probe ratio). Stored ``contended: true`` when the
-    kept attempt is contended, ``noisy: true`` when it is wide or its p20-p80
+
+class _Timing:
+    """A point's timing in ``rounds`` slots, each between two calibration probes.
+
+    A slot is contended when its probe (the slower of the two) is more than
+    ``probe_margin`` over the sweep's reference (the lowest probe seen, judged
+    when the point is done); it is taken again, at most ``remeasure`` more slots
+    per point, while the time budget allows. The samples of the clean slots are
+    kept; a point with fewer than half its rounds clean is stored ``contended``
+    with every slot's samples and the evidence. ``noisy``: the kept samples'
+    median 95% interval is wider than ``median_ci_bound`` of it, or their p20-p80
     spread is over ``noisy_spread``.
     """
-    import torch
 
-    from . import samples
+    def __init__(self, point: Point, work: Workload, per_call_s: float, settings: Settings, budget: _Budget):
+        self.point, self.work, self.per_call_s = point, work, per_call_s
+        self.settings, self.budget = settings, budget
+        self.rounds = max(1, settings.rounds)
+        self.slots: list[_Slot] = []
+        self.slot_s = 0.0  # the longest slot so far, to tell whether another fits the budget
+        _reference(point.device, float("inf"))  # measured before the first slot on first use
 
-    device = point.device
-    attempts: list[dict[str, Any]] = []
-    kept: tuple[float, list[float], dict[str, Any]] | None = None
-    _reference(device, float("inf"))  # measured before the point on first use
-    for _ in range(1 + settings.remeasure):
-        work.zero_grads()
+    def _contended(self, slot: _Slot) -> bool:
+        return max(slot.probe_ms) > _REFERENCE[_probe_key(self.point.device)] * (1 + self.settings.probe_margin)
+
+    def wants_more(self) -> bool:
+        taken = len(self.slots)
+        if taken < self.rounds:
+            return True
+        clean = sum(not self._contended(s) for s in self.slots)
+        if clean >= self.rounds or taken >= self.rounds + self.settings.remeasure:
+            return False
+        return self.budget.remaining() > 2 * self.slot_s
+
+    def slot(self) -> None:
+        device, work = self.point.device, self.work
         started = time.perf_counter()
         before = probe_ms(device)
-        for _ in range(WARM_CALLS):  # the probe just ran: bring the point's own data back into cache, untimed
+        per_call_s = self.per_call_s
+        for _ in range(WARM_CALLS):  # the probe and other points evicted this point's data: bring it back
             work.zero_grads()
+            _sync(device)
+            t0 = time.perf_counter()
             work.step()
-        times = _times(point, work.step, work.zero_grads, per_call_s, settings, budget)
+            _sync(device)
+            per_call_s = min(per_call_s, time.perf_counter() - t0)  # the slot's plan: one call can be slow
+        times = _times(self.point, work.step, work.zero_grads, per_call_s, self.settings, self.budget, 1 / self.rounds)
         after = probe_ms(device)
-        reference = _reference(device, min(before, after))
-        probe = max(before, after)
+        _reference(device, min(before, after))
+        self.slots.append(_Slot(times, (before, after)))
+        self.slot_s = max(self.slot_s, time.perf_counter() - started)
+
+    def result(self) -> dict[str, Any]:
+        import torch
+
+        from . import samples
+
+        flags = [self._contended(s) for s in self.slots]
+        clean = [s for s, c in zip(self.slots, flags, strict=True) if not c]
+        contended = len(clean) < math.ceil(self.rounds / 2)
+        kept = self.slots if contended else clean
+        times = [t for s in kept for t in s.times]
         spread, ci = samples.spread(times), samples.median_ci_width(times)
-        # Contended: the machine, by the probe's evidence. Wide: the point's own samples do not pin the
-        # median down. Both are measured again; a point still wide but not contended is stored noisy,
-        # and compare's bootstrap then widens its interval by that spread instead of calling it contended.
-        over = probe > reference * (1 + settings.probe_margin)
-        why = [f"probe {probe / reference:.2f}x its reference"] if over else []
-        wide = [f"median's 95% interval {ci:.2f} of it, over {settings.median_ci_bound:g}"]
-        wide = wide if ci > settings.median_ci_bound else []
-        attempt: dict[str, Any] = {
-            "probe_ms": [round(before, 4), round(after, 4)],
-            "spread": round(spread, 3),
-            "median_ci": round(ci, 3),
-            "contended": why,
-            "wide": wide,
+        wide = ci > self.settings.median_ci_bound
+        reference = _REFERENCE[_probe_key(self.point.device)]
+        if self.point.device.startswith("cuda"):
+            method = "cuda events, L2 flushed and grads set to None before each repetition"
+        else:
+            method = f"torch.utils.benchmark.Timer.timeit blocks of calls, {torch.get_num_threads()} threads"
+        method += f"; {len(kept)} round(s) between calibration probes"
+        return {
+            "latency_samples_ms": samples.compact(times),
+            "latency_rounds": [len(s.times) for s in kept],
+            **samples.summary(times),
+            "noisy": spread > self.settings.noisy_spread or wide,
+            "timing_method": method,
+            "probe_ms": round(samples.quantile([max(s.probe_ms) for s in kept], 0.5), 4),
+            "contended": contended,
+            # The evidence wherever a slot was contended or the samples wide: the reference, the bounds
+            # and every slot's probes and sample count.
+            "contention": None
+            if not (any(flags) or wide)
+            else {
+                "reference_ms": round(reference, 4),
+                "probe_margin": self.settings.probe_margin,
+                "median_ci_bound": self.settings.median_ci_bound,
+                "median_ci": round(ci, 3),
+                "slots": [
+                    {"probe_ms": [round(v, 4) for v in s.probe_ms], "samples": len(s.times), "contended": c}
+                    for s, c in zip(self.slots, flags, strict=True)
+                ],
+                "kept": [i for i, s in enumerate(self.slots) if s in kept],
+            },
         }
-        attempts.append(attempt)
-        score = (bool(why), bool(wide), probe / reference)
-        if kept is None or score < kept[0]:
-            kept = (score, times, attempt)
-        if not (why or wide) or budget.remaining() < 2 * (time.perf_counter() - started):  # one more must fit
-            break
-    assert kept is not None
-    _, times, attempt = kept
-    contended = bool(attempt["contended"])
-    if device.startswith("cuda"):
-        method = "cuda events, L2 flushed and grads set to None before each repetition"
-    else:
-        method = f"torch.utils.benchmark.Timer.timeit blocks of calls, {torch.get_num_threads()} threads"
-    return {
-        "latency_samples_ms": samples.compact(times),
-        **samples.summary(times),
-        "noisy": attempt["spread"] > settings.noisy_spread or bool(attempt["wide"]),
-        "timing_method": method,
-        "probe_ms": round(max(attempt["probe_ms"]), 4),
-        "contended": contended,
-        # Evidence wherever an attempt was contended: the reference, the bounds and every attempt.
-        "contention": None
-        if len(attempts) == 1 and not (contended or attempt["wide"])
-        else {
-            "reference_ms": round(_REFERENCE[_probe_key(device)], 4),
-            "probe_margin": settings.probe_margin,
-            "median_ci_bound": settings.median_ci_bound,
-            "attempts": attempts,
-            "kept": attempts.index(attempt),
-        },
-    }
 
 
-# Untimed calls between the first probe and the samples (the probe evicts the point's data from cache).
-WARM_CALLS = 2
+# Untimed calls between a slot's first probe and its samples (the probe evicts the point's data from cache).
+WARM_CALLS = 1
 # The calibration probe: a fixed small kernel, timed around every point.
 PROBE_SIZE = {"cpu": 96, "cuda": 2048}
 PROBE_CALLS, PROBE_BLOCKS = 5, 5
@@ -670,10 +763,16 @@ CPU_SAMPLE_S = 2e-4
 
 
 def _cpu_times(
-    step: Callable[[], Any], zero_grads: Callable[[], None], per_call_s: float, settings: Settings, budget: _Budget
+    step: Callable[[], Any],
+    zero_grads: Callable[[], None],
+    per_call_s: float,
+    settings: Settings,
+    budget: _Budget,
+    share: float = 1.0,
 ) -> list[float]:
-    """Milliseconds per call, one sample per block of calls, about ``cpu_min_run_time`` in all (the
-    count planned from the fastest of three calls, the loop stopped at that much wall time)."""
+    """Milliseconds per call, one sample per block of calls, about ``share`` of ``cpu_min_run_time``
+    (the count planned from ``per_call_s``, the loop stopped at that much wall time), at least
+    ``share`` of ``min_samples``."""
     import torch
     from torch.utils.benchmark import Timer
 
@@ -682,17 +781,16 @@ def _cpu_times(
         step()
 
     timer = Timer(stmt="rep()", globals={"rep": rep}, num_threads=torch.get_num_threads())
-    per_call_s = max(min(per_call_s, timer.timeit(1).median, timer.timeit(1).median), 1e-7)  # one call can be slow
-    run_time = max(per_call_s * settings.min_samples, min(settings.cpu_min_run_time, budget.remaining() * 0.5))
+    per_call_s = max(per_call_s, 1e-7)
+    least = max(1, math.ceil(settings.min_samples * share))
+    run_time = max(per_call_s * least, min(settings.cpu_min_run_time * share, budget.remaining() * 0.5))
     number = max(1, int(CPU_SAMPLE_S / per_call_s))
-    n = max(settings.min_samples, min(settings.max_samples, int(run_time / (number * per_call_s))))
+    n = max(least, min(settings.max_samples, int(run_time / (number * per_call_s))))
     times: list[float] = []
     deadline = time.perf_counter() + run_time  # wall-bounded too: a loaded machine stretches every call
     for _ in range(n):
         times.append(timer.timeit(number).times[0] * 1e3)  # one block: its time per call (no quantile)
-        if len(times) >= settings.min_samples and (
-            time.perf_counter() > deadline or budget.remaining() < 2 * per_call_s * number
-        ):
+        if len(times) >= least and (time.perf_counter() > deadline or budget.remaining() < 2 * per_call_s * number):
             break
     return times
 
@@ -704,14 +802,17 @@ def _cuda_times(
     per_call_s: float,
     settings: Settings,
     budget: _Budget,
+    share: float = 1.0,
 ) -> list[float]:
-    """CUDA-event timing as triton.testing.do_bench does it, with the sample count kept."""
+    """CUDA-event timing as triton.testing.do_bench does it, with the sample count kept: ``share``
+    of the warm-up and of the repetitions (one slot of the point's rounds)."""
     import torch
 
     per_call_ms = max(per_call_s * 1e3, 1e-3)
     fit = int(budget.remaining() * 0.5 * 1e3 / per_call_ms)
-    n_rep = max(settings.min_samples, min(settings.max_samples, int(settings.cuda_rep_ms / per_call_ms), fit))
-    n_warm = max(1, min(int(settings.cuda_warmup_ms / per_call_ms), fit // 4))
+    least = max(1, math.ceil(settings.min_samples * share))
+    n_rep = max(least, min(settings.max_samples, int(settings.cuda_rep_ms * share / per_call_ms), fit))
+    n_warm = max(1, min(int(settings.cuda_warmup_ms * share / per_call_ms), fit // 4))
     # A buffer larger than any L2 (256 MB); zeroing it evicts the previous call's data.
     cache = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device) if settings.flush_l2 else None
     for _ in range(n_warm):

@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             # the registry when the grid expands; the mechanisms' own defaults wherever those fit
             "fit_knobs": True,
         },
-        "settings": {"cpu_min_run_time": 0.15, "timeout_s": 60.0, "min_samples": 5, "threads": 1},
+        "settings": {"cpu_min_run_time": 0.15, "timeout_s": 60.0, "min_samples": 9, "threads": 1},
     },
     "smoke": {
         "description": "CI smoke, the former quick grid: every mechanism, CPU-sized: 8x8..32x32 maps, fwd and fwd+bwd, "
@@ -62,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "fit_knobs": True,
         },
         # One thread: on a small shared CPU, spinning intra-op threads make latency erratic.
-        "settings": {"cpu_min_run_time": 0.06, "timeout_s": 30.0, "min_samples": 5, "threads": 1},
+        "settings": {"cpu_min_run_time": 0.06, "timeout_s": 30.0, "min_samples": 12, "threads": 1},
     },
     "scaling": {
         "description": "GPU: token maps from 16x16 to 384x384, bf16, fwd and fwd+bwd, fast impls",

@@ -88,6 +88,8 @@ POINT_FIELDS: dict[str, str] = {
     "revision": "str",
     # raw timing samples, provenance and the machine's load while the point ran
     "latency_samples_ms": "floats",
+    # the number of samples of each timing round kept (their sum is len(latency_samples_ms))
+    "latency_rounds": "floats",
     "provenance": "object",
     "contended": "bool",
     "contention": "object",

@@ -170,7 +170,7 @@ def tidy(runs: list[Run]) -> pd.DataFrame:
     if "kind" in df.columns:
         df = df[df["kind"].astype(object).fillna("bench").astype(str) != "train"].copy()
     # optional fields a run may lack (older harnesses, failed points): present as nulls, so readers need no guard
-    optional = ["latency_samples_ms", "provenance", "contention", "load_avg"]
+    optional = ["latency_samples_ms", "latency_rounds", "provenance", "contention", "load_avg"]
     for col in POINT_FIELDS + ["status", "reason", "point_id", "knobs", "device_name"] + optional:
         if col not in df.columns and col != "knobs_label":
             df[col] = None

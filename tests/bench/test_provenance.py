@@ -114,26 +114,49 @@ def _one_point(**grid):
     return expand(Grid.from_dict({**base, **grid})).points
 
 
-def test_contended_point_is_remeasured_then_flagged_with_evidence(monkeypatch):
+def _probes(monkeypatch, values):
+    """probe_ms returns ``values`` in turn (the sweep's reference first), then 1.0."""
     from bench import measure as m
 
-    probes = iter([1.0, 1.0, 1.0] + [1.0, 5.0] * 3)  # reference, then a slow probe after every attempt
-    monkeypatch.setattr(m, "probe_ms", lambda device: next(probes))
+    it = iter(values)
+    monkeypatch.setattr(m, "probe_ms", lambda device: next(it, 1.0))
     monkeypatch.setattr(m, "_REFERENCE", {})
-    r = measure(_one_point(passes=["fwd"])[0], Settings(**{**FAST, "remeasure": 2}))
+
+
+def test_contended_point_is_remeasured_then_flagged_with_evidence(monkeypatch):
+    _probes(monkeypatch, [1.0, 1.0, 1.0] + [1.0, 5.0] * 5)  # reference, then a slow probe after every slot
+    r = measure(_one_point(passes=["fwd"])[0], Settings(**{**FAST, "rounds": 3, "remeasure": 2}))
     assert r["status"] == "ok" and r["contended"] is True and r["probe_ms"] == 5.0
     c = r["contention"]
-    assert c["reference_ms"] == 1.0 and len(c["attempts"]) == 3
-    assert all("probe 5.00x its reference" in a["contended"] for a in c["attempts"])
+    assert c["reference_ms"] == 1.0 and len(c["slots"]) == 5  # three rounds and two more, all contended
+    assert all(s["contended"] and s["probe_ms"] == [1.0, 5.0] for s in c["slots"])
+    assert c["kept"] == [0, 1, 2, 3, 4] and r["latency_rounds"] == [s["samples"] for s in c["slots"]]
 
 
-def test_quiet_point_is_measured_once(monkeypatch):
-    from bench import measure as m
+def test_a_contended_slot_is_left_out_and_taken_again(monkeypatch):
+    _probes(monkeypatch, [1.0, 1.0, 1.0] + [1.0, 1.0] + [1.0, 1.6] + [1.0, 1.0] * 2)  # the second slot is slow
+    r = measure(_one_point(passes=["fwd"])[0], Settings(**{**FAST, "rounds": 3, "remeasure": 2}))
+    assert r["contended"] is False and r["probe_ms"] == 1.0
+    c = r["contention"]
+    assert [s["contended"] for s in c["slots"]] == [False, True, False, False] and c["kept"] == [0, 2, 3]
+    assert r["latency_rounds"] == [c["slots"][i]["samples"] for i in (0, 2, 3)]
+    assert r["samples"] == sum(r["latency_rounds"]) == len(r["latency_samples_ms"])
 
-    monkeypatch.setattr(m, "probe_ms", lambda device: 1.0)
-    monkeypatch.setattr(m, "_REFERENCE", {})
-    r = measure(_one_point(passes=["fwd"])[0], Settings(**{**FAST, "remeasure": 2, "median_ci_bound": 1e9}))
+
+def test_probe_margin_decides_contention(monkeypatch):
+    # the same slow probes, 1.6x the reference, under a margin that allows them: clean, measured once
+    _probes(monkeypatch, [1.0, 1.0, 1.0] + [1.0, 1.6] * 3)
+    settings = Settings(**{**FAST, "rounds": 3, "remeasure": 2, "probe_margin": 0.7, "median_ci_bound": 1e9})
+    r = measure(_one_point(passes=["fwd"])[0], settings)
+    assert r["contended"] is False and len(r["latency_rounds"]) == 3 and r["probe_ms"] == 1.6
+
+
+def test_quiet_point_is_measured_in_its_rounds_once(monkeypatch):
+    _probes(monkeypatch, [])
+    settings = Settings(**{**FAST, "rounds": 3, "remeasure": 2, "median_ci_bound": 1e9, "noisy_spread": 1e9})
+    r = measure(_one_point(passes=["fwd"])[0], settings)
     assert r["contended"] is False and r["contention"] is None and r["probe_ms"] == 1.0
+    assert len(r["latency_rounds"]) == 3 and r["noisy"] is False
     assert r["threads"] == 1 and r["latency_samples_ms"] and r["overhead_ms"] > 0
     assert r["host_ms_per_call"] == r["latency_ms_median"] and r["launch_bound"] is None  # CPU: host is the device
 
@@ -154,12 +177,11 @@ def test_flops_counted_once_per_configuration(monkeypatch):
 
 
 def test_wide_samples_on_a_quiet_machine_are_noisy_not_contended(monkeypatch):
-    from bench import measure as m
-
-    monkeypatch.setattr(m, "probe_ms", lambda device: 1.0)  # the machine is quiet throughout
-    monkeypatch.setattr(m, "_REFERENCE", {})
-    # every attempt's median interval exceeds a bound of zero: wide, measured three times, stored noisy
-    r = measure(_one_point(passes=["fwd"])[0], Settings(**{**FAST, "remeasure": 2, "median_ci_bound": -1.0}))
+    _probes(monkeypatch, [])  # the machine is quiet throughout
+    # the samples' median interval exceeds a bound of zero: wide, stored noisy, not measured again
+    r = measure(
+        _one_point(passes=["fwd"])[0], Settings(**{**FAST, "rounds": 3, "remeasure": 2, "median_ci_bound": -1.0})
+    )
     assert r["status"] == "ok" and r["contended"] is False and r["noisy"] is True
-    attempts = r["contention"]["attempts"]
-    assert len(attempts) == 3 and all(a["wide"] and not a["contended"] for a in attempts)
+    slots = r["contention"]["slots"]
+    assert len(slots) == 3 and not any(s["contended"] for s in slots) and r["contention"]["kept"] == [0, 1, 2]

@@ -1,0 +1,77 @@
+"""The in-process schedule: several points' timing rounds taken in rotation.
+
+Each point is measured by a ``bench.measure.measure_steps`` generator: its
+set-up (module, first call, memory, MACs) runs when it is admitted, then every
+step times one slot of its rounds. Up to ``Settings.interleave`` points are held
+at once (their tensors within ``interleave_mib``); one slot of the next point in
+the rotation is timed per step, so the slots of one point are spread over the
+time the others take, and a load burst that would have landed on all of one
+point's samples lands on one slot of several points instead (where its probe
+sees it, that slot is taken again). A point's record is yielded as soon as its
+last slot is done, and the next point admitted: a killed sweep loses at most the
+points in the rotation. Compiled and flex points are timed alone (the rotation
+is drained before one is admitted): Dynamo is reset for each compiled point, and
+flex attention's compiled kernel is shared by the process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import Any
+
+from .measure import Settings, measure_steps, strict, timed_alone
+from .points import Point
+
+MIB = 1024 * 1024
+
+
+def _advance(steps: Generator[int, None, dict]) -> tuple[bool, Any]:
+    """One step of a point: (True, bytes it holds) while it has slots left, else (False, its record)."""
+    try:
+        with strict():
+            return True, next(steps)
+    except StopIteration as done:
+        return False, done.value
+
+
+def interleaved(
+    points: Iterable[Point], settings: Settings, clock: Callable[[], float] = time.perf_counter
+) -> Iterator[dict[str, Any]]:
+    """The records of ``points``, each yielded when its point is done (not in the points' order)."""
+    pending = deque(points)
+    active: deque[tuple[Generator[int, None, dict], int]] = deque()
+    held = 0  # bytes of tensors the points in the rotation hold
+    alone = False  # the rotation holds a point that is timed alone
+
+    def admits() -> bool:
+        if not pending:
+            return False
+        if not active:
+            return True
+        if alone or timed_alone(pending[0]):
+            return False
+        return len(active) < max(1, settings.interleave) and held < settings.interleave_mib * MIB
+
+    while pending or active:
+        while admits():
+            point = pending.popleft()
+            steps = measure_steps(point, settings, clock)
+            going, value = _advance(steps)  # the set-up
+            if not going:  # skipped or failed before timing
+                yield value
+                continue
+            active.append((steps, value))
+            held += value
+            alone = timed_alone(point)
+        if not active:
+            continue
+        steps, size = active.popleft()
+        going, value = _advance(steps)
+        if going:
+            active.append((steps, size))
+        else:
+            held -= size
+            alone = False
+            yield value

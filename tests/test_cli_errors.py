@@ -65,6 +65,11 @@ CASES: dict[str, tuple[list[str], Callable[[Path], None] | None, str]] = {
         write("tag.yaml", "grid: !!python/object/apply:os.system ['touch pwned']\n"),
         "tag",
     ),
+    "config-rounds-0": (
+        ["sweep", "-m", "full", "-r", "4", "--config", "r.yaml", "--out", "o"],
+        write("r.yaml", "grid: {}\nsettings: {rounds: 0}\n"),
+        "setting rounds must be above 0",
+    ),
     "sweep-threads-0": (["sweep", "-m", "full", "-r", "4", "--threads", "0", "--out", "o"], None, "--threads"),
     "train-threads-0": ([*TRAIN, "--threads", "0", "--out", "t"], None, "--threads"),
     "report-out-directory": (["report", "run", "--out", "html"], lambda t: (run_dir(t), (t / "html").mkdir()), "--out"),

@@ -63,7 +63,7 @@ class Settings:
     # spread over noisy_spread.
     probe_margin: float = 0.15
     median_ci_bound: float = 0.1
-    remeasure: int = 3
+    remeasure: int = 6
     # CUDA: launch_bound when the host time per call is at least this fraction of the device time.
     launch_bound_fraction: float = 0.5
     count_flops: bool = True

@@ -2,7 +2,9 @@
 
 Latency is decided from the raw samples (``latency_samples_ms``): a bootstrap
 95% confidence interval of the ratio of medians (new / base, ``BOOTSTRAP``
-resamples of each side, seeded), divided by the calibration probe's ratio
+resamples of each side, seeded; two-level where a side stores its timing rounds,
+``latency_rounds``: the rounds drawn with replacement, then the samples within
+each), divided by the calibration probe's ratio
 between the runs (the median ``probe_ms`` of each run on that device), so a
 machine that is slower as a whole does not read as a slower kernel. The point is
 ``slower`` when the interval lies above 1, ``faster`` below, else within noise;
@@ -84,11 +86,43 @@ def _flag(value: Any) -> bool:
     return not isinstance(value, (list, dict)) and not pd.isna(value) and bool(value)
 
 
-def ratio_interval(base: np.ndarray, new: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """median(new) / median(base) and its bootstrap ``CONFIDENCE`` interval (percentile method)."""
+def _rounds(value: Any, samples: np.ndarray | None) -> list[int] | None:
+    """The sample count of each timing round, where they are stored and add up to the samples."""
+    if samples is None or not isinstance(value, (list, tuple, np.ndarray)) or len(value) < 2:
+        return None
+    counts = [int(v) for v in value if isinstance(v, (int, float, np.integer, np.floating)) and v >= 1]
+    return counts if len(counts) == len(value) and sum(counts) == len(samples) else None
+
+
+def _medians(samples: np.ndarray, rounds: list[int] | None, rng: np.random.Generator) -> np.ndarray:
+    """``BOOTSTRAP`` medians of resamples of one point's samples. With its rounds, a two-level
+    resample: the rounds with replacement, then each chosen round's samples with replacement, so
+    a difference between rounds (the machine's state drifting) widens the interval as it should;
+    without, the samples with replacement."""
+    if rounds is None:
+        return np.median(samples[rng.integers(0, len(samples), (BOOTSTRAP, len(samples)))], axis=1)
+    sizes = np.asarray(rounds)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    pick = rng.integers(0, len(sizes), (BOOTSTRAP, len(sizes)))  # (B, k): the rounds drawn
+    n = sizes[pick][..., None]  # (B, k, 1): each drawn round's size
+    within = np.floor(rng.random((BOOTSTRAP, len(sizes), int(sizes.max()))) * n).astype(int)  # (B, k, m)
+    values = samples[starts[pick][..., None] + within]  # (B, k, m)
+    values = np.where(np.arange(int(sizes.max())) < n, values, np.nan)  # a round's own size only
+    return np.nanmedian(values.reshape(BOOTSTRAP, -1), axis=1)  # (B,)
+
+
+def ratio_interval(
+    base: np.ndarray,
+    new: np.ndarray,
+    seed: int = 0,
+    base_rounds: list[int] | None = None,
+    new_rounds: list[int] | None = None,
+) -> tuple[float, float, float]:
+    """median(new) / median(base) and its bootstrap ``CONFIDENCE`` interval (percentile method);
+    two-level over the timing rounds of each side that has them (:func:`_medians`)."""
     rng = np.random.default_rng(seed)
-    b = np.median(base[rng.integers(0, len(base), (BOOTSTRAP, len(base)))], axis=1)
-    n = np.median(new[rng.integers(0, len(new), (BOOTSTRAP, len(new)))], axis=1)
+    b = _medians(base, base_rounds, rng)
+    n = _medians(new, new_rounds, rng)
     alpha = (1 - CONFIDENCE) / 2
     lo, hi = np.quantile(n / b, [alpha, 1 - alpha])
     return float(np.median(new) / np.median(base)), float(lo), float(hi)
@@ -119,7 +153,8 @@ def _latency_decision(rb: pd.Series, rn: pd.Series, probe: float, fail_above: fl
         out.update(verdict=verdict, decided_by="intervals", latency_change=change)
         out["regression"] = verdict == "slower" and change > fail_above
         return out
-    ratio, lo, hi = ratio_interval(sb, sn)
+    rounds = _rounds(rb["latency_rounds"], sb), _rounds(rn["latency_rounds"], sn)
+    ratio, lo, hi = ratio_interval(sb, sn, base_rounds=rounds[0], new_rounds=rounds[1])
     ratio, lo, hi = ratio / probe, lo / probe, hi / probe
     verdict = "slower" if lo > 1 else "faster" if hi < 1 else "within noise"
     out.update(verdict=verdict, decided_by="samples", regression=bool(lo > 1 + fail_above), latency_change=ratio - 1.0)
@@ -168,6 +203,7 @@ def compare(base: Run, new: Run, fail_above: float = 0.10, noise: float = 0.05, 
         "peak_bytes",
         "noisy",
         "latency_samples_ms",
+        "latency_rounds",
         "contended",
         "probe_ms",
     ]
@@ -232,7 +268,7 @@ def compare(base: Run, new: Run, fail_above: float = 0.10, noise: float = 0.05, 
 
 def _side(r: pd.Series, suffix: str) -> pd.Series:
     keys = ["status", "latency_ms_median", "latency_ms_p20", "latency_ms_p80", "peak_bytes", "noisy"]
-    keys += ["latency_samples_ms", "contended"]
+    keys += ["latency_samples_ms", "latency_rounds", "contended"]
     return pd.Series({k: r[k + suffix] for k in keys})
 
 

@@ -174,3 +174,24 @@ def test_a_small_conclusive_change_below_fail_above_does_not_fail(make_run):
     new = [_sampled("a", 8, 1.05, rng)]
     cmp = compare(load_run(make_run(base)), load_run(make_run(new)))
     assert cmp.table["verdict"].tolist() == ["slower"] and not cmp.failed
+
+
+def _rounds(mechanism, hw, levels, rng):
+    """A point timed in rounds of 10 samples, round k around ``levels[k]`` ms (2% jitter)."""
+    times = [lv * (1 + 0.02 * rng.standard_normal()) for lv in levels for _ in range(10)]
+    return row(mechanism, hw, float(np.median(times)), latency_samples_ms=times, latency_rounds=[10] * len(levels))
+
+
+def test_rounds_that_disagree_widen_the_interval_rounds_that_agree_do_not(make_run):
+    rng = np.random.default_rng(3)
+    base = [_rounds("a", 8, [1.0, 1.0, 1.0], rng), _rounds("b", 8, [1.0, 1.0, 1.0], rng)]
+    # a: two of three rounds 1.3x slower, one not (the machine drifted between rounds); b: every round 1.3x
+    new = [_rounds("a", 8, [1.0, 1.3, 1.3], rng), _rounds("b", 8, [1.3, 1.3, 1.3], rng)]
+    t = compare(load_run(make_run(base)), load_run(make_run(new))).table.set_index("mechanism")
+    assert t.loc["a", "latency_change"] == pytest.approx(0.3, abs=0.05)  # the pooled median moved all the same
+    assert t.loc["a", "ratio_low"] < 1.05 and not t.loc["a", "regression"]
+    assert t.loc["b", "ratio_low"] > 1.2 and t.loc["b", "regression"]
+    # the same samples without their rounds: the one-level bootstrap calls a a regression
+    flat = [{**r, "latency_rounds": None} for r in new]
+    t = compare(load_run(make_run([{**r, "latency_rounds": None} for r in base])), load_run(make_run(flat))).table
+    assert t.set_index("mechanism").loc["a", "regression"]

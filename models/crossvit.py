@@ -12,9 +12,13 @@ CLS token and a linear head; the logits of the two heads are averaged.
 fuses with the other branch o; ``proj`` is LayerNorm-GELU-Linear from o's width to b's):
 
 - ``cross-attention`` (the paper's choice, above): only the CLS tokens change;
-- ``all-attention``: b's tokens and o's projected tokens, concatenated, go through one
-  self-attention at b's width (b's heads); b keeps the outputs of its own tokens, with
-  a residual. Every token of b mixes with every token of both branches;
+- ``all-attention`` (the paper's Eq. 2): ``y = [f^l(x^l) || f^s(x^s)]``, ``o = y + MSA(LN(y))``,
+  ``z^i = g^i(o^i)``: one self-attention per multi-scale block over every token of both
+  branches, CLS tokens included, at one common width; each branch keeps the outputs of
+  its own tokens. The paper does not name that width (and the official code has no
+  all-attention): ours is the large (wider) branch's, with its heads. ``f^i`` / ``g^i``
+  are ``proj`` to and from that width for the branch whose width differs and the
+  identity for the branch already at it; the residual is taken at the common width;
 - ``class-token``: ``cls_b + proj(cls_o)``; patch tokens pass unchanged;
 - ``pairwise``: the CLS tokens as in class-token, and each patch token of b adds the
   token of o at the same place (o's projected patch map resized bilinearly to b's grid).
@@ -83,24 +87,18 @@ class ViTBlock(nn.Module):
 
 
 class _Fusion(nn.Module):
-    """One branch's fusion with the other branch (all-attention, class-token or pairwise; see the module doc)."""
+    """One branch's fusion with the other branch (class-token or pairwise; see the module doc)."""
 
-    def __init__(self, kind: str, dim: int, other_dim: int, heads: int):
+    def __init__(self, kind: str, dim: int, other_dim: int):
         super().__init__()
         self.kind = kind
         self.proj = _proj_in_out(other_dim, dim)
         self.proj.apply(init_linear)
-        if kind == "all-attention":
-            self.norm = nn.LayerNorm(dim, eps=EPS)
-            self.attn = attentions.build("full", dim=dim, heads=heads, qkv_bias=True)
 
     def forward(self, x: torch.Tensor, hw: HW, other: torch.Tensor, other_hw: HW) -> torch.Tensor:
         if self.kind == "class-token":
             return torch.cat([x[:, :1] + self.proj(other[:, :1]), x[:, 1:]], dim=1)  # (B, 1 + H*W, C)
         o = self.proj(other)  # (B, 1 + Ho*Wo, C)
-        if self.kind == "all-attention":
-            t = self.norm(torch.cat([x, o], dim=1))  # (B, 1 + H*W + 1 + Ho*Wo, C)
-            return x + self.attn(t, (1, t.shape[1]))[:, : x.shape[1]]  # (B, 1 + H*W, C)
         grid = o[:, 1:].transpose(1, 2).reshape(o.shape[0], -1, *other_hw)  # (B, C, Ho, Wo)
         if tuple(other_hw) != tuple(hw):
             grid = F.interpolate(grid, size=hw, mode="bilinear", align_corners=False)  # (B, C, H, W)
@@ -111,12 +109,42 @@ class _Fusion(nn.Module):
         n, no = hw[0] * hw[1], other_hw[0] * other_hw[1]
         projected = 1 if self.kind == "class-token" else 1 + no
         total = batch * projected * (5 * co + co * c)
-        if self.kind == "all-attention":
-            tokens = 2 + n + no
-            total += batch * 5 * tokens * c + self.attn.macs(batch, (1, tokens))
-        elif self.kind == "pairwise" and tuple(hw) != tuple(other_hw):
+        if self.kind == "pairwise" and tuple(hw) != tuple(other_hw):
             total += batch * 4 * n * c  # bilinear resize: 4 per output element
         return total
+
+
+class _AllAttention(nn.Module):
+    """Both branches' all-attention fusion (the paper's Eq. 2): one self-attention over the tokens of both, at
+    the wider branch's width and heads; ``proj`` to and from it for the other branch, identity for that one."""
+
+    def __init__(self, dims: tuple[int, int], heads: tuple[int, int]):
+        super().__init__()
+        wide = int(dims[1] >= dims[0])
+        self.width = c = dims[wide]
+        self.to_common = nn.ModuleList(nn.Identity() if d == c else _proj_in_out(d, c) for d in dims)
+        self.from_common = nn.ModuleList(nn.Identity() if d == c else _proj_in_out(c, d) for d in dims)
+        self.to_common.apply(init_linear)
+        self.from_common.apply(init_linear)
+        self.norm = nn.LayerNorm(c, eps=EPS)
+        self.attn = attentions.build("full", dim=c, heads=heads[wide], qkv_bias=True)
+
+    def forward(self, xs: list[torch.Tensor], hws: list[HW]) -> list[torch.Tensor]:
+        n0 = xs[0].shape[1]
+        y = torch.cat([f(x) for f, x in zip(self.to_common, xs, strict=True)], dim=1)  # (B, N0 + N1, C)
+        o = y + self.attn(self.norm(y), (1, y.shape[1]))  # (B, N0 + N1, C); full attention ignores the layout
+        return [self.from_common[0](o[:, :n0]), self.from_common[1](o[:, n0:])]  # (B, N0, C0), (B, N1, C1)
+
+    def macs(self, batch: int, hws: list[HW]) -> int:
+        c = self.width
+        ns = [1 + h * w for h, w in hws]
+        total = 0
+        for f, n in zip(self.to_common, ns, strict=True):  # f^i and g^i are both identity or both proj
+            if not isinstance(f, nn.Identity):
+                d = f[2].in_features
+                total += n * (5 * d + d * c) + n * (5 * c + c * d)  # LayerNorm + Linear, each way
+        tokens = sum(ns)
+        return batch * (total + 5 * tokens * c) + self.attn.macs(batch, (1, tokens))
 
 
 def _fuser(kind: str, cfg: CrossViTConfig, b: int, grids: list[int]) -> nn.Module:
@@ -128,7 +156,7 @@ def _fuser(kind: str, cfg: CrossViTConfig, b: int, grids: list[int]) -> nn.Modul
             context_dim=cfg.dims[1 - b],
             context_scale=grids[1 - b] / grids[b],
         )
-    return _Fusion(kind, cfg.dims[b], cfg.dims[1 - b], cfg.heads[b])
+    return _Fusion(kind, cfg.dims[b], cfg.dims[1 - b])
 
 
 class CrossViT(nn.Module):
@@ -162,7 +190,10 @@ class CrossViT(nn.Module):
                     for b in range(2)
                 )
             )
-            self.fusers.append(nn.ModuleList(_fuser(cfg.fusion, cfg, b, self.native_grids) for b in range(2)))
+            if cfg.fusion == "all-attention":  # one module fuses both branches at once
+                self.fusers.append(_AllAttention(cfg.dims, cfg.heads))
+            else:
+                self.fusers.append(nn.ModuleList(_fuser(cfg.fusion, cfg, b, self.native_grids) for b in range(2)))
         self.norms = nn.ModuleList(nn.LayerNorm(d, eps=EPS) for d in cfg.dims)
         self.heads = nn.ModuleList(nn.Linear(d, cfg.num_classes) for d in cfg.dims)
         self.heads.apply(init_linear)
@@ -203,7 +234,10 @@ class CrossViT(nn.Module):
         for blocks, fusers in zip(self.branches, self.fusers, strict=True):
             for b in range(2):
                 total += sum(blk.macs(batch, 1 + hws[b][0] * hws[b][1]) for blk in blocks[b])
-            total += sum(fusers[b].macs(batch, hws[b], hws[1 - b]) for b in range(2))
+            if isinstance(fusers, _AllAttention):
+                total += fusers.macs(batch, hws)
+            else:
+                total += sum(fusers[b].macs(batch, hws[b], hws[1 - b]) for b in range(2))
         return total + batch * sum(5 * d + d * cfg.num_classes for d in cfg.dims)
 
     # ------------------------------------------------------------------ forward
@@ -234,7 +268,9 @@ class CrossViT(nn.Module):
             for b in range(2):
                 for blk in blocks[b]:
                     xs[b] = blk(xs[b], hws[b])
-            if self.config.fusion == "cross-attention":
+            if isinstance(fusers, _AllAttention):
+                xs = fusers(xs, list(hws))
+            elif self.config.fusion == "cross-attention":
                 xs = [fusers[b](xs[b], hws[b], context=xs[1 - b], context_hw=hws[1 - b]) for b in range(2)]
             else:
                 xs = [fusers[b](xs[b], hws[b], xs[1 - b], hws[1 - b]) for b in range(2)]

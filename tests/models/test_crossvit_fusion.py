@@ -7,20 +7,20 @@ import pytest
 import torch
 
 from bench.flops import count
+from models import experiments
 from models.crossvit import FUSIONS, CrossViT, CrossViTConfig
 
 TINY = dict(dims=(16, 32), patches=(4, 8), resolutions=(32, 24), heads=(2, 2), depths=(1, 1), fusions=1)
-# CrossViT-S (Chen et al., ICCV 2021): small branch 192 wide, large 384, 6 heads each, depths 1 and 4,
-# three multi-scale blocks, MLP ratio 4, 12 px patches of 240 px and 16 px patches of 224 px.
-CROSSVIT_S = dict(dims=(192, 384), heads=(6, 6), depths=(1, 4), fusions=3, mlp_ratio=4.0)
 
 
 def _fuse(fusion: str, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """Branch 0's fusion with branch 1 (8x8 and 3x3 patch maps plus CLS)."""
     torch.manual_seed(0)
     model = CrossViT(CrossViTConfig(**TINY, fusion=fusion)).eval()
-    fuser = model.fusers[0][0]
     with torch.no_grad():
+        if fusion == "all-attention":  # one module fuses both branches
+            return model.fusers[0]([x, other], [(8, 8), (3, 3)])[0]
+        fuser = model.fusers[0][0]
         if fusion == "cross-attention":
             return fuser(x, (8, 8), context=other, context_hw=(3, 3))
         return fuser(x, (8, 8), other, (3, 3))
@@ -60,6 +60,15 @@ def test_pairwise_fusion_adds_the_token_at_the_same_place():
 def test_all_attention_mixes_every_token_of_both_branches():
     assert _changed("all-attention", slice(5, 6)).all()  # one patch of the other branch moves every token
     assert _changed("all-attention", slice(0, 1)).all()
+    # and the other way: one patch of branch 0 moves every token of branch 1, through the one shared attention
+    torch.manual_seed(0)
+    fuser = CrossViT(CrossViTConfig(**TINY, fusion="all-attention")).eval().fusers[0]
+    x, other = torch.randn(1, 65, 16), torch.randn(1, 10, 32)
+    moved = x.clone()
+    moved[:, 7] += torch.randn(16)  # not a constant shift, which proj's LayerNorm would remove
+    with torch.no_grad():
+        a, b = (fuser([t, other], [(8, 8), (3, 3)])[1] for t in (x, moved))
+    assert ((a - b).abs().amax(-1)[0] > 1e-6).all()
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
@@ -72,17 +81,61 @@ def test_every_fusion_trains_tiny_and_its_analytic_count_matches_the_traced_one(
     assert traced.uncovered == {} and traced.macs == model.macs(1, 32)
 
 
+# Table 6 of the paper rounds params to 0.1M and FLOPs to 0.1 G: a count within half a unit rounds to the entry.
+HALF_UNIT = 0.05 + 1e-9
+# Where ours differs from the paper beyond rounding, and why (see the notes of experiments/crossvit_fusion.yaml).
+DEVIATIONS = {
+    ("cross-attention", "params_m"): "ours has the official code's modules exactly (26.86M, as timm's card of the "
+    "official weights: 26.9M); the paper prints 26.7M",
+    ("all-attention", "params_m"): "ours is the paper's Eq. 2 at the large branch's width, projections only for "
+    "the small branch (25.96M); no layout read from the text gives the paper's 27.7M",
+    ("all-attention", "gmacs"): "ours is the paper's Eq. 2 at the large branch's width with identity f^l, g^l "
+    "(7.43 GMACs); the paper prints 7.6 G, which a LayerNorm-GELU-Linear f^l and g^l would reach (unverified)",
+}
+
+
+@pytest.fixture(scope="module")
+def crossvit_s() -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Each variant of experiments/crossvit_fusion.yaml built at its --full configuration (CrossViT-S), counted
+    by bench.flops at the full resolution: ({variant: {params_m, gmacs}}, {variant: its published numbers})."""
+    exp = experiments.load("crossvit_fusion")
+    res = exp.mode("full")["resolution"]
+    ours, published = {}, {}
+    for v in exp.variants:
+        model = experiments.model_fn(exp, v, "full")(1000).eval()  # ImageNet-1K's 1000 classes, as the paper
+        traced = count(model, (torch.zeros(1, 3, res, res),), flop_counter=False, backward=False)
+        assert traced.uncovered == {}, v.name
+        ours[v.name] = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "gmacs": traced.macs / 1e9}
+        published[v.name] = v.published
+    return ours, published
+
+
+def _case(fusion: str, key: str):
+    reason = DEVIATIONS.get((fusion, key))
+    return pytest.param(
+        fusion, key, marks=pytest.mark.xfail(raises=AssertionError, strict=True, reason=reason) if reason else ()
+    )
+
+
 @pytest.mark.slow
-def test_crossvit_s_fusion_costs():
-    """CrossViT-S with each fusion at 240 px. Cross-attention has the published CrossViT-S size (26.7M
-    parameters, the count of the PaddleViT port's README; the paper's own fusion table could not be read for
-    this test, so the other rows are checked by what each strategy must cost relative to the others)."""
-    params, macs = {}, {}
-    for fusion in FUSIONS:
-        model = CrossViT(CrossViTConfig(**CROSSVIT_S, fusion=fusion)).eval()
-        params[fusion] = sum(p.numel() for p in model.parameters())
-        macs[fusion] = count(model, (torch.zeros(1, 3, 240, 240),), flop_counter=False, backward=False).macs
-    assert params["cross-attention"] == pytest.approx(26.7e6, rel=0.01)
+@pytest.mark.parametrize(("fusion", "key"), [_case(f, k) for f in FUSIONS for k in ("params_m", "gmacs")])
+def test_crossvit_s_cost_rounds_to_the_papers_fusion_table(crossvit_s, fusion, key):
+    """CrossViT-S (dims 192/384, heads 6/6, depths 1/4, three multi-scale blocks, MLP ratio 4; 12 px patches of
+    240 px and 16 px patches of 224 px, as the official code) with each fusion, against Table 6 of the paper
+    (the paper's FLOPs count a multiply-add once, so they are compared with our MACs)."""
+    ours, published = crossvit_s
+    assert published[fusion][key] is not None, f"{fusion}: no published {key} in the experiment file"
+    assert abs(ours[fusion][key] - published[fusion][key]) <= HALF_UNIT, (
+        f"{fusion}: {key} {ours[fusion][key]:.3f} against the paper's {published[fusion][key]}"
+    )
+
+
+@pytest.mark.slow
+def test_crossvit_s_fusion_costs_order(crossvit_s):
+    """What each strategy must cost relative to the others, whatever the table says."""
+    ours, _ = crossvit_s
+    params = {f: c["params_m"] for f, c in ours.items()}
+    macs = {f: c["gmacs"] for f, c in ours.items()}
     # all-attention attends over both branches' 401 + 197 tokens: quadratic, by far the most MACs
     assert macs["all-attention"] > 1.3 * macs["cross-attention"]
     # class-token and pairwise share their parameters (one projection per branch); pairwise also projects and

@@ -256,7 +256,16 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
 # Settings given by a command-line option, named as the option in errors.
 SETTING_OPTIONS = {"timeout_s": "--timeout", "threads": "--threads"}
 # Settings that must be above zero; every other number must not be negative.
-POSITIVE = ("timeout_s", "cpu_min_run_time", "cuda_rep_ms", "min_samples", "max_samples", "threads", "rounds", "interleave")
+POSITIVE = (
+    "timeout_s",
+    "cpu_min_run_time",
+    "cuda_rep_ms",
+    "min_samples",
+    "max_samples",
+    "threads",
+    "rounds",
+    "interleave",
+)
 
 
 def make_settings(values: dict[str, Any]) -> Settings:

@@ -17,8 +17,8 @@ fuses with the other branch o; ``proj`` is LayerNorm-GELU-Linear from o's width 
   branches, CLS tokens included, at one common width; each branch keeps the outputs of
   its own tokens. The paper does not name that width (and the official code has no
   all-attention): ours is the large (wider) branch's, with its heads. ``f^i`` / ``g^i``
-  are ``proj`` to and from that width for the branch whose width differs and the
-  identity for the branch already at it; the residual is taken at the common width;
+  are ``proj`` to and from that width for both branches, as the equation writes them
+  (also for the branch already at that width); the residual is taken at the common width;
 - ``class-token``: ``cls_b + proj(cls_o)``; patch tokens pass unchanged;
 - ``pairwise``: the CLS tokens as in class-token, and each patch token of b adds the
   token of o at the same place (o's projected patch map resized bilinearly to b's grid).
@@ -116,14 +116,14 @@ class _Fusion(nn.Module):
 
 class _AllAttention(nn.Module):
     """Both branches' all-attention fusion (the paper's Eq. 2): one self-attention over the tokens of both, at
-    the wider branch's width and heads; ``proj`` to and from it for the other branch, identity for that one."""
+    the wider branch's width and heads; ``f^i`` and ``g^i`` are ``proj`` to and from it for each branch i."""
 
     def __init__(self, dims: tuple[int, int], heads: tuple[int, int]):
         super().__init__()
         wide = int(dims[1] >= dims[0])
         self.width = c = dims[wide]
-        self.to_common = nn.ModuleList(nn.Identity() if d == c else _proj_in_out(d, c) for d in dims)
-        self.from_common = nn.ModuleList(nn.Identity() if d == c else _proj_in_out(c, d) for d in dims)
+        self.to_common = nn.ModuleList(_proj_in_out(d, c) for d in dims)  # f^i
+        self.from_common = nn.ModuleList(_proj_in_out(c, d) for d in dims)  # g^i
         self.to_common.apply(init_linear)
         self.from_common.apply(init_linear)
         self.norm = nn.LayerNorm(c, eps=EPS)
@@ -139,10 +139,9 @@ class _AllAttention(nn.Module):
         c = self.width
         ns = [1 + h * w for h, w in hws]
         total = 0
-        for f, n in zip(self.to_common, ns, strict=True):  # f^i and g^i are both identity or both proj
-            if not isinstance(f, nn.Identity):
-                d = f[2].in_features
-                total += n * (5 * d + d * c) + n * (5 * c + c * d)  # LayerNorm + Linear, each way
+        for f, n in zip(self.to_common, ns, strict=True):
+            d = f[2].in_features
+            total += n * (5 * d + d * c) + n * (5 * c + c * d)  # LayerNorm + Linear, each way
         tokens = sum(ns)
         return batch * (total + 5 * tokens * c) + self.attn.macs(batch, (1, tokens))
 

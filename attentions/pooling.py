@@ -1,9 +1,10 @@
 """Pooling attention of MViTv2 (Li et al., CVPR 2022).
 
 Queries, keys and values are projected, split into heads and pooled per head
-on the token map: ``mode="conv"`` is a depthwise 3x3 convolution (padding 1,
-channels = head_dim, one set of weights shared by all heads, no bias) followed
-by LayerNorm(head_dim); ``"avg"`` and ``"max"`` pool with the same kernel,
+on the token map: ``mode="conv"`` is a depthwise ``kernel x kernel`` convolution
+(default 3, MViTv2's; odd, padding ``kernel // 2``; channels = head_dim, one set
+of weights shared by all heads, no bias) followed by LayerNorm(head_dim);
+``"avg"`` and ``"max"`` pool with the same kernel,
 stride and padding and no norm; ``"none"`` does not pool. As in MViTv2 the
 queries pass through the pooling even at stride 1. Queries pool with stride
 ``stride_q`` (the output then has fewer tokens, see ``output_hw``), keys and
@@ -52,8 +53,7 @@ from .common import Projections, attend, attention_macs, conv_macs, conv_out, li
 from .kernels import flex
 from .relpos import mvit_bias, mvit_table
 
-KERNEL = 3  # MViTv2's POOL_KVQ_KERNEL
-PADDING = KERNEL // 2
+KERNEL = 3  # MViTv2's POOL_KVQ_KERNEL, the default of the kernel knob
 MODES = ("conv", "avg", "max", "none")
 
 
@@ -72,6 +72,8 @@ class PoolingKnobs(Knobs):
     dim_out: int = 0
     # Hybrid window attention (HWin): side of the windows on the input map (0: one global window).
     window: int = 0
+    # Side of the pooling kernel of q, k and v (odd; padding kernel // 2): MViTv2's POOL_KVQ_KERNEL.
+    kernel: int = KERNEL
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -83,6 +85,11 @@ class PoolingKnobs(Knobs):
         if isinstance(self.dim_out, bool) or not isinstance(self.dim_out, int) or self.dim_out < 0:
             raise KnobError(
                 f"pooling knob 'dim_out' must be a non-negative integer (0 keeps dim), got {self.dim_out!r}"
+            )
+        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise KnobError(
+                f"pooling knob 'kernel' must be an odd positive integer (padding kernel // 2 keeps the map's "
+                f"centre), got {self.kernel!r}"
             )
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise KnobError(f"pooling knob 'window' must be a non-negative integer (0: global), got {self.window!r}")
@@ -98,8 +105,8 @@ class PoolingAttention(Attention):
     knobs: PoolingKnobs
     name = "pooling"
     summary = (
-        "MViTv2 pooling attention: q, k, v pooled per head (depthwise 3x3 conv + LayerNorm, or avg/max) with "
-        "strides stride_q and stride_kv; decomposed relative position bias with tables linearly resized to the "
+        "MViTv2 pooling attention: q, k, v pooled per head (depthwise kernel x kernel conv + LayerNorm, or avg/max) "
+        "with strides stride_q and stride_kv; decomposed relative position bias with tables linearly resized to the "
         "map; residual pooling connection"
     )
     Knobs = PoolingKnobs
@@ -110,7 +117,8 @@ class PoolingAttention(Attention):
     # (Nq, kh) and (Nq, kw) terms, never summed into an (Nq, Nk) bias; CUDA only (attentions/kernels/flex.py)
     impls = ("reference", "fast", "flex")
     impl_requires = {"flex": flex.REQUIRES}
-    examples = ({"stride_q": 2, "stride_kv": 2, "dim_out": 64},)  # MViTv2's stage transition (widening)
+    # MViTv2's stage transition (widening); a wider pooling kernel
+    examples = ({"stride_q": 2, "stride_kv": 2, "dim_out": 64}, {"kernel": 5, "stride_kv": 2})
 
     def __init__(self, dim: int, heads: int, knobs: PoolingKnobs, impl: str | None = None):
         # The base splits the widened channels into heads: head_dim = dim_out // heads (dim need not divide).
@@ -127,20 +135,21 @@ class PoolingAttention(Attention):
             self.rel_pos_w = mvit_table(length, d)  # (L, d)
 
     def _pooling(self, stride: int, keys: bool = False) -> tuple[nn.Module | None, nn.Module | None]:
-        d, mode = self.head_dim, self.knobs.mode
+        d, mode, k = self.head_dim, self.knobs.mode, self.knobs.kernel
         if mode == "conv":
-            conv = nn.Conv2d(d, d, KERNEL, stride=stride, padding=PADDING, groups=d, bias=False)
+            conv = nn.Conv2d(d, d, k, stride=stride, padding=k // 2, groups=d, bias=False)
             # The keys' norm has no additive bias: one vector added to every key shifts each query's scores
             # by a constant, which softmax ignores, so that parameter would have an identically zero gradient.
             return conv, nn.LayerNorm(d, eps=1e-6, bias=not keys)
         if mode == "avg":
-            return nn.AvgPool2d(KERNEL, stride=stride, padding=PADDING), None
+            return nn.AvgPool2d(k, stride=stride, padding=k // 2), None
         if mode == "max":
-            return nn.MaxPool2d(KERNEL, stride=stride, padding=PADDING), None
+            return nn.MaxPool2d(k, stride=stride, padding=k // 2), None
         return None, None
 
     def _pooled(self, size: int, stride: int) -> int:
-        return size if self.knobs.mode == "none" else conv_out(size, KERNEL, stride, PADDING)
+        k = self.knobs.kernel
+        return size if self.knobs.mode == "none" else conv_out(size, k, stride, k // 2)
 
     def output_hw(self, hw: HW) -> HW:
         return (self._pooled(hw[0], self.knobs.stride_q), self._pooled(hw[1], self.knobs.stride_q))
@@ -234,9 +243,9 @@ class PoolingAttention(Attention):
         if self.knobs.mode == "conv":
             for out_hw, copies in (((qh, qw), 1), ((kh, kw), 2)):
                 tokens = out_hw[0] * out_hw[1]
-                total += copies * maps * (conv_macs(out_hw, d, d, KERNEL, groups=d) + norm_macs(tokens, d))
+                total += copies * maps * (conv_macs(out_hw, d, d, self.knobs.kernel, groups=d) + norm_macs(tokens, d))
         elif self.knobs.mode in ("avg", "max"):
-            total += maps * KERNEL * KERNEL * (nq + 2 * nk) * d
+            total += maps * self.knobs.kernel**2 * (nq + 2 * nk) * d
         windows = 1
         if self.knobs.window:  # each query sees its window's pooled keys only
             windows = (hw[0] // self.knobs.window) * (hw[1] // self.knobs.window)
@@ -252,8 +261,8 @@ class PoolingAttention(Attention):
         self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
     ) -> torch.Tensor:
         """Softmax weights of the pooled query holding pixel (i // stride_q, j // stride_q) over the
-        pooled keys, each spread over the 3x3 window of pixels its value pools: by AvgPool's 1/9
-        (padding counted) in ``avg`` mode, evenly over the window's pixels inside the map otherwise.
+        pooled keys, each spread over the kernel x kernel window of pixels its value pools: by AvgPool's
+        1 / kernel^2 (padding counted) in ``avg`` mode, evenly over the window's pixels inside the map otherwise.
         The residual pooling term (+ q) is no key's weight."""
         from .footprint import reference_probs, spread, windows
 
@@ -265,8 +274,9 @@ class PoolingAttention(Attention):
         if self.knobs.mode == "none":
             return w
         avg, s = self.knobs.mode == "avg", self.knobs.stride_kv
-        rows = windows(hw[0], kh, s, KERNEL, PADDING, include_pad=avg)
-        cols = windows(hw[1], kw, s, KERNEL, PADDING, include_pad=avg)
+        k = self.knobs.kernel
+        rows = windows(hw[0], kh, s, k, k // 2, include_pad=avg)
+        cols = windows(hw[1], kw, s, k, k // 2, include_pad=avg)
         return spread(w, rows, cols)
 
     def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:

@@ -313,3 +313,49 @@ def test_window_over_the_whole_map_is_global_and_windows_do_not_mix():
     assert win.macs(2, (8, 8)) < glob.macs(2, (8, 8))
     assert win.unsupported(1, (6, 6)) and "window 4" in win.unsupported(1, (6, 6))[0]
     assert not win.unsupported(1, (8, 8))
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "hw", "pooled"),
+    [(1, 2, (7, 10), (4, 5)), (5, 2, (7, 10), (4, 5)), (5, 1, (6, 6), (6, 6)), (7, 4, (9, 9), (3, 3))],
+)
+def test_pooling_kernel_sets_the_window_and_keeps_the_stride(build, kernel, stride, hw, pooled):
+    module = build(kernel=kernel, stride_q=stride, stride_kv=stride)
+    assert module.pool_k.kernel_size == (kernel, kernel) and module.pool_k.padding == (kernel // 2, kernel // 2)
+    assert module.output_hw(hw) == pooled and module.kv_hw(hw) == pooled  # padding kernel // 2: ceil(H / s)
+    x, _ = module.example_inputs(1, hw)
+    assert module(x, hw).shape == (1, pooled[0] * pooled[1], 16)
+
+
+def test_a_wider_kernel_pools_further_neighbours(build):
+    # key pooling at stride 1 without position bias: a change at pixel (0, 0) reaches the pooled key of pixel (0, 2)
+    # through a 5x5 kernel and not through a 3x3 one; the queries' pooling is a 1x1 kernel in neither
+    def moved(kernel: int) -> bool:
+        torch.manual_seed(0)
+        m = build(kernel=kernel, stride_q=1, stride_kv=1, rel_pos=False)
+        x, _ = m.example_inputs(1, (6, 6))
+        k0 = m._pool(m.proj.keys_values(x)[0], (6, 6), m.pool_k, None)[0]
+        x2 = x.clone()
+        x2[0, 0] += 1.0
+        k1 = m._pool(m.proj.keys_values(x2)[0], (6, 6), m.pool_k, None)[0]
+        return not torch.allclose(k0[:, :, 2], k1[:, :, 2])  # token (0, 2)
+
+    assert moved(5) and not moved(3)
+
+
+@pytest.mark.parametrize("kernel", [0, 2, -3, True, 1.5])
+def test_a_kernel_that_is_not_odd_and_positive_is_refused(kernel):
+    with pytest.raises(attentions.KnobError, match="kernel"):
+        attentions.build("pooling", dim=16, heads=2, kernel=kernel)
+
+
+def test_kernel_macs_match_the_counted_ones():
+    from bench.flops import count
+
+    for kernel in (1, 5):
+        for mode in ("conv", "avg"):
+            # without the position tables, whose resizing the analytic count leaves out (batch-independent)
+            m = attentions.build("pooling", dim=16, heads=2, kernel=kernel, mode=mode, stride_kv=2, rel_pos=False)
+            m = m.eval()
+            x, hw = m.example_inputs(1, (8, 8))
+            assert count(m, (x, hw), flop_counter=False, backward=False).macs == m.macs(1, (8, 8))

@@ -503,8 +503,12 @@ def measure_model(model: Any, resolution: int, batch: int, device: str, smoke: b
     bm._sync(device)
     first = time.perf_counter() - t0
     row["first_call_ms"] = first * 1e3
+    t0 = time.perf_counter()
+    step()
+    bm._sync(device)
+    per_call = min(first, time.perf_counter() - t0)  # a warm call plans the samples
     if device.startswith("cuda"):
-        times = bm._cuda_times(step, lambda: None, device, first, settings, budget)
+        times = bm._cuda_times(step, lambda: None, device, per_call, settings, budget)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -518,7 +522,7 @@ def measure_model(model: Any, resolution: int, batch: int, device: str, smoke: b
         torch.cuda.synchronize()
         row["train_peak_bytes"] = int(torch.cuda.max_memory_allocated() - base)
     else:
-        times = bm._cpu_times(step, lambda: None, first, settings, budget)
+        times = bm._cpu_times(step, lambda: None, per_call, settings, budget)
         row.update(peak_bytes=int(bm.cpu_peak_bytes(step)), memory_method="cpu_profiler",
                    timing_method="torch.utils.benchmark", threads=torch.get_num_threads(),
                    train_peak_bytes=int(bm.cpu_peak_bytes(train_step)))  # fmt: skip

@@ -58,12 +58,13 @@ def main(argv: list[str]) -> int:
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         driver.get(page.as_uri())
-        plots = driver.execute_script(COUNT_PLOTS)
         deadline = time.monotonic() + TIMEOUT_S
-        drawn = -1
+        plots, drawn = 0, -1
         while time.monotonic() < deadline:
+            # counted again each time: the figures' divs are made by scripts that may still be running
+            plots = driver.execute_script(COUNT_PLOTS)
             drawn = driver.execute_script(COUNT_DRAWN)
-            if drawn == plots:
+            if plots > 0 and drawn == plots:
                 break
             time.sleep(0.25)
         errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]

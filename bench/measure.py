@@ -36,7 +36,7 @@ class Settings:
     """How points are measured (the same for every point of a sweep; not part of point_id)."""
 
     timeout_s: float = 120.0
-    # CPU: seconds of timing per point (torch.utils.benchmark blocked_autorange).
+    # CPU: seconds of timing per point, split over its rounds (torch.utils.benchmark Timer.timeit blocks).
     cpu_min_run_time: float = 0.2
     # CUDA: warm-up and timed milliseconds per point (as triton.testing.do_bench).
     cuda_warmup_ms: float = 25.0

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import reports
-from reports.compare import summary_line
+from attnbench import reports
+from attnbench.reports.compare import summary_line
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """The eight attention mechanisms behind one interface.
 
->>> import attentions
+>>> from attnbench import attentions
 >>> attn = attentions.build("swin", dim=96, heads=3, window=7)
 >>> x, hw = attn.example_inputs(batch=2, hw=(56, 56))
 >>> attn(x, hw).shape

@@ -1,7 +1,7 @@
 """timm's equivalents of our mechanisms, as peers to time beside ours (where timm is importable).
 
     ATTNBENCH_PLUGINS=attentions.peers attnbench sweep --mechanism timm_swin --impl timm ...
-    python -m attentions.peers --device cuda --out parity.json     # the parity check, first
+    python -m attnbench.attentions.peers --device cuda --out parity.json     # the parity check, first
 
 Each peer is registered under ``timm_<ours>`` with our mechanism's knobs, and
 runs the module that timm users run: ViT's ``Attention`` (full), Swin's

@@ -30,6 +30,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attnbench
+
 from .measure import Settings
 from .points import GridError, Point
 
@@ -50,7 +52,7 @@ class InProcess:
 
 
 class Subprocess:
-    """One ``python -m bench.worker`` per point."""
+    """One ``python -m attnbench.bench.worker`` per point."""
 
     name = "subprocess"
 
@@ -65,12 +67,13 @@ class Subprocess:
             src.write_text(json.dumps({"point": point.to_json(), "settings": settings.to_dict()}))
             limit = settings.timeout_s + self.startup_grace_s
             full_env = {**os.environ, **self.env, **(env or {})}
-            repo = str(Path(__file__).resolve().parent.parent)
+            # The folder that holds the package attnbench (a checkout or site-packages), for the worker's imports.
+            repo = str(Path(attnbench.__file__).resolve().parent.parent)
             full_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, full_env.get("PYTHONPATH", "")) if p)
             start = time.perf_counter()
             # Own session: on timeout the whole process group goes (compile workers included).
             proc = subprocess.Popen(
-                [self.python, "-m", "bench.worker", str(src), str(dst)],
+                [self.python, "-m", "attnbench.bench.worker", str(src), str(dst)],
                 env=full_env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

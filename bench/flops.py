@@ -42,10 +42,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from attnbench.attentions import kernels
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
-
-from attentions import kernels
 
 __all__ = [
     "ZERO_OPS",
@@ -602,7 +601,7 @@ def _flop_counter_count(module: nn.Module, args: tuple, backward: bool, result: 
 
 def _analytic(module: nn.Module, args: tuple) -> int | None:
     """The mechanism's own count where the module declares one (attentions.Attention.macs)."""
-    from attentions.base import Attention
+    from attnbench.attentions.base import Attention
 
     if isinstance(module, Attention):
         x, hw = args[0], args[1]

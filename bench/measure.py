@@ -237,7 +237,7 @@ def strict() -> Iterator[None]:
     """Dynamo raises on a recompile limit hit (the point becomes an error) instead of running eager
     silently. Entered by whoever advances ``measure_steps``, around each step, so that points whose
     steps are interleaved never restore each other's settings out of order."""
-    from attentions.kernels import strict_dynamo
+    from attnbench.attentions.kernels import strict_dynamo
 
     with strict_dynamo():
         yield
@@ -271,7 +271,7 @@ def measure_steps(
         if reasons:
             record.update(status="skipped", reason="; ".join(reasons))
             return record
-        from attentions.kernels import recompile_limit_error
+        from attnbench.attentions.kernels import recompile_limit_error
 
         from .provenance import LabelMismatch
 
@@ -365,7 +365,7 @@ def build_workload(point: Point, seed: int = 0, compile_backend: str = "inductor
     """
     import torch
 
-    import attentions
+    from attnbench import attentions
 
     device, dtype = point.device, _dtype(point.dtype)
     torch.manual_seed(seed)
@@ -490,8 +490,7 @@ def _ops_and_memory(work: Workload, device: str) -> tuple[Any, dict[str, Any]]:
     baseline: module, inputs and upstream gradient built, grads None. On the CPU the
     profiled step is the memory probe; on CUDA the allocator's peak counter is."""
     import torch
-
-    from attentions.kernels import flex
+    from attnbench.attentions.kernels import flex
 
     from .provenance import profile_ops
 

@@ -278,7 +278,7 @@ def expand(grid: Grid) -> Expansion:
     registry's one answer) are returned in ``refused`` so the sweep records them
     as ``skipped``.
     """
-    import attentions
+    from attnbench import attentions
 
     load_plugins()
     names = grid.mechanisms or attentions.available()
@@ -374,7 +374,7 @@ def expand(grid: Grid) -> Expansion:
 def _fitted_knobs(grid: Grid, name: str, resolutions: list[Resolution]) -> dict[str, Any]:
     """The knobs attentions.fit_knobs gives for the grid's maps, at its first width and heads (none for
     stage widths, or when no knob change fits: the points then say why they are refused)."""
-    import attentions
+    from attnbench import attentions
 
     dims = [d for d in grid.dims if isinstance(d, int) and not isinstance(d, bool)]
     if not dims or not grid.heads:
@@ -389,7 +389,7 @@ def _fitted_knobs(grid: Grid, name: str, resolutions: list[Resolution]) -> dict[
 
 def point_reasons(point: Point) -> list[str]:
     """Why a point cannot run on this machine (empty when it can): attentions.not_supported_reasons of it."""
-    import attentions
+    from attnbench import attentions
 
     return attentions.not_supported_reasons(
         point.mechanism,

@@ -172,7 +172,7 @@ def sweep_differences(stored: dict[str, Any], request: dict[str, Any]) -> list[s
 def check_runnable(grid: Grid, *, devices_here: bool = True) -> None:
     """Refuse, before anything is measured, an impl that none of the selected mechanisms
     declares and (``devices_here``: the points run on this machine) a device it lacks."""
-    import attentions
+    from attnbench import attentions
 
     from .points import load_plugins
 

@@ -1,4 +1,4 @@
-"""Measure one point in a fresh process: ``python -m bench.worker IN.json OUT.json``.
+"""Measure one point in a fresh process: ``python -m attnbench.bench.worker IN.json OUT.json``.
 
 IN.json holds ``{"point": <point config>, "settings": <Settings fields>}``; the
 record is written to OUT.json (atomically), never to stdout, so whatever a
@@ -41,7 +41,7 @@ def _die_with_parent() -> None:
 def main(argv: list[str]) -> int:
     _die_with_parent()
     if len(argv) != 2:
-        print("usage: python -m bench.worker IN.json OUT.json", file=sys.stderr)
+        print("usage: python -m attnbench.bench.worker IN.json OUT.json", file=sys.stderr)
         return 2
     job = json.loads(Path(argv[0]).read_text())
     record = measure_dict(job["point"], job["settings"])

@@ -1,6 +1,6 @@
 """Vision models built from the registered attentions: backbones, the zoo, data and training.
 
->>> import models
+>>> from attnbench import models
 >>> models.available()[:3]
 ['swin_t', 'pvt_v2_b0', 'quadtree_b_b0']
 >>> model = models.create("pyramid_swin", tiny=True, num_classes=4)

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from attnbench.attentions.common import to_map, to_tokens
 from torch import nn
 
-import attentions
-from attentions.common import to_map, to_tokens
+from attnbench import attentions
 
 from .layers import HW, DropPath, Merge, Mlp, Stem, init_linear
 

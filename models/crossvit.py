@@ -33,10 +33,10 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from attnbench.attentions.cross import _proj_in_out
 from torch import nn
 
-import attentions
-from attentions.cross import _proj_in_out
+from attnbench import attentions
 
 from .layers import HW, DropPath, Mlp, init_linear
 

@@ -217,7 +217,7 @@ def _tupled(value: Any) -> Any:
 
 def model_fn(exp: Experiment, variant: Variant, mode: str) -> Callable[[int], Any]:
     """num_classes -> the variant's model in ``mode``; raises ExperimentError naming the field."""
-    from attentions import KnobError
+    from attnbench.attentions import KnobError
 
     from . import zoo
     from .backbone import Backbone, BackboneConfig
@@ -266,7 +266,7 @@ def model_fn(exp: Experiment, variant: Variant, mode: str) -> Callable[[int], An
                         knobs=tuple({**old.block(j)[1], **(kn[j % len(kn)] or {})} for j in range(old.depth)),
                     )
         if knobs_all:
-            import attentions
+            from attnbench import attentions
 
             used: set[str] = set()
             for i, st in enumerate(new_stages):
@@ -344,8 +344,8 @@ def run(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train and measure every variant of ``exp`` in ``mode`` into ``out`` (resumable); a summary."""
-    from bench.env import fingerprint
-    from bench.store import ResultsStore
+    from attnbench.bench.env import fingerprint
+    from attnbench.bench.store import ResultsStore
 
     from . import train as train_mod
 
@@ -461,7 +461,7 @@ def _complete(run_dir: Path) -> bool:
 
 
 def _final_row(run_dir: Path) -> dict[str, Any]:
-    from bench.store import read_results
+    from attnbench.bench.store import read_results
 
     rows = [r for r in read_results(run_dir).records if r.get("kind") == "train"]
     return rows[-1]
@@ -471,9 +471,8 @@ def measure_model(model: Any, resolution: int, batch: int, device: str, smoke: b
     """Params, MACs (bench.flops), inference latency (median, p20, p80), the peak memory of one inference
     forward (``peak_bytes``) and of one training forward and backward (``train_peak_bytes``)."""
     import torch
-
-    from bench import measure as bm
-    from bench.flops import count
+    from attnbench.bench import measure as bm
+    from attnbench.bench.flops import count
 
     model = model.to(device).eval()
     x = torch.randn(batch, 3, resolution, resolution, device=device)
@@ -526,7 +525,7 @@ def measure_model(model: Any, resolution: int, batch: int, device: str, smoke: b
         row.update(peak_bytes=int(bm.cpu_peak_bytes(step)), memory_method="cpu_profiler",
                    timing_method="torch.utils.benchmark", threads=torch.get_num_threads(),
                    train_peak_bytes=int(bm.cpu_peak_bytes(train_step)))  # fmt: skip
-    from bench import samples
+    from attnbench.bench import samples
 
     # the harness's one summary of the raw samples, stored beside them
     row.update(samples.summary(times), latency_samples_ms=samples.compact(times))

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from attnbench.attentions.common import to_map, to_tokens
 from torch import nn
-
-from attentions.common import to_map, to_tokens
 
 HW = tuple[int, int]
 

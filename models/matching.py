@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import attentions
+from attnbench import attentions
 from attnbench.errors import AttnbenchError
 
 from .layers import Mlp

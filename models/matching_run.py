@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-import attentions
+from attnbench import attentions
 
 from .matching import AttentionStack, Matcher, MatcherConfig, MatchError, chance_precision, check_config, evaluate
 from .matching import loss_fn as match_loss
@@ -127,8 +127,8 @@ def run(
     cfg: MatchRunConfig, *, log: Callable[[str], None] = print, progress: Callable[[str], None] | None = None
 ) -> list[dict[str, Any]]:
     """Train and record every (mechanism, seed) not yet in the store; returns all the final rows."""
-    from bench.env import fingerprint
-    from bench.store import ResultsStore
+    from attnbench.bench.env import fingerprint
+    from attnbench.bench.store import ResultsStore
 
     validate(cfg)
     if cfg.threads is not None:
@@ -264,10 +264,9 @@ def _finite(row: dict[str, Any]) -> dict[str, Any]:
 
 def stack_cost(stack: AttentionStack, mcfg: MatcherConfig) -> dict[str, Any]:
     """Cost of the attention stack on one pair (batch 1, forward, float32, CPU), as bench measures a point."""
+    from attnbench.bench.flops import count
+    from attnbench.bench.measure import cpu_peak_bytes
     from torch.utils.benchmark import Timer
-
-    from bench.flops import count
-    from bench.measure import cpu_peak_bytes
 
     n = mcfg.coarse_hw[0] * mcfg.coarse_hw[1]
     gen = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ from . import zoo
 
 def zoo_row(name: str, tiny: bool = False) -> dict[str, Any]:
     """One model's row: params and MACs (bench.flops, batch 1, native resolution); FLOPs = 2 * MACs."""
-    from bench.flops import count
+    from attnbench.bench.flops import count
 
     entry = zoo.entry(name)
     model = zoo.create(name, tiny=tiny)

@@ -231,8 +231,8 @@ def train(
     model_fn: ModelFn | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and record; returns the final row plus ``step_losses`` of this invocation."""
-    from bench.env import fingerprint
-    from bench.store import ENV, RESULTS, ResultsStore
+    from attnbench.bench.env import fingerprint
+    from attnbench.bench.store import ENV, RESULTS, ResultsStore
 
     prep = prepare(cfg, model_fn)
     if cfg.threads is not None:
@@ -373,7 +373,7 @@ def _row_id(cfg: TrainConfig, what: str) -> dict[str, Any]:
 
 
 def _mechanisms(model: nn.Module) -> list[str]:
-    import attentions
+    from attnbench import attentions
 
     names = {m.name for m in model.modules() if isinstance(m, attentions.Attention)}
     return sorted(names)
@@ -381,7 +381,7 @@ def _mechanisms(model: nn.Module) -> list[str]:
 
 def _macs(model: nn.Module, resolution: int, device: torch.device) -> int | None:
     """Multiply-adds of one image's forward pass (FLOPs = 2 * MACs), by bench.flops."""
-    from bench.flops import count
+    from attnbench.bench.flops import count
 
     x = torch.zeros(1, 3, resolution, resolution, device=device)
     try:

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-import attentions
+from attnbench import attentions
 from attnbench.errors import UnknownName
 
 from .backbone import Backbone, BackboneConfig, StageConfig

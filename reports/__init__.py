@@ -5,7 +5,7 @@ Reads run directories with pandas only (never torch), so a report renders anywhe
 
 from __future__ import annotations
 
-from reports.analysis import (
+from attnbench.reports.analysis import (
     DEFAULT_BASELINE,
     Baseline,
     BaselineError,
@@ -17,9 +17,9 @@ from reports.analysis import (
     resolve_baseline,
     summary_table,
 )
-from reports.compare import Comparison, FingerprintMismatch, compare, fingerprint_differences
-from reports.data import Run, RunError, load_run, tidy
-from reports.page import build_compare_page, build_report
+from attnbench.reports.compare import Comparison, FingerprintMismatch, compare, fingerprint_differences
+from attnbench.reports.data import Run, RunError, load_run, tidy
+from attnbench.reports.page import build_compare_page, build_report
 
 __all__ = [
     "DEFAULT_BASELINE",

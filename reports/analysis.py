@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from attnbench.reports.data import MIB, SIDE_AXES, plain
 
 from attnbench.errors import AttnbenchError
-from reports.data import MIB, SIDE_AXES, plain
 
 DEFAULT_BASELINE = "full"
 # The baseline's implementation unless ``--baseline NAME:IMPL`` names another.
@@ -382,7 +382,7 @@ def with_baseline(df: pd.DataFrame, baseline: str | Baseline = DEFAULT_BASELINE)
     mechanism MACs of the timed pass: the speed-up its FLOPs promise) and ``realised`` (speedup / promised,
     where a saving is promised).
     """
-    from reports.data import CONTEXT_FIELDS
+    from attnbench.reports.data import CONTEXT_FIELDS
 
     base = as_baseline(baseline, df)
     keys = ["run"] + CONTEXT_FIELDS

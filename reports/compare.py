@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from attnbench.bench.env import env_differences
+from attnbench.reports.data import MIB, POINT_FIELDS, Run, resolution_text, tidy
 
 from attnbench.errors import AttnbenchError
-from bench.env import env_differences
-from reports.data import MIB, POINT_FIELDS, Run, resolution_text, tidy
 
 # Statuses that mean a point broke (a newly skipped point is a configuration change, not a regression).
 BROKEN = ("oom", "error", "timeout")

@@ -108,7 +108,7 @@ def knobs_label(knobs: Any) -> str:
 
 def load_run(path: str | Path) -> Run:
     """Read one run directory with ``bench.store.load`` (torch-free). Raises RunError naming what is missing."""
-    from bench import store
+    from attnbench.bench import store
 
     path = Path(path)
     if not path.is_dir():
@@ -236,7 +236,7 @@ def train_rows(runs: list[Run]) -> pd.DataFrame:
 
 def _bandwidth(env: dict[str, Any], device_name: str) -> float:
     """Memory bandwidth (GB/s) of a point's GPU from bench's hardware table, NaN when unknown."""
-    from bench.hardware import lookup
+    from attnbench.bench.hardware import lookup
 
     name = device_name if isinstance(device_name, str) and device_name not in ("-", "") else env.get("gpu_name")
     spec = lookup(name) if isinstance(name, str) else None

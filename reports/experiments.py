@@ -22,10 +22,9 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
-
-from bench.store import read_results
-from reports.page import Section, document, esc, table_html
-from reports.stats import mean_ci, overlap
+from attnbench.bench.store import read_results
+from attnbench.reports.page import Section, document, esc, table_html
+from attnbench.reports.stats import mean_ci, overlap
 
 MODE_ORDER = {"full": 0, "quick": 1, "smoke": 2}
 

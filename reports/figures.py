@@ -15,10 +15,7 @@ from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
-from plotly.subplots import make_subplots
-
-from reports.analysis import (
+from attnbench.reports.analysis import (
     DEFAULT_IMPL,
     METRIC_SCALE,
     METRICS,
@@ -31,7 +28,9 @@ from reports.analysis import (
     is_gpu,
     with_baseline,
 )
-from reports.data import OVERHEAD_FACTOR, resolution_text
+from attnbench.reports.data import OVERHEAD_FACTOR, resolution_text
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
 
 PASS_ORDER = ["fwd", "fwd+bwd"]
 PALETTE = qualitative.Plotly + qualitative.Dark24 + qualitative.Light24
@@ -480,7 +479,7 @@ def knob_sensitivity(
 
     The mechanism's other knobs are held at their most common setting.
     """
-    from reports.data import knob_value_label, knobs_label
+    from attnbench.reports.data import knob_value_label, knobs_label
 
     ok = in_side(df[(df["status"] == "ok") & (df["mechanism"] == mechanism)], side)
     if ok.empty:

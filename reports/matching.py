@@ -15,10 +15,9 @@ from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
+from attnbench.reports.page import Section, _fig_html, document, esc, table_html
+from attnbench.reports.stats import mean_ci
 from plotly.subplots import make_subplots
-
-from reports.page import Section, _fig_html, document, esc, table_html
-from reports.stats import mean_ci
 
 METRICS = ("precision", "auc@3", "auc@5", "auc@10")
 STRIDE = 8  # pixels per coarse cell of the matcher
@@ -26,7 +25,7 @@ STRIDE = 8  # pixels per coarse cell of the matcher
 
 def load(run_dir: str | Path) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, Any]]:
     """The match rows (last per point), the footprint records (last per run and state) and env.json."""
-    from bench.store import ENV, read_results
+    from attnbench.bench.store import ENV, read_results
 
     run_dir = Path(run_dir)
     rows = [r for r in read_results(run_dir).records if r.get("kind") == "match"]

@@ -16,11 +16,9 @@ from typing import Any
 
 import pandas as pd
 import plotly.io as pio
-from plotly.offline import get_plotlyjs
-
-from bench.env import env_differences
-from reports import analysis, figures
-from reports.data import (
+from attnbench.bench.env import env_differences
+from attnbench.reports import analysis, figures
+from attnbench.reports.data import (
     MIB,
     OVERHEAD_FACTOR,
     SIDE_AXES,
@@ -32,6 +30,7 @@ from reports.data import (
     tidy,
     train_rows,
 )
+from plotly.offline import get_plotlyjs
 
 NUMERIC_SIDE_AXES = ("batch", "dim", "heads")
 CATEGORICAL_SIDE_AXES = ("dtype", "compile", "cross", "device")
@@ -502,7 +501,7 @@ def _failures(df: pd.DataFrame) -> Section:
 
 def build_compare_page(cmp: Any, base: Run, new: Run) -> str:
     """The comparison of two runs as one self-contained HTML page: summary, plot of changes, full table."""
-    from reports.compare import display_table, summary_line
+    from attnbench.reports.compare import display_table, summary_line
 
     table = display_table(cmp)
     n_reg = int(t["regression"].sum()) if not (t := cmp.table).empty else 0

@@ -50,7 +50,7 @@ PRESET = "gpu-run"
 # The whole run, install included, must fit 9 minutes of an H100 or H200.
 TOTAL_S = 540.0
 INSTALL_BUDGET_S = 20.0  # scripts/gpu_run.sh's pip install of .whl/ (a few pure-Python wheels), counted in TOTAL_S
-PEER_PLUGIN = "attentions.peers"
+PEER_PLUGIN = "attnbench.attentions.peers"
 # The installed distributions, as pip freeze prints them (without pip's start-up).
 FREEZE = (
     "import importlib.metadata as m; print(*sorted(f'{d.name}=={d.version}' for d in m.distributions()), sep='\\n')"
@@ -165,14 +165,14 @@ assert INSTALL_BUDGET_S + sum(p.budget_s for p in PHASES) <= TOTAL_S
 
 def peer_sweeps() -> tuple[Sweep, ...]:
     """The peers (impl timm) and ours beside them (impl fast), on the same maps."""
-    from attentions import peers
+    from attnbench.attentions import peers
 
     names = peers.registered()
     if not names:
         return ()
     ours = sorted({peers.PEERS[n].ours for n in names})
     env = (("ATTNBENCH_PLUGINS", PEER_PLUGIN),)
-    import attentions
+    from attnbench import attentions
 
     def sweeps(mechs: list[str], impl: str) -> list[Sweep]:
         # windows of 8 only where the window is the mechanism's cost knob (Swin's), not MViTv2's hybrid one
@@ -192,8 +192,8 @@ def peer_sweeps() -> tuple[Sweep, ...]:
 
 def sweep_points(sweep: Sweep, extra: list[str]) -> list[Any]:
     """The points one sweep call would measure (those its grid does not refuse statically)."""
-    from bench.points import expand
-    from bench.sweep import resolve_request
+    from attnbench.bench.points import expand
+    from attnbench.bench.sweep import resolve_request
 
     axes: dict[str, list[str]] = {}
     knobs: list[str] = []
@@ -205,7 +205,7 @@ def sweep_points(sweep: Sweep, extra: list[str]) -> list[Any]:
             knobs.append(value)
         else:
             axes[names[flag]] = [value]
-    from attentions.base import _device_reasons
+    from attnbench.attentions.base import _device_reasons
 
     grid, _ = resolve_request(PRESET, None, axes, knobs)
     expansion = expand(grid)
@@ -220,14 +220,14 @@ def estimate_point(point: Any) -> tuple[float, str | None]:
     """(seconds of GPU time, None) for a point the mechanism accepts on CUDA; (0, reason) when it refuses it."""
     import torch
 
-    import attentions
+    from attnbench import attentions
 
     with torch.device("meta"):
         module = attentions.build(
             point.mechanism, dim=point.dim, heads=point.heads, impl=point.impl, **point.knob_dict()
         )
     ctx = module.default_context_hw(point.hw) if point.cross else None
-    from attentions.base import _device_reasons
+    from attnbench.attentions.base import _device_reasons
 
     reasons = module.unsupported(point.batch, point.hw, ctx, dtype=getattr(torch, point.dtype), device="cuda")
     reasons = [r for r in reasons if r not in _device_reasons("cuda")]  # this machine's lack of a GPU aside
@@ -292,7 +292,7 @@ def plan(phases: tuple[Phase, ...], log: Any) -> dict[str, dict[str, Any]]:
         elif phase.kind == "peers" and not sweeps:
             lines = ["(timm is not importable here: on the GPU image the peers' parity check and sweep run)"]
         elif phase.kind == "peers":
-            est += PROCESS_START_S + PEER_PARITY_S  # python -m attentions.peers first
+            est += PROCESS_START_S + PEER_PARITY_S  # python -m attnbench.attentions.peers first
         flag = "  OVER BUDGET" if est > phase.budget_s else ""
         log(f"  {phase.name:<9}budget {phase.budget_s:5.0f} s  estimated {est:5.0f} s  {n:3d} points{flag}")
         for line in lines:
@@ -354,7 +354,7 @@ class Runner:
         return ("ok" if rc == 0 else "failed"), rc
 
     def cli(self, *args: str) -> list[str]:
-        return [self.python, "-m", "cli", *args]
+        return [self.python, "-m", "attnbench", *args]
 
     def sweep_cmd(self, sweep: Sweep, run_dir: Path) -> list[str]:
         # a phase sweeps several grids (mechanisms, impls, knobs) into one run directory: --append says so
@@ -412,7 +412,7 @@ class Runner:
                     (self.out / phase.name).mkdir(exist_ok=True)
                     parity = self.out / phase.name / "parity.json"
                     device = "cpu" if self.args.dry_run else "cuda"
-                    step([self.python, "-m", "attentions.peers", "--device", device, "--out", str(parity)])
+                    step([self.python, "-m", "attnbench.attentions.peers", "--device", device, "--out", str(parity)])
                     if parity.exists():  # only the peers that matched ours are timed
                         ok = [r["peer"] for r in json.loads(parity.read_text()) if r["ok"]]
                         sweeps = _keep_mechanisms(sweeps, ok)
@@ -466,7 +466,7 @@ def tiny_args(args: tuple[str, ...], mode: argparse.Namespace) -> list[str]:
 
 def _keep_mechanisms(sweeps: tuple[Sweep, ...], peers_ok: list[str]) -> tuple[Sweep, ...]:
     """The peer sweeps limited to the peers whose parity held, and the mechanisms of ours they stand beside."""
-    from attentions import peers
+    from attnbench.attentions import peers
 
     keep = {"timm": peers_ok, "fast": sorted({peers.PEERS[n].ours for n in peers_ok})}
     out = []

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from attnbench.bench.points import Grid, expand
 from typer.testing import CliRunner
 
-import cli
-from bench.points import Grid, expand
+from attnbench import cli
 
 TRAIN = ["train", "-m", "pyramid_full", "--tiny", "--train-size", "8", "--val-size", "8", "--batch", "8"]
 
@@ -30,7 +30,7 @@ def trained(checkpoint: Callable[[Path], None]) -> Callable[[Path], None]:
     """A training run directory that --resume accepts, but for its checkpoint."""
 
     def setup(tmp: Path) -> None:
-        from models.train import TRAIN_JSON
+        from attnbench.models.train import TRAIN_JSON
 
         d = tmp / "t"
         d.mkdir()
@@ -125,7 +125,7 @@ def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, monke
 def test_user_strings_are_printed_as_they_are_not_as_rich_markup(tmp_path, monkeypatch):
     import shutil
 
-    from bench import executors
+    from attnbench.bench import executors
 
     class Instant(executors.InProcess):
         def run(self, points, settings):
@@ -148,7 +148,7 @@ def test_user_strings_are_printed_as_they_are_not_as_rich_markup(tmp_path, monke
 
 
 def test_flops_reads_maps_and_knobs_in_the_sweep_grammar():
-    from bench.points import parse_knob, parse_resolution
+    from attnbench.bench.points import parse_knob, parse_resolution
 
     runner = CliRunner()
     args = ["flops", "-m", "quadtree", "-r", "64px:s1", "--dim", "16", "--heads", "2", "-k", "topk=[4,2]", "--json"]

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-import attentions
+from attnbench import attentions
 
 
 @pytest.fixture

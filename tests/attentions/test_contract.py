@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from attnbench.attentions.testing import TOLERANCE, assert_parity
 
-import attentions
-from attentions.testing import TOLERANCE, assert_parity
+from attnbench import attentions
 
 DIM, HEADS, BATCH = 32, 2, 2
 # Candidate maps, non-square and not powers of two first; the first one a
@@ -266,7 +266,7 @@ def test_full_bias_reads_the_offset_rows_by_hand():
 
 
 def test_reference_attend_is_float64_in_float64():
-    from attentions.common import attend
+    from attnbench.attentions.common import attend
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -281,7 +281,7 @@ def test_reference_attend_is_float64_in_float64():
 def test_fast_takes_the_explicit_path_where_sdpa_would_not_fuse(monkeypatch):
     # On the CPU SDPA has no fused kernel for a bias that needs a gradient: fast must not call it then
     # (its unfused math kernel is slower than attend's explicit path), and must call it otherwise.
-    from attentions import common
+    from attnbench.attentions import common
 
     calls = []
     real = common.F.scaled_dot_product_attention

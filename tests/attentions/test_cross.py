@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import attentions
+from attnbench import attentions
 
 EPS = 1e-6
 

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from attnbench.attentions.common import to_map, to_tokens
+from attnbench.attentions.relpos import DeformableBiasTable
 
-import attentions
-from attentions.common import to_map, to_tokens
-from attentions.relpos import DeformableBiasTable
+from attnbench import attentions
 
 MECHANISM = "deformable"
 

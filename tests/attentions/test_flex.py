@@ -15,12 +15,12 @@ import warnings
 
 import pytest
 import torch
+from attnbench.attentions.testing import assert_parity
 
-import attentions
-from attentions.testing import assert_parity
+from attnbench import attentions
 
 flex_api = pytest.importorskip("torch.nn.attention.flex_attention")
-from attentions.kernels import flex  # noqa: E402
+from attnbench.attentions.kernels import flex  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,7 +86,7 @@ def test_swin_block_masks_are_cached_per_resolution(build, allow_cpu_backward):
 
 @pytest.mark.parametrize(("windows", "tokens"), [(1, 49), (6, 16), (64, 49), (30, 9), (3, 200), (16, 64)])
 def test_window_block_pairs_are_the_pairs_of_the_visited_blocks(windows, tokens):
-    from bench.flops import flex_attention_macs
+    from attnbench.bench.flops import flex_attention_macs
 
     mask = flex.window_block_mask(windows, tokens, torch.device("cpu"))
     length = windows * tokens
@@ -128,12 +128,12 @@ def test_pooling_flex_without_relative_position(build, allow_cpu_backward):
 
 
 def test_pooling_flex_never_builds_the_bias(build, allow_cpu_backward, monkeypatch):
-    import attentions.pooling
+    import attnbench.attentions.pooling as pooling_module
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the flex path must not materialise the (Nq, Nk) bias")
 
-    monkeypatch.setattr(attentions.pooling, "mvit_bias", forbidden)
+    monkeypatch.setattr(pooling_module, "mvit_bias", forbidden)
     module = build("pooling", rel_pos_size=16, impl="flex")
     x, hw = module.example_inputs(1, (8, 8), device=DEVICE)
     module.to(DEVICE)(x, hw).sum().backward()

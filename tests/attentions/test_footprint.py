@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from attnbench.attentions.common import split_heads
+from attnbench.attentions.footprint import splat
 
-import attentions
-from attentions.common import split_heads
-from attentions.footprint import splat
+from attnbench import attentions
 
 HW = (16, 16)
 QUERY = (5, 9)
@@ -129,7 +129,7 @@ def test_pvt_matches_the_reduced_attention_matrix_spread_over_whole_cells(knobs,
     kh, kw = module.kv_hw(shw)
     if knobs.get("version") == "v2":
         # each pixel gets the sum over the adaptive bins holding it of bin weight / bin size
-        from attentions.footprint import adaptive_bins
+        from attnbench.attentions.footprint import adaptive_bins
 
         rows, cols = adaptive_bins(shw[0], kh), adaptive_bins(shw[1], kw)
         assert torch.allclose(fp, torch.einsum("hab,ay,bx->hyx", row.view(-1, kh, kw).double(), rows, cols), atol=1e-7)

@@ -3,13 +3,13 @@ an (N, N) index rebuilt at every call."""
 
 from __future__ import annotations
 
+import attnbench.attentions.full as full_module
 import pytest
 import torch
+from attnbench.attentions.relpos import map_bias, map_offsets, swin_bias, swin_index, swin_table
+from attnbench.bench.measure import cpu_peak_bytes
 
-import attentions
-import attentions.full
-from attentions.relpos import map_bias, map_offsets, swin_bias, swin_index, swin_table
-from bench.measure import cpu_peak_bytes
+from attnbench import attentions
 
 DIM, HEADS = 16, 2
 
@@ -30,13 +30,13 @@ def test_map_offsets_refuse_a_map_larger_than_the_table():
 
 def counting_offsets(monkeypatch):
     calls = []
-    real = attentions.full.map_offsets
+    real = full_module.map_offsets
 
     def counted(hw, table_window, device=None):
         calls.append(tuple(hw))
         return real(hw, table_window, device)
 
-    monkeypatch.setattr(attentions.full, "map_offsets", counted)
+    monkeypatch.setattr(full_module, "map_offsets", counted)
     return calls
 
 

@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
+from attnbench.attentions.quadtree import refine_reference
+from attnbench.attentions.testing import assert_parity, rel_error
 
-import attentions
-from attentions.quadtree import refine_reference
-from attentions.testing import assert_parity, rel_error
+from attnbench import attentions
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(
@@ -28,7 +28,7 @@ LEVEL_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def kernel():
-    from attentions.kernels import quadtree
+    from attnbench.attentions.kernels import quadtree
 
     return quadtree
 
@@ -203,7 +203,7 @@ def test_works_under_torch_compile():
 
 
 def test_flops_counted_by_both_counters_and_backward_by_its_rule():
-    from bench import flops
+    from attnbench.bench import flops
 
     torch.manual_seed(0)
     module = attentions.build("quadtree", dim=32, heads=2, levels=2, topk=2, impl="triton").to(DEVICE)

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from attnbench.attentions.linear import feature_map, linear_attention, linear_attention_reference
+from attnbench.attentions.testing import TOLERANCE, parity, rel_error
 
-import attentions
-from attentions.linear import feature_map, linear_attention, linear_attention_reference
-from attentions.testing import TOLERANCE, parity, rel_error
+from attnbench import attentions
 
 BOTH = [linear_attention_reference, linear_attention]
 

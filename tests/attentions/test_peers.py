@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attnbench.attentions import peers
 
-import attentions
-from attentions import peers
+from attnbench import attentions
 
 if not peers.timm_available():
     pytest.skip("timm is not importable here", allow_module_level=True)
 
-from bench.measure import Settings, measure  # noqa: E402
-from bench.points import Grid, expand  # noqa: E402
+from attnbench.bench.measure import Settings, measure  # noqa: E402
+from attnbench.bench.points import Grid, expand  # noqa: E402
 
 NAMES = peers.registered()
 # The test modules collected after this one iterate over the registry: they must not meet the peers.

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from attnbench.attentions.common import attend, merge_heads
+from attnbench.attentions.relpos import mvit_bias, mvit_index, resize_table
+from attnbench.attentions.testing import assert_parity, rel_error
 
-import attentions
-from attentions.common import attend, merge_heads
-from attentions.relpos import mvit_bias, mvit_index, resize_table
-from attentions.testing import assert_parity, rel_error
+from attnbench import attentions
 
 IMPLS = ["reference", "fast"]
 
@@ -289,7 +289,7 @@ def test_bad_knobs_say_what_to_change(knobs, match):
 
 
 def test_knobs_checked_when_built_directly():
-    from attentions.pooling import PoolingKnobs
+    from attnbench.attentions.pooling import PoolingKnobs
 
     with pytest.raises(attentions.KnobError, match="mode"):
         PoolingKnobs(mode="median")  # type: ignore[arg-type]
@@ -350,7 +350,7 @@ def test_a_kernel_that_is_not_odd_and_positive_is_refused(kernel):
 
 
 def test_kernel_macs_match_the_counted_ones():
-    from bench.flops import count
+    from attnbench.bench.flops import count
 
     for kernel in (1, 5):
         for mode in ("conv", "avg"):

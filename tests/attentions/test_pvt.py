@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from attnbench.attentions.common import to_map, to_tokens
+from attnbench.attentions.testing import parity
 
-import attentions
-from attentions.common import to_map, to_tokens
-from attentions.testing import parity
+from attnbench import attentions
 
 DIM, HEADS = 16, 2
 

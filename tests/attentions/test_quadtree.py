@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attnbench.attentions.common import attend
+from attnbench.attentions.quadtree import refine, refine_reference
+from attnbench.attentions.testing import assert_parity
 
-import attentions
-from attentions.common import attend
-from attentions.quadtree import refine, refine_reference
-from attentions.testing import assert_parity
+from attnbench import attentions
 
 DIM, HEADS = 16, 2
 IMPLS = ["reference", "fast"]

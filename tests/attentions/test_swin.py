@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attnbench.attentions.common import attend
+from attnbench.attentions.relpos import swin_bias, swin_index
+from attnbench.attentions.swin import window_layout, window_mask
+from attnbench.attentions.testing import assert_parity, rel_error
 
-import attentions
-from attentions.common import attend
-from attentions.relpos import swin_bias, swin_index
-from attentions.swin import window_layout, window_mask
-from attentions.testing import assert_parity, rel_error
+from attnbench import attentions
 
 IMPLS = ["reference", "fast"]
 
@@ -121,7 +121,7 @@ def test_shift_size_is_the_roll_of_the_windows(build, impl, shift_size):
 
 
 def test_dat_t_shifted_blocks_roll_by_4(build):
-    import models
+    from attnbench import models
 
     cfg = models.config("dat_t")
     shifted = [

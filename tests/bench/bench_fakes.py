@@ -15,9 +15,8 @@ import time
 from typing import Literal
 
 import torch
+from attnbench.attentions.base import _REGISTRY, HW, Attention, KnobError, Knobs, register
 from torch import nn
-
-from attentions.base import _REGISTRY, HW, Attention, KnobError, Knobs, register
 
 
 @dataclasses.dataclass(frozen=True)

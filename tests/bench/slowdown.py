@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-import attentions
+from attnbench import attentions
 
 NAME = os.environ.get("ATTNBENCH_SLOWDOWN", "linear")
 _cls = attentions.get(NAME)

@@ -8,11 +8,11 @@ import typing
 import pytest
 import torch
 import torch.nn.functional as F
+from attnbench.bench import flops
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import attentions
-from bench import flops
+from attnbench import attentions
 
 DIM, HEADS, BATCH = 32, 2, 1
 RESOLUTIONS = [(8, 8), (8, 16)]
@@ -298,7 +298,7 @@ def test_cli_flops_json_for_a_mechanism():
 
     from typer.testing import CliRunner
 
-    from cli import app
+    from attnbench.cli import app
 
     argv = ["flops", "-m", "full", "-r", "8", "--dim", "16", "--heads", "2", "--knob", "qkv_bias=false", "--json"]
     out = CliRunner().invoke(app, argv)
@@ -313,7 +313,7 @@ def test_cli_flops_json_for_a_mechanism():
 def test_cli_flops_refuses_clearly():
     from typer.testing import CliRunner
 
-    from cli import app
+    from attnbench.cli import app
 
     runner = CliRunner()
     both = runner.invoke(app, ["flops", "-m", "full", "--model", "x"])

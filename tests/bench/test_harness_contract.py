@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attnbench.attentions.base import knob_candidates
+from attnbench.bench.measure import precheck
+from attnbench.bench.points import Grid, GridError, expand
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import attentions
-from attentions.base import knob_candidates
-from bench.measure import precheck
-from bench.points import Grid, GridError, expand
+from attnbench import attentions
 
 
 @st.composite

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from bench import measure as m
-from bench.interleave import interleaved
-from bench.measure import Settings, _Budget
-from bench.points import Grid, expand
+from attnbench.bench import measure as m
+from attnbench.bench.interleave import interleaved
+from attnbench.bench.measure import Settings, _Budget
+from attnbench.bench.points import Grid, expand
 
 FAST = dict(cpu_min_run_time=0.003, min_samples=3, remeasure=0, count_flops=False, compile_backend="eager")
 

@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from attnbench.bench import presets
+from attnbench.bench.measure import Settings
+from attnbench.bench.points import Grid, expand
+from attnbench.bench.sweep import run_sweep
 from typer.testing import CliRunner
 
-import attentions
-import reports
-from bench import presets
-from bench.measure import Settings
-from bench.points import Grid, expand
-from bench.sweep import run_sweep
+from attnbench import attentions, reports
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGINS = ROOT / "tests" / "plugins"
@@ -60,7 +59,7 @@ def test_sweep_refuses_a_tile_that_does_not_divide_the_map(tiles, tmp_path):
 
 
 def test_flops_counts_it_and_refuses_what_it_refuses(tiles):
-    import cli
+    from attnbench import cli
 
     runner = CliRunner()
     args = ["flops", "--mechanism", "tiles", "--dim", "64", "--heads", "2", "--knob", "tile=4", "--resolution"]

@@ -11,10 +11,10 @@ import warnings
 
 import pytest
 import torch
+from attnbench.bench.measure import Settings, measure
+from attnbench.bench.points import Grid, expand
 
-import bench
-from bench.measure import Settings, measure
-from bench.points import Grid, expand
+from attnbench import bench
 
 FAST = dict(cpu_min_run_time=0.005, min_samples=3, remeasure=0, count_flops=False, compile_backend="eager")
 
@@ -71,7 +71,7 @@ def test_sdpa_backend_is_recorded():
 def flex_on_cpu(monkeypatch):
     """Compiled flex attention on the CPU (eager backend) with the CPU test backward unlocked."""
     flex_api = pytest.importorskip("torch.nn.attention.flex_attention")
-    from attentions.kernels import flex
+    from attnbench.attentions.kernels import flex
 
     monkeypatch.setattr(flex_api, "_validate_device", lambda *tensors: None)
     with warnings.catch_warnings(), flex.compile_config(backend="eager", devices=("cpu", "cuda")):
@@ -116,7 +116,7 @@ def _one_point(**grid):
 
 def _probes(monkeypatch, values):
     """probe_ms returns ``values`` in turn (the sweep's reference first), then 1.0."""
-    from bench import measure as m
+    from attnbench.bench import measure as m
 
     it = iter(values)
     monkeypatch.setattr(m, "probe_ms", lambda device: next(it, 1.0))
@@ -162,8 +162,8 @@ def test_quiet_point_is_measured_in_its_rounds_once(monkeypatch):
 
 
 def test_flops_counted_once_per_configuration(monkeypatch):
-    from bench import flops
-    from bench import measure as m
+    from attnbench.bench import flops
+    from attnbench.bench import measure as m
 
     calls = []
     real = flops.count

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-import bench
-from bench import samples
+from attnbench.bench import samples
+
+from attnbench import bench
 
 
 def test_summary_and_compact():

@@ -8,15 +8,14 @@ from __future__ import annotations
 import json
 import re
 
+import attnbench.bench.env as env_module
 import pytest
-
-import bench.env
-from bench import store
-from bench.env import env_differences
-from bench.executors import InProcess
-from bench.measure import Settings
-from bench.points import Grid, expand
-from bench.sweep import run_sweep
+from attnbench.bench import store
+from attnbench.bench.env import env_differences
+from attnbench.bench.executors import InProcess
+from attnbench.bench.measure import Settings
+from attnbench.bench.points import Grid, expand
+from attnbench.bench.sweep import run_sweep
 
 FAST = Settings(cpu_min_run_time=0.01, min_samples=3, timeout_s=30.0, threads=1)
 
@@ -184,7 +183,7 @@ def test_a_change_of_code_revision_measures_again_unless_resumed(tmp_path, monke
 
     def at(revision: str) -> None:
         state = {"git_rev": revision, "git_dirty": False, "revision": revision}
-        monkeypatch.setattr(bench.env, "git_state", lambda: state)
+        monkeypatch.setattr(env_module, "git_state", lambda: state)
 
     at("aaaa")
     ran, _ = sweep(run)

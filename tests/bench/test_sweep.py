@@ -16,13 +16,13 @@ import bench_fakes
 import numpy as np
 import pandas as pd
 import pytest
+from attnbench.bench import executors, store
+from attnbench.bench.hardware import lookup
+from attnbench.bench.measure import Settings
+from attnbench.bench.points import Grid, GridError, expand, parse_knob, parse_resolution, split_values
+from attnbench.bench.sweep import load_sweep_file, resolve_request, run_sweep
 
-import attentions
-from bench import executors, store
-from bench.hardware import lookup
-from bench.measure import Settings
-from bench.points import Grid, GridError, expand, parse_knob, parse_resolution, split_values
-from bench.sweep import load_sweep_file, resolve_request, run_sweep
+from attnbench import attentions
 
 # Importing the fakes registers them (that is how ATTNBENCH_PLUGINS loads them in a
 # worker); in this process they are registered only inside the `fakes` fixture, so
@@ -310,7 +310,7 @@ def test_reading_results_needs_no_torch(tmp_path):
     run_sweep(G(mechanisms=["full"], resolutions=["4"], dims=[8]), tmp_path / "r", FAST)
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import bench, bench.hardware\n"
+        "from attnbench import bench\nimport attnbench.bench.hardware\n"
         f"df = bench.load({str(tmp_path / 'r')!r}); assert len(df) == 1, df\n"
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
@@ -323,7 +323,7 @@ def test_reading_results_needs_no_torch(tmp_path):
 @pytest.mark.slow
 def test_killing_a_sweep_loses_and_duplicates_nothing(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cli", "sweep", "-m", "fake_probe", "-r", "4,6,8", "--dim", "8", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "attnbench", "sweep", "-m", "fake_probe", "-r", "4,6,8", "--dim", "8", "--device", "cpu"]
     cmd += ["--knob", "width_mult=1,2", "--knob", "delay=0.05", "--out", str(out), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=plugin_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results = out / store.RESULTS
@@ -381,7 +381,7 @@ def test_submitit_local_executor(tmp_path):
 def test_cli_sweep_and_env(tmp_path):
     from typer.testing import CliRunner
 
-    import cli
+    from attnbench import cli
 
     runner = CliRunner()
     res = runner.invoke(
@@ -409,8 +409,8 @@ def test_dataframe_of_an_empty_run_has_the_schema(tmp_path):
 
 @pytest.mark.parametrize("name", ["quick", "smoke"])
 def test_cpu_presets_run_every_mechanism(name):
-    from bench import presets
-    from bench.measure import precheck
+    from attnbench.bench import presets
+    from attnbench.bench.measure import precheck
 
     grid, settings = resolve_request(preset=name)
     exp = expand(grid)
@@ -457,7 +457,7 @@ def test_cuda_measurement_and_real_oom(tmp_path):
 
 
 def test_a_failing_counter_leaves_the_analytic_count(tmp_path, monkeypatch):
-    from bench import flops, measure
+    from attnbench.bench import flops, measure
 
     def broken(*args, **kwargs):
         raise RuntimeError("counter broke")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from attnbench.models.backbone import Block, pool_residual
+from attnbench.models.layers import DropPath, Merge
 
-import models
-from models.backbone import Block, pool_residual
-from models.layers import DropPath, Merge
+from attnbench import models
 
 
 def test_block_is_pre_norm_attention_then_mlp():
@@ -109,7 +109,7 @@ def test_one_model_many_resolutions_and_the_reasons_for_others():
 
 
 def test_absolute_position_table_is_learned_and_resized():
-    from bench.flops import count
+    from attnbench.bench.flops import count
 
     model = models.create("mvitv2_t", tiny=True, abs_pos=True, num_classes=4)
     assert model.pos_embed is not None and model.pos_embed.shape == (1, 8 * 8, 16)  # the stem's 8x8 map at 32 px

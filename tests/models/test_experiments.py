@@ -7,10 +7,9 @@ import json
 import textwrap
 
 import pytest
+from attnbench.bench.store import read_results
+from attnbench.models import experiments as E
 from typer.testing import CliRunner
-
-from bench.store import read_results
-from models import experiments as E
 
 SHIPPED = [p.stem for p in E.shipped()]
 
@@ -20,7 +19,7 @@ def _rows(out, kind):
 
 
 def test_four_papers_are_shipped_and_listed():
-    from cli import app
+    from attnbench.cli import app
 
     assert {"quadtree_mechanisms", "dat_placement", "mvitv2_pooling", "crossvit_fusion"} <= set(SHIPPED)
     res = CliRunner().invoke(app, ["reproduce", "--list"])
@@ -32,7 +31,7 @@ def test_four_papers_are_shipped_and_listed():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_experiment_runs_end_to_end_in_smoke_mode(tmp_path, name):
-    from cli import app
+    from attnbench.cli import app
 
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["reproduce", name, "--smoke", "--out", str(out)])
@@ -130,7 +129,7 @@ def _bad_text(case: str) -> str:
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_experiment_file_is_refused_before_anything_trains(tmp_path, case):
-    from cli import app
+    from attnbench.cli import app
 
     path = _write(tmp_path, _bad_text(case))
     out = tmp_path / "out"
@@ -151,7 +150,7 @@ def test_unknown_mechanism_and_knob_messages_name_the_valid_ones(tmp_path):
 
 
 def test_cli_needs_an_experiment_and_out_and_one_mode(tmp_path):
-    from cli import app
+    from attnbench.cli import app
 
     runner = CliRunner()
     assert runner.invoke(app, ["reproduce", "crossvit_fusion"]).exit_code == 2

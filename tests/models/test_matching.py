@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
-
-from models import matching_run
-from models.data import DataError
-from models.matching import (
+from attnbench.models import matching_run
+from attnbench.models.data import DataError
+from attnbench.models.matching import (
     Matcher,
     MatcherConfig,
     MatchError,
@@ -24,7 +22,8 @@ from models.matching import (
     estimate_homography,
     mutual_nearest,
 )
-from models.matching_data import MatchingPairs, cell_centres, coarse_matches
+from attnbench.models.matching_data import MatchingPairs, cell_centres, coarse_matches
+from typer.testing import CliRunner
 
 
 def _project(h: np.ndarray, pts: np.ndarray) -> np.ndarray:
@@ -176,7 +175,7 @@ def test_the_matcher_refuses_what_it_cannot_take():
     ],
 )
 def test_cli_refuses_bad_input_before_training(tmp_path, args, says):
-    from cli import app
+    from attnbench.cli import app
 
     (tmp_path / "empty").mkdir()
     args = [str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
@@ -188,7 +187,7 @@ def test_cli_refuses_bad_input_before_training(tmp_path, args, says):
 
 
 def test_cli_footprint_draws_a_page(tmp_path):
-    from cli import app
+    from attnbench.cli import app
 
     page = tmp_path / "fp.html"
     result = CliRunner().invoke(app, ["footprint", "-m", "swin,pvt", "-r", "14", "-q", "3,4", "--out", str(page)])

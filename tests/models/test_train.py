@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
+from attnbench.bench.store import read_results
+from attnbench.models import train as train_mod
+from attnbench.models.train import TrainConfig, TrainError, lr_at, train
 from PIL import Image
 from typer.testing import CliRunner
-
-from bench.store import read_results
-from models import train as train_mod
-from models.train import TrainConfig, TrainError, lr_at, train
 
 FINAL_FIELDS = ("kind", "model", "resolution", "epochs", "accuracy", "macs", "params", "images_per_s", "peak_bytes")
 
@@ -148,7 +147,7 @@ def test_failure_before_the_first_checkpoint_leaves_nothing(tmp_path, monkeypatc
 
 
 def test_cli_train_and_models(tmp_path):
-    from cli import app
+    from attnbench.cli import app
 
     runner = CliRunner()
     out = tmp_path / "run"

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attnbench.bench.flops import count
 
-import attentions
-import models
-from bench.flops import count
+from attnbench import attentions, models
 
 PUBLISHED = [n for n in models.available() if models.entry(n).published is not None]
 

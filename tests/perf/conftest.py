@@ -77,7 +77,7 @@ def pytest_benchmark_compare_machine_info(
             "the baseline has no attnbench fingerprint in its machine_info, so it cannot be matched to this "
             f"machine; save a new one with {SAVE_COMMAND}"
         )
-    from bench.env import env_differences
+    from attnbench.bench.env import env_differences
 
     differ = {k: (saved.get(k), current.get(k)) for k in env_differences(saved, current)}
     if differ:

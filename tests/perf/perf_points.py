@@ -17,10 +17,10 @@ import re
 from typing import Any
 
 import torch
+from attnbench.bench import presets
+from attnbench.bench.points import Grid, Point, expand
 
-import attentions
-from bench import presets
-from bench.points import Grid, Point, expand
+from attnbench import attentions
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -71,7 +71,7 @@ def _slug(text: str) -> str:
 @functools.cache
 def machine_info() -> dict[str, Any]:
     """The comparable part of the harness's environment fingerprint (bench.env), with the perf thread count."""
-    from bench.env import comparable, fingerprint
+    from attnbench.bench.env import comparable, fingerprint
 
     return comparable(fingerprint(threads=THREADS))
 

@@ -16,10 +16,9 @@ from typing import Any
 
 import pytest
 import torch
+from attnbench.bench.measure import Settings, build_workload, measure
+from attnbench.bench.points import Point
 from perf_points import CUDA, THREADS, case_id, points
-
-from bench.measure import Settings, build_workload, measure
-from bench.points import Point
 
 POINTS = points()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from perf_points import CUDA, DEVICE, THREADS
 
-import attentions
+from attnbench import attentions
 
 HW = (64, 64)
 DIM, HEADS = (128, 4) if CUDA else (32, 2)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-
-from attentions import HW, Attention, KnobError, Knobs, MapRule, register
-from attentions.common import Projections, attend, attention_macs
+from attnbench.attentions import HW, Attention, KnobError, Knobs, MapRule, register
+from attnbench.attentions.common import Projections, attend, attention_macs
 
 
 @dataclasses.dataclass(frozen=True)

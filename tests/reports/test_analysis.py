@@ -8,10 +8,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from attnbench.reports import analysis, format_table, load_run, summary_of, tidy
+from attnbench.reports.analysis import crossover, fit_exponent
 from report_fixtures import FIXTURES, row
-
-from reports import analysis, format_table, load_run, summary_of, tidy
-from reports.analysis import crossover, fit_exponent
 
 TOKENS = [256, 576, 1024, 2304, 4096, 9216]
 

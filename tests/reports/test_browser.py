@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from attnbench.reports import build_compare_page, build_report, compare, load_run
 from report_fixtures import FIXTURES, row
-
-from reports import build_compare_page, build_report, compare, load_run
 
 pytestmark = pytest.mark.browser
 
@@ -142,7 +141,7 @@ def test_injected_markup_stays_text(driver, tmp_path):
 
 def test_reproduce_page_renders(driver, tmp_path):
     """The committed quick run's page: one plot per experiment, drawn without console errors."""
-    from reports.experiments import build_page
+    from attnbench.reports.experiments import build_page
 
     run = Path(__file__).resolve().parents[2] / "results" / "quadtree_mechanisms"
     page = tmp_path / "reproduce.html"

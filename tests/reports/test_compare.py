@@ -7,12 +7,12 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
+from attnbench.reports import FingerprintMismatch, compare, load_run
+from attnbench.reports.compare import latency_verdict, parse_percent
 from report_fixtures import ENV, FIXTURES, row
 from typer.testing import CliRunner
 
-import cli
-from reports import FingerprintMismatch, compare, load_run
-from reports.compare import latency_verdict, parse_percent
+from attnbench import cli
 
 
 def _pt(median: float, p20: float | None, p80: float | None) -> pd.Series:

@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
-from bench.store import ResultsStore
-from reports.experiments import build_page, ranking, summarise
-from reports.stats import mean_ci, overlap, t_quantile
+from attnbench.bench.store import ResultsStore
+from attnbench.reports.experiments import build_page, ranking, summarise
+from attnbench.reports.stats import mean_ci, overlap, t_quantile
 
 
 def test_student_t_quantiles_and_intervals():
@@ -53,7 +52,7 @@ def test_ranking_agrees_disagrees_or_is_within_noise(tmp_path):
     pub = {"a": {"top1": 80.0}, "b": {"top1": 70.0}, "c": {"top1": 75.0}}
     out = _store(tmp_path, "q", "quick", {"a": [0.9, 0.91, 0.92], "b": [0.5, 0.51, 0.52], "c": [0.95, 0.96, 0.97]},
                  pub)  # fmt: skip
-    from reports.experiments import load_rows
+    from attnbench.reports.experiments import load_rows
 
     s = summarise(load_rows([out])[0])
     r = ranking(s)

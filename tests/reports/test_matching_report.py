@@ -9,9 +9,8 @@ import statistics
 from pathlib import Path
 
 import pytest
-
-from reports import matching
-from reports.stats import mean_ci, t_quantile
+from attnbench.reports import matching
+from attnbench.reports.stats import mean_ci, t_quantile
 
 RUN = Path(__file__).resolve().parents[2] / "results" / "match-quick"
 

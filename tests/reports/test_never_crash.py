@@ -10,12 +10,20 @@ import os
 import tempfile
 from pathlib import Path
 
+from attnbench.reports import (
+    analysis,
+    build_compare_page,
+    build_report,
+    compare,
+    format_table,
+    load_run,
+    summary_of,
+    tidy,
+)
+from attnbench.reports.compare import display_table, summary_line, terminal_table
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from report_fixtures import ENV, row, write_run
-
-from reports import analysis, build_compare_page, build_report, compare, format_table, load_run, summary_of, tidy
-from reports.compare import display_table, summary_line, terminal_table
 
 HOSTILE = ["<script>alert(1)</script>", "a|b\nc", "[red]x[/]", "ünï ✓", "", "&amp;", "-"]
 NAMES = ["full", "linear", "swin", *HOSTILE[:4]]

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from attnbench.reports import analysis, build_report, figures, load_run, tidy
+from attnbench.reports.data import knob_axes, side_axes, train_rows
 from report_fixtures import ENV, FIXTURES, row
-
-from reports import analysis, build_report, figures, load_run, tidy
-from reports.data import knob_axes, side_axes, train_rows
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +167,7 @@ def test_everything_from_the_results_is_escaped(make_run):
 
 def test_reports_never_import_torch(tmp_path):
     code = (
-        "import sys, reports\n"
+        "import sys\nfrom attnbench import reports\n"
         f"run = reports.load_run({str(FIXTURES / 'gpu_base')!r})\n"
         "reports.build_report([run]); reports.compare(run, run)\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')))\n"

@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
+from attnbench.reports import analysis, build_report, figures, load_run, tidy
 from report_fixtures import row
 from typer.testing import CliRunner
 
-import cli
-from reports import analysis, build_report, figures, load_run, tidy
+from attnbench import cli
 
 runner = CliRunner()
 MB = 1_000_000

@@ -48,7 +48,7 @@ JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.
 @app.command("list")
 def list_(as_json: bool = JSON_OPTION) -> None:
     """List the registered attention mechanisms, their knobs (with defaults) and cost knob."""
-    import attentions
+    from attnbench import attentions
 
     rows = [attentions.get(name).describe() for name in attentions.available()]
     if as_json:
@@ -162,8 +162,8 @@ def sweep(
         TimeRemainingColumn,
     )
 
-    from bench import executors
-    from bench.sweep import check_runnable, resolve_request, run_sweep
+    from attnbench.bench import executors
+    from attnbench.bench.sweep import check_runnable, resolve_request, run_sweep
 
     if out is None:
         if resume:
@@ -198,7 +198,7 @@ def sweep(
             import submitit
 
             local = submitit.LocalExecutor(folder=str(Path(out) / "submitit"))
-        from bench.sweep import load_sweep_file
+        from attnbench.bench.sweep import load_sweep_file
 
         slurm = load_sweep_file(config)["slurm"] if config else None
         executor = executors.Submitit(Path(out) / "submitit", executor=local, slurm=slurm)
@@ -250,7 +250,7 @@ def sweep(
 @app.command("env")
 def env_(as_json: bool = JSON_OPTION) -> None:
     """Print the environment fingerprint that every run records (GPU, driver, CUDA, torch, CPU, git)."""
-    from bench.env import fingerprint
+    from attnbench.bench.env import fingerprint
 
     fp = fingerprint()
     if as_json:
@@ -289,7 +289,7 @@ def report(
     """Write one self-contained interactive HTML report of one or more runs (opens offline)."""
     from pathlib import Path
 
-    import reports
+    from attnbench import reports
 
     if fmt is not None and fmt not in ("md", "csv"):
         raise AttnbenchError(f"--format takes md or csv, not {fmt!r}")
@@ -345,9 +345,9 @@ def compare_(
     """
     from pathlib import Path
 
-    import reports
-    from reports.analysis import fmt_number
-    from reports.compare import parse_percent, summary_line, terminal_table
+    from attnbench import reports
+    from attnbench.reports.analysis import fmt_number
+    from attnbench.reports.compare import parse_percent, summary_line, terminal_table
 
     threshold, band = parse_percent(fail_above), parse_percent(noise)
     base, new = reports.load_run(base_run), reports.load_run(new_run)
@@ -389,7 +389,7 @@ FLOPS_CONTEXT_OPTION = typer.Option(None, "--context-resolution", help="Context 
 def _flops_hw(text: str, label: str, image: bool = False) -> tuple[int, int]:
     """One map in the sweep's grammar (bench.points.parse_resolution): 14, 14x20, 224px:s2 (a stage's
     token map); for a model (``image``), image pixels: 224, 224x320 or 224px."""
-    from bench.points import parse_resolution
+    from attnbench.bench.points import parse_resolution
 
     parsed = parse_resolution(text)
     if image and len(parsed) == 4 and parsed[0].image is not None:  # 224px: the image itself
@@ -415,7 +415,7 @@ def _flops_model(spec: str, tiny: bool):
         if not callable(factory):
             raise AttnbenchError(f"--model {spec}: {module_name} has no callable {attr!r}")
         return factory()
-    import models
+    from attnbench import models
 
     return models.create(spec, tiny=tiny) if tiny else models.create(spec)
 
@@ -440,9 +440,9 @@ def flops_(
     """Count multiply-adds (MACs; FLOPs = 2 x MACs) of one mechanism at one point, or of a whole model."""
     import torch
 
-    import attentions
-    from bench import flops as flopcount
-    from bench.points import parse_knob
+    from attnbench import attentions
+    from attnbench.bench import flops as flopcount
+    from attnbench.bench.points import parse_knob
 
     if (mechanism is None) == (model is None):
         raise AttnbenchError("give exactly one of --mechanism NAME or --model NAME")
@@ -528,8 +528,8 @@ def models_(
     tiny: bool = typer.Option(False, "--tiny", help="List the tiny variants (32 px, CPU-trainable) instead."),
 ) -> None:
     """List the model zoo: native resolution, parameters and multiply-adds (FLOPs = 2 x MACs) there."""
-    import models
-    from models.report import zoo_rows
+    from attnbench import models
+    from attnbench.models.report import zoo_rows
 
     unknown = [n for n in names or [] if n not in models.available()]
     if unknown:
@@ -585,7 +585,7 @@ def train_(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train a zoo model end to end; per-epoch and final metrics go to RUN_DIR/results.jsonl."""
-    from models.train import TrainConfig, train
+    from attnbench.models.train import TrainConfig, train
 
     cfg = TrainConfig(
         model=model, tiny=tiny, data=data, resolution=resolution, epochs=epochs, batch=batch, lr=lr, amp=amp,
@@ -635,8 +635,8 @@ def match_(
     """Train the LoFTR-style coarse matcher per mechanism and seed (resumable); rows and report in --out."""
     import time
 
-    from models.matching_run import MatchRunConfig, run
-    from reports.matching import write_report
+    from attnbench.models.matching_run import MatchRunConfig, run
+    from attnbench.reports.matching import write_report
 
     if quick and smoke:
         raise AttnbenchError("choose one of --quick and --smoke")
@@ -666,8 +666,8 @@ def footprint_(
     out: str = typer.Option(..., "--out", "-o", help="The HTML file to write."),
 ) -> None:
     """Draw where one query looks, for each mechanism at initialisation: weights over the key map."""
-    from models.matching_run import standalone_footprints
-    from reports.matching import write_footprint_page
+    from attnbench.models.matching_run import standalone_footprints
+    from attnbench.reports.matching import write_footprint_page
 
     hw = _flops_hw(resolution, "--resolution")
     parts = [] if query is None else query.split(",")
@@ -696,7 +696,7 @@ def reproduce(
     list_: bool = typer.Option(False, "--list", help="List the shipped experiments and exit."),
 ) -> None:
     """Train and measure every variant of a paper's experiment; rows in OUT/results.jsonl, page in OUT/report.html."""
-    from models import experiments
+    from attnbench.models import experiments
 
     if list_:
         for path in experiments.shipped():
@@ -710,7 +710,7 @@ def reproduce(
     mode = "full" if full else "smoke" if smoke else "quick"
     from rich.markup import escape
 
-    from reports.experiments import build_page
+    from attnbench.reports.experiments import build_page
 
     exp = experiments.load(experiment)
     summary = experiments.run(

@@ -30,10 +30,10 @@ nox.options.sessions = ["tests", "lint"]
 
 TORCH = os.environ.get("ATTNBENCH_TORCH", "torch==2.13.0")
 RUFF = "ruff==0.17.6"  # pinned: formatting must not drift between machines
-PACKAGES = ["attnbench", "attentions", "bench", "reports", "models", "scripts", "noxfile.py", "tests"]
+PACKAGES = ["attnbench", "attentions", "bench", "reports", "models", "studies", "scripts", "noxfile.py", "tests"]
 # mypy at its default strictness on these; the ratchet below applies to the rest.
 TYPED = ["attnbench/errors.py", "attnbench/__init__.py", "attentions", "bench", "reports"]
-TYPED_RATCHET = ["models", "attnbench/cli.py"]
+TYPED_RATCHET = ["models", "studies", "attnbench/cli.py"]
 
 # nox -s bench fails when a case's median is slower than the baseline's by more than this. Chosen from the
 # run-to-run noise of unchanged code (README, "Regression tracking and nox sessions"); override with
@@ -92,7 +92,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy: attentions, bench and reports at mypy's default strictness; models and attnbench/cli.py under the ratchet."""
+    """mypy: attentions, bench and reports at default strictness; models, studies and the CLI under the ratchet."""
     install(session)
     if session.posargs:
         session.run("mypy", *session.posargs)
@@ -171,7 +171,9 @@ def train(session: nox.Session) -> None:
     Each model's run goes to runs/train/<model> (or the directory given as the argument), replaced on each run.
     """
     install(session)
-    names = str(session.run("python", "-c", "from attnbench import models; print(*models.available())", silent=True, log=False))
+    names = str(
+        session.run("python", "-c", "from attnbench import models; print(*models.available())", silent=True, log=False)
+    )
     device = "cuda" if has_cuda(session) else "cpu"
     out = session.posargs[0] if session.posargs else "runs/train"
     for name in names.split():

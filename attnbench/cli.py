@@ -585,7 +585,7 @@ def train_(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train a zoo model end to end; per-epoch and final metrics go to RUN_DIR/results.jsonl."""
-    from attnbench.models.train import TrainConfig, train
+    from attnbench.studies.train import TrainConfig, train
 
     cfg = TrainConfig(
         model=model, tiny=tiny, data=data, resolution=resolution, epochs=epochs, batch=batch, lr=lr, amp=amp,
@@ -635,8 +635,8 @@ def match_(
     """Train the LoFTR-style coarse matcher per mechanism and seed (resumable); rows and report in --out."""
     import time
 
-    from attnbench.models.matching_run import MatchRunConfig, run
     from attnbench.reports.matching import write_report
+    from attnbench.studies.matching import MatchRunConfig, run
 
     if quick and smoke:
         raise AttnbenchError("choose one of --quick and --smoke")
@@ -666,8 +666,8 @@ def footprint_(
     out: str = typer.Option(..., "--out", "-o", help="The HTML file to write."),
 ) -> None:
     """Draw where one query looks, for each mechanism at initialisation: weights over the key map."""
-    from attnbench.models.matching_run import standalone_footprints
     from attnbench.reports.matching import write_footprint_page
+    from attnbench.studies.matching import standalone_footprints
 
     hw = _flops_hw(resolution, "--resolution")
     parts = [] if query is None else query.split(",")
@@ -696,7 +696,7 @@ def reproduce(
     list_: bool = typer.Option(False, "--list", help="List the shipped experiments and exit."),
 ) -> None:
     """Train and measure every variant of a paper's experiment; rows in OUT/results.jsonl, page in OUT/report.html."""
-    from attnbench.models import experiments
+    from attnbench.studies import experiments
 
     if list_:
         for path in experiments.shipped():

@@ -7,7 +7,7 @@ that does not fit (a field of the wrong type, a missing configuration field),
 is reported with its line number and skipped, never fatal. A cut-short last
 line is moved aside to ``results.corrupt``; a valid last record that only lacks
 its newline is kept. While a sweep writes a run directory it holds its lock.
-Nothing here imports torch: reports and models read results with it.
+Nothing here imports torch: reports and studies read results with it.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ POINT_FIELDS: dict[str, str] = {
     "launch_bound": "bool",
     "overhead_ms": "float",
 }
-# Rows a training run appends (models.train), told apart by ``kind``.
+# Rows a training run appends (studies.train), told apart by ``kind``.
 TRAIN_FIELDS: dict[str, str] = {
     "kind": "str",
     "model": "str",
@@ -128,9 +128,9 @@ REQUIRED_TRAIN = ("point_id", "status", "kind", "model")
 REQUIRED_BY_KIND: dict[str, tuple[str, ...]] = {
     "train": REQUIRED_TRAIN,
     "train_epoch": REQUIRED_TRAIN,
-    # models.matching_run: one row per (mechanism, seed) of the matching task.
+    # studies.matching: one row per (mechanism, seed) of the matching task.
     "match": ("point_id", "status", "kind", "mechanism", "seed", "height", "width"),
-    # models.experiments: one row per (variant, seed) trained, one per (variant, resolution) measured.
+    # studies.experiments: one row per (variant, seed) trained, one per (variant, resolution) measured.
     "experiment": ("point_id", "status", "kind", "experiment", "mode", "variant", "seed"),
     "experiment_cost": ("point_id", "kind", "experiment", "mode", "variant"),
 }

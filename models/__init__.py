@@ -1,4 +1,4 @@
-"""Vision models built from the registered attentions: backbones, the zoo, data and training.
+"""Vision models built from the registered attentions: backbones, the zoo, CrossViT, the matcher's network.
 
 >>> from attnbench import models
 >>> models.available()[:3]

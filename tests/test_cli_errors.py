@@ -30,7 +30,7 @@ def trained(checkpoint: Callable[[Path], None]) -> Callable[[Path], None]:
     """A training run directory that --resume accepts, but for its checkpoint."""
 
     def setup(tmp: Path) -> None:
-        from attnbench.models.train import TRAIN_JSON
+        from attnbench.studies.train import TRAIN_JSON
 
         d = tmp / "t"
         d.mkdir()

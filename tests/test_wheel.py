@@ -74,7 +74,7 @@ def test_the_wheel_installs_one_top_level_package(installed):
     top = {name for name in added if not name.endswith(".dist-info") and name != "__pycache__"}
     assert top == {"attnbench"}, f"top-level names other than attnbench: {sorted(top - {'attnbench'})}"
     package = site / "attnbench"
-    for sub in ("attentions", "attentions/kernels", "bench", "models", "reports"):
+    for sub in ("attentions", "attentions/kernels", "bench", "models", "reports", "studies"):
         assert (package / sub / "__init__.py").is_file(), sub
     assert (package / "cli.py").is_file()
     assert sorted(p.name for p in (package / "experiments").glob("*.yaml")), "the experiment files are not shipped"
@@ -85,7 +85,7 @@ def test_the_installed_package_imports_from_itself(installed, tmp_path):
     code = (
         "import json, attnbench, attnbench.cli, attnbench.attentions, attnbench.bench.sweep, attnbench.models,"
         " attnbench.reports\n"
-        "from attnbench.models import experiments\n"
+        "from attnbench.studies import experiments\n"
         "print(json.dumps([attnbench.__file__, list(attnbench.__path__), attnbench.attentions.available(),"
         " sorted(p.name for p in experiments.EXPERIMENTS_DIR.glob('*.yaml'))]))\n"
     )

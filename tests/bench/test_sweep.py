@@ -323,7 +323,20 @@ def test_reading_results_needs_no_torch(tmp_path):
 @pytest.mark.slow
 def test_killing_a_sweep_loses_and_duplicates_nothing(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "attnbench", "sweep", "-m", "fake_probe", "-r", "4,6,8", "--dim", "8", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "attnbench",
+        "sweep",
+        "-m",
+        "fake_probe",
+        "-r",
+        "4,6,8",
+        "--dim",
+        "8",
+        "--device",
+        "cpu",
+    ]
     cmd += ["--knob", "width_mult=1,2", "--knob", "delay=0.05", "--out", str(out), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=plugin_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results = out / store.RESULTS

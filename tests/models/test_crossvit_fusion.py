@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from attnbench.bench.flops import count
-from attnbench.models import experiments
 from attnbench.models.crossvit import FUSIONS, CrossViT, CrossViTConfig
+from attnbench.studies import experiments
 
 TINY = dict(dims=(16, 32), patches=(4, 8), resolutions=(32, 24), heads=(2, 2), depths=(1, 1), fusions=1)
 

@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from attnbench.models import zoo
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from attnbench.errors import AttnbenchError
 
 from . import data as data_mod
-from . import zoo
 
 CHECKPOINT = "checkpoint.pt"
 TRAIN_JSON = "train.json"

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from attnbench.models.data import DataError, ImageFolder, SyntheticRelations, build
+from attnbench.studies.data import DataError, ImageFolder, SyntheticRelations, build
 from PIL import Image
 
 
@@ -96,7 +96,7 @@ def test_image_folder_errors(tmp_path):
 
 
 def test_synthetic_detail_label_is_the_quadrant_of_the_hollow_square():
-    from attnbench.models.data import SyntheticDetail
+    from attnbench.studies.data import SyntheticDetail
 
     ds = build("synthetic-detail", 32, "train", size=64, seed=3)
     assert isinstance(ds, SyntheticDetail) and len(ds.classes) == 4

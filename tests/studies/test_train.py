@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 from attnbench.bench.store import read_results
-from attnbench.models import train as train_mod
-from attnbench.models.train import TrainConfig, TrainError, lr_at, train
+from attnbench.studies import train as train_mod
+from attnbench.studies.train import TrainConfig, TrainError, lr_at, train
 from PIL import Image
 from typer.testing import CliRunner
 

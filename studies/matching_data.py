@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from attnbench.models.matching import STRIDE, resolution_problem
 from torch.utils.data import Dataset
 
 from .data import IMAGE_SUFFIXES, SPLITS, DataError, is_image, refuse_unreadable
-
-STRIDE = 8  # the coarse cell of the matcher, in pixels
 
 
 def cell_centres(hw: tuple[int, int], stride: int = STRIDE) -> torch.Tensor:
@@ -184,9 +183,7 @@ class MatchingPairs(Dataset):
 
 
 def check_resolution(resolution: int) -> None:
-    """Refuse a side the matcher cannot take: a multiple of 8 (the stem's stride) of at least 32 px."""
-    if not isinstance(resolution, int) or resolution < 32 or resolution % STRIDE:
-        raise DataError(
-            f"the matcher takes square images whose side is a multiple of {STRIDE} and at least 32 px "
-            f"(a coarse map of 4x4 or more), got {resolution!r}; try {max(32, (int(resolution) // STRIDE) * STRIDE)}"
-        )
+    """Refuse a side the matcher cannot take (``models.matching.resolution_problem``)."""
+    problem = resolution_problem(resolution)
+    if problem:
+        raise DataError(problem)

@@ -218,10 +218,9 @@ def _tupled(value: Any) -> Any:
 def model_fn(exp: Experiment, variant: Variant, mode: str) -> Callable[[int], Any]:
     """num_classes -> the variant's model in ``mode``; raises ExperimentError naming the field."""
     from attnbench.attentions import KnobError
-
-    from . import zoo
-    from .backbone import Backbone, BackboneConfig
-    from .crossvit import CrossViT
+    from attnbench.models import zoo
+    from attnbench.models.backbone import Backbone, BackboneConfig
+    from attnbench.models.crossvit import CrossViT
 
     spec = _variant_spec(variant, mode)
     tiny = exp.mode(mode)["tiny"]

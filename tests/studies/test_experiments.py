@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 from attnbench.bench.store import read_results
-from attnbench.models import experiments as E
+from attnbench.studies import experiments as E
 from typer.testing import CliRunner
 
 SHIPPED = [p.stem for p in E.shipped()]

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from attnbench.models.matching import AttentionStack, Matcher, MatcherConfig, MatchError, check_config
 
 from attnbench import attentions
 
-from .matching import AttentionStack, Matcher, MatcherConfig, MatchError, chance_precision, check_config, evaluate
-from .matching import loss_fn as match_loss
 from .matching_data import DataError, MatchingPairs
+from .matching_metrics import chance_precision, evaluate
+from .matching_metrics import loss_fn as match_loss
 
 FOOTPRINTS = "footprints.jsonl"
 CHECKPOINTS = "checkpoints"

@@ -10,19 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from attnbench.models import matching_run
-from attnbench.models.data import DataError
-from attnbench.models.matching import (
-    Matcher,
-    MatcherConfig,
-    MatchError,
-    check_config,
-    corner_error,
-    error_auc,
-    estimate_homography,
-    mutual_nearest,
-)
-from attnbench.models.matching_data import MatchingPairs, cell_centres, coarse_matches
+from attnbench.models.matching import Matcher, MatcherConfig, MatchError, check_config
+from attnbench.studies import matching as matching_run
+from attnbench.studies.data import DataError
+from attnbench.studies.matching_data import MatchingPairs, cell_centres, coarse_matches
+from attnbench.studies.matching_metrics import corner_error, error_auc, estimate_homography, mutual_nearest
 from typer.testing import CliRunner
 
 
@@ -157,8 +149,10 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 def test_the_matcher_refuses_what_it_cannot_take():
     with pytest.raises(MatchError, match="no cross attention.*use one of full, linear, pvt, quadtree"):
         check_config(MatcherConfig("swin"))
-    with pytest.raises(DataError, match="multiple of 8"):
+    with pytest.raises(MatchError, match="multiple of 8"):
         check_config(MatcherConfig("full", resolution=100))
+    with pytest.raises(DataError, match="multiple of 8"):
+        MatchingPairs(1, 100)
     with pytest.raises(MatchError, match="top-K"):
         check_config(MatcherConfig("quadtree", resolution=64))
     model = Matcher(MatcherConfig("linear", resolution=32, dim=16, layers=("cross",)))

@@ -25,9 +25,10 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from .points import Point, point_reasons
+from .store import MemoryMethod
 
-CPU_MEMORY_METHOD = "torch.profiler memory events (CPU allocator), peak of the running sum"
-CUDA_MEMORY_METHOD = "torch.cuda max_memory_allocated"
+CPU_MEMORY_METHOD = MemoryMethod.CPU_PROFILER
+CUDA_MEMORY_METHOD = MemoryMethod.CUDA_ALLOCATOR
 DEFAULT_THREADS = 1  # one thread: on a shared CPU, spinning intra-op threads make latency erratic
 
 
@@ -72,6 +73,20 @@ class Settings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """How a module given to :func:`measure_module` runs: what the probes read from a sweep point."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    pass_: str = "fwd"  # "fwd" (under no_grad, eval mode) or "fwd+bwd" (train mode, parameter gradients)
+    compile: bool = False
+    impl: str = "module"
+
+
+Runs = Point | Target  # what the probes need: device, dtype, pass_, compile, impl
 
 
 class PointTimeout(Exception):
@@ -250,15 +265,111 @@ def measure_steps(
     yield, then one timing slot per step. Each yield gives the bytes of tensors the point holds
     while it waits; its time budget is paused meanwhile. Returns the record (never raises for a
     failing point). Advance it inside :func:`strict`."""
+
+    def body(settings: Settings, budget: _Budget, record: dict, state: dict) -> Generator[int, None, None]:
+        reasons = precheck(point)
+        if reasons:
+            record.update(status="skipped", reason="; ".join(reasons))
+            return
+        yield from _run_point(point, settings, budget, record, state)
+
+    return (yield from _steps(point, {**point.to_json(), "status": "ok", "reason": None}, body, settings, clock))
+
+
+def measure_module(
+    module: Any,
+    inputs: tuple,
+    settings: Settings | None = None,
+    *,
+    pass_: str = "fwd",
+    macs: int | None = None,
+    timing: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """Measure any module on its inputs with the sweep's probes: the one public way to time a module or
+    read its peak memory (sweep points, experiment cost rows, the matcher's stack, training rows).
+
+    ``module`` and the tensors of ``inputs`` are on the device to measure and in the dtype to measure.
+    ``pass_``: ``"fwd"`` runs ``module(*inputs)`` under no_grad in eval mode; ``"fwd+bwd"`` runs it in
+    train mode and back-propagates a fixed random output gradient into the parameters (as a training
+    step does; the inputs get no gradient). ``macs``: the call's multiply-adds if the caller knows them,
+    else they are counted by ``bench.flops`` (``macs_error`` says why when that fails). ``timing``:
+    False keeps the first call, memory and MACs and leaves the timing rounds out.
+
+    Returns the measurement fields of a record, as a sweep point has them: ``status`` (ok, oom, error,
+    timeout: never raises for a module that fails), latency samples in rounds between calibration
+    probes with their summary, ``contended`` and ``noisy``, peak memory with its ``memory_method``,
+    first-call time, provenance, host time, overhead, threads, load average, wall time.
+    """
+    import torch
+
+    if pass_ not in ("fwd", "fwd+bwd"):
+        raise ValueError(f"pass_ must be 'fwd' or 'fwd+bwd', got {pass_!r}")
+    tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
+    floats = [t for t in [*tensors, *module.parameters()] if t.is_floating_point()]
+    device = str(tensors[0].device) if tensors else "cpu"
+    dtype = str(floats[0].dtype).removeprefix("torch.") if floats else "float32"
+    target = Target(device=device, dtype=dtype, pass_=pass_)
+    train = pass_ == "fwd+bwd"
+    module.train(train)
+    step, grad_out = _make_step(module, tuple(inputs), train)
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def zero_grads() -> None:
+        for t in params:
+            t.grad = None
+
+    work = Workload(module, tuple(inputs), step, zero_grads, grad_out)
+
+    def counted() -> dict[str, Any]:
+        out: dict[str, Any] = {"macs": macs, "macs_uncovered": None, "macs_error": None}
+        if macs is None and (settings is None or settings.count_flops):
+            try:
+                from .flops import count
+
+                r = count(module, tuple(inputs), flop_counter=False, backward=False)
+                out.update(macs=int(r.macs), macs_uncovered=dict(r.uncovered or {}))
+            except Exception as exc:  # a count that fails leaves the measurement standing
+                out["macs_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        return out
+
+    def body(settings: Settings, budget: _Budget, record: dict, state: dict) -> Generator[int, None, None]:
+        from .provenance import CompileWatch
+
+        _warm_device(device)
+        watch = CompileWatch(settings.compile_backend)
+        yield from _probes(target, work, settings, budget, record, watch, counted, timing_rounds=timing)
+
+    record = {"status": "ok", "reason": None, "device": device, "dtype": dtype, "pass": pass_}
+    steps = _steps(target, record, body, settings, clock)
+    while True:
+        try:
+            with strict():
+                next(steps)
+        except StopIteration as done:
+            work.zero_grads()
+            result: dict[str, Any] = done.value
+            return result
+
+
+def _steps(
+    target: Runs,
+    record: dict[str, Any],
+    body: Callable[[Settings, _Budget, dict, dict], Generator[int, None, None]],
+    settings: Settings | None,
+    clock: Callable[[], float],
+) -> Generator[int, None, dict]:
+    """Run ``body`` (the probes, yielding before each timing slot) for one target: threads set and
+    recorded, the time budget, the device's name; every failure becomes the record's status (a failed
+    record keeps no number), and the load average, wall time and finishing time are added."""
     import torch
 
     settings = settings or Settings()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    record: dict[str, Any] = {**point.to_json(), "status": "ok", "reason": None}
     record["threads"] = torch.get_num_threads()
     budget = _Budget(settings.timeout_s, clock)
-    device = point.device
+    device = target.device
     state: dict[str, Any] = {}
     try:
         if device.startswith("cuda") and torch.cuda.is_available():
@@ -267,17 +378,13 @@ def measure_steps(
             from .env import cpu_model
 
             record["device_name"] = cpu_model()
-        reasons = precheck(point)
-        if reasons:
-            record.update(status="skipped", reason="; ".join(reasons))
-            return record
         from attnbench.attentions.kernels import recompile_limit_error
 
         from .provenance import LabelMismatch
 
         state["record_keys"] = set(record)
         try:
-            yield from _run_point(point, settings, budget, record, state)
+            yield from body(settings, budget, record, state)
         except recompile_limit_error() as exc:
             raise LabelMismatch(
                 "torch.compile hit Dynamo's recompile limit; torch would have run this point eager under the "
@@ -398,13 +505,29 @@ def _run_point(
     """The point's probes in order; each fills its part of the record. Yields before each timing slot."""
     from .provenance import CompileWatch
 
-    device = point.device
-    _warm_device(device)
+    _warm_device(point.device)
     watch = CompileWatch(settings.compile_backend)  # an empty Dynamo cache for every point
     work = build_workload(point, settings.seed, settings.compile_backend)
     state["module"], state["args"] = work.module, work.args
     if len(work.args) > 3:
         record["context_height"], record["context_width"] = work.args[3]
+    yield from _probes(point, work, settings, budget, record, watch, lambda: _macs(point, work, settings))
+
+
+def _probes(
+    point: Runs,
+    work: Workload,
+    settings: Settings,
+    budget: _Budget,
+    record: dict,
+    watch: Any,
+    macs: Callable[[], dict[str, Any]],
+    timing_rounds: bool = True,
+) -> Generator[int, None, None]:
+    """The probes of one workload in order, each filling its part of the record: parameters, first call,
+    warm call, memory (with the profiled step's ops), MACs, the timing slots (yielding before each),
+    provenance, host time and the empty call's overhead. Shared by sweep points and measure_module."""
+    device = point.device
     record["params"] = sum(p.numel() for p in work.module.parameters())
     record["first_call_ms"] = _first_call(work, device)
     budget.check("first call")
@@ -414,8 +537,11 @@ def _run_point(
     names, memory = _ops_and_memory(work, device)
     record.update(memory)
     budget.check("memory measurement")
-    record.update(_macs(point, work, settings))
+    record.update(macs())
     work.zero_grads()  # no gradients held while other points' slots run
+    if not timing_rounds:
+        record["provenance"] = _provenance(point, watch, names, work.flex_paths)
+        return
     timing = _Timing(point, work, per_call_s, settings, budget)
     while timing.wants_more():
         budget.pause()
@@ -525,7 +651,7 @@ def _ops_and_memory(work: Workload, device: str) -> tuple[Any, dict[str, Any]]:
     }
 
 
-def _provenance(point: Point, watch: Any, names: Any, flex_paths: tuple) -> dict[str, Any]:
+def _provenance(point: Runs, watch: Any, names: Any, flex_paths: tuple) -> dict[str, Any]:
     """The record's ``provenance``: SDPA backends and kernels of the profiled step, the
     compile counts of a --compile point, the flex paths; raises LabelMismatch where the
     label would lie."""
@@ -538,7 +664,7 @@ def _provenance(point: Point, watch: Any, names: Any, flex_paths: tuple) -> dict
 
 
 def _times(
-    point: Point,
+    point: Runs,
     step: Callable[[], Any],
     zero_grads: Callable[[], None],
     per_call_s: float,
@@ -571,7 +697,7 @@ class _Timing:
     spread is over ``noisy_spread``.
     """
 
-    def __init__(self, point: Point, work: Workload, per_call_s: float, settings: Settings, budget: _Budget):
+    def __init__(self, point: Runs, work: Workload, per_call_s: float, settings: Settings, budget: _Budget):
         self.point, self.work, self.per_call_s = point, work, per_call_s
         self.settings, self.budget = settings, budget
         self.rounds = max(1, settings.rounds)
@@ -700,7 +826,7 @@ def _reference(device: str, latest: float) -> float:
     return _REFERENCE[key]
 
 
-def _host(point: Point, work: Workload, record: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def _host(point: Runs, work: Workload, record: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Host time per call next to the device time. CUDA: calls issued back to back, timed on
     the host before the final synchronize; launch_bound when that is at least
     ``launch_bound_fraction`` of the device median. CPU: host and device are one, so the
@@ -722,7 +848,7 @@ def _host(point: Point, work: Workload, record: dict[str, Any], settings: Settin
 _OVERHEAD: dict[tuple, float] = {}
 
 
-def _overhead_ms(point: Point, settings: Settings, budget: _Budget) -> float:
+def _overhead_ms(point: Runs, settings: Settings, budget: _Budget) -> float:
     """Median latency of an empty module's call (one view of a tiny input), with the point's
     timer, device, dtype and pass; measured once per process and (device, dtype, pass, threads)."""
     import torch

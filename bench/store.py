@@ -12,13 +12,9 @@ Nothing here imports torch: reports and studies read results with it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
 import json
 import os
-import platform
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +27,20 @@ RESULTS = "results.jsonl"
 ENV = "env.json"
 SWEEP = "sweep.json"
 CORRUPT = "results.corrupt"
-LOCK = "sweep.lock"
 
 STATUSES = ("ok", "skipped", "oom", "error", "timeout")
+
+
+class MemoryMethod:
+    """How a peak memory was read: the one enumeration that every writer of ``memory_method`` uses
+    (bench.measure's probes, and through them sweep points, experiment cost rows, the matcher's cost and
+    training rows)."""
+
+    CPU_PROFILER = "torch.profiler memory events (CPU allocator), peak of the running sum"
+    CUDA_ALLOCATOR = "torch.cuda max_memory_allocated"
+
+
+MEMORY_METHODS = (MemoryMethod.CPU_PROFILER, MemoryMethod.CUDA_ALLOCATOR)
 
 # Field types of a stored record: str, int, float (an int is a float too), bool,
 # object (a JSON object), list, floats (a list of numbers), any; "a|b" is either.
@@ -239,57 +246,12 @@ def read_results(run_dir: str | os.PathLike) -> ReadReport:
     return ReadReport(records, corrupt, trailing, invalid)
 
 
-def _holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text())
-        return f"pid {info['pid']} on {info['host']} since {info['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
-
-
 class ResultsStore:
     """Appends results of one run directory; the only writer of results.jsonl."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / RESULTS
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the run directory's lock (``sweep.lock``: pid, host, since) for the block.
-
-        An advisory ``flock``: the operating system releases it when the holder dies,
-        so a killed sweep never leaves a stale lock. A second writer is refused with a
-        StoreError naming the holder."""
-        import fcntl
-
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / LOCK
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise StoreError(
-                    f"{self.run_dir} is being written by another sweep ({_holder(path)}); "
-                    "wait for it to finish, or pass another --out"
-                ) from None
-            try:  # the holder before us may have removed the file between our open and our lock
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": platform.node(), "since": since}).encode())
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)
-            os.close(fd)
 
     def has_results(self) -> bool:
         """Whether results.jsonl holds anything (even lines that do not read)."""

@@ -20,6 +20,7 @@ from typing import Any
 
 from .measure import Settings, precheck
 from .points import Grid, GridError, Point, expand
+from .rundir import RunDir
 from .store import ResultsStore, StoreError
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -71,7 +72,7 @@ def run_sweep(
     store = ResultsStore(out)
     env = fingerprint(threads=settings.threads)
     request = {"grid": grid.to_dict(), "settings": settings.to_dict(), "executor": executor.name}
-    with store.locked():
+    with RunDir(out, "sweep").claim(request):
         return _locked_sweep(store, env, request, expansion, settings, executor, emit, append, resume)
 
 

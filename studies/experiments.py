@@ -422,7 +422,7 @@ def run(
             pid = _pid(exp, mode, v.name, f"cost{r}")
             if pid in done:
                 continue
-            cost = measure_model(fn(4), r, recipe["cost_batch"], device, smoke=mode == "smoke")
+            cost = cost_row(fn(4), r, recipe["cost_batch"], device, smoke=mode == "smoke")
             store.append({
                 "point_id": pid, "kind": "experiment_cost", "experiment": exp.name, "mode": mode, "variant": v.name,
                 "published": v.published, **cost,
@@ -466,67 +466,33 @@ def _final_row(run_dir: Path) -> dict[str, Any]:
     return rows[-1]
 
 
-def measure_model(model: Any, resolution: int, batch: int, device: str, smoke: bool = False) -> dict[str, Any]:
-    """Params, MACs (bench.flops), inference latency (median, p20, p80), the peak memory of one inference
-    forward (``peak_bytes``) and of one training forward and backward (``train_peak_bytes``)."""
+def cost_row(model: Any, resolution: int, batch: int, device: str, smoke: bool = False) -> dict[str, Any]:
+    """The cost of one variant at one resolution, measured by the harness's one function
+    (``bench.measure.measure_module``): the inference forward's record (latency samples in rounds between
+    calibration probes, ``contended``, ``noisy``, peak memory, first call) with the MACs of one image
+    (counted by ``bench.flops``), and the peak memory of a training forward and backward
+    (``train_peak_bytes``, same batch, same probe)."""
     import torch
-    from attnbench.bench import measure as bm
     from attnbench.bench.flops import count
+    from attnbench.bench.measure import measure_module
 
-    model = model.to(device).eval()
-    x = torch.randn(batch, 3, resolution, resolution, device=device)
-    row: dict[str, Any] = {
-        "status": "ok", "resolution": resolution, "image_height": resolution, "image_width": resolution,
-        "batch": batch, "device": device, "dtype": "float32", "pass": "fwd",
-        "params": sum(p.numel() for p in model.parameters()),
-    }  # fmt: skip
+    from .cost import cost_settings
+
+    model = model.to(device)
+    x = torch.randn(batch, 3, resolution, resolution, device=device, generator=torch.Generator().manual_seed(0))
+    row: dict[str, Any] = {"resolution": resolution, "image_height": resolution, "image_width": resolution}
+    row["batch"] = batch
     try:
-        c = count(model, (x[:1],), flop_counter=False, backward=False)
-        row.update(macs=int(c.macs), macs_uncovered=dict(c.uncovered))
+        c = count(model.eval(), (x[:1],), flop_counter=False, backward=False)
+        row.update(macs=int(c.macs), macs_uncovered=dict(c.uncovered), macs_error=None)
     except Exception as exc:  # noqa: BLE001  (a counter failure is recorded, not fatal)
-        row.update(macs=None, macs_error=str(exc)[:200])
-
-    def step() -> Any:
-        with torch.no_grad():
-            return model(x)
-
-    def train_step() -> None:  # forward and backward, as in training (parameter gradients included)
-        model.zero_grad(set_to_none=True)
-        model(x).sum().backward()
-
-    settings = bm.Settings(cpu_min_run_time=0.01 if smoke else 0.2, min_samples=1 if smoke else 3)
-    budget = bm._Budget(30.0 if smoke else 120.0, time.perf_counter)
-    t0 = time.perf_counter()
-    step()
-    bm._sync(device)
-    first = time.perf_counter() - t0
-    row["first_call_ms"] = first * 1e3
-    t0 = time.perf_counter()
-    step()
-    bm._sync(device)
-    per_call = min(first, time.perf_counter() - t0)  # a warm call plans the samples
-    if device.startswith("cuda"):
-        times = bm._cuda_times(step, lambda: None, device, per_call, settings, budget)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        row.update(peak_bytes=int(torch.cuda.max_memory_allocated() - base), memory_method="cuda_max_allocated",
-                   timing_method="cuda_events")  # fmt: skip
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        train_step()
-        torch.cuda.synchronize()
-        row["train_peak_bytes"] = int(torch.cuda.max_memory_allocated() - base)
-    else:
-        times = bm._cpu_times(step, lambda: None, per_call, settings, budget)
-        row.update(peak_bytes=int(bm.cpu_peak_bytes(step)), memory_method="cpu_profiler",
-                   timing_method="torch.utils.benchmark", threads=torch.get_num_threads(),
-                   train_peak_bytes=int(bm.cpu_peak_bytes(train_step)))  # fmt: skip
-    from attnbench.bench import samples
-
-    # the harness's one summary of the raw samples, stored beside them
-    row.update(samples.summary(times), latency_samples_ms=samples.compact(times))
-    row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        row.update(macs=None, macs_uncovered=None, macs_error=f"{type(exc).__name__}: {exc}"[:300])
+    settings = cost_settings(smoke)
+    fwd = measure_module(model, (x,), settings, pass_="fwd", macs=row["macs"])
+    fwd.pop("macs", None)  # the MACs above are per image; the record's would be the batch's
+    row.update(fwd)
+    train = measure_module(model, (x,), settings, pass_="fwd+bwd", macs=row["macs"], timing=False)
+    row["train_peak_bytes"] = train.get("peak_bytes")
+    if train["status"] != "ok":
+        row["train_reason"] = f"{train['status']}: {train.get('reason')}"
     return row

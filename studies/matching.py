@@ -217,7 +217,7 @@ def train_one(
     metrics = evaluate(model, val_set)
     if seed == 0:
         _append_footprints(out, rid, mech, seed, "trained", model, val_set[0])
-    cost = stack_cost(model.stack, mcfg)
+    cost = stack_cost(model.stack, mcfg, smoke=cfg.preset == "smoke")
     hw = mcfg.coarse_hw
     row = {
         "point_id": rid,
@@ -263,49 +263,37 @@ def _finite(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
-def stack_cost(stack: AttentionStack, mcfg: MatcherConfig) -> dict[str, Any]:
-    """Cost of the attention stack on one pair (batch 1, forward, float32, CPU), as bench measures a point."""
+def stack_cost(stack: AttentionStack, mcfg: MatcherConfig, smoke: bool = False) -> dict[str, Any]:
+    """Cost of the attention stack on one pair (batch 1, forward, float32, CPU), measured by the harness's
+    one function (``bench.measure.measure_module``) as a sweep measures a point."""
     from attnbench.bench.flops import count
-    from attnbench.bench.measure import cpu_peak_bytes
-    from torch.utils.benchmark import Timer
+    from attnbench.bench.measure import measure_module
+
+    from .cost import cost_settings
 
     n = mcfg.coarse_hw[0] * mcfg.coarse_hw[1]
     gen = torch.Generator().manual_seed(0)
     f0, f1 = torch.randn(1, n, mcfg.dim, generator=gen), torch.randn(1, n, mcfg.dim, generator=gen)
-    stack.eval()
     out: dict[str, Any] = {"analytic_macs": stack.attention_macs(1), "macs_error": None}
     try:
-        counted = count(stack, (f0, f1), flop_counter=False, backward=False)
+        counted = count(stack.eval(), (f0, f1), flop_counter=False, backward=False)
         out["macs"] = int(counted.macs)
         out["macs_uncovered"] = dict(counted.uncovered or {})
     except Exception as exc:  # noqa: BLE001  (a count that fails must not lose a trained run)
         out["macs"], out["macs_uncovered"] = None, None
         out["macs_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    with torch.no_grad():
-
-        def step() -> None:
-            stack(f0, f1)
-
-        step()  # warm-up
-        m = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads()).blocked_autorange(
-            min_run_time=0.5
+    record = measure_module(stack, (f0, f1), cost_settings(smoke), pass_="fwd", macs=out["macs"])
+    status, reason = record.pop("status"), record.pop("reason")
+    record.pop("macs", None)
+    out.update(record)
+    if status != "ok":  # the training stands; the row says why its cost is missing
+        out["cost_reason"] = f"{status}: {reason}"
+    out["keys_per_query"] = {
+        kind: stack.blocks[[b.kind for b in stack.blocks].index(kind)].attn.keys_per_query(
+            mcfg.coarse_hw, None if kind == "self" else mcfg.coarse_hw
         )
-        times = sorted(t * 1e3 for t in m.times)
-        out["peak_bytes"] = cpu_peak_bytes(step)
-    out.update(
-        latency_ms_median=times[len(times) // 2],
-        latency_ms_p20=times[int(0.2 * (len(times) - 1))],
-        latency_ms_p80=times[int(0.8 * (len(times) - 1))],
-        samples=len(times),
-        timing_method="torch.utils.benchmark.Timer (cpu)",
-        memory_method="cpu_profiler_allocations",
-        keys_per_query={
-            kind: stack.blocks[[b.kind for b in stack.blocks].index(kind)].attn.keys_per_query(
-                mcfg.coarse_hw, None if kind == "self" else mcfg.coarse_hw
-            )
-            for kind in set(mcfg.layers)
-        },
-    )
+        for kind in set(mcfg.layers)
+    }
     return out
 
 

@@ -10,7 +10,7 @@ import re
 
 import attnbench.bench.env as env_module
 import pytest
-from attnbench.bench import store
+from attnbench.bench import rundir, store
 from attnbench.bench.env import env_differences
 from attnbench.bench.executors import InProcess
 from attnbench.bench.measure import Settings
@@ -120,13 +120,12 @@ def test_a_cut_short_last_line_is_moved_aside(tmp_path):
 
 def test_a_run_directory_is_locked_while_a_sweep_writes_it(tmp_path):
     run = tmp_path / "r"
-    holder = store.ResultsStore(run)
-    with holder.locked():
+    with rundir.RunDir(run, "sweep").claim():
         with pytest.raises(store.StoreError) as err:
             sweep(run)
         assert re.search(r"another sweep \(pid \d+ on \S+ since \d{4}-\d\d-\d\dT", str(err.value))
         assert not (run / store.RESULTS).exists() and not (run / store.ENV).exists()
-    assert not (run / store.LOCK).exists()
+    assert not (run / rundir.LOCK).exists()
     ran, _ = sweep(run)  # released: the next sweep measures
     assert len(ran) == 2
 

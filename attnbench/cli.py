@@ -571,20 +571,28 @@ def train_(
     tiny: bool = typer.Option(False, "--tiny", help="The tiny variant (32 px native), trains on a CPU."),
     data: str = typer.Option("synthetic", "--data", help="'synthetic' (built in) or an image folder ROOT/<class>/."),
     resolution: int = typer.Option(None, "--resolution", "-r", help="Image side in px (default: the model's native)."),
-    epochs: int = typer.Option(10, "--epochs", help="Epochs to train (in all, counting those before --resume)."),
+    epochs: int = typer.Option(10, "--epochs", help="Epochs to train in all (a continued run may be given more)."),
     batch: int = typer.Option(64, "--batch", "-b", help="Batch size."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of AdamW (cosine schedule, 1 epoch warm-up)."),
     amp: bool = typer.Option(False, "--amp", help="Mixed precision (float16 on CUDA, bfloat16 on the CPU)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
-    out: str = typer.Option(..., "--out", "-o", help="Run directory (results.jsonl, env.json, checkpoint.pt)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    out: str = typer.Option(
+        ..., "--out", "-o", help="Run directory (results.jsonl, env.json, checkpoint.pt); the same command continues it."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Kept for older scripts: the same command continues the run in --out anyway."
+    ),
     train_size: int = typer.Option(2048, "--train-size", help="Synthetic training images."),
     val_size: int = typer.Option(512, "--val-size", help="Synthetic held-out images."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order, the synthetic images and the weights."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (1 is fastest for tiny models)."),
+    threads: int = typer.Option(1, "--threads", help="CPU threads for torch, set before any work, in every row."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Train a zoo model end to end; per-epoch and final metrics go to RUN_DIR/results.jsonl."""
+    """Train a zoo model end to end; per-epoch and final metrics go to RUN_DIR/results.jsonl.
+
+    Killed at any moment, the same command continues the run from its last checkpoint; run again when
+    complete, it prints the stored result. Another command's directory, or a run made with other
+    options, is refused in one line."""
     from attnbench.studies.train import TrainConfig, train
 
     cfg = TrainConfig(

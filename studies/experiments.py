@@ -71,7 +71,7 @@ PUBLISHED_FIELDS = {"top1", "params_m", "gmacs", "source"}
 MODE_DEFAULTS: dict[str, Any] = {
     "tiny": True, "resolution": None, "epochs": 2, "batch": 32, "lr": 2e-3, "train_size": 512, "val_size": 256,
     "cost_resolutions": None, "cost_batch": 1, "warmup_epochs": 1.0, "weight_decay": 0.05, "amp": False,
-    "threads": None,
+    "threads": 1,
 }  # fmt: skip
 
 
@@ -342,97 +342,121 @@ def run(
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train and measure every variant of ``exp`` in ``mode`` into ``out`` (resumable); a summary."""
+    """Train and measure every variant of ``exp`` in ``mode`` into ``out``; a summary.
+
+    ``out`` is a run directory of kind ``reproduce`` (``bench.rundir``): locked while written, refused to
+    other commands. Killed at any moment, the same call continues: rows already stored are kept, a
+    training run in ``work`` continues from its checkpoint (or gives its stored final row), and nothing
+    is written twice."""
     from attnbench.bench.env import fingerprint
+    from attnbench.bench.rundir import RunDir, kill_point, write_json
     from attnbench.bench.store import ResultsStore
 
+    from . import data as data_mod
     from . import train as train_mod
 
     builders = validate(exp, mode)
     recipe = exp.mode(mode)
+    if seeds is not None and seeds < 1:
+        raise ExperimentError(f"--seeds must be at least 1, got {seeds}")
     n_seeds = 1 if mode == "smoke" else (seeds or exp.seeds)
     data = data or exp.data
     train_mod._device(device)  # an unknown or absent device fails before anything is written
-    from . import data as data_mod
-
     try:  # so does data that cannot be read (an image folder is scanned here)
         data_mod.build(data, recipe["resolution"], "val", size=8)
     except data_mod.DataError as exc:
         raise ExperimentError(f"--data {data}: {exc}") from None
     out = Path(out)
     work_dir = Path(work) if work is not None else out / "runs"
-    store = ResultsStore(out)
-    stored = store.open(fingerprint())
+    if work_dir.exists() and not work_dir.is_dir():
+        raise ExperimentError(f"--work {work_dir} is a file; pass a directory for the training runs")
+    threads = int(recipe["threads"] or 1)
+    torch_threads(threads)
+    run_dir = RunDir(out, "reproduce")
+    run_dir.check()
     hashes = {v.name: spec_hash(exp, v, mode, data) for v in exp.variants}
-    for r in stored.records:  # rows of an edited definition would be mistaken for this one's
-        mine = r.get("experiment") == exp.name and r.get("mode") == mode and r.get("variant") in hashes
-        if mine and r.get("spec_hash") not in (None, hashes[r["variant"]]):  # (rows stored before hashes: None)
-            raise ExperimentError(
-                f"{out} holds {mode} results of variant {r['variant']!r} of {exp.name} as it was defined before "
-                "(the file, the recipe or --data changed since); pass a new --out"
-            )
-    done = {r["point_id"] for r in stored.records if r.get("status") == "ok"}
-    meta_path = out / "experiment.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    meta[mode] = {"experiment": exp.raw, "path": exp.path, "seeds": n_seeds, "data": data, "device": device}
-    meta_path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    t_start = time.perf_counter()
-    trained = measured = skipped = reused_runs = 0
-    for v in exp.variants:
-        fn = builders[v.name]
-        for seed in range(n_seeds):
-            pid = _pid(exp, mode, v.name, f"seed{seed}")
-            if pid in done:
-                skipped += 1
-                continue
-            run_dir = work_dir / mode / v.name / f"seed{seed}"
-            cfg = train_mod.TrainConfig(
-                model=f"{exp.name}/{v.name}", out=str(run_dir), tiny=recipe["tiny"], data=data,
-                resolution=recipe["resolution"], epochs=recipe["epochs"], batch=recipe["batch"], lr=recipe["lr"],
-                weight_decay=recipe["weight_decay"], warmup_epochs=recipe["warmup_epochs"], amp=recipe["amp"],
-                device=device, train_size=recipe["train_size"], val_size=recipe["val_size"], seed=seed,
-                threads=recipe["threads"],
-            )  # fmt: skip
-            resume = (run_dir / train_mod.CHECKPOINT).exists()
-            if resume:
-                _same_run(run_dir, cfg)
-            reused = resume and _complete(run_dir)
-            if reused:  # trained before (its row was lost or is recorded anew): nothing to train
-                final = {**_final_row(run_dir), "train_s": None}
-            else:
-                cfg.resume = resume
-                log(f"{exp.name} [{mode}] {v.name} seed {seed}: training{' (resumed)' if resume else ''}")
+    with run_dir.claim(request={"experiment": exp.name, "mode": mode}):
+        kill_point("created")
+        store = ResultsStore(out)
+        stored = store.open(fingerprint(threads=threads))
+        for r in stored.records:  # rows of an edited definition would be mistaken for this one's
+            mine = r.get("experiment") == exp.name and r.get("mode") == mode and r.get("variant") in hashes
+            if mine and r.get("spec_hash") not in (None, hashes[r["variant"]]):  # (rows stored before hashes: None)
+                raise ExperimentError(
+                    f"{out} holds {mode} results of variant {r['variant']!r} of {exp.name} as it was defined "
+                    "before (the file, the recipe or --data changed since); pass a new --out"
+                )
+        done = {r["point_id"] for r in stored.records if r.get("status") == "ok"}
+        meta_path = out / "experiment.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta[mode] = {"experiment": exp.raw, "path": exp.path, "seeds": n_seeds, "data": data, "device": device}
+        write_json(meta_path, meta)
+        t_start = time.perf_counter()
+        trained = measured = skipped = reused_runs = 0
+        total = len(exp.variants) * (n_seeds + len(recipe["cost_resolutions"]))
+        step = 0
+        for v in exp.variants:
+            fn = builders[v.name]
+            for seed in range(n_seeds):
+                step += 1
+                pid = _pid(exp, mode, v.name, f"seed{seed}")
+                if pid in done:
+                    skipped += 1
+                    continue
+                cfg = train_mod.TrainConfig(
+                    model=f"{exp.name}/{v.name}", out=str(work_dir / mode / v.name / f"seed{seed}"),
+                    tiny=recipe["tiny"], data=data, resolution=recipe["resolution"], epochs=recipe["epochs"],
+                    batch=recipe["batch"], lr=recipe["lr"], weight_decay=recipe["weight_decay"],
+                    warmup_epochs=recipe["warmup_epochs"], amp=recipe["amp"], device=device,
+                    train_size=recipe["train_size"], val_size=recipe["val_size"], seed=seed, threads=threads,
+                )  # fmt: skip
+                log(f"[{step}/{total}] {exp.name} [{mode}] {v.name} seed {seed}: training")
                 t0 = time.perf_counter()
-                final = train_mod.train(cfg, progress=progress, model_fn=fn)
-                final["train_s"] = time.perf_counter() - t0
-            row = {
-                "point_id": pid, "kind": "experiment", "status": "ok", "experiment": exp.name, "mode": mode,
-                "variant": v.name, "seed": seed, "data": data, "device": device, "spec_hash": hashes[v.name],
-                **{k: final.get(k) for k in ("accuracy", "val_loss", "params", "macs", "resolution", "epochs",
-                                             "batch", "mechanism", "images_per_s", "train_s", "train_images",
-                                             "val_images")},
-                "published": v.published, "reused": reused, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }  # fmt: skip
-            store.append(row)
-            trained += not reused
-            reused_runs += reused
-            log(f"{exp.name} [{mode}] {v.name} seed {seed}: held-out accuracy {row['accuracy']:.1%}"
-                + (" (a finished training, reused)" if reused else ""))  # fmt: skip
-        for r in recipe["cost_resolutions"]:
-            pid = _pid(exp, mode, v.name, f"cost{r}")
-            if pid in done:
-                continue
-            cost = cost_row(fn(4), r, recipe["cost_batch"], device, smoke=mode == "smoke")
-            store.append({
-                "point_id": pid, "kind": "experiment_cost", "experiment": exp.name, "mode": mode, "variant": v.name,
-                "published": v.published, **cost,
-            })  # fmt: skip
-            measured += 1
+                try:
+                    final = train_mod.train(cfg, progress=progress, model_fn=fn)
+                except train_mod.TrainError as exc:
+                    raise ExperimentError(f"{v.name} seed {seed}: {exc}") from None
+                reused = bool(final.get("reused"))
+                kill_point("trained")
+                row = {
+                    "point_id": pid, "kind": "experiment", "status": "ok", "experiment": exp.name, "mode": mode,
+                    "variant": v.name, "seed": seed, "data": data, "device": device, "spec_hash": hashes[v.name],
+                    **{k: final.get(k) for k in ("accuracy", "val_loss", "params", "macs", "resolution", "epochs",
+                                                 "batch", "mechanism", "images_per_s", "train_images",
+                                                 "val_images")},
+                    "train_s": None if reused else time.perf_counter() - t0, "threads": threads,
+                    "published": v.published, "reused": reused,
+                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }  # fmt: skip
+                store.append(row)
+                trained += not reused
+                reused_runs += reused
+                log(f"{exp.name} [{mode}] {v.name} seed {seed}: held-out accuracy {row['accuracy']:.1%}"
+                    + (" (a finished training, reused)" if reused else ""))  # fmt: skip
+            for r in recipe["cost_resolutions"]:
+                step += 1
+                pid = _pid(exp, mode, v.name, f"cost{r}")
+                if pid in done:
+                    continue
+                log(f"[{step}/{total}] {exp.name} [{mode}] {v.name}: measuring cost at {r} px")
+                cost = cost_row(fn(4), r, recipe["cost_batch"], device, smoke=mode == "smoke", threads=threads)
+                store.append({
+                    "point_id": pid, "kind": "experiment_cost", "experiment": exp.name, "mode": mode,
+                    "variant": v.name, "published": v.published, **cost,
+                })  # fmt: skip
+                measured += 1
     wall = time.perf_counter() - t_start
     return {
         "trained": trained, "reused": reused_runs, "measured": measured, "skipped": skipped, "wall_s": wall,
-        "seeds": n_seeds,
+        "seeds": n_seeds, "threads": threads,
     }  # fmt: skip
+
+
+def torch_threads(threads: int) -> None:
+    """Set torch's intra-op threads before any work (the sweep's rule: a fixed count, recorded)."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def spec_hash(exp: Experiment, variant: Variant, mode: str, data: str) -> str:
@@ -443,30 +467,9 @@ def spec_hash(exp: Experiment, variant: Variant, mode: str, data: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _same_run(run_dir: Path, cfg: Any) -> None:
-    """A training run left in the work directory must be this one (else it would be reused or resumed)."""
-    stored = json.loads((run_dir / "train.json").read_text())["config"]
-    keys = (*cfg.SAME_ON_RESUME, "epochs", "lr", "weight_decay", "warmup_epochs", "amp")
-    diffs = [f"{k}: {stored.get(k)!r} there, {getattr(cfg, k)!r} now" for k in keys if stored.get(k) != getattr(cfg, k)]
-    if diffs:
-        raise ExperimentError(
-            f"{run_dir} holds a training run made differently ({'; '.join(diffs)}); pass a new --work or remove it"
-        )
-
-
-def _complete(run_dir: Path) -> bool:
-    path = run_dir / "train.json"
-    return path.exists() and json.loads(path.read_text()).get("status") == "complete"
-
-
-def _final_row(run_dir: Path) -> dict[str, Any]:
-    from attnbench.bench.store import read_results
-
-    rows = [r for r in read_results(run_dir).records if r.get("kind") == "train"]
-    return rows[-1]
-
-
-def cost_row(model: Any, resolution: int, batch: int, device: str, smoke: bool = False) -> dict[str, Any]:
+def cost_row(
+    model: Any, resolution: int, batch: int, device: str, smoke: bool = False, threads: int | None = None
+) -> dict[str, Any]:
     """The cost of one variant at one resolution, measured by the harness's one function
     (``bench.measure.measure_module``): the inference forward's record (latency samples in rounds between
     calibration probes, ``contended``, ``noisy``, peak memory, first call) with the MACs of one image
@@ -487,7 +490,7 @@ def cost_row(model: Any, resolution: int, batch: int, device: str, smoke: bool =
         row.update(macs=int(c.macs), macs_uncovered=dict(c.uncovered), macs_error=None)
     except Exception as exc:  # noqa: BLE001  (a counter failure is recorded, not fatal)
         row.update(macs=None, macs_uncovered=None, macs_error=f"{type(exc).__name__}: {exc}"[:300])
-    settings = cost_settings(smoke)
+    settings = cost_settings(smoke, threads)
     fwd = measure_module(model, (x,), settings, pass_="fwd", macs=row["macs"])
     fwd.pop("macs", None)  # the MACs above are per image; the record's would be the batch's
     row.update(fwd)

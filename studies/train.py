@@ -1,28 +1,28 @@
-"""The training loop: AdamW, cosine schedule with warm-up, gradient clipping, AMP,
-held-out evaluation, checkpoints each epoch (resumed exactly, loaded with
-``weights_only=True``) and metrics in the results store the sweeps use.
+"""``attnbench train``: train a zoo model (or an experiment's variant) on an image classification task
+with the one training loop (``studies.loop``), and record it in the results store the sweeps use.
 
-A run directory holds ``env.json`` and ``results.jsonl`` (the results store),
-``train.json`` (the configuration and ``status``: running, interrupted or
-complete) and ``checkpoint.pt``. Every input is checked before the directory is
-created; a run that fails before its first checkpoint removes the directory it
-created, and a run stopped later is left ``interrupted`` (resumable with
-``resume=True``), never ``complete``. Rows appended to results.jsonl:
+A run directory (kind ``train``, ``bench.rundir``: locked while written, refused to other commands)
+holds ``env.json`` and ``results.jsonl`` (the results store), ``train.json`` (the configuration and
+``status``: running, interrupted or complete) and ``checkpoint.pt``. Every input is checked before the
+directory is created. Running the same command again continues the run wherever it stopped: from its
+last checkpoint, writing any row the checkpoint holds that the store lacks, or only the final row; a
+complete run returns its final row. A run made with other options is refused in one line. Rows:
 
-- ``kind: "train_epoch"``: per epoch, train loss and accuracy, held-out loss and
-  accuracy, learning rate, images/s;
-- ``kind: "train"``: the final row: model, resolution, epochs, held-out
-  ``accuracy``, ``macs`` per image (FLOPs = 2 * MACs), ``params``,
-  ``images_per_s`` (training throughput), ``peak_bytes`` (``memory_method`` says
-  how it was taken).
+- ``kind: "train_epoch"``: per epoch, train loss and accuracy, held-out loss and accuracy, learning
+  rate, images/s;
+- ``kind: "train"``: the final row: model, resolution, epochs, held-out ``accuracy``, ``macs`` per image
+  (FLOPs = 2 * MACs), ``params``, ``images_per_s`` (training throughput), and the peak memory of one
+  training step at the training batch (``peak_bytes``, read by the harness's ``measure_module``, with its
+  ``memory_method``).
+Every row records ``threads``, the intra-op thread count the run used (1 unless asked).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from attnbench.errors import AttnbenchError
 
 from . import data as data_mod
+from .loop import Fit, Optim, Progress, autocast, fit, load_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 TRAIN_JSON = "train.json"
@@ -63,15 +64,16 @@ class TrainConfig:
     clip: float = 1.0
     amp: bool = False
     device: str = "cpu"
-    resume: bool = False
+    resume: bool = False  # accepted for older scripts: the same command continues a run anyway
     train_size: int = 2048  # synthetic data only
     val_size: int = 512
     seed: int = 0  # initial weights, data order and the synthetic images
     drop_path: float | None = None  # None: the configuration's own
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    threads: int = 1  # torch intra-op threads, set before any work and recorded in every row
 
-    # Fields that must match between a run and its resumption.
-    SAME_ON_RESUME = ("model", "tiny", "data", "resolution", "batch", "seed", "train_size", "val_size")
+    # Fields that must match between a run and its continuation (--epochs may grow).
+    SAME_ON_RESUME = ("model", "tiny", "data", "resolution", "batch", "seed", "train_size", "val_size", "lr")
+    SAME_ON_RESUME += ("weight_decay", "warmup_epochs", "min_lr", "clip", "amp", "drop_path")
 
 
 @dataclasses.dataclass
@@ -83,7 +85,6 @@ class Prepared:
     classes: list[str]
     device: torch.device
     run_dir: Path
-    checkpoint: dict[str, Any] | None = None
 
 
 ModelFn = Callable[[int], nn.Module]  # number of classes -> a freshly built model
@@ -99,10 +100,20 @@ def prepare(cfg: TrainConfig, model_fn: ModelFn | None = None) -> Prepared:
         except KeyError as exc:
             raise TrainError(exc.args[0]) from None
     for name in ("epochs", "batch", "threads", "train_size", "val_size"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+        if getattr(cfg, name) is None or getattr(cfg, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if not cfg.lr > 0:
-        raise TrainError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.resolution is not None and cfg.resolution < 1:
+        raise TrainError(f"--resolution must be at least 1 px, got {cfg.resolution}")
+    if cfg.seed < 0:
+        raise TrainError(f"--seed must be 0 or more, got {cfg.seed}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise TrainError(f"--lr must be a positive finite number, got {cfg.lr}")
+    for name in ("weight_decay", "warmup_epochs", "min_lr", "clip"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise TrainError(f"{name} must be a finite number of 0 or more, got {value}")
+    if cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:
+        raise TrainError(f"--drop-path must be in [0, 1), got {cfg.drop_path}")
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)  # the initial weights (a resumed run takes its weights and RNG from the checkpoint)
     overrides: dict[str, Any] = {}
@@ -129,53 +140,16 @@ def prepare(cfg: TrainConfig, model_fn: ModelFn | None = None) -> Prepared:
     classes = data_mod.classes_of(train_set)
     model = model_fn(len(classes))
     run_dir = Path(cfg.out)
-    ckpt = run_dir / CHECKPOINT
-    checkpoint = None
-    if cfg.resume:
-        if not ckpt.exists():
-            raise TrainError(f"--resume: {run_dir} holds no {CHECKPOINT}; run without --resume to start a new run")
-        try:
-            stored = json.loads((run_dir / TRAIN_JSON).read_text())["config"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise TrainError(
-                f"--resume: {run_dir / TRAIN_JSON} is missing or unreadable; start a new run with another --out"
-            ) from None
-        diffs = [f"{k}: {stored.get(k)!r} there, {getattr(cfg, k)!r} now" for k in cfg.SAME_ON_RESUME
-                 if stored.get(k) != getattr(cfg, k)]  # fmt: skip
-        if diffs:
-            raise TrainError(f"--resume: {run_dir} was trained differently ({'; '.join(diffs)}); pass the same options")
-        checkpoint = _load_checkpoint(ckpt, device, model)
-        if int(checkpoint["epoch"]) >= cfg.epochs:
-            raise TrainError(
-                f"--resume: {run_dir} has already trained {int(checkpoint['epoch'])} epochs; "
-                "pass a larger --epochs to train further"
-            )
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise TrainError(f"{run_dir} is not empty; pass --resume to continue the run in it, or choose a new --out")
-    return Prepared(cfg, model.to(device), train_set, val_set, classes, device, run_dir, checkpoint)
+    from attnbench.bench.rundir import RunDir
 
-
-CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "step", "rng_cpu")
-
-
-def _load_checkpoint(path: Path, device: torch.device, model: nn.Module) -> dict[str, Any]:
-    """The checkpoint of a run, loaded with ``weights_only`` (no code runs) and checked against the model;
-    a truncated, empty, foreign or tampered file is a TrainError."""
-    fix = "it is truncated, empty or not a checkpoint of attnbench train; start a new run with another --out"
-    try:
-        ck = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises many kinds here (zip, pickle, EOF, unsafe globals)
-        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:100]
-        raise TrainError(f"--resume: {path} cannot be loaded ({type(exc).__name__}: {first}); {fix}") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
-    if missing:
-        raise TrainError(f"--resume: {path} lacks {', '.join(missing)}; {fix}")
-    try:
-        model.load_state_dict(ck["model"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:100]
-        raise TrainError(f"--resume: {path} does not fit the model ({first}); {fix}") from None
-    return ck
+    RunDir(run_dir, "train").check()  # a file, another command's directory, no write access: refused here
+    if (run_dir / TRAIN_JSON).exists():
+        _check_same(run_dir, cfg)
+    if (run_dir / CHECKPOINT).exists():  # the checkpoint's model must fit, and hold no more epochs than asked
+        trained = int(load_checkpoint(run_dir / CHECKPOINT, device, model)["epoch"])
+        if trained > cfg.epochs:
+            raise TrainError(f"{run_dir} has trained {trained} epochs; pass --epochs {trained} or more")
+    return Prepared(cfg, model.to(device), train_set, val_set, classes, device, run_dir)
 
 
 def _device(name: str) -> torch.device:
@@ -190,22 +164,9 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def lr_at(step: int, total: int, warmup: int, base: float, floor: float) -> float:
-    """Linear warm-up from base/warmup to base over ``warmup`` steps, then cosine to ``floor``."""
-    if warmup and step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * min(1.0, t)))
-
-
 def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int, epoch: int) -> DataLoader:
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # the order of an epoch does not depend on resumes
     return DataLoader(ds, batch_size=batch, shuffle=shuffle, generator=g, drop_last=shuffle and len(ds) > batch)
-
-
-def _autocast(device: torch.device, amp: bool) -> Any:
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=amp)
 
 
 @torch.no_grad()
@@ -215,12 +176,66 @@ def evaluate(model: nn.Module, ds: Dataset, batch: int, device: torch.device, am
     loss_sum, correct, n = 0.0, 0, 0
     for x, y in _loader(ds, batch, False, 0, 0):
         x, y = x.to(device), y.to(device)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
         n += len(y)
     return loss_sum / n, correct / n
+
+
+class Classification:
+    """The loop's task for image classification: cross-entropy, accuracy, held-out evaluation per epoch."""
+
+    def __init__(self, prep: Prepared):
+        self.prep = prep
+        cfg = prep.config
+        self.steps_per_epoch = len(_loader(prep.train_set, cfg.batch, True, cfg.seed, 0))
+
+    def batches(self, epoch: int) -> Any:
+        cfg, device = self.prep.config, self.prep.device
+        for x, y in _loader(self.prep.train_set, cfg.batch, True, cfg.seed, epoch):
+            yield x.to(device), y.to(device)
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y = batch
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        correct = (logits.argmax(-1) == y).sum().item()
+        return loss, {"n": len(y), "loss": loss.item() * len(y), "correct": correct}
+
+    def stats(self, sums: dict[str, float]) -> str:
+        n = max(sums.get("n", 0), 1)
+        return f"loss {sums.get('loss', 0) / n:.3f}  acc {sums.get('correct', 0) / n:.1%}"
+
+    def epoch_row(self, model: nn.Module, sums: dict[str, float]) -> dict[str, Any]:
+        cfg = self.prep.config
+        val_loss, accuracy = evaluate(model, self.prep.val_set, cfg.batch, self.prep.device, cfg.amp)
+        n = max(sums.get("n", 0), 1)
+        return {
+            "train_loss": sums.get("loss", 0) / n,
+            "train_accuracy": sums.get("correct", 0) / n,
+            "val_loss": val_loss,
+            "accuracy": accuracy,
+        }
+
+
+def _check_same(run_dir: Path, cfg: TrainConfig) -> str:
+    """The stored run's status; refuses a run made with other options (or more epochs than asked)."""
+    path = run_dir / TRAIN_JSON
+    try:
+        stored = json.loads(path.read_text())
+        config, status = stored["config"], stored["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TrainError(f"{path} is missing or unreadable; restore it, or pass another --out") from None
+    diffs = [f"{k}: {config.get(k)!r} there, {getattr(cfg, k)!r} now" for k in cfg.SAME_ON_RESUME
+             if config.get(k) != getattr(cfg, k)]  # fmt: skip
+    if diffs:
+        raise TrainError(
+            f"{run_dir} holds a training run made with other options ({'; '.join(diffs)}); "
+            "pass the same options to continue it, or another --out"
+        )
+    return str(status)
 
 
 def train(
@@ -230,128 +245,113 @@ def train(
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     model_fn: ModelFn | None = None,
 ) -> dict[str, Any]:
-    """Train, evaluate and record; returns the final row plus ``step_losses`` of this invocation."""
+    """Train, evaluate and record, continuing the run in ``cfg.out`` if it holds one; returns the final
+    row plus ``step_losses`` (the losses of the steps this call took) and ``reused`` (the run was complete
+    before this call)."""
     from attnbench.bench.env import fingerprint
+    from attnbench.bench.rundir import RunDir, kill_point, write_json
     from attnbench.bench.store import ENV, RESULTS, ResultsStore
 
     prep = prepare(cfg, model_fn)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     cfg, model, device, run_dir = prep.config, prep.model, prep.device, prep.run_dir
+    torch.set_num_threads(cfg.threads)
+    run = RunDir(run_dir, "train")
+    run.check()
     created = not run_dir.exists()
-    params = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases, norms, tokens: no weight decay
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
-    steps_per_epoch = len(_loader(prep.train_set, cfg.batch, True, cfg.seed, 0))
-    total = steps_per_epoch * cfg.epochs
-    warmup = min(total // 2, round(cfg.warmup_epochs * steps_per_epoch))
-    start_epoch, step = 0, 0
-    store = ResultsStore(run_dir)
-    status = {"config": _jsonable(cfg), "classes": prep.classes, "status": "running"}
-    try:
-        if prep.checkpoint is not None:
-            ck = prep.checkpoint
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            scaler.load_state_dict(ck["scaler"])
-            start_epoch, step = int(ck["epoch"]), int(ck["step"])
-            torch.set_rng_state(ck["rng_cpu"])
-            if device.type == "cuda" and "rng_cuda" in ck:
-                torch.cuda.set_rng_state(ck["rng_cuda"], device)
-        store.open(fingerprint())
-        _write_json(run_dir / TRAIN_JSON, status)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        step_losses: list[float] = []
-        images, train_seconds = 0, 0.0
-        accuracy = val_loss = float("nan")
-        bar = _Progress(progress)
-        with bar:
-            for epoch in range(start_epoch, cfg.epochs):
-                model.train()
-                loss_sum, correct, seen = 0.0, 0, 0
-                task = bar.add(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch)
-                t0 = time.perf_counter()
-                for x, y in _loader(prep.train_set, cfg.batch, True, cfg.seed, epoch):
-                    x, y = x.to(device), y.to(device)
-                    lr = lr_at(step, total, warmup, cfg.lr, min(cfg.min_lr, cfg.lr))
-                    for group in opt.param_groups:
-                        group["lr"] = lr
-                    with _autocast(device, cfg.amp):
-                        logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-                    scaler.step(opt)
-                    scaler.update()
-                    step += 1
-                    step_losses.append(loss.item())
-                    loss_sum += loss.item() * len(y)
-                    correct += (logits.argmax(-1) == y).sum().item()
-                    seen += len(y)
-                    elapsed = time.perf_counter() - t0
-                    bar.advance(
-                        task, f"loss {loss_sum / seen:.3f}  acc {correct / seen:.1%}  {seen / elapsed:.0f} img/s"
-                    )
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                epoch_seconds = time.perf_counter() - t0
-                images += seen
-                train_seconds += epoch_seconds
-                val_loss, accuracy = evaluate(model, prep.val_set, cfg.batch, device, cfg.amp)
-                bar.finish(task, f"loss {loss_sum / seen:.3f}  acc {correct / seen:.1%}  held-out {accuracy:.1%}")
-                row = {
-                    **_row_id(cfg, f"epoch{epoch + 1}"),
-                    "kind": "train_epoch",
-                    "epoch": epoch + 1,
-                    "train_loss": loss_sum / seen,
-                    "train_accuracy": correct / seen,
-                    "val_loss": val_loss,
-                    "accuracy": accuracy,
-                    "lr": lr,
-                    "images_per_s": seen / epoch_seconds,
-                }
-                _save_checkpoint(run_dir, model, opt, scaler, epoch + 1, step, device)
-                store.append(row)
+    ckpt = run_dir / CHECKPOINT
+    with run.claim(request=_jsonable(cfg)):
+        kill_point("created")
+        status = _check_same(run_dir, cfg) if (run_dir / TRAIN_JSON).exists() else "new"
+        store = ResultsStore(run_dir)
+        stored = {r["point_id"]: r for r in store.open(fingerprint(threads=cfg.threads)).records}
+        final_id = _row_id(cfg, f"final{cfg.epochs}")["point_id"]
+        if status == "complete" and final_id in stored:
+            return {**stored[final_id], "step_losses": [], "reused": True}
+        state = {"config": _jsonable(cfg), "classes": prep.classes, "status": "running"}
+        try:
+            write_json(run_dir / TRAIN_JSON, state)
+
+            def record(row: dict[str, Any]) -> None:
+                full = {**_row_id(cfg, f"epoch{row['epoch']}"), "kind": "train_epoch", **row}
+                if full["point_id"] not in stored:
+                    store.append(full)
+                    stored[full["point_id"]] = full
                 if on_epoch_end is not None:
-                    on_epoch_end(epoch + 1, row)
-        final = {
-            **_row_id(cfg, "final"),
-            "kind": "train",
-            "mechanism": "+".join(_mechanisms(model)),
-            "mechanisms": _mechanisms(model),
-            "epochs": cfg.epochs,
-            "accuracy": accuracy,
-            "val_loss": val_loss,
-            "classes": len(prep.classes),
-            "train_images": len(prep.train_set),
-            "val_images": len(prep.val_set),
-            "params": params,
-            "macs": _macs(model, cfg.resolution, device),
-            "images_per_s": images / train_seconds if train_seconds else None,
-            **_peak(device),
-        }
-        store.append(final)
-        status["status"] = "complete"
-        _write_json(run_dir / TRAIN_JSON, status)
-        return {**final, "step_losses": step_losses}
-    except BaseException:
-        if not (run_dir / CHECKPOINT).exists():  # nothing worth keeping: leave no half-made run behind
-            if created:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            else:
-                for name in (ENV, RESULTS, TRAIN_JSON):
-                    (run_dir / name).unlink(missing_ok=True)
-        elif run_dir.exists():
-            status["status"] = "interrupted"
-            _write_json(run_dir / TRAIN_JSON, status)
-        raise
+                    on_epoch_end(int(row["epoch"]), full)
+
+            with Progress(progress) as bar:
+                done = fit(
+                    model, Classification(prep), _optim(cfg), ckpt, device=device, progress=bar, on_epoch=record
+                )
+                for row in done.rows[: done.resumed_from]:  # rows a kill kept out of the store
+                    record(row)
+                kill_point("final")
+                bar.note(f"{cfg.model}: {cfg.epochs} epochs trained; measuring the final row")
+                final = _final_row(cfg, prep, done)
+            store.append(final)
+            state["status"] = "complete"
+            write_json(run_dir / TRAIN_JSON, state)
+            return {**final, "step_losses": done.step_losses, "reused": False}
+        except BaseException:
+            if not ckpt.exists():  # nothing worth keeping: leave no half-made run behind
+                if created:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                else:
+                    for name in (ENV, RESULTS, TRAIN_JSON):
+                        (run_dir / name).unlink(missing_ok=True)
+            elif run_dir.exists():
+                state["status"] = "interrupted"
+                with contextlib.suppress(Exception):
+                    write_json(run_dir / TRAIN_JSON, state)
+            raise
+
+
+def _optim(cfg: TrainConfig) -> Optim:
+    return Optim(
+        epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
+        min_lr=cfg.min_lr, clip=cfg.clip, amp=cfg.amp,
+    )  # fmt: skip
+
+
+def _final_row(cfg: TrainConfig, prep: Prepared, done: Fit) -> dict[str, Any]:
+    """The final row: the last epoch's held-out metrics, MACs per image, parameters, training throughput,
+    and the peak memory of one training step measured by the harness."""
+    model, device = prep.model, prep.device
+    last = done.rows[-1]
+    return {
+        **_row_id(cfg, f"final{cfg.epochs}"),
+        "kind": "train",
+        "mechanism": "+".join(_mechanisms(model)),
+        "mechanisms": _mechanisms(model),
+        "epochs": cfg.epochs,
+        "accuracy": last["accuracy"],
+        "val_loss": last["val_loss"],
+        "classes": len(prep.classes),
+        "train_images": len(prep.train_set),
+        "val_images": len(prep.val_set),
+        "params": sum(p.numel() for p in model.parameters()),
+        "macs": _macs(model, cfg.resolution, device),
+        "images_per_s": done.images / done.train_s if done.train_s else None,
+        **_step_memory(cfg, prep),
+    }
+
+
+def _step_memory(cfg: TrainConfig, prep: Prepared) -> dict[str, Any]:
+    """Peak memory of one training step (forward and backward, the training batch) on a copy of the
+    trained model, by ``bench.measure.measure_module`` (memory probe only)."""
+    import copy
+
+    from attnbench.bench.measure import Settings, measure_module
+
+    x = torch.stack([prep.train_set[i][0] for i in range(min(cfg.batch, len(prep.train_set)))]).to(prep.device)
+    record = measure_module(
+        copy.deepcopy(prep.model), (x,), Settings(threads=cfg.threads, count_flops=False), pass_="fwd+bwd",
+        macs=0, timing=False,
+    )  # fmt: skip
+    out = {"peak_bytes": record.get("peak_bytes"), "memory_method": record.get("memory_method")}
+    if record["status"] != "ok":
+        out["memory_reason"] = f"{record['status']}: {record.get('reason')}"
+    return out
 
 
 def _row_id(cfg: TrainConfig, what: str) -> dict[str, Any]:
@@ -390,77 +390,5 @@ def _macs(model: nn.Module, resolution: int, device: torch.device) -> int | None
         return None
 
 
-def _peak(device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        return {"peak_bytes": int(torch.cuda.max_memory_allocated(device)), "memory_method": "cuda_max_allocated"}
-    import resource
-
-    # Linux reports ru_maxrss in KiB: the peak resident memory of the whole process.
-    return {
-        "peak_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
-        "memory_method": "cpu_max_rss",
-    }
-
-
-def _save_checkpoint(run_dir: Path, model, opt, scaler, epoch: int, step: int, device: torch.device) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "rng_cpu": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["rng_cuda"] = torch.cuda.get_rng_state(device)
-    tmp = run_dir / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / CHECKPOINT)  # atomic: a kill never leaves a half-written checkpoint
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-class _Progress:
-    """A rich progress bar per epoch with loss, accuracy and images/s (silent when disabled)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.p = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.p = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[stats]}"),
-            )
-
-    def __enter__(self) -> _Progress:
-        if self.p is not None:
-            self.p.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.p is not None:
-            self.p.__exit__(*exc)
-
-    def add(self, description: str, total: int) -> Any:
-        return self.p.add_task(description, total=total, stats="") if self.p is not None else None
-
-    def advance(self, task: Any, stats: str) -> None:
-        if self.p is not None:
-            self.p.update(task, advance=1, stats=stats)
-
-    def finish(self, task: Any, stats: str) -> None:
-        if self.p is not None:
-            self.p.update(task, stats=stats)

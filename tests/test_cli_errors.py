@@ -27,15 +27,17 @@ def run_dir(tmp: Path) -> None:
 
 
 def trained(checkpoint: Callable[[Path], None]) -> Callable[[Path], None]:
-    """A training run directory that --resume accepts, but for its checkpoint."""
+    """A training run directory that the same command would continue, but for its checkpoint."""
 
     def setup(tmp: Path) -> None:
-        from attnbench.studies.train import TRAIN_JSON
+        import dataclasses
+
+        from attnbench.studies.train import TRAIN_JSON, TrainConfig
 
         d = tmp / "t"
         d.mkdir()
-        config = {"model": "pyramid_full", "tiny": True, "data": "synthetic", "resolution": 32, "batch": 8}
-        config |= {"seed": 0, "train_size": 8, "val_size": 8}
+        made = TrainConfig("pyramid_full", "t", tiny=True, resolution=32, batch=8, train_size=8, val_size=8)
+        config = dataclasses.asdict(made)
         (d / TRAIN_JSON).write_text(json.dumps({"config": config, "status": "interrupted"}))
         checkpoint(d / "checkpoint.pt")
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from attnbench.bench.store import read_results
 from attnbench.studies import train as train_mod
-from attnbench.studies.train import TrainConfig, TrainError, lr_at, train
+from attnbench.studies.loop import lr_at
+from attnbench.studies.train import TrainConfig, TrainError, train
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -70,17 +71,20 @@ def test_resume_continues_exactly(tmp_path):
         train(_cfg(tmp_path / "b", **kw), progress=False, on_epoch_end=stop_after_first)
     assert json.loads((tmp_path / "b" / "train.json").read_text())["status"] == "interrupted"
     torch.manual_seed(123)  # the checkpoint's RNG state wins
-    resumed = train(_cfg(tmp_path / "b", resume=True, **kw), progress=False)
+    resumed = train(_cfg(tmp_path / "b", **kw), progress=False)  # the same command continues the run
     steps = len(straight["step_losses"]) // 2
     assert resumed["step_losses"] == straight["step_losses"][steps:]  # bit for bit, from the next step on
     assert resumed["accuracy"] == straight["accuracy"]
     assert json.loads((tmp_path / "b" / "train.json").read_text())["status"] == "complete"
-    with pytest.raises(TrainError, match="already trained 2 epochs"):
-        train(_cfg(tmp_path / "b", resume=True, **kw), progress=False)
-    with pytest.raises(TrainError, match="trained differently .*batch"):
-        train(_cfg(tmp_path / "b", resume=True, **{**kw, "epochs": 3}, batch=16), progress=False)
-    with pytest.raises(TrainError, match="not empty; pass --resume"):
-        train(_cfg(tmp_path / "b", **kw), progress=False)
+    again = train(_cfg(tmp_path / "b", **kw), progress=False)  # complete: its final row, nothing trained
+    assert again["reused"] and again["step_losses"] == [] and again["accuracy"] == straight["accuracy"]
+    assert train(_cfg(tmp_path / "b", resume=True, **kw), progress=False)["reused"]  # --resume: the same
+    with pytest.raises(TrainError, match="made with other options .*batch"):
+        train(_cfg(tmp_path / "b", **{**kw, "epochs": 3}, batch=16), progress=False)
+    with pytest.raises(TrainError, match="has trained 2 epochs; pass --epochs 2 or more"):
+        train(_cfg(tmp_path / "b", **{**kw, "epochs": 1}), progress=False)
+    ids = [r["point_id"] for r in read_results(tmp_path / "b").records]
+    assert len(ids) == len(set(ids)) == 3  # two epoch rows and the final row, once each
 
 
 def test_checkpoint_loads_with_weights_only(tmp_path):

@@ -577,7 +577,7 @@ def train_(
     amp: bool = typer.Option(False, "--amp", help="Mixed precision (float16 on CUDA, bfloat16 on the CPU)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
     out: str = typer.Option(
-        ..., "--out", "-o", help="Run directory (results.jsonl, env.json, checkpoint.pt); the same command continues it."
+        ..., "--out", "-o", help="Run directory (results, env.json, checkpoint.pt); the same command continues it."
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Kept for older scripts: the same command continues the run in --out anyway."

@@ -638,9 +638,12 @@ def match_(
     data: str = typer.Option("synthetic", "--data", help="'synthetic' scenes or a folder of images to warp."),
     knob: list[str] = typer.Option(None, "--knob", "-k", help="NAME=VALUE for every mechanism with that knob."),
     out: str = typer.Option(..., "--out", "-o", help="Run directory (results store, footprints, report.html)."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    threads: int = typer.Option(1, "--threads", help="CPU threads for torch, set before any work, in every row."),
 ) -> None:
-    """Train the LoFTR-style coarse matcher per mechanism and seed (resumable); rows and report in --out."""
+    """Train the LoFTR-style coarse matcher per mechanism and seed; rows and report in --out.
+
+    Killed at any moment, the same command continues (a run from its last checkpoint); more mechanisms or
+    seeds may be added to a directory, other settings are refused."""
     import time
 
     from attnbench.reports.matching import write_report
@@ -654,7 +657,7 @@ def match_(
         out=out, seeds=seeds, preset="smoke" if smoke else "quick" if quick else "default", source=data,
         resolution=resolution, knobs=_knob_pairs(knob), threads=threads,
     )  # fmt: skip
-    run(cfg, log=console.print)
+    run(cfg, log=console.print, progress=True)
     path = write_report(out)
     console.print(f"{time.perf_counter() - t0:.0f} s; results in {out}/results.jsonl, report {path}")
 

@@ -24,7 +24,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from attnbench.bench.store import read_results
 from attnbench.reports.page import Section, document, esc, table_html
-from attnbench.reports.stats import mean_ci, overlap
+from attnbench.reports.stats import conditions, cost_flags, mean_ci, overlap
 
 MODE_ORDER = {"full": 0, "quick": 1, "smoke": 2}
 
@@ -130,8 +130,10 @@ def section(exp: str, s: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any],
                 row["paper GMACs"] = _num(r["paper_gmacs"])
             for _, c in cm[cm["variant"] == r["variant"]].iterrows() if not cm.empty else []:
                 res = int(c["resolution"])
+                flags = cost_flags([c.to_dict()])
                 row[f"latency ms @{res} (p20-p80)"] = (
                     f"{c['latency_ms_median']:.3g} ({c['latency_ms_p20']:.3g}-{c['latency_ms_p80']:.3g})"
+                    + (f" {flags}" if flags else "")
                 )
                 row[f"peak MiB @{res} (inference / training)"] = (
                     f"{_num(c.get('peak_bytes'), 2**20)} / {_num(c.get('train_peak_bytes'), 2**20)}"
@@ -153,6 +155,8 @@ def section(exp: str, s: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any],
             f'<p class="note">MACs per image at the training resolution (FLOPs = 2 x MACs), counted by bench.flops. '
             f"Latency: inference forward, batch {batch}, median with p20-p80; peak memory above the baseline of one "
             "inference forward and of one training forward and backward, same batch. "
+            "Latency and memory by the harness (bench.measure.measure_module): rounds between calibration probes, "
+            f"contended rounds taken again. {esc(conditions(cm.to_dict('records')) if not cm.empty else '')} "
             f"Accuracy: held-out, mean over seeds with a Student-t 95% interval. {esc(_noise_sentence(sm))}</p>"
         )
     parts.append(fig_html)

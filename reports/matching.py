@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 from attnbench.reports.page import Section, _fig_html, document, esc, table_html
-from attnbench.reports.stats import mean_ci
+from attnbench.reports.stats import conditions, cost_flags, mean_ci
 from plotly.subplots import make_subplots
 
 METRICS = ("precision", "auc@3", "auc@5", "auc@10")
@@ -60,6 +60,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
         row["stack MMACs"] = (g["macs"].iloc[0] or float("nan")) / 1e6
         row["attention MMACs"] = g["analytic_macs"].iloc[0] / 1e6
         row["latency ms"] = float(g["latency_ms_median"].median())
+        row["cost flags"] = cost_flags(g.to_dict("records"))
         row["peak KiB"] = float(g["peak_bytes"].median()) / 1024
         kpq = g["keys_per_query"].iloc[0] or {}
         row["keys/query (cross)"] = kpq.get("cross")
@@ -84,6 +85,9 @@ def display(table: pd.DataFrame) -> pd.DataFrame:
         shown[f"{m} %"] = [_interval(r[m], r[f"{m} lo"], r[f"{m} hi"]) for _, r in table.iterrows()]
     for c in ("keys/query (cross)", "stack MMACs", "attention MMACs", "latency ms", "peak KiB", "params", "train s"):
         shown[c] = table[c].round(3) if table[c].dtype.kind == "f" else table[c]
+    if "cost flags" in table:
+        flags = table["cost flags"].fillna("")
+        shown["latency ms"] = [f"{v} ({f})" if f else v for v, f in zip(shown["latency ms"], flags, strict=True)]
     return shown
 
 
@@ -95,9 +99,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 def accuracy_cost(table: pd.DataFrame) -> go.Figure:
     """AUC@10 and precision against the attention stack's MACs and latency, bars the 95% intervals."""
-    fig = make_subplots(
-        rows=1, cols=2, subplot_titles=("against multiply-adds", "against CPU latency (loaded machine)")
-    )
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("against multiply-adds", "against CPU latency"))
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     for i, (_, r) in enumerate(table.iterrows()):
         color = palette[i % len(palette)]
@@ -222,7 +224,7 @@ def build_report(run_dir: str | Path) -> str:
         f"over seeds, cut to [0, 100]%. Cost: the attention stack on one pair, batch 1, float32, CPU ({cpu}, "
         f"{esc(first['threads'])} thread(s)), forward only; stack MMACs counted by bench.flops (projections, MLPs "
         "and norms too), attention MMACs the mechanisms' analytic counts; latency and peak memory as bench "
-        "measures a CPU point; timings come from a shared, loaded machine.</p>"
+        f"measures a CPU point (bench.measure.measure_module). {esc(conditions(df.to_dict('records')))}</p>"
     )
     fp_fig = footprint_figure(fps, table)
     fp_html = (

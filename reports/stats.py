@@ -90,3 +90,34 @@ def overlap(a: tuple[float, float, float], b: tuple[float, float, float]) -> boo
     if any(math.isnan(v) for v in (a[1], a[2], b[1], b[2])):
         return True
     return a[1] <= b[2] and b[1] <= a[2]
+
+
+def _flag(value: object) -> bool:
+    return value is True or (isinstance(value, (int, float)) and not isinstance(value, bool) and bool(value))
+
+
+def cost_flags(rows: Iterable[dict]) -> str:
+    """The flags of a cell made from cost rows, as the sweep report marks points: "contended" when any
+    was measured with the machine's calibration probe over its margin for most rounds, "noisy" when any
+    kept wide samples; "" when none."""
+    rows = list(rows)
+    flags = [name for name in ("contended", "noisy") if any(_flag(r.get(name)) for r in rows)]
+    return ", ".join(flags)
+
+
+def conditions(rows: Iterable[dict]) -> str:
+    """One sentence on how the cost rows were measured, from the rows themselves: the 1-minute load
+    average over their points, threads, and how many were contended or noisy."""
+    rows = [r for r in rows if r.get("latency_ms_median") is not None]
+    if not rows:
+        return "No cost row holds a latency."
+    loads = [float(r["load_avg"][0]) for r in rows if isinstance(r.get("load_avg"), list) and r["load_avg"]]
+    threads = sorted({int(r["threads"]) for r in rows if isinstance(r.get("threads"), (int, float))})
+    load = f"load average {min(loads):.1f} to {max(loads):.1f}" if loads else "load average not recorded"
+    contended = sum(_flag(r.get("contended")) for r in rows)
+    noisy = sum(_flag(r.get("noisy")) for r in rows)
+    return (
+        f"Measured at {load} (1 minute, over the {len(rows)} cost rows), "
+        f"{'/'.join(map(str, threads)) or '?'} thread(s); {contended} contended and {noisy} noisy "
+        "(marked in the table; compare such cells with care)."
+    )

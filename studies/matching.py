@@ -13,11 +13,11 @@ checkpoint is removed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +28,7 @@ from attnbench.models.matching import AttentionStack, Matcher, MatcherConfig, Ma
 
 from attnbench import attentions
 
+from .loop import Optim, Progress, fit
 from .matching_data import DataError, MatchingPairs
 from .matching_metrics import chance_precision, evaluate
 from .matching_metrics import loss_fn as match_loss
@@ -54,7 +55,7 @@ class MatchRunConfig:
     knobs: tuple[tuple[str, str], ...] = ()  # applied to every mechanism that has the knob
     batch: int = 16
     lr: float = 2e-3
-    threads: int | None = None
+    threads: int = 1  # torch intra-op threads, set before any work and recorded in every row
     # Preset settings replaced (epochs, train_size, val_size, dim, layers), as (name, value) pairs.
     overrides: tuple[tuple[str, Any], ...] = ()
 
@@ -87,6 +88,12 @@ def validate(cfg: MatchRunConfig) -> None:
         raise MatchError("give at least one mechanism with --mechanism")
     if cfg.seeds < 1:
         raise MatchError(f"--seeds must be at least 1, got {cfg.seeds}")
+    if cfg.threads < 1:
+        raise MatchError(f"--threads must be at least 1, got {cfg.threads}")
+    if cfg.batch < 1:
+        raise MatchError(f"--batch must be at least 1, got {cfg.batch}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise MatchError(f"--lr must be a positive finite number, got {cfg.lr}")
     for mech in cfg.mechanisms:
         try:
             attentions.get(mech)
@@ -124,102 +131,133 @@ def pairs(size: int, resolution: int, split: str, seed: int, source: str) -> lis
     return _DATA_CACHE[key]
 
 
-def run(
-    cfg: MatchRunConfig, *, log: Callable[[str], None] = print, progress: Callable[[str], None] | None = None
-) -> list[dict[str, Any]]:
-    """Train and record every (mechanism, seed) not yet in the store; returns all the final rows."""
+# What shapes a row: a directory holds rows made with one of these at a time (mechanisms and seeds may grow).
+SAME_SETTINGS = ("preset", "source", "resolution", "knobs", "batch", "lr", "overrides")
+
+
+def _check_same(out: Path, cfg: MatchRunConfig) -> None:
+    path = out / "match.json"
+    if not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise MatchError(f"{path} is not readable JSON; restore it, or pass another --out") from None
+    now = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    diffs = [f"{k}: {stored.get(k)!r} there, {now.get(k)!r} now" for k in SAME_SETTINGS if stored.get(k) != now.get(k)]
+    if diffs:
+        raise MatchError(
+            f"{out} holds a match run made with other settings ({'; '.join(diffs)}); "
+            "pass the same settings to continue it (mechanisms and seeds may be added), or another --out"
+        )
+
+
+def run(cfg: MatchRunConfig, *, log: Callable[[str], None] = print, progress: bool = False) -> list[dict[str, Any]]:
+    """Train and record every (mechanism, seed) not yet in the store; returns all the final rows.
+
+    ``cfg.out`` is a run directory of kind ``match`` (``bench.rundir``): locked while written, refused
+    to other commands and to other settings. Killed at any moment, the same call continues: a run
+    resumes from its last checkpoint, a trained run is evaluated and stored, and nothing is stored twice.
+    """
     from attnbench.bench.env import fingerprint
+    from attnbench.bench.rundir import RunDir, kill_point, write_json
     from attnbench.bench.store import ResultsStore
 
     validate(cfg)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    store = ResultsStore(out)
-    done = {r["point_id"]: r for r in store.open(fingerprint()).records if r.get("kind") == "match"}
-    (out / "match.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
+    run_dir = RunDir(out, "match")
+    run_dir.check()
+    _check_same(out, cfg)
     rows = []
-    for mech in cfg.mechanisms:
-        for seed in range(cfg.seeds):
-            rid = run_id(cfg, mech, seed)
-            if rid in done:
-                log(f"{mech} seed {seed}: already recorded, skipped")
-                rows.append(done[rid])
-                continue
-            t0 = time.perf_counter()
-            row = train_one(cfg, mech, seed, rid, store, progress or log)
-            log(
-                f"{mech} seed {seed}: precision {row['precision']:.1%}, AUC@3/5/10 px "
-                f"{row['auc@3']:.1%} / {row['auc@5']:.1%} / {row['auc@10']:.1%} "
-                f"({time.perf_counter() - t0:.0f} s)"
-            )
-            rows.append(row)
+    with run_dir.claim(request=json.loads(json.dumps(dataclasses.asdict(cfg), default=str))):
+        kill_point("created")
+        store = ResultsStore(out)
+        done = {
+            r["point_id"]: r for r in store.open(fingerprint(threads=cfg.threads)).records if r.get("kind") == "match"
+        }
+        write_json(out / "match.json", dataclasses.asdict(cfg))
+        total = len(cfg.mechanisms) * cfg.seeds
+        with Progress(progress) as bar:
+            for i, (mech, seed) in enumerate((m, s) for m in cfg.mechanisms for s in range(cfg.seeds)):
+                rid = run_id(cfg, mech, seed)
+                ck_path = out / CHECKPOINTS / (rid.replace(":", "_") + ".pt")
+                if rid in done:
+                    ck_path.unlink(missing_ok=True)  # a kill after the row, before its checkpoint went
+                    log(f"[{i + 1}/{total}] {mech} seed {seed}: already recorded, skipped")
+                    rows.append(done[rid])
+                    continue
+                log(f"[{i + 1}/{total}] {mech} seed {seed}: training" + (" (resumed)" if ck_path.exists() else ""))
+                t0 = time.perf_counter()
+                row = train_one(cfg, mech, seed, rid, ck_path, bar)
+                store.append(_finite(row))
+                kill_point("stored")
+                ck_path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    ck_path.parent.rmdir()  # only when empty
+                log(
+                    f"{mech} seed {seed}: precision {row['precision']:.1%}, AUC@3/5/10 px "
+                    f"{row['auc@3']:.1%} / {row['auc@5']:.1%} / {row['auc@10']:.1%} "
+                    f"({time.perf_counter() - t0:.0f} s)"
+                )
+                rows.append(row)
     return rows
 
 
-def train_one(
-    cfg: MatchRunConfig, mech: str, seed: int, rid: str, store: Any, progress: Callable[[str], None]
-) -> dict[str, Any]:
+class MatchingTask:
+    """The loop's task for the matcher: batches of pairs in an order fixed by (seed, epoch), the loss at
+    the ground-truth cells."""
+
+    def __init__(self, train_set: list, batch: int, seed: int):
+        self.train_set, self.batch, self.seed = train_set, batch, seed
+        self.steps_per_epoch = math.ceil(len(train_set) / batch)
+
+    def batches(self, epoch: int) -> Any:
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        for b in range(self.steps_per_epoch):
+            chunk = [self.train_set[int(i)] for i in order[b * self.batch : (b + 1) * self.batch]]
+            yield (
+                torch.stack([c[0] for c in chunk]),
+                torch.stack([c[1] for c in chunk]),
+                torch.stack([c[3] for c in chunk]),
+            )
+
+    def loss(self, model: Any, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        img0, img1, gt = batch
+        loss = match_loss(model(img0, img1), gt)
+        return loss, {"n": len(gt), "loss": loss.item() * len(gt)}
+
+    def stats(self, sums: dict[str, float]) -> str:
+        return f"loss {sums.get('loss', 0) / max(sums.get('n', 0), 1):.3f}"
+
+    def epoch_row(self, model: Any, sums: dict[str, float]) -> dict[str, Any]:
+        return {"train_loss": sums.get("loss", 0) / max(sums.get("n", 0), 1)}
+
+
+def train_one(cfg: MatchRunConfig, mech: str, seed: int, rid: str, ck_path: Path, bar: Progress) -> dict[str, Any]:
+    """Train (or continue) one (mechanism, seed) with the one training loop; evaluate, measure; its row."""
+    from attnbench.bench.rundir import kill_point
+
     s = cfg.settings()
     mcfg = cfg.matcher(mech)
     out = Path(cfg.out)
-    ck_dir = out / CHECKPOINTS
-    ck_path = ck_dir / (rid.replace(":", "_") + ".pt")
     train_set = pairs(s["train_size"], mcfg.resolution, "train", seed, cfg.source)
     val_set = pairs(s["val_size"], mcfg.resolution, "val", seed, cfg.source)
     torch.manual_seed(seed)
     model = Matcher(mcfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch)
-    total = steps_per_epoch * s["epochs"]
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
-    start = 0
-    train_s = 0.0
-    if ck_path.exists():
-        ck = torch.load(ck_path, weights_only=True)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start, train_s = int(ck["epoch"]), float(ck["train_s"])
-        torch.set_rng_state(ck["rng"])
-        progress(f"{mech} seed {seed}: resumed after epoch {start}")
-    elif seed == 0:  # the figure shows seed 0
+    if seed == 0 and not ck_path.exists():  # the figure shows seed 0
         _append_footprints(out, rid, mech, seed, "init", model, val_set[0])
-    for epoch in range(start, s["epochs"]):
-        model.train()
-        t0 = time.perf_counter()
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        loss_sum = 0.0
-        for b in range(steps_per_epoch):
-            chunk = [train_set[int(i)] for i in order[b * cfg.batch : (b + 1) * cfg.batch]]
-            img0, img1 = torch.stack([c[0] for c in chunk]), torch.stack([c[1] for c in chunk])
-            gt = torch.stack([c[3] for c in chunk])
-            loss = match_loss(model(img0, img1), gt)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            loss_sum += loss.item()
-        train_s += time.perf_counter() - t0
-        ck_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "epoch": epoch + 1,
-            "train_s": train_s,
-            "rng": torch.get_rng_state(),
-        }
-        torch.save(state, ck_path.with_suffix(".tmp"))
-        os.replace(ck_path.with_suffix(".tmp"), ck_path)  # atomic: a kill never leaves half a checkpoint
-        progress(f"{mech} seed {seed}: epoch {epoch + 1}/{s['epochs']} loss {loss_sum / steps_per_epoch:.3f}")
+    # AdamW at lr with 10% warm-up then cosine to 0, weight decay 0.01, gradients clipped to 1.
+    optim = Optim(epochs=s["epochs"], lr=cfg.lr, weight_decay=0.01, warmup_epochs=0.1 * s["epochs"], min_lr=0.0)
+    task = MatchingTask(train_set, cfg.batch, seed)
+    done = fit(model, task, optim, ck_path, device=torch.device("cpu"), progress=bar, label=f"{mech} seed {seed}: ")
+    kill_point("trained")
     metrics = evaluate(model, val_set)
     if seed == 0:
         _append_footprints(out, rid, mech, seed, "trained", model, val_set[0])
-    cost = stack_cost(model.stack, mcfg, smoke=cfg.preset == "smoke")
+    cost = stack_cost(model.stack, mcfg, smoke=cfg.preset == "smoke", threads=cfg.threads)
     hw = mcfg.coarse_hw
-    row = {
+    return {
         "point_id": rid,
         "kind": "match",
         "status": "ok",
@@ -241,29 +279,25 @@ def train_one(
         "train_pairs": len(train_set),
         "val_pairs": len(val_set),
         "batch": cfg.batch,
-        "dtype": "float32",
-        "device": "cpu",
         "params": sum(p.numel() for p in model.parameters()),
         "stack_params": sum(p.numel() for p in model.stack.parameters()),
         "chance_precision": chance_precision(hw),
+        "train_loss": done.rows[-1]["train_loss"],
         **metrics,
         **cost,
-        "train_s": train_s,
-        "threads": torch.get_num_threads(),
+        "train_s": done.train_s,
+        "threads": cfg.threads,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    store.append(_finite(row))
-    ck_path.unlink(missing_ok=True)
-    if not any(ck_dir.iterdir()):
-        ck_dir.rmdir()
-    return row
 
 
 def _finite(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
-def stack_cost(stack: AttentionStack, mcfg: MatcherConfig, smoke: bool = False) -> dict[str, Any]:
+def stack_cost(
+    stack: AttentionStack, mcfg: MatcherConfig, smoke: bool = False, threads: int | None = None
+) -> dict[str, Any]:
     """Cost of the attention stack on one pair (batch 1, forward, float32, CPU), measured by the harness's
     one function (``bench.measure.measure_module``) as a sweep measures a point."""
     from attnbench.bench.flops import count
@@ -282,7 +316,7 @@ def stack_cost(stack: AttentionStack, mcfg: MatcherConfig, smoke: bool = False) 
     except Exception as exc:  # noqa: BLE001  (a count that fails must not lose a trained run)
         out["macs"], out["macs_uncovered"] = None, None
         out["macs_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    record = measure_module(stack, (f0, f1), cost_settings(smoke), pass_="fwd", macs=out["macs"])
+    record = measure_module(stack, (f0, f1), cost_settings(smoke, threads), pass_="fwd", macs=out["macs"])
     status, reason = record.pop("status"), record.pop("reason")
     record.pop("macs", None)
     out.update(record)
@@ -324,7 +358,23 @@ def footprint_rows(model: Matcher, pair: tuple[torch.Tensor, ...], query: tuple[
 
 
 def _append_footprints(out: Path, rid: str, mech: str, seed: int, state: str, model: Matcher, pair: tuple) -> None:
+    """Add one run's footprints in one state, once: a record already there (written before a kill) is kept,
+    and a line a kill cut short is dropped."""
     out.mkdir(parents=True, exist_ok=True)
+    path = out / FOOTPRINTS
+    kept, have = [], set()
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            kept.append(line)
+            have.add((rec.get("point_id"), rec.get("state")))
+        if (rid, state) in have:
+            return
+        if len(kept) != len(path.read_text(encoding="utf-8").splitlines()):
+            path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
     rows = footprint_rows(model, pair)
     record = {
         "point_id": rid,
@@ -338,7 +388,7 @@ def _append_footprints(out: Path, rid: str, mech: str, seed: int, state: str, mo
         "image1": (pair[1][0] * 255).round().to(torch.uint8).tolist(),
         "blocks": rows,
     }
-    with open(out / FOOTPRINTS, "a", encoding="utf-8") as f:
+    with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
 

@@ -280,9 +280,7 @@ def train(
                     on_epoch_end(int(row["epoch"]), full)
 
             with Progress(progress) as bar:
-                done = fit(
-                    model, Classification(prep), _optim(cfg), ckpt, device=device, progress=bar, on_epoch=record
-                )
+                done = fit(model, Classification(prep), _optim(cfg), ckpt, device=device, progress=bar, on_epoch=record)
                 for row in done.rows[: done.resumed_from]:  # rows a kill kept out of the store
                     record(row)
                 kill_point("final")

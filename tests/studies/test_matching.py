@@ -141,7 +141,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     said: list[str] = []
     matching_run.run(cfg, log=said.append)
-    assert any("resumed after epoch 2" in s for s in said)
+    assert any("training (resumed)" in s for s in said)
     matching_run.run(cfg, log=said.append)
     assert "already recorded" in said[-1]
 

@@ -128,7 +128,8 @@ def fit(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> Fit:
     """Train ``model`` on ``task`` for ``optim.epochs`` epochs, resuming from ``checkpoint`` if it exists;
-    returns every epoch's row. ``on_epoch`` is called with each new row after its checkpoint is saved."""
+    returns every epoch's row. ``on_epoch`` is called with each row: first the rows the checkpoint holds,
+    then each new row after its checkpoint is saved (the caller stores those it does not hold yet)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases, norms, tokens: no weight decay
     opt = torch.optim.AdamW(
@@ -149,6 +150,8 @@ def fit(
         torch.set_rng_state(ck["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in ck:
             torch.cuda.set_rng_state(ck["rng_cuda"], device)
+        for row in rows if on_epoch is not None else ():
+            on_epoch(row)
     step_losses: list[float] = []
     bar = progress or Progress(False)
     lr = lr_at(step, total, warmup, optim.lr, min(optim.min_lr, optim.lr))

@@ -281,8 +281,6 @@ def train(
 
             with Progress(progress) as bar:
                 done = fit(model, Classification(prep), _optim(cfg), ckpt, device=device, progress=bar, on_epoch=record)
-                for row in done.rows[: done.resumed_from]:  # rows a kill kept out of the store
-                    record(row)
                 kill_point("final")
                 bar.note(f"{cfg.model}: {cfg.epochs} epochs trained; measuring the final row")
                 final = _final_row(cfg, prep, done)

@@ -115,9 +115,9 @@ def accuracy_cost(table: pd.DataFrame) -> go.Figure:
                         x=[x],
                         y=[r[metric]],
                         error_y=err,
-                        mode="markers+text",
+                        mode="markers",  # names in the legend: labels of close points would overlap
                         text=[esc(r["mechanism"])],
-                        textposition="top center",
+                        hoverinfo="text+x+y",
                         marker=dict(color=color, symbol=symbol, size=11),
                         name=f"{esc(r['mechanism'])} {metric}",
                         legendgroup=str(r["mechanism"]),

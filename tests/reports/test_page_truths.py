@@ -95,6 +95,7 @@ def test_matching_accuracy_axis_starts_at_zero(tmp_path):
         assert lo == 0.0 and 0 < hi <= 1.05
     fig = matching_report.accuracy_cost(zero)
     assert fig.layout.yaxis.range[0] == 0.0
+    assert all("text" not in (t.mode or "") for t in fig.data)  # no labels drawn on top of each other
 
 
 def test_every_footprint_panel_has_its_own_colour_bar(tmp_path):

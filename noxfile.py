@@ -15,6 +15,7 @@ the extras the session needs from pyproject.toml. Virtualenvs are reused
     train      a short training of every tiny model
     quick      the main job: the quick sweep and its report
     noise      the noise check: a preset twice on unchanged code, compared; then once with one mechanism 2x slower
+    docs       the generated reference pages checked against the code, then mkdocs build --strict
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ TYPED = ["attnbench/errors.py", "attnbench/__init__.py", "attentions", "bench", 
 TYPED_RATCHET = ["models", "studies", "attnbench/cli.py"]
 
 # nox -s bench fails when a case's median is slower than the baseline's by more than this. Chosen from the
-# run-to-run noise of unchanged code (README, "Regression tracking and nox sessions"); override with
+# run-to-run noise of unchanged code (docs/findings.md, "The regression threshold's noise measurements"); override with
 # ATTNBENCH_BENCH_FAIL, e.g. "median:10%" on a quiet GPU machine.
 BENCH_FAIL = os.environ.get("ATTNBENCH_BENCH_FAIL", "median:50%")
 BENCH_COLUMNS = "median,iqr,min,rounds"
@@ -207,3 +208,12 @@ def noise(session: nox.Session) -> None:
     slowed = {"ATTNBENCH_PLUGINS": "slowdown", "ATTNBENCH_SLOWDOWN": NOISE_SLOWED, "PYTHONPATH": "tests/bench"}
     session.run("attnbench", "sweep", "--preset", NOISE_PRESET, "--out", f"{out}/slowed", env=slowed)
     session.run("python", ".ci/noise_check.py", f"{out}/a", f"{out}/slowed", "--slowed", NOISE_SLOWED)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The reference pages regenerated and compared with docs/reference (scripts/gen_docs.py --check), then the
+    site built with mkdocs --strict: a broken link, a missing anchor or a page outside the nav fails it."""
+    install(session, "docs")
+    session.run("python", "scripts/gen_docs.py", "--check")
+    session.run("mkdocs", "build", "--strict", "--site-dir", os.path.join(session.create_tmp(), "site"))

@@ -7,6 +7,7 @@ its own.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import typer
 from rich.console import Console
@@ -54,14 +55,33 @@ def list_(as_json: bool = JSON_OPTION) -> None:
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title="attention mechanisms")
-    for col in ("mechanism", "knobs (defaults)", "cost knob", "cross", "complexity", "impls"):
-        table.add_column(col)
+    import shutil
+    import textwrap
+
+    width = max(40, shutil.get_terminal_size((80, 24)).columns)
+    lines = []
     for r in rows:
-        knobs = ", ".join(f"{k}={v['default']}" for k, v in r["knobs"].items())
-        cells = (r["name"], knobs, r["cost_knob"] or "-", r["cross"], r["complexity"], ", ".join(r["impls"]))
-        table.add_row(*(escape(str(c)) for c in cells))
-    console.print(table)
+        head = f"{r['name']}: {r['complexity']}; cost knob {r['cost_knob'] or '-'}; cross attention {r['cross']}"
+        lines += textwrap.wrap(head, width, subsequent_indent="    ", break_long_words=False)
+        knobs = [f"{k}={v['default']}" for k, v in r["knobs"].items()] or ["-"]
+        lines += _wrap_items("  knobs: ", knobs, width)
+        lines += _wrap_items("  impls: ", r["impls"], width)
+        lines.append("")
+    typer.echo("\n".join(lines).rstrip("\n"))
+
+
+def _wrap_items(label: str, items: list[str], width: int) -> list[str]:
+    """Items joined by ", " in lines of at most ``width`` characters, never cutting one item in two (an item
+    longer than a line gets a line of its own); continuation lines indented under the label."""
+    lines, line = [], label
+    for i, item in enumerate(items):
+        piece = item + ("," if i < len(items) - 1 else "")
+        if line.strip() and len(line) + 1 + len(piece) > width and line != label:
+            lines.append(line.rstrip())
+            line = "    "
+        line += ("" if line in (label, "    ") else " ") + piece
+    lines.append(line.rstrip())
+    return lines
 
 
 # -- further commands are added below this line, one function each --
@@ -208,6 +228,7 @@ def sweep(
         executor = executors.InProcess()
 
     failed = {"n": 0, "skipped": 0}
+    skip_reasons: Counter[str] = Counter()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -239,11 +260,14 @@ def sweep(
                 )
             elif rec["status"] == "skipped":
                 failed["skipped"] += 1
+                skip_reasons[" ".join(str(rec.get("reason") or "no reason given").split())] += 1
             progress.update(task, advance=1, failed=failed["n"], skipped=failed["skipped"])
 
     with progress:
         summary = run_sweep(grid, out, settings, executor=executor, on_event=on_event, append=append, resume=resume)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items())) or "nothing new"
+    for reason, n in skip_reasons.most_common():  # each distinct reason once, with how many points it skipped
+        console.print(f"[yellow]skipped {n}[/yellow] point{'s' if n > 1 else ''}: {escape(reason)}")
     console.print(f"done: {counts}; results in {escape(str(summary.run_dir))}/results.jsonl (bench.load reads them)")
 
 
@@ -266,7 +290,10 @@ def env_(as_json: bool = JSON_OPTION) -> None:
 
 REPORT_DIRS_ARGUMENT = typer.Argument(..., help="Run directories written by `attnbench sweep --out DIR`.")
 REPORT_OUT_OPTION = typer.Option(
-    None, "--out", "-o", help="HTML file to write (default report.html; with --format only when given)."
+    None,
+    "--out",
+    "-o",
+    help="HTML file to write (default RUN/report.html, in the first run directory; with --format only when given).",
 )
 REPORT_FORMAT_OPTION = typer.Option(
     None, "--format", help="md or csv: print the summary table at the reference point to stdout."
@@ -277,6 +304,15 @@ REPORT_BASELINE_OPTION = typer.Option(
     help="NAME[:IMPL]: the mechanism and implementation every ratio and crossover is set against "
     "(default full, impl fast); one the runs do not hold is refused.",
 )
+
+
+def default_report_name(run_dirs: list[str]) -> str:
+    """report.html for one run; with several, a name that says which runs it sets beside the first."""
+    from pathlib import Path
+
+    if len(run_dirs) == 1:
+        return "report.html"
+    return "report-with-" + "-".join(Path(d).resolve().name for d in run_dirs[1:]) + ".html"
 
 
 @app.command("report")
@@ -303,7 +339,7 @@ def report(
             typer.echo("no point ran, so there is no summary table", err=True)
         typer.echo(text, nl=False)
     if fmt is None or out is not None:
-        path = Path(out or "report.html")
+        path = Path(out) if out else Path(run_dirs[0]) / default_report_name(run_dirs)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(reports.build_report(runs, baseline), encoding="utf-8")
         typer.echo(f"report: {path} ({path.stat().st_size / 2**20:.1f} MiB)", err=fmt is not None)

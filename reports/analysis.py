@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -468,11 +469,35 @@ def exponents(df: pd.DataFrame, metric: str, x: str = "tokens") -> dict[tuple[st
 
 
 FLOPS_NOTE = (
-    "FLOPs = 2 x the stored multiply-adds (MACs) of one forward pass. Achieved TFLOP/s and % of peak come from "
-    "bench.store: a fwd+bwd point counts forward plus backward MACs (the measured backward count where the "
-    "counter gave one, else 2 x forward), against the dense tensor-core peak of the point's GPU for its dtype. "
-    "Uncounted ops are ops the FLOP counter saw but could not count: those counts are incomplete."
+    "FLOPs = 2 x the stored multiply-adds (MACs) of one forward pass. Achieved TFLOP/s comes from bench.store: a "
+    "fwd+bwd point counts forward plus backward MACs (the measured backward count where the counter gave one, else "
+    "2 x forward). Uncounted ops are ops the FLOP counter saw but could not count: those counts are incomplete."
 )
+# Said only where some point ran on a GPU: a CPU report has no % of peak column to explain.
+GPU_PEAK_NOTE = (
+    "% of peak sets the achieved TFLOP/s against the dense tensor-core peak of the point's GPU for its dtype."
+)
+
+
+def flops_note(devices: Any) -> str:
+    """FLOPS_NOTE, with the tensor-core peak sentence only when one of ``devices`` is a GPU."""
+    return FLOPS_NOTE + (" " + GPU_PEAK_NOTE if any(is_gpu(d) for d in devices) else "")
+
+
+def latency_ranks(median: Any, p20: Any, p80: Any) -> list[str]:
+    """Rank by latency where the p20-p80 intervals allow: 1 + the number of series conclusively faster (their
+    p80 below this one's p20). Series whose intervals overlap share a rank, marked "=" ("1=", "1=", "3")."""
+    med = [float(v) for v in median]
+    lo = [float(a) if math.isfinite(float(a)) else m for a, m in zip(p20, med, strict=True)]
+    hi = [float(b) if math.isfinite(float(b)) else m for b, m in zip(p80, med, strict=True)]
+    ranks = []
+    for i, m in enumerate(med):
+        if not math.isfinite(m):
+            ranks.append(0)
+            continue
+        ranks.append(1 + sum(1 for j in range(len(med)) if j != i and math.isfinite(med[j]) and hi[j] < lo[i]))
+    shared = Counter(ranks)
+    return ["-" if r == 0 else f"{r}=" if shared[r] > 1 else str(r) for r in ranks]
 
 
 def speedup_column(base: Baseline) -> str:
@@ -547,6 +572,10 @@ def summary_table(df: pd.DataFrame, refs: References, baseline: str | Baseline =
         row[REALISED_COLUMN] = 100.0 * r["realised"]
         rows.append(row)
     table = pd.DataFrame(rows)
+    ranks = pd.Series("-", index=table.index)
+    for _, g in table.groupby(["run", "pass"], sort=False):
+        ranks[g.index] = latency_ranks(g["latency ms (median)"], g["latency ms (p20)"], g["latency ms (p80)"])
+    table.insert(list(table.columns).index("latency ms (median)"), "latency rank (ties share)", ranks)
     if table["% of peak"].isna().all():
         table = table.drop(columns=["% of peak"])
     if table["per-call overhead ms"].isna().all():
@@ -593,8 +622,17 @@ def verdict(df: pd.DataFrame, refs: References, baseline: str | Baseline = DEFAU
             if cand.empty:
                 row.update({what: "-", f"{what}_value": math.nan, f"{what}_ratio": math.nan, f"{what}_text": "-"})
                 continue
-            best = cand.sort_values([metric, "series"]).iloc[0]
+            cand = cand.sort_values([metric, "series"])
+            best = cand.iloc[0]
             row[what] = best["series"]
+            if what == "fastest":
+                # Tied: every series whose p20-p80 overlaps the fastest's; none of them is faster than another.
+                ranks = latency_ranks(cand[metric], cand["latency_ms_p20"], cand["latency_ms_p80"])
+                tied = cand[[r == "1=" for r in ranks]]
+                row["fastest_tied"] = [
+                    (str(t["series"]), float(t[metric]), float(t["latency_ms_p20"]), float(t["latency_ms_p80"]))
+                    for _, t in tied.iterrows()
+                ]
             row[f"{what}_value"] = best[metric]
             row[f"{what}_ratio"] = best[ratio]
             row[f"{what}_text"] = ratio_text(best[ratio], *words) if math.isfinite(best[ratio]) else "no baseline"

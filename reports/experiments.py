@@ -27,6 +27,8 @@ from attnbench.reports.page import Section, document, esc, table_html
 from attnbench.reports.stats import conditions, cost_flags, mean_ci, overlap
 
 MODE_ORDER = {"full": 0, "quick": 1, "smoke": 2}
+MODE_SYMBOLS = {"full": "circle", "quick": "square", "smoke": "triangle-up"}
+VARIANT_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 
 
 def load_rows(out_dirs: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -70,25 +72,29 @@ def ranking(s: pd.DataFrame) -> dict[str, str]:
     """Per variant: how its order against every other variant with a published top-1 compares with the paper's."""
     out: dict[str, str] = {}
     pub = s[s["paper_top1"].notna()]
-    counts: dict[str, list[int]] = {v: [0, 0, 0, 0] for v in s["variant"]}  # agree, disagree, noise, paper tie
+    # agree, disagree, within seed noise, paper tie, no interval (one seed)
+    counts: dict[str, list[int]] = {v: [0, 0, 0, 0, 0] for v in s["variant"]}
     for (_, a), (_, b) in combinations(pub.iterrows(), 2):
         ours, theirs = (a["mean"], a["lo"], a["hi"]), (b["mean"], b["lo"], b["hi"])
         if a["paper_top1"] == b["paper_top1"]:
             k = 3
+        elif math.isnan(a["lo"]) or math.isnan(b["lo"]):
+            k = 4  # one seed: no interval, so no order can be told (and no "seed noise" measured either)
         elif overlap(ours, theirs):
             k = 2
         else:
             k = 0 if (a["mean"] > b["mean"]) == (a["paper_top1"] > b["paper_top1"]) else 1
         counts[a["variant"]][k] += 1
         counts[b["variant"]][k] += 1
-    for v, (agree, disagree, noise, tie) in counts.items():
-        if agree + disagree + noise + tie == 0:
+    for v, (agree, disagree, noise, tie, single) in counts.items():
+        if agree + disagree + noise + tie + single == 0:
             out[v] = "no published top-1 to compare" if v not in set(pub["variant"]) else "no other published variant"
             continue
         parts = [f"agrees with {agree}"] if agree else []
         parts += [f"disagrees with {disagree}"] if disagree else []
         parts += [f"within seed noise of {noise}"] if noise else []
         parts += [f"paper ties {tie}"] if tie else []
+        parts += [f"not ordered against {single} (one seed: no interval)"] if single else []
         out[v] = ", ".join(parts)
     return out
 
@@ -180,30 +186,47 @@ def _noise_sentence(sm: pd.DataFrame) -> str:
 def figure(exp: str, s: pd.DataFrame) -> go.Figure:
     """Accuracy (mean, 95% interval) against GMACs per image, one trace per mode."""
     fig = go.Figure()
+    order = list(dict.fromkeys(s["variant"]))
+    tops: list[float] = [0.0]
+    for i, v in enumerate(order):  # the legend's key to the colours: one entry per variant
+        fig.add_trace(go.Scatter(
+            x=[None], y=[None], mode="markers", name=esc(v), legendgroup=f"variant {v}",
+            marker=dict(color=VARIANT_COLORS[i % len(VARIANT_COLORS)], size=10), hoverinfo="skip",
+        ))  # fmt: skip
     for mode, g in sorted(s.groupby("mode"), key=lambda t: MODE_ORDER.get(t[0], 9)):
         x = (g["macs"].astype(float) / 1e9).tolist()
         y = (100 * g["mean"]).tolist()
         up = [100 * (h - m) if not math.isnan(h) else 0 for h, m in zip(g["hi"], g["mean"], strict=True)]
         down = [100 * (m - lo) if not math.isnan(lo) else 0 for lo, m in zip(g["lo"], g["mean"], strict=True)]
         text = [esc(v) for v in g["variant"]]
+        # Variants are told apart by colour and the legend, not by text on the plot: names drawn beside points
+        # that sit close together (variants of one cost) fall on top of each other.
+        colors = [VARIANT_COLORS[order.index(v) % len(VARIANT_COLORS)] for v in g["variant"]]
         fig.add_trace(go.Scatter(
-            x=x, y=y, mode="markers+text", name=esc(f"{mode} (ours)"), text=text, textposition="top center",
+            x=x, y=y, mode="markers", name=esc(f"{mode} (ours)"), legendgroup=mode,
+            marker=dict(color=colors, size=10, symbol=MODE_SYMBOLS.get(mode, "circle"), line=dict(width=1)),
             error_y=dict(type="data", array=up, arrayminus=down, visible=True),
             hovertext=[f"{t}: {v:.1f}% at {c:.4g} GMACs" for t, v, c in zip(text, y, x, strict=True)],
             hoverinfo="text",
         ))  # fmt: skip
+        tops += [u + v for u, v in zip(up, y, strict=True) if math.isfinite(v)]
         pub = g[g["paper_top1"].notna() & g["paper_gmacs"].notna()]
         if mode == "full" and not pub.empty:
             fig.add_trace(go.Scatter(
                 x=pub["paper_gmacs"].astype(float).tolist(), y=pub["paper_top1"].astype(float).tolist(),
-                mode="markers", marker=dict(symbol="diamond-open", size=11), name="paper (full)",
-                text=[esc(v) for v in pub["variant"]], hoverinfo="text+x+y",
+                mode="markers", name="paper (full)", hoverinfo="text+x+y",
+                marker=dict(symbol="diamond-open", size=12, line=dict(width=2),
+                            color=[VARIANT_COLORS[order.index(v) % len(VARIANT_COLORS)] for v in pub["variant"]]),
+                text=[esc(v) for v in pub["variant"]],
             ))  # fmt: skip
+            tops += pub["paper_top1"].astype(float).tolist()
     fig.update_layout(
         title=esc(f"{exp}: held-out accuracy against cost"), xaxis_title="GMACs per image (training resolution)",
         yaxis_title="accuracy % (mean, 95% interval)", height=460, template="plotly_white",
-        margin=dict(l=60, r=20, t=50, b=50),
+        margin=dict(l=60, r=20, t=50, b=50), legend=dict(title_text="variant (colour), mode (marker)"),
     )  # fmt: skip
+    top = max(tops)  # from 0, where accuracy can start, to a little above the highest point or interval end
+    fig.update_yaxes(range=[0, 10 if top <= 0 else min(105.0, top * 1.1)])
     return fig
 
 

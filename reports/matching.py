@@ -73,6 +73,8 @@ def _interval(mean: float, lo: float, hi: float, pct: bool = True) -> str:
     if mean is None or math.isnan(mean):
         return "-"
     f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3g}")
+    if math.isnan(lo) or math.isnan(hi):
+        return f(mean)  # one seed: no interval (the page says an interval needs two seeds)
     if pct:  # a fraction: the interval is cut to [0, 1], where the metric lives
         lo, hi = max(lo, 0.0), min(hi, 1.0)
     return f"{f(mean)} [{f(lo)}, {f(hi)}]" if lo != hi else f(mean)
@@ -104,17 +106,20 @@ def accuracy_cost(table: pd.DataFrame) -> go.Figure:
     for i, (_, r) in enumerate(table.iterrows()):
         color = palette[i % len(palette)]
         for metric, symbol in (("auc@10", "circle"), ("precision", "diamond")):
-            lo, hi = max(r[f"{metric} lo"], 0.0), min(r[f"{metric} hi"], 1.0)  # the metric's range
-            err = dict(type="data", symmetric=False, array=[hi - r[metric]], arrayminus=[r[metric] - lo])
+            if math.isnan(r[f"{metric} lo"]):  # one seed: no interval to draw
+                err = dict(visible=False)
+            else:
+                lo, hi = max(r[f"{metric} lo"], 0.0), min(r[f"{metric} hi"], 1.0)  # the metric's range
+                err = dict(type="data", symmetric=False, array=[hi - r[metric]], arrayminus=[r[metric] - lo])
             for col, x in ((1, r["stack MMACs"]), (2, r["latency ms"])):
                 fig.add_trace(
                     go.Scatter(
                         x=[x],
                         y=[r[metric]],
                         error_y=err,
-                        mode="markers+text",
+                        mode="markers",  # names in the legend: labels of close points would overlap
                         text=[esc(r["mechanism"])],
-                        textposition="top center",
+                        hoverinfo="text+x+y",
                         marker=dict(color=color, symbol=symbol, size=11),
                         name=f"{esc(r['mechanism'])} {metric}",
                         legendgroup=str(r["mechanism"]),
@@ -125,17 +130,45 @@ def accuracy_cost(table: pd.DataFrame) -> go.Figure:
                 )
     fig.update_xaxes(title_text="MMACs of the attention stack per pair (FLOPs = 2 x MACs)", row=1, col=1)
     fig.update_xaxes(title_text="latency of the attention stack, ms (median)", row=1, col=2)
-    fig.update_yaxes(title_text="held-out AUC@10 px (circles), precision (diamonds)", tickformat=".0%")
+    fig.update_yaxes(
+        title_text="held-out AUC@10 px (circles), precision (diamonds)", tickformat=".0%", range=accuracy_range(table)
+    )
     fig.update_layout(template="plotly_white", height=460, margin=dict(l=60, r=20, t=60, b=50))
     return fig
 
 
-def _heat(weights: list[list[float]], scale: float, name: str, showscale: bool) -> go.Heatmap:
+def accuracy_range(table: pd.DataFrame) -> list[float]:
+    """The accuracy axis from 0 (no metric is below it) to a little above the highest value or interval end."""
+    tops = [0.0]
+    for metric in ("auc@10", "precision"):
+        for col in (metric, f"{metric} hi"):
+            tops += [min(float(v), 1.0) for v in table[col] if not math.isnan(float(v))]
+    top = max(tops)
+    return [0.0, 0.1 if top <= 0 else min(1.05, top * 1.15)]
+
+
+def _heat(weights: list[list[float]], scale: float, name: str) -> go.Heatmap:
+    """One panel's weights on its own colour scale; :func:`panel_colorbars` gives it its own bar."""
     return go.Heatmap(
         z=weights, x0=(scale - 1) / 2, dx=scale, y0=(scale - 1) / 2, dy=scale, colorscale="Viridis",
-        opacity=0.72 if scale > 1 else 1.0, showscale=showscale, name=name,
+        opacity=0.72 if scale > 1 else 1.0, showscale=True, name=name,
         hovertemplate="key (%{y:.0f}, %{x:.0f}) px: weight %{z:.4f}<extra></extra>",
     )  # fmt: skip
+
+
+def panel_colorbars(fig: go.Figure) -> None:
+    """A colour bar beside every heat map of weights, as tall as its panel: each panel is scaled on its own
+    (Swin's in-window weights are ten times full attention's), so one bar for all would misread most of them."""
+    for trace in fig.data:
+        if not isinstance(trace, go.Heatmap) or not trace.showscale:
+            continue
+        xa = fig.layout["xaxis" + (trace.xaxis or "x")[1:]]
+        ya = fig.layout["yaxis" + (trace.yaxis or "y")[1:]]
+        x1, (y0, y1) = xa.domain[1], ya.domain
+        trace.colorbar = dict(
+            x=x1 + 0.004, xanchor="left", y=(y0 + y1) / 2, yanchor="middle", len=y1 - y0, thickness=8,
+            tickfont=dict(size=8), nticks=4, exponentformat="e",
+        )  # fmt: skip
 
 
 def _image(img: list[list[float]]) -> go.Heatmap:
@@ -162,7 +195,7 @@ def footprint_figure(fps: list[dict[str, Any]], table: pd.DataFrame) -> go.Figur
             blocks = [b for b in chosen[(m, state)]["blocks"] if b["kind"] == kind] if (m, state) in chosen else []
             keys = blocks[-1]["keys_per_query"] if blocks else "-"
             titles.append(f"{esc(m)} {kind}, {'at init' if state == 'init' else 'trained'}: {keys} keys/query")
-    fig = make_subplots(rows=len(mechs), cols=4, subplot_titles=titles, horizontal_spacing=0.04, vertical_spacing=0.06)
+    fig = make_subplots(rows=len(mechs), cols=4, subplot_titles=titles, horizontal_spacing=0.07, vertical_spacing=0.06)
     for r, m in enumerate(mechs, start=1):
         for c, (kind, state) in enumerate(cols, start=1):
             if (m, state) not in chosen:
@@ -174,7 +207,7 @@ def footprint_figure(fps: list[dict[str, Any]], table: pd.DataFrame) -> go.Figur
             b = blocks[-1]
             img = rec["image0"] if kind == "self" else rec["image1"]
             fig.add_trace(_image(img), row=r, col=c)
-            fig.add_trace(_heat(b["weights"], STRIDE, f"{m} {kind} {state}", False), row=r, col=c)
+            fig.add_trace(_heat(b["weights"], STRIDE, f"{m} {kind} {state}"), row=r, col=c)
             qi, qj = b["query"]
             if kind == "self":
                 px, py, label = qj * STRIDE + 3.5, qi * STRIDE + 3.5, "query"
@@ -191,7 +224,8 @@ def footprint_figure(fps: list[dict[str, Any]], table: pd.DataFrame) -> go.Figur
         fig.layout.annotations[(r - 1) * 4].text += f"<br>attention {macs[m]:.2f} MMACs per pair, {kpq[m]} keys (cross)"
     fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor=None)
     fig.update_xaxes(showticklabels=False)
-    fig.update_layout(template="plotly_white", height=270 * len(mechs) + 80, margin=dict(l=20, r=20, t=60, b=20))
+    fig.update_layout(template="plotly_white", height=270 * len(mechs) + 80, margin=dict(l=20, r=50, t=60, b=20))
+    panel_colorbars(fig)
     fig.update_annotations(font_size=11)
     return fig
 
@@ -221,7 +255,8 @@ def build_report(run_dir: str | Path) -> str:
         "of image 1 holds the true projection of their cell's centre; chance is one cell in "
         f"{int(first['tokens'])}. AUC: area under the curve of the mean corner error of kornia's RANSAC "
         "homography from the matched cell centres, up to 3, 5 and 10 px. Brackets: 95% Student t intervals "
-        f"over seeds, cut to [0, 100]%. Cost: the attention stack on one pair, batch 1, float32, CPU ({cpu}, "
+        f"over seeds, cut to [0, 100]%; an interval needs two seeds or more, so a mechanism run with one seed shows "
+        f"its value alone. Cost: the attention stack on one pair, batch 1, float32, CPU ({cpu}, "
         f"{esc(first['threads'])} thread(s)), forward only; stack MMACs counted by bench.flops (projections, MLPs "
         "and norms too), attention MMACs the mechanisms' analytic counts; latency and peak memory as bench "
         f"measures a CPU point (bench.measure.measure_module). {esc(conditions(df.to_dict('records')))}</p>"
@@ -231,7 +266,8 @@ def build_report(run_dir: str | Path) -> str:
         _fig_html(fp_fig, "footprint-figure")
         + '<p class="note">Head-mean weights of the centre query of image 0 in the first held-out pair (seed 0), '
         "at the last self block (over image 0, the query marked) and the last cross block (over image 1, its true "
-        "match marked), before and after training; colours scaled per panel. Pooled, reduced or sampled keys "
+        "match marked), before and after training. Each panel is coloured on its own scale, read on the colour bar "
+        "beside it (weights differ tenfold between mechanisms). Pooled, reduced or sampled keys "
         "are spread over the pixels they are made from (attentions/footprint.py).</p>"
         if fp_fig is not None
         else '<p class="empty">no footprints recorded</p>'
@@ -259,10 +295,10 @@ def write_footprint_page(panels: list[dict[str, Any]], out: str | Path) -> Path:
         f"{esc(p['mechanism'])} ({p['kind']}): {p['keys_per_query']} keys/query, {p['macs'] / 1e6:.2f} MMACs"
         for p in panels
     ]
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.05, vertical_spacing=0.1)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.08, vertical_spacing=0.1)
     for k, p in enumerate(panels):
         r, c = k // cols + 1, k % cols + 1
-        fig.add_trace(_heat(p["weights"], 1, p["mechanism"], k == 0), row=r, col=c)
+        fig.add_trace(_heat(p["weights"], 1, p["mechanism"]), row=r, col=c)
         if p["kind"] == "self":
             qi, qj = p["query"]
             fig.add_trace(
@@ -271,7 +307,8 @@ def write_footprint_page(panels: list[dict[str, Any]], out: str | Path) -> Path:
                 row=r, col=c,
             )  # fmt: skip
     fig.update_yaxes(autorange="reversed")
-    fig.update_layout(template="plotly_white", height=330 * rows + 60, margin=dict(l=30, r=20, t=60, b=30))
+    fig.update_layout(template="plotly_white", height=330 * rows + 60, margin=dict(l=30, r=50, t=60, b=30))
+    panel_colorbars(fig)
     fig.update_annotations(font_size=11)
     q = panels[0]["query"] if panels else ["?", "?"]
     hw = panels[0]["query_hw"] if panels else ["?", "?"]
@@ -281,7 +318,8 @@ def write_footprint_page(panels: list[dict[str, Any]], out: str | Path) -> Path:
     )  # fmt: skip
     note = (
         f'<p class="note">Query pixel ({q[0]}, {q[1]}) of a {hw[0]}x{hw[1]} token map; each map is the head-mean '
-        "weight every key pixel receives, freshly initialised weights on random tokens. MACs: the analytic count "
+        "weight every key pixel receives, freshly initialised weights on random tokens. Each panel has its own colour "
+        "scale, read on the bar beside it. MACs: the analytic count "
         "of one forward call (FLOPs = 2 x MACs).</p>"
     )
     html = _page(

@@ -258,6 +258,30 @@ def _fit_rules() -> str:
     )
 
 
+def _than(ratio_text: str) -> str:
+    """ "3x faster than full", but "same as full"."""
+    return " as " if ratio_text == "same" else " than "
+
+
+def _fastest_words(r: dict[str, Any], baseline: analysis.Baseline) -> str:
+    """The fastest series of one verdict row, or the series tied for fastest when their p20-p80 overlap."""
+    ratio = (_than(r["fastest_text"]) + esc(baseline.label)) if math.isfinite(r["fastest_ratio"]) else ""
+    bound = ", but within the per-call overhead" if r.get("fastest_bound") else ""
+    tied = r.get("fastest_tied") or []
+    if len(tied) > 1:
+        each = ", ".join(
+            f"<b>{esc(s)}</b> {esc(analysis.fmt_number(m))} ms (p20-p80 {esc(analysis.fmt_number(lo))}-"
+            f"{esc(analysis.fmt_number(hi))})"
+            for s, m, lo, hi in tied
+        )
+        return (
+            f"tied for fastest: {each}; their p20-p80 intervals overlap, so none is faster than the other "
+            f"(lowest median {esc(r['fastest_text'])}{ratio}{bound})"
+        )
+    value = esc(analysis.fmt_number(r["fastest_value"]))
+    return f"fastest <b>{esc(r['fastest'])}</b> ({value} ms, {esc(r['fastest_text'])}{ratio}{bound})"
+
+
 def _verdict(
     df: pd.DataFrame,
     ref: analysis.References,
@@ -273,17 +297,11 @@ def _verdict(
     items = []
     for r in table.to_dict("records"):
         where = f"{r['pass']} at {r['resolution']}" + (f" ({r['run']})" if table["run"].nunique() > 1 else "")
-        fastest = (
-            f"fastest <b>{esc(r['fastest'])}</b> ({esc(analysis.fmt_number(r['fastest_value']))} ms, "
-            f"{esc(r['fastest_text'])}"
-            + (" than " + esc(baseline.label) if math.isfinite(r["fastest_ratio"]) else "")
-            + (", but within the per-call overhead" if r.get("fastest_bound") else "")
-            + ")"
-        )
+        fastest = _fastest_words(r, baseline)
         smallest = (
             f"smallest <b>{esc(r['smallest'])}</b> ({esc(analysis.fmt_number(r['smallest_value'] / MIB))} MiB, "
             f"{esc(r['smallest_text'])}"
-            + (" than " + esc(baseline.label) if math.isfinite(r["smallest_ratio"]) else "")
+            + (_than(r["smallest_text"]) + esc(baseline.label) if math.isfinite(r["smallest_ratio"]) else "")
             + ")"
         )
         line = f"<li><b>{esc(where)}</b>: {fastest}; {smallest}"
@@ -324,7 +342,11 @@ def _summary(df: pd.DataFrame, ref: analysis.References, baseline: analysis.Base
     return Section(
         "summary",
         title,
-        [lead, table_html(analysis.display_table(table)), f'<p class="note">{esc(analysis.FLOPS_NOTE)}</p>'],
+        [
+            lead,
+            table_html(analysis.display_table(table)),
+            f'<p class="note">{esc(analysis.flops_note(df["device"]))}</p>',
+        ],
     )
 
 
@@ -451,8 +473,9 @@ def _side_axes(df: pd.DataFrame, ref: analysis.References, palette: dict[str, di
     if not body:
         varied = [a for a in axes if a != "impl"]
         if varied:
+            verb = "differs" if len(varied) == 1 else "differ"
             why = (
-                f"{', '.join(varied)} differ only between mechanisms (no mechanism was measured at two values at "
+                f"{', '.join(varied)} {verb} only between mechanisms (no mechanism was measured at two values at "
                 "one resolution), so there is nothing to compare."
             )
         else:

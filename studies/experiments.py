@@ -60,6 +60,9 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 MODES = ("quick", "full")
 
 TOP_FIELDS = {"name", "title", "paper", "task", "data", "seeds", "modes", "variants", "notes"}
+TOP_REQUIRED = ("name", "modes", "variants")
+MODE_REQUIRED = ("resolution",)
+VARIANT_REQUIRED = ("name", "model")
 MODE_FIELDS = {
     "tiny", "resolution", "epochs", "batch", "lr", "train_size", "val_size", "cost_resolutions", "cost_batch",
     "warmup_epochs", "weight_decay", "amp", "threads",
@@ -156,12 +159,12 @@ def load(name_or_file: str) -> Experiment:
     except yaml.YAMLError as exc:
         raise ExperimentError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     where = path.name
-    top = _fields(raw, TOP_FIELDS, where, required=("name", "modes", "variants"))
+    top = _fields(raw, TOP_FIELDS, where, required=TOP_REQUIRED)
     modes_raw = _fields(top["modes"], set(MODES), f"{where}: modes", required=("quick",))
     modes: dict[str, dict[str, Any]] = {}
     for m, spec in modes_raw.items():
         at = f"{where}: modes.{m}"
-        fields = _fields(spec, MODE_FIELDS, at, required=("resolution",))
+        fields = _fields(spec, MODE_FIELDS, at, required=MODE_REQUIRED)
         merged = {**MODE_DEFAULTS, **fields}
         for key in ("resolution", "epochs", "batch", "train_size", "val_size", "cost_batch"):
             _positive_int(merged[key], f"{at}.{key}")
@@ -179,7 +182,7 @@ def load(name_or_file: str) -> Experiment:
     seen: set[str] = set()
     for i, v in enumerate(variants_raw):
         at = f"{where}: variants[{i}]"
-        spec = _fields(v, VARIANT_FIELDS, at, required=("name", "model"))
+        spec = _fields(v, VARIANT_FIELDS, at, required=VARIANT_REQUIRED)
         name = str(spec.pop("name"))
         if name in seen or not name or "/" in name:
             raise ExperimentError(f"{at}.name: {name!r} must be unique, non-empty and without '/'")

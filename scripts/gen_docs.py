@@ -135,7 +135,7 @@ MODE_DOCS: dict[str, str] = {
     "warmup_epochs": "epochs of linear warm-up",
     "weight_decay": "AdamW weight decay (none on biases, norms and tokens)",
     "amp": "automatic mixed precision",
-    "threads": "CPU threads (default: left as torch has them)",
+    "threads": "CPU threads, set before any work and recorded in every row",
 }
 VARIANT_DOCS: dict[str, str] = {
     "name": "the variant's name in tables and plots",

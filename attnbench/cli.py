@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -742,7 +743,10 @@ def reproduce(
     compare: list[str] = typer.Option([], "--compare", help="Other reproduce directories shown on the same page."),
     list_: bool = typer.Option(False, "--list", help="List the shipped experiments and exit."),
 ) -> None:
-    """Train and measure every variant of a paper's experiment; rows in OUT/results.jsonl, page in OUT/report.html."""
+    """Train and measure every variant of a paper's experiment; rows in OUT/results.jsonl, page in OUT/report.html.
+
+    Killed at any moment, the same command continues: stored rows are kept, trainings continue from their
+    checkpoints. A directory of another command, or one being written, is refused in one line."""
     from attnbench.studies import experiments
 
     if list_:
@@ -759,10 +763,14 @@ def reproduce(
 
     from attnbench.reports.experiments import build_page
 
+    for other in compare:
+        if not (Path(other) / "results.jsonl").is_file():
+            raise AttnbenchError(f"--compare {other}: no results.jsonl there; give a directory of attnbench reproduce")
     exp = experiments.load(experiment)
     summary = experiments.run(
-        exp, mode, out, seeds=seeds, data=data, device=device, work=work, log=lambda s: console.print(escape(s))
-    )
+        exp, mode, out, seeds=seeds, data=data, device=device, work=work, log=lambda s: console.print(escape(s)),
+        progress=True,
+    )  # fmt: skip
     page = f"{out}/report.html"
     with open(page, "w", encoding="utf-8") as f:
         f.write(build_page([out, *compare]))

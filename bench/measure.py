@@ -455,12 +455,24 @@ def _make_step(run: Callable[..., Any], args: tuple, train: bool) -> tuple[Calla
             with torch.no_grad():
                 return run(*args)
         out = run(*args)
+        outs = _tensors(out)  # a module may return several tensors (a matcher's two maps)
         if not grad_out:  # built on the first call only (its cost is part of first_call_ms)
-            grad_out.append(torch.randn_like(out))
-        out.backward(grad_out[0])
+            grad_out.extend(torch.randn_like(t) for t in outs)
+        torch.autograd.backward(outs, grad_out)
         return out
 
     return step, grad_out
+
+
+def _tensors(out: Any) -> list[Any]:
+    """The tensors of a module's output: itself, or those of a tuple or list."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for t in out if isinstance(t, torch.Tensor)]
+    raise TypeError(f"a measured module must return a tensor or a tuple of tensors, not {type(out).__name__}")
 
 
 def build_workload(point: Point, seed: int = 0, compile_backend: str = "inductor") -> Workload:
@@ -582,7 +594,7 @@ def _first_call(work: Workload, device: str) -> float:
     out = work.step()
     _sync(device)
     ms = (time.perf_counter() - t0) * 1e3
-    if not bool(torch.isfinite(out.detach()).all()):
+    if not all(bool(torch.isfinite(t.detach()).all()) for t in _tensors(out)):
         raise FloatingPointError("output has NaN or Inf values")
     return ms
 

@@ -30,6 +30,8 @@ from .layers import Mlp
 
 LAYER_KINDS = ("self", "cross")
 STRIDE = 8  # the stem's stride: one coarse cell (token) per 8 x 8 pixels
+# The largest image side: a 128 x 128 coarse map, 16,384 tokens (full attention's scores: 1 GiB per head and pair).
+MAX_RESOLUTION = 1024
 
 
 class MatchError(AttnbenchError, ValueError):
@@ -88,10 +90,12 @@ def check_config(cfg: MatcherConfig) -> None:
 def resolution_problem(resolution: int) -> str | None:
     """Why the matcher cannot take square images of this side (None if it can): a multiple of the stem's
     stride of at least 32 px."""
-    if not isinstance(resolution, int) or resolution < 32 or resolution % STRIDE:
+    if not isinstance(resolution, int) or resolution < 32 or resolution % STRIDE or resolution > MAX_RESOLUTION:
+        fit = min(MAX_RESOLUTION, max(32, (int(resolution) // STRIDE) * STRIDE))
         return (
-            f"the matcher takes square images whose side is a multiple of {STRIDE} and at least 32 px "
-            f"(a coarse map of 4x4 or more), got {resolution!r}; try {max(32, (int(resolution) // STRIDE) * STRIDE)}"
+            f"the matcher takes square images whose side is a multiple of {STRIDE} from 32 to {MAX_RESOLUTION} px "
+            f"(a coarse map of 4x4 to {MAX_RESOLUTION // STRIDE}x{MAX_RESOLUTION // STRIDE}), got {resolution!r}; "
+            f"try {fit}"
         )
     return None
 

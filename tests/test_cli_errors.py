@@ -99,6 +99,50 @@ CASES: dict[str, tuple[list[str], Callable[[Path], None] | None, str]] = {
     "sweep-device-cuda": (["sweep", "-m", "full", "-r", "4", "--device", "cuda", "--out", "o"], None, "CUDA"),
     "report-baseline-nosuch": (["report", "run", "--baseline", "nosuch", "--format", "md"], run_dir, "nosuch"),
     "train-size-0": ([*TRAIN[:-4], "--train-size", "0", "--out", "t"], None, "--train-size"),
+    # train, reproduce and match: their options and run directories
+    "train-out-file": ([*TRAIN, "--out", "f"], write("f", "not a directory"), "is a file"),
+    "train-seed-negative": ([*TRAIN, "--seed", "-1", "--out", "t"], None, "--seed must be 0 or more"),
+    "train-lr-inf": ([*TRAIN, "--lr", "inf", "--out", "t"], None, "--lr must be a positive finite number"),
+    "train-lr-nan": ([*TRAIN, "--lr", "nan", "--out", "t"], None, "--lr must be a positive finite number"),
+    "train-resolution-0": ([*TRAIN, "-r", "0", "--out", "t"], None, "--resolution must be at least 1"),
+    "train-into-sweep": (
+        [*TRAIN, "--out", "run"],
+        lambda t: (run_dir(t), write("run/sweep.json", "{}")(t)),
+        "sweep run",
+    ),
+    "train-other-options": ([*TRAIN, "--seed", "1", "--out", "t"], trained(lambda p: None), "other options (seed"),
+    "reproduce-work-file": (
+        ["reproduce", "quadtree_mechanisms", "--smoke", "--work", "w", "--out", "o"],
+        write("w", "x"),
+        "--work w is a file",
+    ),
+    "reproduce-seeds-negative": (
+        ["reproduce", "quadtree_mechanisms", "--seeds", "-1", "--out", "o"],
+        None,
+        "--seeds must be at least 1",
+    ),
+    "reproduce-compare-missing": (
+        ["reproduce", "quadtree_mechanisms", "--smoke", "--compare", "nonexistent", "--out", "o"],
+        None,
+        "--compare nonexistent: no results.jsonl",
+    ),
+    "reproduce-into-sweep": (
+        ["reproduce", "quadtree_mechanisms", "--smoke", "--out", "run"],
+        lambda t: (run_dir(t), write("run/sweep.json", "{}")(t)),
+        "holds a sweep run",
+    ),
+    "match-resolution-huge": (["match", "--smoke", "-r", "100000", "--out", "o"], None, "from 32 to 1024 px"),
+    "match-threads-0": (["match", "--smoke", "--threads", "0", "--out", "o"], None, "--threads must be at least 1"),
+    "match-into-sweep": (
+        ["match", "--smoke", "--out", "run"],
+        lambda t: (run_dir(t), write("run/sweep.json", "{}")(t)),
+        "holds a sweep run",
+    ),
+    "match-other-settings": (
+        ["match", "--smoke", "-m", "full", "--seeds", "1", "-r", "64", "--out", "m"],
+        lambda t: ((t / "m").mkdir(), write("m/match.json", '{"preset": "smoke", "resolution": 32}')(t)),
+        "other settings (",
+    ),
 }
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from attnbench import reports
 from attnbench.reports.compare import summary_line
+
+from attnbench import reports
 
 
 def main() -> int:

@@ -53,7 +53,7 @@ class CrossKnobs(Knobs):
             )
 
 
-def _proj_in_out(c_in: int, c_out: int) -> nn.Sequential:
+def branch_projection(c_in: int, c_out: int) -> nn.Sequential:
     """CrossViT's branch-to-branch projection: LayerNorm -> GELU -> Linear."""
     return nn.Sequential(nn.LayerNorm(c_in, eps=EPS), nn.GELU(), nn.Linear(c_in, c_out))
 
@@ -73,10 +73,10 @@ class CrossAttention(Attention):
         super().__init__(dim, heads, knobs, impl)
         cd = knobs.context_dim or dim
         self._context_dim = cd
-        self.to_context = _proj_in_out(dim, cd)
+        self.to_context = branch_projection(dim, cd)
         self.norm = nn.LayerNorm(cd, eps=EPS)
         self.proj = Projections(cd, heads, bias=knobs.qkv_bias)
-        self.from_context = _proj_in_out(cd, dim)
+        self.from_context = branch_projection(cd, dim)
 
     @property
     def context_dim(self) -> int:

@@ -33,7 +33,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from attnbench.attentions.cross import _proj_in_out
+from attnbench.attentions.cross import branch_projection
 from torch import nn
 
 from attnbench import attentions
@@ -92,7 +92,7 @@ class _Fusion(nn.Module):
     def __init__(self, kind: str, dim: int, other_dim: int):
         super().__init__()
         self.kind = kind
-        self.proj = _proj_in_out(other_dim, dim)
+        self.proj = branch_projection(other_dim, dim)
         self.proj.apply(init_linear)
 
     def forward(self, x: torch.Tensor, hw: HW, other: torch.Tensor, other_hw: HW) -> torch.Tensor:
@@ -122,8 +122,8 @@ class _AllAttention(nn.Module):
         super().__init__()
         wide = int(dims[1] >= dims[0])
         self.width = c = dims[wide]
-        self.to_common = nn.ModuleList(_proj_in_out(d, c) for d in dims)  # f^i
-        self.from_common = nn.ModuleList(_proj_in_out(c, d) for d in dims)  # g^i
+        self.to_common = nn.ModuleList(branch_projection(d, c) for d in dims)  # f^i
+        self.from_common = nn.ModuleList(branch_projection(c, d) for d in dims)  # g^i
         self.to_common.apply(init_linear)
         self.from_common.apply(init_linear)
         self.norm = nn.LayerNorm(c, eps=EPS)

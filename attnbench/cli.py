@@ -339,6 +339,11 @@ COMPARE_NOISE_OPTION = typer.Option(
     "5%", "--noise", help="Noise band for old records stored without samples and without a p20/p80 spread."
 )
 COMPARE_FORCE_OPTION = typer.Option(False, "--force", help="Compare runs from different environments anyway.")
+COMPARE_ALLOW_MISSING_OPTION = typer.Option(
+    False,
+    "--allow-missing",
+    help="Accept points of the base that the new run lacks (by default they fail the comparison, exit 1).",
+)
 
 
 @app.command("compare")
@@ -349,8 +354,11 @@ def compare_(
     fail_above: str = COMPARE_FAIL_OPTION,
     noise: str = COMPARE_NOISE_OPTION,
     force: bool = COMPARE_FORCE_OPTION,
+    allow_missing: bool = COMPARE_ALLOW_MISSING_OPTION,
 ) -> None:
     """Compare two runs point by point: latency and memory change, a verdict per point; exit 1 on regression.
+
+    Points of the base missing from the new run fail it too (exit 1), unless --allow-missing.
 
     The test: a bootstrap 95% interval (2000 resamples) of the ratio of medians, new / base, from the raw samples.
 
@@ -365,13 +373,13 @@ def compare_(
     from attnbench import reports
     from attnbench.bench.store import write_atomic
     from attnbench.reports.analysis import fmt_number
-    from attnbench.reports.compare import parse_percent, summary_line, terminal_table
+    from attnbench.reports.compare import missing_line, parse_percent, summary_line, terminal_table
 
     threshold, band = parse_percent(fail_above), parse_percent(noise)
     if html is not None and Path(html).is_dir():
         raise AttnbenchError(f"--html {html} is a directory; pass the HTML file to write, e.g. {Path(html, 'c.html')}")
     base, new = reports.load_run(base_run), reports.load_run(new_run)
-    cmp = reports.compare(base, new, fail_above=threshold, noise=band, force=force)
+    cmp = reports.compare(base, new, fail_above=threshold, noise=band, force=force, allow_missing=allow_missing)
     if cmp.differences:
         console.print(
             "[yellow]forced:[/yellow] environments differ: " + escape("; ".join(cmp.differences)), soft_wrap=True
@@ -392,6 +400,9 @@ def compare_(
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, page)
         console.print(f"comparison: {escape(str(path))}", soft_wrap=True)
+    missing = missing_line(cmp)
+    if missing:
+        typer.echo("failed: " + missing, err=True)
     if cmp.failed:
         raise typer.Exit(1)
 

@@ -501,7 +501,7 @@ def _failures(df: pd.DataFrame) -> Section:
 
 def build_compare_page(cmp: Any, base: Run, new: Run) -> str:
     """The comparison of two runs as one self-contained HTML page: summary, plot of changes, full table."""
-    from attnbench.reports.compare import display_table, summary_line
+    from attnbench.reports.compare import display_table, missing_line, summary_line
 
     table = display_table(cmp)
     n_reg = int(t["regression"].sum()) if not (t := cmp.table).empty else 0
@@ -511,6 +511,9 @@ def build_compare_page(cmp: Any, base: Run, new: Run) -> str:
         else f'<p class="good"><b>No regression beyond {100 * cmp.fail_above:g}%</b></p>'
     )
     body = [verdict, f'<p class="note">{esc(summary_line(cmp))}</p>']
+    missing = missing_line(cmp)
+    if missing:
+        body.insert(1, f'<p class="bad"><b>{esc(missing)}</b></p>')
     if cmp.differences:
         body.append(
             '<p class="warn">Compared despite different environments (forced):</p><ul>'

@@ -380,6 +380,12 @@ def compare_(
         raise AttnbenchError(f"--html {html} is a directory; pass the HTML file to write, e.g. {Path(html, 'c.html')}")
     base, new = reports.load_run(base_run), reports.load_run(new_run)
     cmp = reports.compare(base, new, fail_above=threshold, noise=band, force=force, allow_missing=allow_missing)
+    path = None
+    if html:  # written first: a page that cannot be written is one line of error, before the table
+        path = Path(html)
+        page = reports.build_compare_page(cmp, base, new)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, page)
     if cmp.differences:
         console.print(
             "[yellow]forced:[/yellow] environments differ: " + escape("; ".join(cmp.differences)), soft_wrap=True
@@ -394,11 +400,7 @@ def compare_(
         table.add_row(*(escape(fmt_number(v)) for v in r), style=style)
     console.print(table)
     console.print(escape(summary_line(cmp)), soft_wrap=True)
-    if html:
-        path = Path(html)
-        page = reports.build_compare_page(cmp, base, new)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, page)
+    if path is not None:
         console.print(f"comparison: {escape(str(path))}", soft_wrap=True)
     missing = missing_line(cmp)
     if missing:

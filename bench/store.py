@@ -329,6 +329,26 @@ def read_env(run_dir: str | os.PathLike) -> dict[str, Any]:
     return env
 
 
+def _make_dirs(path: Path) -> list[Path]:
+    """mkdir -p ``path``; the folders it created, outermost first."""
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def _remove_if_empty(created: list[Path]) -> None:
+    """Remove the folders of ``created`` (outermost first) that are still empty, innermost first."""
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:  # not empty (or gone): it holds what was written, so it stays
+            return
+
+
 def _holder(path: Path) -> str:
     try:
         info = json.loads(path.read_text())
@@ -353,7 +373,15 @@ class ResultsStore:
         StoreError naming the holder."""
         import fcntl
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        created = _make_dirs(self.run_dir)
+        try:
+            with self._locked(fcntl):
+                yield
+        finally:
+            _remove_if_empty(created)  # a sweep that wrote nothing leaves no folder behind
+
+    @contextlib.contextmanager
+    def _locked(self, fcntl: Any) -> Iterator[None]:
         path = self.run_dir / LOCK
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -407,7 +435,14 @@ class ResultsStore:
         A cut-short last line is moved to results.corrupt; a valid last record that
         lacks its newline gets one (so appends start on a clean line).
         """
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        created = _make_dirs(self.run_dir)
+        try:
+            return self._open(env, sweep, appended)
+        except BaseException:
+            _remove_if_empty(created)  # e.g. env.json could not be written: no empty folder is left
+            raise
+
+    def _open(self, env: dict[str, Any], sweep: dict[str, Any] | None, appended: bool) -> ReadReport:
         env_path = self.run_dir / ENV
         if env_path.exists():
             stored = self.stored_env()

@@ -247,6 +247,16 @@ CASES: dict[str, tuple[list[str], Callable[[Path], None] | None, str]] = {
         disk_full(swept),
         "[Errno 28] No space left on device",
     ),
+    "disk-full-sweep-new": (
+        ["sweep", "-m", "full", "-r", "4", "--dim", "8", "--device", "cpu", "--out", "new/run"],
+        disk_full(None),
+        "cannot write new/run/env.json: [Errno 28]",
+    ),
+    "disk-full-train": ([*TRAIN, "--epochs", "1", "--out", "t"], disk_full(None), "[Errno 28]"),
+    "disk-full-match": (["match", "--smoke", "-m", "full", "--out", "m"], disk_full(None), "[Errno 28]"),
+    "disk-full-reproduce": (["reproduce", "dat_placement", "--smoke", "--out", "o"], disk_full(None), "[Errno 28]"),
+    "disk-full-footprint": (["footprint", "-m", "full", "-r", "4", "--out", "f.html"], disk_full(None), "[Errno 28]"),
+    "disk-full-compare": (["compare", "run", "run", "--html", "c.html"], disk_full(run_dir), "[Errno 28]"),
     "disk-full-report": (["report", "run", "--out", "r.html"], disk_full(run_dir), "cannot write r.html: [Errno 28]"),
     "read-only-sweep": (
         ["sweep", "-m", "full", "-r", "4", "--dim", "8", "--device", "cpu", "--out", "run"],

@@ -28,6 +28,21 @@ class _Commands(TyperGroup):
         except AttnbenchError as exc:
             typer.echo("error: " + " ".join(str(exc).split()), err=True)
             raise typer.Exit(2) from None
+        except OSError as exc:  # the environment's failures: a full disk, a read-only directory, a vanished file
+            typer.echo("error: " + " ".join(_os_error_line(exc).split()), err=True)
+            raise typer.Exit(2) from None
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OSError that no writing point turned into an AttnbenchError: the path, the error, advice."""
+    from attnbench.bench.store import os_advice
+
+    where = f" {exc.filename}" if exc.filename else ""
+    if exc.filename2:
+        where += f" -> {exc.filename2}"
+    if exc.errno is None:
+        return f"cannot use{where}: {exc}"
+    return f"cannot use{where}: [Errno {exc.errno}] {exc.strerror}; {os_advice(exc)}"
 
 
 app = typer.Typer(
@@ -327,6 +342,7 @@ def report(
     from pathlib import Path
 
     from attnbench import reports
+    from attnbench.bench.store import write_atomic
 
     if fmt is not None and fmt not in ("md", "csv"):
         raise AttnbenchError(f"--format takes md or csv, not {fmt!r}")
@@ -341,8 +357,9 @@ def report(
         typer.echo(text, nl=False)
     if fmt is None or out is not None:
         path = Path(out) if out else Path(run_dirs[0]) / default_report_name(run_dirs)
+        html = reports.build_report(runs, baseline)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(reports.build_report(runs, baseline), encoding="utf-8")
+        write_atomic(path, html)
         typer.echo(f"report: {path} ({path.stat().st_size / 2**20:.1f} MiB)", err=fmt is not None)
 
 
@@ -359,6 +376,11 @@ COMPARE_NOISE_OPTION = typer.Option(
     "5%", "--noise", help="Noise band for old records stored without samples and without a p20/p80 spread."
 )
 COMPARE_FORCE_OPTION = typer.Option(False, "--force", help="Compare runs from different environments anyway.")
+COMPARE_ALLOW_MISSING_OPTION = typer.Option(
+    False,
+    "--allow-missing",
+    help="Accept points of the base that the new run lacks (by default they fail the comparison, exit 1).",
+)
 
 
 @app.command("compare")
@@ -369,8 +391,11 @@ def compare_(
     fail_above: str = COMPARE_FAIL_OPTION,
     noise: str = COMPARE_NOISE_OPTION,
     force: bool = COMPARE_FORCE_OPTION,
+    allow_missing: bool = COMPARE_ALLOW_MISSING_OPTION,
 ) -> None:
     """Compare two runs point by point: latency and memory change, a verdict per point; exit 1 on regression.
+
+    Points of the base missing from the new run fail it too (exit 1), unless --allow-missing.
 
     The test: a bootstrap 95% interval (2000 resamples) of the ratio of medians, new / base, from the raw samples.
 
@@ -383,12 +408,21 @@ def compare_(
     from pathlib import Path
 
     from attnbench import reports
+    from attnbench.bench.store import write_atomic
     from attnbench.reports.analysis import fmt_number
-    from attnbench.reports.compare import parse_percent, summary_line, terminal_table
+    from attnbench.reports.compare import missing_line, parse_percent, summary_line, terminal_table
 
     threshold, band = parse_percent(fail_above), parse_percent(noise)
+    if html is not None and Path(html).is_dir():
+        raise AttnbenchError(f"--html {html} is a directory; pass the HTML file to write, e.g. {Path(html, 'c.html')}")
     base, new = reports.load_run(base_run), reports.load_run(new_run)
-    cmp = reports.compare(base, new, fail_above=threshold, noise=band, force=force)
+    cmp = reports.compare(base, new, fail_above=threshold, noise=band, force=force, allow_missing=allow_missing)
+    path = None
+    if html:  # written first: a page that cannot be written is one line of error, before the table
+        path = Path(html)
+        page = reports.build_compare_page(cmp, base, new)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, page)
     if cmp.differences:
         console.print(
             "[yellow]forced:[/yellow] environments differ: " + escape("; ".join(cmp.differences)), soft_wrap=True
@@ -403,11 +437,11 @@ def compare_(
         table.add_row(*(escape(fmt_number(v)) for v in r), style=style)
     console.print(table)
     console.print(escape(summary_line(cmp)), soft_wrap=True)
-    if html:
-        path = Path(html)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(reports.build_compare_page(cmp, base, new), encoding="utf-8")
+    if path is not None:
         console.print(f"comparison: {escape(str(path))}", soft_wrap=True)
+    missing = missing_line(cmp)
+    if missing:
+        typer.echo("failed: " + missing, err=True)
     if cmp.failed:
         raise typer.Exit(1)
 
@@ -434,6 +468,28 @@ def _flops_hw(text: str, label: str, image: bool = False) -> tuple[int, int]:
     if len(parsed) != 1 or (image and parsed[0].stage is not None):
         raise AttnbenchError(f"{label} takes one map such as 14x14, got {text!r}")
     return parsed[0].hw
+
+
+# flops runs the module on real tensors: maps beyond these bounds cannot be held (full attention at the
+# largest map already stores 3 x 65,536^2 float32 weights, 48 GiB), so they are refused before anything is built.
+FLOPS_MAX_TOKENS = 65_536  # tokens of one map (256x256) for a mechanism
+FLOPS_MAX_PIXELS = 16 * FLOPS_MAX_TOKENS  # pixels of one image (1024x1024) for a model (stage 1: 16 px a token)
+FLOPS_MAX_BATCH_ITEMS = 4  # a batch may hold up to 4 maps or images of the largest size
+
+
+def _check_flops_size(label: str, hw: tuple[int, int], batch: int, image: bool) -> None:
+    limit, unit = (FLOPS_MAX_PIXELS, "pixels") if image else (FLOPS_MAX_TOKENS, "tokens")
+    size = hw[0] * hw[1]
+    if size > limit:
+        raise AttnbenchError(
+            f"{label} {hw[0]}x{hw[1]} is {size:,} {unit}, above flops' bound of {limit:,} {unit} "
+            f"({'1024x1024' if image else '256x256'}), whose tensors cannot be held; pass a smaller {label}"
+        )
+    if batch * size > FLOPS_MAX_BATCH_ITEMS * limit:
+        raise AttnbenchError(
+            f"--batch {batch} at {hw[0]}x{hw[1]} is {batch * size:,} {unit} in all, above flops' bound of "
+            f"{FLOPS_MAX_BATCH_ITEMS * limit:,}; pass a smaller --batch"
+        )
 
 
 def _flops_model(spec: str, tiny: bool):
@@ -484,6 +540,7 @@ def flops_(
     if (mechanism is None) == (model is None):
         raise AttnbenchError("give exactly one of --mechanism NAME or --model NAME")
     hw = _flops_hw(resolution, "--resolution", image=model is not None)
+    _check_flops_size("--resolution", hw, batch, image=model is not None)
     if mechanism is not None:
         values = {}
         for item in knob or []:
@@ -492,6 +549,8 @@ def flops_(
                 raise AttnbenchError(f"--knob {item}: flops counts one point, so give one value")
             values[key] = parsed[0]
         context_hw = _flops_hw(context_resolution, "--context-resolution") if context_resolution else None
+        if context_hw is not None:
+            _check_flops_size("--context-resolution", context_hw, batch, image=False)
         if context_hw is not None and not cross:
             raise AttnbenchError("--context-resolution needs --cross")
         reasons = attentions.not_supported_reasons(
@@ -761,6 +820,7 @@ def reproduce(
     mode = "full" if full else "smoke" if smoke else "quick"
     from rich.markup import escape
 
+    from attnbench.bench.store import write_atomic
     from attnbench.reports.experiments import build_page
 
     for other in compare:
@@ -772,8 +832,7 @@ def reproduce(
         progress=True,
     )  # fmt: skip
     page = f"{out}/report.html"
-    with open(page, "w", encoding="utf-8") as f:
-        f.write(build_page([out, *compare]))
+    write_atomic(page, build_page([out, *compare]))
     console.print(
         f"{escape(exp.name)} \\[{mode}]: {summary['trained']} trained, {summary['reused']} finished trainings reused, "
         f"{summary['measured']} cost points, "

@@ -62,7 +62,9 @@ class Subprocess:
         self.python = python or sys.executable
 
     def run_one(self, point: Point, settings: Settings, env: dict[str, str] | None = None) -> dict[str, Any]:
-        with tempfile.TemporaryDirectory(prefix="attnbench-") as tmp:
+        # Named by this process's id: a worker removes it when this process dies, and the next sweep
+        # removes any left by a process that is gone (remove_stale_dirs).
+        with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
             src, dst = Path(tmp) / "in.json", Path(tmp) / "out.json"
             src.write_text(json.dumps({"point": point.to_json(), "settings": settings.to_dict()}))
             limit = settings.timeout_s + self.startup_grace_s
@@ -70,6 +72,7 @@ class Subprocess:
             # The folder that holds the package attnbench (a checkout or site-packages), for the worker's imports.
             repo = str(Path(attnbench.__file__).resolve().parent.parent)
             full_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, full_env.get("PYTHONPATH", "")) if p)
+            full_env["ATTNBENCH_WORKER_PARENT"] = str(os.getpid())  # the worker leaves when this process dies
             start = time.perf_counter()
             # Own session: on timeout the whole process group goes (compile workers included).
             proc = subprocess.Popen(
@@ -105,8 +108,36 @@ class Subprocess:
             )
 
     def run(self, points: Iterable[Point], settings: Settings) -> Iterator[dict[str, Any]]:
+        remove_stale_dirs()
         for point in points:
             yield self.run_one(point, settings)
+
+
+TMP_PREFIX = "attnbench-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_dirs(root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the workers' temporary directories (``attnbench-<pid>-*``) whose sweep process is gone."""
+    import re
+    import shutil
+
+    removed = []
+    for d in Path(root or tempfile.gettempdir()).glob(f"{TMP_PREFIX}*-*"):
+        m = re.fullmatch(re.escape(TMP_PREFIX) + r"(\d+)-.*", d.name)
+        if m and d.is_dir() and not _alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 class MultiDevice:
@@ -138,6 +169,7 @@ class MultiDevice:
                 )
 
     def run(self, points: Iterable[Point], settings: Settings) -> Iterator[dict[str, Any]]:
+        remove_stale_dirs()
         points = list(points)
         self.validate(points)
         todo: queue.Queue[Point] = queue.Queue()

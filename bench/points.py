@@ -414,8 +414,37 @@ def load_plugins() -> list[str]:
 
     names = [n.strip() for n in os.environ.get("ATTNBENCH_PLUGINS", "").split(",") if n.strip()]
     for name in names:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):
+                raise _plugin_error(name, exc) from None  # the plugin imports something that is missing
+            raise GridError(
+                f"ATTNBENCH_PLUGINS names {name!r}, which cannot be found; put its folder on PYTHONPATH, "
+                "or remove it from ATTNBENCH_PLUGINS"
+            ) from None
+        except SyntaxError as exc:
+            where = f"{exc.filename}, line {exc.lineno}" if exc.filename else "its source"
+            raise GridError(
+                f"ATTNBENCH_PLUGINS module {name!r} has a syntax error ({where}: {exc.msg}); fix it, "
+                "or remove it from ATTNBENCH_PLUGINS"
+            ) from None
+        except SystemExit as exc:  # a plugin must not end the process: its exit status would hide the reason
+            raise GridError(
+                f"ATTNBENCH_PLUGINS module {name!r} called sys.exit({exc.code!r}) while being imported; "
+                "a plugin must only register mechanisms, so fix it or remove it from ATTNBENCH_PLUGINS"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - any failure of foreign code becomes one line
+            raise _plugin_error(name, exc) from None
     return names
+
+
+def _plugin_error(name: str, exc: BaseException) -> GridError:
+    text = " ".join(str(exc).split())[:200]
+    return GridError(
+        f"ATTNBENCH_PLUGINS module {name!r} failed while being imported ({type(exc).__name__}: {text}); "
+        "fix it, or remove it from ATTNBENCH_PLUGINS"
+    )
 
 
 def split_values(values: list[str] | None) -> list[str]:

@@ -116,13 +116,31 @@ class RunDir:
     @contextlib.contextmanager
     def claim(self, request: dict[str, Any] | None = None) -> Iterator[RunDir]:
         """Check the directory, create it, hold its lock for the block and record its kind."""
-        import fcntl
-
         self.check()
+        created = [p for p in (self.path, *self.path.absolute().parents) if not p.exists()][::-1]
+        fresh = not self.path.is_dir() or not any(self.path.iterdir())
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise os_error(self.path, exc) from None
+        try:
+            with self._locked((request or {}) if fresh else None):
+                yield self
+        finally:
+            # A directory this claim created and in which nothing but its own files were written goes again
+            # (a write that failed at once, say on a full disk, leaves no folder behind).
+            if created and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {KIND_FILE}:
+                (self.path / KIND_FILE).unlink(missing_ok=True)
+                for folder in reversed(created):
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+
+    @contextlib.contextmanager
+    def _locked(self, request: dict[str, Any] | None) -> Iterator[None]:
+        """The lock, and ``run.json`` written when ``request`` is given (a new or empty directory: one made
+        before run.json is told by its files, and gets none, so that a refused command writes nothing)."""
+        import fcntl
+
         lock = self.path / LOCK
         while True:
             try:
@@ -149,14 +167,14 @@ class RunDir:
             info = {"pid": os.getpid(), "host": platform.node(), "kind": self.kind, "since": since}
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps(info).encode())
-            if not (self.path / KIND_FILE).exists():
-                write_json(self.path / KIND_FILE, {"kind": self.kind, "created": since, "request": request or {}})
+            if request is not None:
+                write_json(self.path / KIND_FILE, {"kind": self.kind, "created": since, "request": request})
         except OSError as exc:
             lock.unlink(missing_ok=True)
             os.close(fd)
             raise os_error(self.path, exc) from None
         try:
-            yield self
+            yield
         finally:
             lock.unlink(missing_ok=True)
             os.close(fd)

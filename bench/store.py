@@ -12,6 +12,7 @@ Nothing here imports torch: reports and studies read results with it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -147,6 +148,14 @@ _PANDAS = {"int": "Int64", "float": "float64", "bool": "boolean", "str": "str"}
 SCHEMA: dict[str, str] = {name: _PANDAS.get(kind, "object") for name, kind in POINT_FIELDS.items()}
 
 
+# Stored integers are 64-bit (pandas' Int64, torch's sizes): a larger one is refused when read.
+INT_LIMIT = 2**63
+
+
+def _in_range(value: Any) -> bool:
+    return not isinstance(value, int) or -INT_LIMIT <= value < INT_LIMIT
+
+
 def _fits(value: Any, kind: str) -> bool:
     if "|" in kind:
         return any(_fits(value, k) for k in kind.split("|"))
@@ -157,11 +166,11 @@ def _fits(value: Any, kind: str) -> bool:
     if kind == "bool":
         return isinstance(value, bool)
     if kind == "int":
-        return (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, float) and value.is_integer()
+        return (isinstance(value, int) and not isinstance(value, bool) and _in_range(value)) or (
+            isinstance(value, float) and value.is_integer() and abs(value) < INT_LIMIT
         )
     if kind == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and _in_range(value)
     if kind == "object":
         return isinstance(value, dict)
     if kind == "list":
@@ -171,6 +180,13 @@ def _fits(value: Any, kind: str) -> bool:
     raise ValueError(f"unknown field type {kind!r}")
 
 
+def _short(value: Any) -> str:
+    try:
+        return repr(value)[:80]
+    except ValueError:  # an int too long for repr; nested inside a list or object
+        return f"a {type(value).__name__} holding a number too long to print"
+
+
 def problems(record: Any) -> list[str]:
     """Why a parsed line is not a valid record (empty: it is one)."""
     if not isinstance(record, dict):
@@ -178,7 +194,7 @@ def problems(record: Any) -> list[str]:
     out = []
     kind = record.get("kind")
     if kind is not None and kind not in REQUIRED_BY_KIND:
-        return [f"kind must be one of {', '.join(REQUIRED_BY_KIND)}, got {kind!r}"[:120]]
+        return [f"kind must be one of {', '.join(REQUIRED_BY_KIND)}, got {_short(kind)}"[:120]]
     required = REQUIRED_POINT if kind is None else REQUIRED_BY_KIND[kind]
     missing = [k for k in required if record.get(k) is None]
     if missing:
@@ -186,15 +202,73 @@ def problems(record: Any) -> list[str]:
     for key, value in record.items():
         kind_of = FIELD_TYPES.get(key)
         if kind_of is not None and value is not None and not _fits(value, kind_of):
-            out.append(f"{key} must be {kind_of}, got {value!r}"[:120])
+            big = isinstance(value, int) and not isinstance(value, bool) and not _in_range(value)
+            shown = f"an integer of {value.bit_length()} bits" if big else _short(value)
+            out.append(f"{key} must be {kind_of}, got {shown}"[:120])
     status = record.get("status")
     if status is not None and status not in STATUSES:
-        out.append(f"status must be one of {', '.join(STATUSES)}, got {status!r}"[:120])
+        out.append(f"status must be one of {', '.join(STATUSES)}, got {_short(status)}"[:120])
     return out
 
 
 class StoreError(AttnbenchError, RuntimeError):
     """The run directory cannot be used as asked."""
+
+
+class WriteError(AttnbenchError, OSError):
+    """A file could not be written (disk full, a read-only directory); nothing of it was left behind."""
+
+    def __init__(self, path: str | os.PathLike, exc: OSError):
+        super().__init__(exc.errno, exc.strerror)
+        self.filename = str(path)
+        self.message = f"cannot write {path}: [Errno {exc.errno}] {exc.strerror}; {os_advice(exc)}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def os_advice(exc: OSError) -> str:
+    """What to change after an OSError, in a few words."""
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "free space on that disk, or write somewhere else"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make it writable, or write somewhere else"
+    if exc.errno == errno.EISDIR:
+        return "pass a file, not a directory"
+    if exc.errno == errno.ENOTDIR:
+        return "a part of the path is a file; pass another path"
+    return "check the path"
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a temporary file beside it, fsynced, then renamed.
+
+    A failure (disk full, a read-only directory) leaves ``path`` as it was and no temporary file behind,
+    and is raised as a WriteError naming ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, WriteError):
+            raise
+        raise WriteError(path, exc) from None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 @dataclasses.dataclass
@@ -234,7 +308,7 @@ def read_results(run_dir: str | os.PathLike) -> ReadReport:
         text = raw.decode("utf-8", errors="replace")
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or an integer longer than Python reads (4300 digits)
             corrupt.append((i + 1, text))
             trailing = trailing or i == last_nonempty
             continue
@@ -244,6 +318,43 @@ def read_results(run_dir: str | os.PathLike) -> ReadReport:
             continue
         records.append(obj)
     return ReadReport(records, corrupt, trailing, invalid)
+
+
+def read_env(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run directory's env.json ({} when there is none); one that is not a JSON object is a StoreError."""
+    path = Path(run_dir) / ENV
+    if not path.exists():
+        return {}
+    try:
+        env = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise StoreError(f"{path} is not valid JSON; restore it from the run, or pass another run directory") from None
+    if not isinstance(env, dict):
+        raise StoreError(
+            f"{path} holds a JSON {type(env).__name__}, not an object; restore it from the run, "
+            "or pass another run directory"
+        )
+    return env
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """mkdir -p ``path``; the folders it created, outermost first."""
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def _remove_if_empty(created: list[Path]) -> None:
+    """Remove the folders of ``created`` (outermost first) that are still empty, innermost first."""
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:  # not empty (or gone): it holds what was written, so it stays
+            return
 
 
 class ResultsStore:
@@ -259,13 +370,7 @@ class ResultsStore:
 
     def stored_env(self) -> dict[str, Any]:
         """The stored env.json ({} when there is none)."""
-        path = self.run_dir / ENV
-        if not path.exists():
-            return {}
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            raise StoreError(f"{path} is not valid JSON; restore it, or pass another --out") from None
+        return read_env(self.run_dir)
 
     def stored_sweep(self) -> dict[str, Any] | None:
         path = self.run_dir / SWEEP
@@ -285,7 +390,14 @@ class ResultsStore:
         A cut-short last line is moved to results.corrupt; a valid last record that
         lacks its newline gets one (so appends start on a clean line).
         """
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        created = _make_dirs(self.run_dir)
+        try:
+            return self._open(env, sweep, appended)
+        except BaseException:
+            _remove_if_empty(created)  # e.g. env.json could not be written: no empty folder is left
+            raise
+
+    def _open(self, env: dict[str, Any], sweep: dict[str, Any] | None, appended: bool) -> ReadReport:
         env_path = self.run_dir / ENV
         if env_path.exists():
             stored = self.stored_env()
@@ -301,13 +413,13 @@ class ResultsStore:
                 f"restore {ENV}, or pass another --out"
             )
         else:
-            env_path.write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
+            write_atomic(env_path, json.dumps(env, indent=2, sort_keys=True) + "\n")
         if sweep is not None:
             saved = self.stored_sweep() if appended else None
             if saved is not None:
                 saved.setdefault("appended", []).append(sweep)
                 sweep = saved
-            (self.run_dir / SWEEP).write_text(json.dumps(sweep, indent=2, sort_keys=True) + "\n")
+            write_atomic(self.run_dir / SWEEP, json.dumps(sweep, indent=2, sort_keys=True) + "\n")
         report = read_results(self.run_dir)
         if self.path.exists():
             self._repair_tail()
@@ -322,7 +434,7 @@ class ResultsStore:
         last = data[cut:]
         try:
             json.loads(last)
-        except json.JSONDecodeError:
+        except ValueError:
             with open(self.run_dir / CORRUPT, "ab") as f:
                 f.write(last + b"\n")
             with open(self.path, "r+b") as f:
@@ -332,11 +444,24 @@ class ResultsStore:
             f.write(b"\n")
 
     def append(self, record: dict[str, Any]) -> None:
+        """Append one record as a line, whole or not at all: a failed write (disk full) is cut back off,
+        so the records stored before stay as they were, and raised as a WriteError."""
         line = json.dumps(record, sort_keys=False, allow_nan=False, default=str) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise WriteError(self.path, exc) from None
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                _write_all(fd, line.encode("utf-8"))
+                os.fsync(fd)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise WriteError(self.path, exc) from None
+        finally:
+            os.close(fd)
 
 
 def _derive(df: Any, env: dict[str, Any]) -> Any:
@@ -398,8 +523,7 @@ def load(run_dir: str | os.PathLike, *, derived: bool = True, dedupe: bool = Tru
             df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
         else:
             df[col] = df[col].astype(dtype)
-    env_path = run_dir / ENV
-    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    env = read_env(run_dir)
     if derived:
         df = _derive(df, env)
     df.attrs["env"] = env

@@ -24,22 +24,53 @@ def measure_dict(point: dict[str, Any], settings: dict[str, Any]) -> dict[str, A
     return measure(Point.from_json(point), Settings(**settings))
 
 
-def _die_with_parent() -> None:
-    """On Linux, get SIGKILL when the sweep process that started this worker dies."""
-    parent = os.getppid()
+def _job_dir(in_json: str) -> Path | None:
+    """The executor's temporary directory holding IN.json (``attnbench-<pid>-*``), else None."""
+    folder = Path(in_json).resolve().parent
+    return folder if folder.name.startswith("attnbench-") else None
+
+
+def _die_with_parent(job_dir: Path | None) -> None:
+    """End this worker when the sweep process that started it dies, removing the job's temporary directory.
+
+    On Linux the kernel sends SIGTERM at the parent's death (PR_SET_PDEATHSIG), whose handler removes the
+    directory and exits; a watcher thread that sees the parent change does the same wherever that signal
+    is not available (and should the handler wait on a long native call)."""
+    import signal
+    import threading
+
+    # The executor names itself: a parent that died before this line leaves getppid() at the reaper's pid.
+    parent = int(os.environ.get("ATTNBENCH_WORKER_PARENT") or os.getppid())
+
+    def leave(*_: Any) -> None:
+        if job_dir is not None:
+            import shutil
+
+            shutil.rmtree(job_dir, ignore_errors=True)
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, leave)
     try:
         import ctypes
-        import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        return
+        pass
     if os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(1)
+        leave()
+
+    def watch() -> None:
+        import time
+
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        leave()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def main(argv: list[str]) -> int:
-    _die_with_parent()
+    _die_with_parent(_job_dir(argv[0]) if argv else None)
     if len(argv) != 2:
         print("usage: python -m attnbench.bench.worker IN.json OUT.json", file=sys.stderr)
         return 2

@@ -59,14 +59,21 @@ class Comparison:
     only_new: pd.DataFrame
     differences: list[str]
     fail_above: float
+    # Whether points of the base that the new run lacks are accepted (else they fail the comparison).
+    allow_missing: bool = False
 
     @property
     def regressions(self) -> pd.DataFrame:
         return self.table[self.table["regression"]]
 
     @property
+    def missing(self) -> int:
+        """Points of the base without a match in the new run; they fail the comparison unless allowed."""
+        return len(self.only_base)
+
+    @property
     def failed(self) -> bool:
-        return bool(self.table["regression"].any())
+        return bool(self.table["regression"].any()) or (self.missing > 0 and not self.allow_missing)
 
 
 MATCH_KEYS = [f for f in POINT_FIELDS if f != "tokens"]
@@ -180,12 +187,21 @@ def latency_verdict(base: pd.Series, new: pd.Series, noise: float) -> str:
     return "within noise"
 
 
-def compare(base: Run, new: Run, fail_above: float = 0.10, noise: float = 0.05, force: bool = False) -> Comparison:
+def compare(
+    base: Run,
+    new: Run,
+    fail_above: float = 0.10,
+    noise: float = 0.05,
+    force: bool = False,
+    allow_missing: bool = False,
+) -> Comparison:
     """Compare two runs point by point.
 
     ``fail_above`` (a fraction) is the latency or memory growth beyond which a
     point that got slower (or bigger) counts as a regression; a point that ran
-    in ``base`` but hits oom, error or timeout in ``new`` is one too. Raises
+    in ``base`` but hits oom, error or timeout in ``new`` is one too. Points of
+    ``base`` missing from ``new`` fail the comparison unless ``allow_missing``
+    (a run that lost its points must not pass a regression gate). Raises
     :class:`FingerprintMismatch` when the environments differ, unless ``force``.
     """
     differences = fingerprint_differences(base.env, new.env)
@@ -263,7 +279,7 @@ def compare(base: Run, new: Run, fail_above: float = 0.10, noise: float = 0.05, 
             .drop(columns=["_o", "_c"])
             .reset_index(drop=True)
         )
-    return Comparison(table, only_base, only_new, differences, fail_above)
+    return Comparison(table, only_base, only_new, differences, fail_above, allow_missing)
 
 
 def _side(r: pd.Series, suffix: str) -> pd.Series:
@@ -309,6 +325,16 @@ def summary_line(cmp: Comparison) -> str:
     n_reg = int(t["regression"].sum()) if not t.empty else 0
     parts.append(f"{n_reg} regressed beyond {100 * cmp.fail_above:g}%")
     return ", ".join(parts)
+
+
+def missing_line(cmp: Comparison) -> str | None:
+    """Why the comparison fails for points the new run lacks (None: it does not)."""
+    if not cmp.missing or cmp.allow_missing:
+        return None
+    return (
+        f"{cmp.missing} point(s) of the base are missing from the new run, so the comparison fails; "
+        "rerun them, or pass --allow-missing to compare the points both hold"
+    )
 
 
 class PercentError(AttnbenchError, ValueError):

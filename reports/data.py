@@ -115,10 +115,13 @@ def load_run(path: str | Path) -> Run:
         raise RunError(f"{path} is not a directory; pass a run directory written by `attnbench sweep --out DIR`")
     if not (path / store.RESULTS).is_file():
         raise RunError(f"{path} has no {store.RESULTS}; is it a run directory written by `attnbench sweep`?")
-    try:
-        rows = store.load(path)
-    except json.JSONDecodeError as exc:
-        raise RunError(f"{path / store.ENV} is not valid JSON ({exc.msg}); restore it from the sweep") from exc
+    rows = store.load(path)  # an env.json that is not a JSON object is a StoreError
+    skipped = list(rows.attrs.get("corrupt", []))
+    if not len(rows) and skipped:
+        raise RunError(
+            f"{path / store.RESULTS} holds no valid record ({len(skipped)} line(s) skipped; the first: {skipped[0]}); "
+            "restore it from the run, or pass another run directory"
+        )
     sweep: dict[str, Any] = {}
     sweep_path = path / store.SWEEP
     if sweep_path.is_file():

@@ -25,9 +25,10 @@ STRIDE = 8  # pixels per coarse cell of the matcher
 
 def load(run_dir: str | Path) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, Any]]:
     """The match rows (last per point), the footprint records (last per run and state) and env.json."""
-    from attnbench.bench.store import ENV, read_results
+    from attnbench.bench.store import read_env, read_results
 
     run_dir = Path(run_dir)
+    env = read_env(run_dir)
     rows = [r for r in read_results(run_dir).records if r.get("kind") == "match"]
     df = pd.DataFrame(rows).drop_duplicates("point_id", keep="last") if rows else pd.DataFrame()
     fps: dict[tuple, dict[str, Any]] = {}
@@ -39,8 +40,6 @@ def load(run_dir: str | Path) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
             fps[(rec["point_id"], rec["state"])] = rec
-    env_path = run_dir / ENV
-    env = json.loads(env_path.read_text()) if env_path.exists() else {}
     return df, list(fps.values()), env
 
 
@@ -281,8 +280,10 @@ def build_report(run_dir: str | Path) -> str:
 
 
 def write_report(run_dir: str | Path) -> Path:
+    from attnbench.bench.store import write_atomic
+
     path = Path(run_dir) / "report.html"
-    path.write_text(build_report(run_dir), encoding="utf-8")
+    write_atomic(path, build_report(run_dir))
     return path
 
 
@@ -327,6 +328,8 @@ def write_footprint_page(panels: list[dict[str, Any]], out: str | Path) -> Path:
         f"query ({q[0]}, {q[1]}) on {hw[0]}x{hw[1]}",
         [("fp", "footprints", note + _fig_html(fig, "footprint-figure") + table_html(rows_html))],
     )
+    from attnbench.bench.store import write_atomic
+
     path = Path(out)
-    path.write_text(html, encoding="utf-8")
+    write_atomic(path, html)
     return path

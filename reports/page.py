@@ -1,16 +1,20 @@
 """The self-contained HTML report: sections of tables and plotly figures, plotly.js inlined once.
 
-Every string taken from the results goes through ``html.escape`` (tables) or
-:func:`reports.figures.esc` (plot labels and hover text).
+Every string taken from the results goes through one escaping path: :func:`esc` for text and
+attribute values (quotes included), :func:`slug` (then :func:`esc`) for ids and the links to them, and
+:func:`reports.figures.esc` for plot labels and hover text (plotly renders its own markup; the figure's
+JSON is embedded by plotly with ``<`` escaped, so no string ends its script).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import html
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,7 +79,23 @@ class Section:
 
 
 def esc(value: Any) -> str:
-    return html.escape(str(value))
+    """Any value as HTML text or as an attribute value (``&``, ``<``, ``>``, ``"`` and ``'`` escaped)."""
+    return html.escape(str(value), quote=True)
+
+
+_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+
+def slug(value: Any) -> str:
+    """A value made an HTML id and URL fragment: a plain id (a letter, then letters, digits, ``-``, ``_``)
+    is kept as it is, any other becomes ``s-`` + its safe characters + a hash of the whole (so that two
+    names that differ only in other characters get different ids)."""
+    text = str(value)
+    if _ID.fullmatch(text):
+        return text
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")[:40]
+    digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"s-{safe}-{digest}" if safe else f"s-{digest}"
 
 
 def table_html(df: pd.DataFrame, row_class: Sequence[str] = ()) -> str:
@@ -92,7 +112,7 @@ def table_html(df: pd.DataFrame, row_class: Sequence[str] = ()) -> str:
                 cells.append(f'<td class="num">{esc(analysis.fmt_number(v))}</td>')
             else:
                 cells.append(f"<td>{esc(v)}</td>")
-        rc = f' class="{row_class[i]}"' if i < len(row_class) and row_class[i] else ""
+        rc = f' class="{esc(row_class[i])}"' if i < len(row_class) and row_class[i] else ""
         body.append(f"<tr{rc}>" + "".join(cells) + "</tr>")
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
@@ -102,7 +122,7 @@ def _fig_html(fig: Any, div_id: str) -> str:
         fig,
         full_html=False,
         include_plotlyjs=False,
-        div_id=div_id,
+        div_id=slug(div_id),
         config={"displaylogo": False, "responsive": True},
     )
 
@@ -524,7 +544,7 @@ def _failures(df: pd.DataFrame) -> Section:
 
 def build_compare_page(cmp: Any, base: Run, new: Run) -> str:
     """The comparison of two runs as one self-contained HTML page: summary, plot of changes, full table."""
-    from attnbench.reports.compare import display_table, summary_line
+    from attnbench.reports.compare import display_table, missing_line, summary_line
 
     table = display_table(cmp)
     n_reg = int(t["regression"].sum()) if not (t := cmp.table).empty else 0
@@ -534,6 +554,9 @@ def build_compare_page(cmp: Any, base: Run, new: Run) -> str:
         else f'<p class="good"><b>No regression beyond {100 * cmp.fail_above:g}%</b></p>'
     )
     body = [verdict, f'<p class="note">{esc(summary_line(cmp))}</p>']
+    missing = missing_line(cmp)
+    if missing:
+        body.insert(1, f'<p class="bad"><b>{esc(missing)}</b></p>')
     if cmp.differences:
         body.append(
             '<p class="warn">Compared despite different environments (forced):</p><ul>'
@@ -563,8 +586,10 @@ def build_compare_page(cmp: Any, base: Run, new: Run) -> str:
 def document(title: str, subtitle: str, sections: list[Section], nav: bool = True, preamble: str = "") -> str:
     """A self-contained page: the sections under a header (plain text, escaped here), plotly.js inlined once;
     ``preamble`` is HTML (already escaped) shown above the first section."""
-    links = "".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in sections)
-    main = "".join(f'<section id="{s.id}"><h2>{esc(s.title)}</h2>{"".join(s.body)}</section>' for s in sections)
+    links = "".join(f'<a href="#{esc(slug(s.id))}">{esc(s.title)}</a>' for s in sections)
+    main = "".join(
+        f'<section id="{esc(slug(s.id))}"><h2>{esc(s.title)}</h2>{"".join(s.body)}</section>' for s in sections
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

@@ -167,12 +167,22 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 
 def is_image(path: Path) -> bool:
-    """Whether PIL can read the file as an image."""
+    """Whether PIL can read the file as an image; one over PIL's pixel limit is a DataError naming it."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.verify()
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice it, and would then decode the whole image
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(
+            f"{path} is over PIL's limit of {Image.MAX_IMAGE_PIXELS:,} pixels per image ({exc}); "
+            "shrink it or move it out of the folder"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return False
     return True

@@ -143,21 +143,162 @@ def _fields(obj: Any, allowed: set[str], where: str, required: tuple[str, ...] =
     return dict(obj)
 
 
-def _positive_int(value: Any, where: str) -> int:
+# Upper bounds of the numbers of a recipe (a larger one is a typo, or a run no machine finishes).
+INT_LIMITS = {
+    "resolution": 4096, "epochs": 100_000, "batch": 65_536, "train_size": 100_000_000, "val_size": 100_000_000,
+    "cost_batch": 65_536, "cost_resolutions": 4096, "seeds": 1000, "threads": 1024,
+}  # fmt: skip
+FLOAT_LIMITS = {"lr": 10.0, "weight_decay": 10.0, "warmup_epochs": 100_000.0}
+# Limits of an experiment file, checked while it is read, before anything is validated.
+MAX_FILE_BYTES = 256 * 1024
+MAX_DEPTH = 32  # nesting of mappings and lists
+MAX_NODES = 100_000  # values of the document with every alias written out
+
+
+def _positive_int(value: Any, where: str, limit: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ExperimentError(f"{where}: must be a positive integer, got {value!r}")
+        raise ExperimentError(f"{where}: must be a positive integer, got {_shown(value)}")
+    if limit is not None and value > limit:
+        raise ExperimentError(f"{where}: must be at most {limit:,}, got {_shown(value)}")
     return value
+
+
+def _number(value: Any, where: str, *, low: float, limit: float, low_open: bool = False) -> float:
+    """A finite number in [low, limit] (low excluded with ``low_open``); anything else names the field."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value):
+        raise ExperimentError(f"{where}: must be a finite number, got {_shown(value)}")
+    if value < low or (low_open and value == low) or value > limit:
+        bounds = f"above {low:g}" if low_open else f"at least {low:g}"
+        raise ExperimentError(f"{where}: must be {bounds} and at most {limit:g}, got {_shown(value)}")
+    return value
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ExperimentError(f"{where}: must be true or false, got {_shown(value)}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        return "a number too long to print"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _limited_loader(where: str) -> type:
+    """A yaml SafeLoader that refuses a document nested deeper than MAX_DEPTH or, with its aliases
+    written out, larger than MAX_NODES values (an alias bomb), as it composes it."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - yaml's signature
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ExperimentError(
+                    f"{where}: nested deeper than {MAX_DEPTH} levels (line {mark.line + 1}); flatten it"
+                )
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def compose_document(self):  # noqa: ANN201 - yaml's signature
+            node = super().compose_document()
+            _expanded_size(node, where)
+            return node
+
+    return Loader
+
+
+def _expanded_size(root: Any, where: str) -> int:
+    """How many values the document holds with every alias written out; refuses more than MAX_NODES,
+    a deeper nesting than MAX_DEPTH, and an alias inside its own anchor."""
+    import yaml
+
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth)
+    busy: set[int] = set()
+
+    def walk(node: Any) -> tuple[int, int]:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise ExperimentError(f"{where}: an alias refers to its own anchor (line {node.start_mark.line + 1})")
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            sizes[key] = (1, 1)
+            return sizes[key]
+        busy.add(key)
+        total, depth = 1, 1
+        for child in children:
+            n, d = walk(child)
+            total, depth = total + n, max(depth, d + 1)
+            if total > MAX_NODES:
+                raise ExperimentError(
+                    f"{where}: holds more than {MAX_NODES:,} values with its aliases written out "
+                    "(an alias bomb?); write fewer aliases"
+                )
+            if depth > MAX_DEPTH:
+                raise ExperimentError(f"{where}: nested deeper than {MAX_DEPTH} levels through its aliases")
+        busy.discard(key)
+        sizes[key] = (total, depth)
+        return sizes[key]
+
+    if root is not None:
+        walk(root)
+    return 0 if root is None else sizes[id(root)][0]
+
+
+def read_yaml(path: Path) -> Any:
+    """An experiment file's YAML, read with limits: at most MAX_FILE_BYTES of UTF-8 text, nested at most
+    MAX_DEPTH deep and MAX_NODES values with its aliases written out; safe tags only."""
+    import yaml
+
+    where = str(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ExperimentError(
+                f"{where}: {size:,} bytes, more than an experiment file may hold ({MAX_FILE_BYTES:,}); "
+                "pass the experiment's YAML file"
+            )
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ExperimentError(f"{where}: cannot be read ([Errno {exc.errno}] {exc.strerror})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ExperimentError(f"{where}: more than {MAX_FILE_BYTES:,} bytes; pass the experiment's YAML file")
+    try:
+        if b"\0" in data:
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ExperimentError(
+            f"{where}: not a text file (byte {exc.start} is not UTF-8 text); pass the experiment's YAML file"
+        ) from None
+    try:
+        return yaml.load(text, Loader=_limited_loader(path.name))  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ExperimentError(f"{where}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise ExperimentError(f"{where}: nested too deeply to read; flatten it") from None
 
 
 def load(name_or_file: str) -> Experiment:
     """Read and check the fields of an experiment file (models are built by :func:`validate`)."""
-    import yaml
-
     path = resolve(name_or_file)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ExperimentError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = read_yaml(path)
     where = path.name
     top = _fields(raw, TOP_FIELDS, where, required=TOP_REQUIRED)
     modes_raw = _fields(top["modes"], set(MODES), f"{where}: modes", required=("quick",))
@@ -167,13 +308,20 @@ def load(name_or_file: str) -> Experiment:
         fields = _fields(spec, MODE_FIELDS, at, required=MODE_REQUIRED)
         merged = {**MODE_DEFAULTS, **fields}
         for key in ("resolution", "epochs", "batch", "train_size", "val_size", "cost_batch"):
-            _positive_int(merged[key], f"{at}.{key}")
-        if not isinstance(merged["lr"], (int, float)) or not merged["lr"] > 0:
-            raise ExperimentError(f"{at}.lr: must be a positive number, got {merged['lr']!r}")
+            _positive_int(merged[key], f"{at}.{key}", INT_LIMITS[key])
+        _number(merged["lr"], f"{at}.lr", low=0.0, limit=FLOAT_LIMITS["lr"], low_open=True)
+        for key in ("weight_decay", "warmup_epochs"):
+            _number(merged[key], f"{at}.{key}", low=0.0, limit=FLOAT_LIMITS[key])
+        for key in ("tiny", "amp"):
+            _bool(merged[key], f"{at}.{key}")
+        if merged["threads"] is not None:
+            _positive_int(merged["threads"], f"{at}.threads", INT_LIMITS["threads"])
         cost = merged["cost_resolutions"] or [merged["resolution"]]
         if not isinstance(cost, list) or not cost:
-            raise ExperimentError(f"{at}.cost_resolutions: must be a list of image sides in px, got {cost!r}")
-        merged["cost_resolutions"] = [_positive_int(r, f"{at}.cost_resolutions[{i}]") for i, r in enumerate(cost)]
+            raise ExperimentError(f"{at}.cost_resolutions: must be a list of image sides in px, got {_shown(cost)}")
+        merged["cost_resolutions"] = [
+            _positive_int(r, f"{at}.cost_resolutions[{i}]", INT_LIMITS["cost_resolutions"]) for i, r in enumerate(cost)
+        ]
         modes[m] = merged
     variants_raw = top["variants"]
     if not isinstance(variants_raw, list) or not variants_raw:
@@ -193,10 +341,15 @@ def load(name_or_file: str) -> Experiment:
                 _fields(spec[m], OVERRIDE_FIELDS, f"{at}.{m}")
         published = _fields(spec.pop("published", None) or {}, PUBLISHED_FIELDS, f"{at}.published")
         for key in ("top1", "params_m", "gmacs"):
-            if published.get(key) is not None and not isinstance(published[key], (int, float)):
-                raise ExperimentError(f"{at}.published.{key}: must be a number or null, got {published[key]!r}")
+            if published.get(key) is not None:
+                _number(published[key], f"{at}.published.{key}", low=0.0, limit=1e9)
         variants.append(Variant(name, spec, published))
-    seeds = _positive_int(top.get("seeds", 3), f"{where}: seeds")
+    seeds = _positive_int(top.get("seeds", 3), f"{where}: seeds", INT_LIMITS["seeds"])
+    for key in ("name", "title", "paper", "task", "data"):
+        if key in top and not isinstance(top[key], str):
+            raise ExperimentError(f"{where}: {key}: must be a string, got {_shown(top[key])}")
+    if not top["name"].strip():
+        raise ExperimentError(f"{where}: name: must not be empty")
     return Experiment(
         name=str(top["name"]), title=str(top.get("title", "")), paper=str(top.get("paper", "")),
         task=str(top.get("task", "")), data=str(top.get("data", "synthetic")), seeds=seeds, modes=modes,

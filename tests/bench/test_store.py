@@ -205,3 +205,49 @@ def test_one_comparability_rule():
     env = {"torch": "2.13.0", "threads": 1, "cpu_model": "x", "time": "t1", "git_rev": "a", "hostname": "h1"}
     assert env_differences(env, {**env, "time": "t2", "git_rev": "b", "hostname": "h2", "platform": "p"}) == []
     assert env_differences(env, {**env, "threads": 2, "torch": "2.11.0"}) == ["torch", "threads"]
+
+
+def _no_space(*_args):
+    import errno
+    import os
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_write_that_fails_leaves_the_stored_records_as_they_were(tmp_path, monkeypatch):
+    import os
+
+    s = store.ResultsStore(tmp_path)
+    s.append({"a": 1})
+    before = s.path.read_bytes()
+    real_write = os.write
+
+    def half(fd, data):  # the disk fills up in the middle of the line
+        real_write(fd, bytes(data[: len(data) // 2]))
+        _no_space()
+
+    monkeypatch.setattr(os, "write", half)
+    with pytest.raises(store.WriteError, match=r"cannot write .*results.jsonl: \[Errno 28\] No space left"):
+        s.append({"b": "x" * 100})
+    assert s.path.read_bytes() == before
+    monkeypatch.setattr(os, "write", real_write)
+    monkeypatch.setattr(os, "fsync", _no_space)
+    with pytest.raises(store.WriteError):
+        s.append({"c": 3})
+    with pytest.raises(store.WriteError, match="env.json"):
+        store.write_atomic(tmp_path / "env.json", "{}")
+    assert s.path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+
+
+def test_integers_beyond_64_bits_and_an_env_that_is_not_an_object_are_refused_when_read(tmp_path):
+    lines = [{"point_id": "p", "status": "ok", "kind": "match", "mechanism": "m", "seed": 0, "height": 8, "width": 8}]
+    lines += [{**lines[0], "height": 2**63}, {**lines[0], "width": -(10**400)}, {**lines[0], "seed": 2**62}]
+    text = "\n".join(json.dumps(r) for r in lines) + "\n" + '{"point_id": ' + "9" * 5000 + "}\n"
+    (tmp_path / store.RESULTS).write_text(text)
+    report = store.read_results(tmp_path)
+    assert len(report.records) == 2 and [n for n, _ in report.invalid] == [2, 3]
+    assert "height must be int, got an integer of 64 bits" in report.invalid[0][1]
+    assert [n for n, _ in report.corrupt] == [5]  # longer than Python reads as a number
+    (tmp_path / store.ENV).write_text("[1, 2]")
+    with pytest.raises(store.StoreError, match="holds a JSON list, not an object"):
+        store.load(tmp_path)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from attnbench.reports import FingerprintMismatch, compare, load_run
-from attnbench.reports.compare import latency_verdict, parse_percent
+from attnbench.reports.compare import latency_verdict, missing_line, parse_percent
 from report_fixtures import ENV, FIXTURES, row
 from typer.testing import CliRunner
 
@@ -119,7 +119,9 @@ def test_cli_compare_exit_codes_and_html(tmp_path, make_run):
     cpu = str(FIXTURES / "cpu_small")
     refused = runner.invoke(cli.app, ["compare", base, cpu])
     assert refused.exit_code == 2 and "gpu_name" in refused.output and "--force" in refused.output
-    assert runner.invoke(cli.app, ["compare", base, cpu, "--force"]).exit_code == 0
+    forced = runner.invoke(cli.app, ["compare", base, cpu, "--force"])  # no point of the base is in cpu_small
+    assert forced.exit_code == 1 and "missing from the new run" in forced.output and "--allow-missing" in forced.output
+    assert runner.invoke(cli.app, ["compare", base, cpu, "--force", "--allow-missing"]).exit_code == 0
     missing = runner.invoke(cli.app, ["compare", base, str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "not a directory" in missing.output
 
@@ -195,3 +197,13 @@ def test_rounds_that_disagree_widen_the_interval_rounds_that_agree_do_not(make_r
     flat = [{**r, "latency_rounds": None} for r in new]
     t = compare(load_run(make_run([{**r, "latency_rounds": None} for r in base])), load_run(make_run(flat))).table
     assert t.set_index("mechanism").loc["a", "regression"]
+
+
+def test_points_missing_from_the_new_run_fail_the_comparison_unless_allowed(make_run):
+    base = load_run(make_run([row("a", 16, 1.0), row("a", 32, 1.0)]))
+    new = load_run(make_run([row("a", 16, 1.0)]))
+    cmp = compare(base, new)
+    assert cmp.missing == 1 and cmp.failed and "missing from the new run" in missing_line(cmp)
+    allowed = compare(base, new, allow_missing=True)
+    assert not allowed.failed and missing_line(allowed) is None
+    assert not compare(new, base).failed  # points only in the new run fail nothing

@@ -117,6 +117,23 @@ BAD = {
         "variants[1] (swin) cannot run at modes.quick.cost_resolutions 40 px",
     ),
     "bad mode field": ("epochs: 1", "epochs: 0", "modes.quick.epochs: must be a positive integer"),
+    # numbers are checked for type, range and finiteness where they are read
+    "lr infinite": ("epochs: 1,", "epochs: 1, lr: .inf,", "modes.quick.lr: must be a finite number, got inf"),
+    "lr not a number": ("epochs: 1,", "epochs: 1, lr: .nan,", "modes.quick.lr: must be a finite number, got nan"),
+    "lr zero": ("epochs: 1,", "epochs: 1, lr: 0,", "modes.quick.lr: must be above 0 and at most 10"),
+    "weight decay negative": ("epochs: 1,", "epochs: 1, weight_decay: -1,", "quick.weight_decay: must be at least 0"),
+    "tiny a string": ("tiny: true", 'tiny: "yes"', "modes.quick.tiny: must be true or false, got 'yes'"),
+    "amp a number": ("tiny: true", "tiny: true, amp: 1", "modes.quick.amp: must be true or false, got 1"),
+    "threads zero": ("tiny: true", "tiny: true, threads: 0", "modes.quick.threads: must be a positive integer"),
+    "resolution huge": ("resolution: 32", "resolution: 100000000", "modes.quick.resolution: must be at most 4,096"),
+    "seeds huge": ("seeds: 2", "seeds: 1000000", "seeds: must be at most 1,000"),
+    "epochs a float": ("epochs: 1", "epochs: 1.5", "modes.quick.epochs: must be a positive integer, got 1.5"),
+    "published infinite": (
+        "model: pyramid_full", "model: pyramid_full\n    published: {top1: .inf}",
+        "variants[0] (full).published.top1: must be a finite number",
+    ),
+    "name not a string": ("seeds: 2", "seeds: 2\nname: [a]", "name: must be a string"),
+    "self alias": ("seeds: 2", "seeds: 2\nnotes: &n [*n]", "an alias refers to its own anchor"),
 }  # fmt: skip
 
 
@@ -172,3 +189,27 @@ def test_an_edited_definition_never_reuses_older_rows_or_runs(tmp_path):
     with pytest.raises(E.ExperimentError, match=other):
         E.run(edited, "smoke", tmp_path / "out2", work=work, log=lambda s: None)
     assert E.run(edited, "smoke", tmp_path / "out3", work=tmp_path / "work3", log=lambda s: None)["trained"] == 2
+
+
+def test_experiment_files_are_read_with_limits_before_anything_is_validated(tmp_path):
+    import time
+
+    text = textwrap.dedent(TINY)
+    anchored = text.replace("seeds: 2", "seeds: 2\nnotes: {a: &q [1, 2], b: *q}")
+    assert E.load(str(_write(tmp_path, anchored))).raw["notes"] == {"a": [1, 2], "b": [1, 2]}  # a few aliases: fine
+    levels = "".join(f"  l{i + 1}: &l{i + 1} [{', '.join([f'*l{i}'] * 10)}]\n" for i in range(9))
+    bomb = text + "notes:\n  l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n" + levels  # 10**10 values written out
+    start = time.perf_counter()
+    with pytest.raises(E.ExperimentError, match="more than 100,000 values with its aliases written out"):
+        E.load(str(_write(tmp_path, bomb)))
+    assert time.perf_counter() - start < 2.0
+    with pytest.raises(E.ExperimentError, match="nested deeper than 32 levels"):
+        E.load(str(_write(tmp_path, text + "notes: " + "[" * 40 + "]" * 40 + "\n")))
+    with pytest.raises(E.ExperimentError, match="nested deeper than 32 levels"):  # nesting through aliases
+        deep = "".join(f"  d{i + 1}: &d{i + 1} [*d{i}]\n" for i in range(40))
+        E.load(str(_write(tmp_path, text + "notes:\n  d0: &d0 [1]\n" + deep)))
+    with pytest.raises(E.ExperimentError, match="more than an experiment file may hold"):
+        E.load(str(_write(tmp_path, text + "#" * E.MAX_FILE_BYTES)))
+    (tmp_path / "bin.yaml").write_bytes(b"name: x\n\x00\x01\xff")
+    with pytest.raises(E.ExperimentError, match=r"not a text file \(byte 8"):
+        E.load(str(tmp_path / "bin.yaml"))

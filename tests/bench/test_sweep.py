@@ -243,6 +243,7 @@ def test_percent_of_peak_from_the_hardware_table(tmp_path):
     assert lookup("NVIDIA GeForce RTX 4090").bf16 == 165.2
     assert lookup("NVIDIA L4").fp32 == 30.3 and lookup("NVIDIA H200").bandwidth_gbs == 4800.0
     assert lookup("Some Laptop GPU") is None
+    assert lookup("NVIDIA GH200 480GB") is None and lookup("NVIDIA GH200 144G HBM3e") is None  # not an H200
     # The NVL boards are not the SXM parts of the same name.
     assert lookup("NVIDIA H200 NVL").name == "NVIDIA H200 NVL" and lookup("NVIDIA H200").name == "NVIDIA H200 SXM"
     assert lookup("NVIDIA H200 NVL").bf16 < lookup("NVIDIA H200").bf16
@@ -323,7 +324,20 @@ def test_reading_results_needs_no_torch(tmp_path):
 @pytest.mark.slow
 def test_killing_a_sweep_loses_and_duplicates_nothing(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "attnbench", "sweep", "-m", "fake_probe", "-r", "4,6,8", "--dim", "8", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "attnbench",
+        "sweep",
+        "-m",
+        "fake_probe",
+        "-r",
+        "4,6,8",
+        "--dim",
+        "8",
+        "--device",
+        "cpu",
+    ]
     cmd += ["--knob", "width_mult=1,2", "--knob", "delay=0.05", "--out", str(out), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=plugin_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results = out / store.RESULTS

@@ -168,7 +168,7 @@ def test_custom_ops_pass_opcheck():
     w = torch.rand(1, 2, 3, 4, 8, device=DEVICE, requires_grad=True)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     ops = torch.ops.attnbench
-    torch.library.opcheck(ops.quadtree_refine.default, (q, k, v, idx, True), test_utils=checks)
+    torch.library.opcheck(ops.quadtree_refine.default, (q, k, v, idx, 2), test_utils=checks)
     torch.library.opcheck(ops.quadtree_scores.default, (q, k, idx), test_utils=checks)
     torch.library.opcheck(ops.quadtree_aggregate.default, (w, v, idx), test_utils=checks)
 
@@ -181,10 +181,10 @@ def test_fake_implementation_gives_shapes_without_running():
         q = torch.empty(2, 3, 5, 4, 16, dtype=torch.bfloat16)
         k = torch.empty(2, 3, 40, 16, dtype=torch.bfloat16)
         idx = torch.empty(2, 3, 5, 12, dtype=torch.long)
-        out, lse, scores = torch.ops.attnbench.quadtree_refine(q, k, k, idx, True)
+        out, lse, top = torch.ops.attnbench.quadtree_refine(q, k, k, idx, 3)
         assert out.shape == q.shape and out.dtype == torch.bfloat16
         assert lse.shape == (2, 3, 5, 4) and lse.dtype == torch.float32
-        assert scores.shape == (2, 3, 5, 4, 12)
+        assert top.shape == (2, 3, 5, 4, 3) and top.dtype == torch.int64
         dq, dk, dv = torch.ops.attnbench.quadtree_refine_backward(out, q, k, k, idx, out, lse)
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
 

@@ -100,7 +100,7 @@ def _tile(
     row_p,
     pid_p,
     P,
-    C,
+    C: tl.constexpr,
     c0,
     IDX,
     s_ib,
@@ -130,6 +130,17 @@ _WIDEN_DOT = tl.constexpr(INTERPRET)
 
 
 @triton.jit
+def _own_tile(W, o_row, row_ok, c0, diag, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    """W[row, c0:c0+BLOCK_C] of a contiguous (rows, C) float32 tensor, spread over the (ROWS, 4 * BLOCK_C) block
+    diagonal: loaded as contiguous rows (vectorised), widened in registers."""
+    cand = c0 + tl.arange(0, BLOCK_C)
+    w = tl.load(W + o_row[:, None] * C + cand[None, :], mask=row_ok[:, None] & (cand < C)[None, :], other=0.0)
+    ROWS: tl.constexpr = w.shape[0]
+    wide = tl.reshape(tl.broadcast_to(w[:, None, :], (ROWS, 4, BLOCK_C)), (ROWS, 4 * BLOCK_C))  # (ROWS, COLS)
+    return tl.where(diag, wide, 0.0)
+
+
+@triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
     """a @ b on tensor cores with float32 accumulation; float32 inputs as TF32 or exactly (PRECISION)."""
     if _WIDEN_DOT:
@@ -150,7 +161,7 @@ def _refine_fwd(
     TOP,  # (B, h, P, 4, KEEP) int64: keys of each query's KEEP best candidates (KEEP > 0)
     H,
     P,
-    C,
+    C: tl.constexpr,
     s_qb,
     s_qh,
     s_qp,
@@ -196,14 +207,13 @@ def _refine_fwd(
         s = tl.where(diag, s, float("-inf"))
         if KEEP > 0:  # the whole row is in this one step (BLOCK_C >= C): pick the best KEEP here
             t = s
+            top_off = (((b * H + h) * P + row_p) * 4 + rows % 4) * KEEP  # (ROWS,) row of TOP
+            i_row = IDX + b * s_ib + h * s_ih + row_p * s_ip  # (ROWS,) the row's parent's candidates
             for j in tl.static_range(KEEP):
-                best = tl.max(t, axis=1)  # (ROWS,)
-                first = tl.min(tl.where(t == best[:, None], tl.arange(0, COLS)[None, :], COLS), axis=1)
-                hit = tl.arange(0, COLS)[None, :] == first[:, None]  # (ROWS, COLS) one column per row
-                chosen = tl.sum(tl.where(hit, key[None, :], 0), axis=1)
-                top_off = ((b * H + h) * P + row_p) * 4 + rows % 4
-                tl.store(TOP + top_off * KEEP + j, chosen.to(tl.int64), mask=row_ok)
-                t = tl.where(hit, float("-inf"), t)
+                first = tl.argmax(t, axis=1, tie_break_left=True)  # (ROWS,) best remaining column
+                chosen = tl.load(i_row + first % BLOCK_C, mask=row_ok, other=0)  # its key, from the cached row
+                tl.store(TOP + top_off + j, chosen.to(tl.int64), mask=row_ok)
+                t = tl.where(tl.arange(0, COLS)[None, :] == first[:, None], float("-inf"), t)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_new = tl.where(row_ok, m_new, 0.0)  # rows past the end stay finite
         alpha = tl.exp(m_i - m_new)
@@ -233,7 +243,7 @@ def _refine_bwd(
     DV,
     H,
     P,
-    C,
+    C: tl.constexpr,
     M,
     s_qb,
     s_qh,
@@ -303,7 +313,7 @@ def _gather_dot(
     OUT,  # (B, h, P, 4, C) float32 contiguous: scale * X[row] . T[idx[parent, c]]
     H,
     P,
-    C,
+    C: tl.constexpr,
     s_xb,
     s_xh,
     s_xp,
@@ -351,7 +361,7 @@ def _gather_sum(
     OUT,  # (B, h, P, 4, d) contiguous: scale * sum_c W[row, c] T[idx[parent, c]]
     H,
     P,
-    C,
+    C: tl.constexpr,
     s_tb,
     s_th,
     s_tm,
@@ -381,7 +391,7 @@ def _gather_sum(
         cand, col_ok, key, diag = _tile(
             row_p, tl.program_id(0), P, C, c0, IDX, s_ib, s_ih, s_ip, b, h, BLOCK_C, COLS, SMALL
         )
-        w = tl.load(W + o_row[:, None] * C + cand[None, :], mask=diag & row_ok[:, None], other=0.0)  # (ROWS, COLS)
+        w = _own_tile(W, o_row, row_ok, c0, diag, C, BLOCK_C)  # (ROWS, COLS)
         t = tl.load(tv + (key * s_tm * HEAD_DIM)[:, None] + dcol[None, :], mask=col_ok[:, None] & d_ok[None, :])
         acc += _dot(w.to(t.dtype), t, PRECISION)
     out = (acc * scale).to(OUT.dtype.element_ty)
@@ -396,7 +406,7 @@ def _scatter_outer(
     G,  # (B, h, M, d) float32 contiguous: G[idx[parent, c]] += scale * sum_children W[row, c] X[row]
     H,
     P,
-    C,
+    C: tl.constexpr,
     M,
     s_xb,
     s_xh,
@@ -429,7 +439,7 @@ def _scatter_outer(
         cand, col_ok, key, diag = _tile(
             row_p, tl.program_id(0), P, C, c0, IDX, s_ib, s_ih, s_ip, b, h, BLOCK_C, COLS, SMALL
         )
-        w = tl.load(W + o_row[:, None] * C + cand[None, :], mask=diag & row_ok[:, None], other=0.0)  # (ROWS, COLS)
+        w = _own_tile(W, o_row, row_ok, c0, diag, C, BLOCK_C)  # (ROWS, COLS)
         g = _dot(tl.trans(w.to(x.dtype)), x, PRECISION) * scale  # (COLS, BLOCK_D) siblings summed by the dot
         gd = g_base + (key * HEAD_DIM)[:, None] + dcol[None, :]
         tl.atomic_add(G + gd, g, mask=col_ok[:, None] & d_ok[None, :], sem="relaxed")
@@ -457,10 +467,15 @@ def _launch(kernel: Any, grid: tuple[int, int], args: tuple, zero: tuple[str, ..
     tuned[grid](*args, **constexprs)
 
 
-def block_c(c: int, keep: int = 0) -> int:
-    """Candidates per parent and step: all of them when the step picks the top-K, else at most 32."""
+def block_c(c: int, keep: int = 0, most: int = 32) -> int:
+    """Candidates per parent and step: all of them when the step picks the top-K, else at most ``most``."""
     full = triton.next_power_of_2(max(c, 4))
-    return full if keep else min(full, 32)
+    return full if keep else min(full, most)
+
+
+def bwd_block_c(c: int, dtype: torch.dtype) -> int:
+    """The backward's step: 16 candidates per parent for float32 inputs (32 spill on sm_80), else 32."""
+    return block_c(c, most=16 if dtype == torch.float32 else 32)
 
 
 def block_d(d: int) -> int:
@@ -591,7 +606,7 @@ def quadtree_refine_backward(
         grad_out = grad_out.contiguous()  # (B, h, P, 4, d) like out; a no-op for the usual gradient
         args = (a["q"], a["k"], a["v"], a["idx"], out, grad_out, lse, dq, dk, dv, h, p, c, m)
         args += (*a["sq"], *a["sk"], *a["si"], d**-0.5)
-        _launch(_refine_bwd, a["grid"], args, zero=("DK", "DV"), BLOCK_C=block_c(c), **a["constexprs"])
+        _launch(_refine_bwd, a["grid"], args, zero=("DK", "DV"), BLOCK_C=bwd_block_c(c, q.dtype), **a["constexprs"])
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 

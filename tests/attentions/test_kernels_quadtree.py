@@ -118,6 +118,46 @@ def test_refine_with_repeated_candidates_sums_their_gradients():
     assert rel_error(k.grad, ref_in[1].grad) < 1e-5 and rel_error(v.grad, ref_in[2].grad) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_candidates_covering_every_key_are_full_attention(dtype):
+    # the finest level with every key a candidate of every parent: exactly softmax attention over all keys
+    b, h, p, m, d = 2, 2, 6, 16, 16
+    q, k, v, idx = level_inputs(b, h, p, m, d, m, dtype)
+    out, _, _ = kernel().refine(q, k, v, idx, None, 0)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    (out.float() * grad).sum().backward()
+    ref_in = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    full = torch.nn.functional.scaled_dot_product_attention(ref_in[0].flatten(2, 3), *ref_in[1:])  # (B, h, 4P, d)
+    (full.view(out.shape) * grad).sum().backward()
+    tol = LEVEL_TOL[dtype]
+    assert rel_error(out, full.view(out.shape)) <= tol
+    for name, got, want in zip("qkv", (q, k, v), ref_in, strict=True):
+        assert rel_error(got.grad, want.grad) <= tol, f"grad {name}"
+
+
+def test_strided_inputs_are_read_in_place():
+    # q, k, v as the module makes them (heads split from (B, N, h*d) and children grouped): no copy, same result
+    q, k, v, idx = level_inputs(2, 3, 5, 40, 16, 12, torch.float32)
+    ks = k.detach().transpose(1, 2).contiguous().transpose(1, 2)  # (B, h, M, d) with the strides of split_heads
+    vs = v.detach().transpose(1, 2).contiguous().transpose(1, 2)
+    qs = q.detach().transpose(2, 3).contiguous().transpose(2, 3)  # (B, h, P, 4, d), children outside parents
+    assert not (ks.is_contiguous() or qs.is_contiguous())
+    args = kernel()._common(qs, ks, vs, idx)
+    assert args["k"].data_ptr() == ks.data_ptr() and args["q"].data_ptr() == qs.data_ptr()
+    out, _, sel = kernel().refine(qs, ks, vs, idx, None, 3)
+    ref, _, ref_sel = refine_reference(q.detach(), k.detach(), v.detach(), idx, None, 3)
+    assert rel_error(out, ref) <= 1e-5 and torch.equal(sel.sort(-1).values, ref_sel.sort(-1).values)
+
+
+def test_many_candidates_select_outside_the_kernel():
+    # more candidates than the fused top-K handles: scores once more, torch.topk picks; same sets as the reference
+    c = kernel().FUSED_TOPK_MAX_C + 16
+    q, k, v, idx = level_inputs(1, 2, 3, 120, 16, c, torch.float32)
+    out, _, sel = kernel().refine(q, k, v, idx, None, 5)
+    ref, _, ref_sel = refine_reference(q.detach(), k.detach(), v.detach(), idx, None, 5)
+    assert rel_error(out, ref) <= 1e-5 and torch.equal(sel.sort(-1).values, ref_sel.sort(-1).values)
+
+
 # ---------------------------------------------------------------------- the whole mechanism
 CASES = [
     ((8, 12), dict(levels=2, topk=2), False),

@@ -85,14 +85,16 @@ def unsupported(device: torch.device | str | None) -> list[str]:
 
 
 # ---------------------------------------------------------------------- kernels
-# Tiling shared by every kernel. A program owns BLOCK_P = 4 consecutive parents of one (batch, head): their
-# ROWS = 16 child queries (the smallest M of a tensor-core dot) against COLS = 4 * BLOCK_C candidate columns,
+# Tiling shared by every kernel. A program owns PARENTS = BLOCK_P = 4 consecutive parents of one (batch, head):
+# their ROWS = 16 child queries (the smallest M of a tensor-core dot) against COLS = 4 * BLOCK_C candidate columns,
 # BLOCK_C of each parent's C candidates per step. The (ROWS, COLS) scores come from one tl.dot and are masked
 # to the block diagonal (a row sees only its own parent's columns): 4x the products of a per-parent product,
 # but on tensor cores, and every candidate key and value is loaded once per parent, not once per child.
 # Strides of q, k, v are passed in units of HEAD_DIM (a constexpr), so every row starts at a multiple of the
 # head dim by construction and the loads along d vectorise without the launcher's divisibility guesses.
-BLOCK_P = 4
+# The interpreter runs a program's tile as numpy operations: there 16 parents per program (64 x 16 * BLOCK_C
+# tiles) launch a sixteenth of the programs; the masked products cost it little.
+BLOCK_P = 16 if INTERPRET else 4
 
 
 @triton.jit
@@ -113,7 +115,7 @@ def _tile(
     SMALL: tl.constexpr,
 ):
     """Columns of one step: candidate positions (COLS,), their keys, validity and the (ROWS, COLS) block diagonal."""
-    p0 = pid_p * 4
+    p0 = pid_p * (COLS // BLOCK_C)
     cols = tl.arange(0, COLS)
     col_p = p0 + cols // BLOCK_C  # (COLS,) parent of each candidate column
     cand = c0 + cols % BLOCK_C  # (COLS,) position among the parent's C candidates
@@ -136,7 +138,7 @@ def _own_tile(W, o_row, row_ok, c0, diag, C: tl.constexpr, BLOCK_C: tl.constexpr
     cand = c0 + tl.arange(0, BLOCK_C)
     w = tl.load(W + o_row[:, None] * C + cand[None, :], mask=row_ok[:, None] & (cand < C)[None, :], other=0.0)
     ROWS: tl.constexpr = w.shape[0]
-    wide = tl.reshape(tl.broadcast_to(w[:, None, :], (ROWS, 4, BLOCK_C)), (ROWS, 4 * BLOCK_C))  # (ROWS, COLS)
+    wide = tl.reshape(tl.broadcast_to(w[:, None, :], (ROWS, ROWS // 4, BLOCK_C)), (ROWS, ROWS // 4 * BLOCK_C))
     return tl.where(diag, wide, 0.0)
 
 
@@ -179,13 +181,14 @@ def _refine_fwd(
     KEEP: tl.constexpr,
     PRECISION: tl.constexpr,
     SMALL: tl.constexpr,
+    PARENTS: tl.constexpr,
 ):
-    ROWS: tl.constexpr = 4 * 4
-    COLS: tl.constexpr = 4 * BLOCK_C
+    ROWS: tl.constexpr = 4 * PARENTS
+    COLS: tl.constexpr = PARENTS * BLOCK_C
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rows = tl.arange(0, ROWS)
-    row_p = tl.program_id(0) * 4 + rows // 4
+    row_p = tl.program_id(0) * PARENTS + rows // 4
     row_ok = row_p < P
     dcol = tl.arange(0, BLOCK_D)
     d_ok = dcol < HEAD_DIM
@@ -261,13 +264,14 @@ def _refine_bwd(
     BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr,
     SMALL: tl.constexpr,
+    PARENTS: tl.constexpr,
 ):
-    ROWS: tl.constexpr = 4 * 4
-    COLS: tl.constexpr = 4 * BLOCK_C
+    ROWS: tl.constexpr = 4 * PARENTS
+    COLS: tl.constexpr = PARENTS * BLOCK_C
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rows = tl.arange(0, ROWS)
-    row_p = tl.program_id(0) * 4 + rows // 4
+    row_p = tl.program_id(0) * PARENTS + rows // 4
     row_ok = row_p < P
     dcol = tl.arange(0, BLOCK_D)
     d_ok = dcol < HEAD_DIM
@@ -330,13 +334,14 @@ def _gather_dot(
     BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr,
     SMALL: tl.constexpr,
+    PARENTS: tl.constexpr,
 ):
-    ROWS: tl.constexpr = 4 * 4
-    COLS: tl.constexpr = 4 * BLOCK_C
+    ROWS: tl.constexpr = 4 * PARENTS
+    COLS: tl.constexpr = PARENTS * BLOCK_C
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rows = tl.arange(0, ROWS)
-    row_p = tl.program_id(0) * 4 + rows // 4
+    row_p = tl.program_id(0) * PARENTS + rows // 4
     row_ok = row_p < P
     dcol = tl.arange(0, BLOCK_D)
     d_ok = dcol < HEAD_DIM
@@ -374,13 +379,14 @@ def _gather_sum(
     BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr,
     SMALL: tl.constexpr,
+    PARENTS: tl.constexpr,
 ):
-    ROWS: tl.constexpr = 4 * 4
-    COLS: tl.constexpr = 4 * BLOCK_C
+    ROWS: tl.constexpr = 4 * PARENTS
+    COLS: tl.constexpr = PARENTS * BLOCK_C
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rows = tl.arange(0, ROWS)
-    row_p = tl.program_id(0) * 4 + rows // 4
+    row_p = tl.program_id(0) * PARENTS + rows // 4
     row_ok = row_p < P
     dcol = tl.arange(0, BLOCK_D)
     d_ok = dcol < HEAD_DIM
@@ -421,13 +427,14 @@ def _scatter_outer(
     BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr,
     SMALL: tl.constexpr,
+    PARENTS: tl.constexpr,
 ):
-    ROWS: tl.constexpr = 4 * 4
-    COLS: tl.constexpr = 4 * BLOCK_C
+    ROWS: tl.constexpr = 4 * PARENTS
+    COLS: tl.constexpr = PARENTS * BLOCK_C
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rows = tl.arange(0, ROWS)
-    row_p = tl.program_id(0) * 4 + rows // 4
+    row_p = tl.program_id(0) * PARENTS + rows // 4
     row_ok = row_p < P
     dcol = tl.arange(0, BLOCK_D)
     d_ok = dcol < HEAD_DIM
@@ -526,7 +533,7 @@ def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor
         sk=sk,
         si=si,
         grid=(triton.cdiv(p, BLOCK_P), b * h),
-        constexprs=dict(HEAD_DIM=d, BLOCK_D=block_d(d), PRECISION=precision(), SMALL=small),
+        constexprs=dict(HEAD_DIM=d, BLOCK_D=block_d(d), PRECISION=precision(), SMALL=small, PARENTS=BLOCK_P),
     )
 
 

@@ -64,7 +64,7 @@ def _kernels(head_dim: int, topk: int, dtype: str) -> list[tuple[Any, str, dict[
 
     c = 4 * topk
     t = DTYPES[dtype]
-    common = dict(C=c, HEAD_DIM=head_dim, BLOCK_D=qt.block_d(head_dim), SMALL=True)
+    common = dict(C=c, HEAD_DIM=head_dim, BLOCK_D=qt.block_d(head_dim), SMALL=True, PARENTS=4)
     common["PRECISION"] = "tf32" if dtype == "float32" else "ieee"
     fwd_ptrs = dict(Q=t, K=t, V=t, IDX="i64", O=t, LSE="fp32", TOP="i64")
     bwd_ptrs = dict(Q=t, K=t, V=t, IDX="i64", O=t, DO=t, LSE="fp32", DQ=t, DK="fp32", DV="fp32")

@@ -105,6 +105,27 @@ def test_refine_level_a_matches_reference(dtype, p, m, d, kp, keep):
             assert torch.equal(sel, ref_sel)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", ["B", "A"])
+def test_the_gpu_tiling_of_four_parents_matches_reference(dtype, variant, monkeypatch):
+    # the interpreter's programs own 16 parents; a GPU's own 4 (16 queries): the tiling the GPU runs, here
+    monkeypatch.setattr(kernel(), "BLOCK_P", 4)
+    q, k, v, idx = level_inputs(2, 2, 11, 60, 16, 12, dtype)  # 11 parents: a partial last program
+    parent = torch.rand(2, 2, 11, 3, generator=torch.Generator().manual_seed(2)).to(DEVICE) if variant == "A" else None
+    out, _, sel = kernel().refine(q, k, v, idx, parent, 2)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    (out.float() * grad).sum().backward()
+    ref_in = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    ref, _, ref_sel = refine_reference(*ref_in, idx, parent, 2)
+    (ref * grad).sum().backward()
+    tol = LEVEL_TOL[dtype]
+    assert rel_error(out, ref) <= tol
+    for name, got, want in zip("qkv", (q, k, v), ref_in, strict=True):
+        assert rel_error(got.grad, want.grad) <= tol, f"grad {name}"
+    if dtype == torch.float32:
+        assert torch.equal(sel.sort(-1).values, ref_sel.sort(-1).values)
+
+
 def test_refine_with_repeated_candidates_sums_their_gradients():
     # every parent names key 0 twice: the kernel's atomics must add both contributions
     q, k, v, idx = level_inputs(1, 1, 4, 8, 8, 4, torch.float32)

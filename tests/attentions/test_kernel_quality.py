@@ -31,7 +31,7 @@ def _check_rows(rows: list[dict]) -> None:
 
 def test_every_kernel_compiles_for_sm90a_without_spills_and_with_tensor_cores():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     cmd = [sys.executable, "-m", "attnbench", "kernels", "--target", "sm_90a", "--dtype", "bfloat16"]
     cmd += ["--dtype", "float32", "--json", "--check"]
@@ -39,6 +39,7 @@ def test_every_kernel_compiles_for_sm90a_without_spills_and_with_tensor_cores():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["target"] == "sm_90a" and report["problems"] == []
+    assert report["triton"] == __import__("triton").__version__  # the triton this test runs under
     _check_rows(report["rows"])
     kernels = {r["kernel"] for r in report["rows"]}
     assert kernels == {"_refine_fwd", "_refine_bwd", "_gather_dot", "_gather_sum", "_scatter_outer"}

@@ -7,6 +7,7 @@ the extras the session needs from pyproject.toml. Virtualenvs are reused
 (``nox -R`` also skips the install step).
 
     tests      the CPU test-suite (what .ci/run runs)
+    kernels    the Triton kernels' tests (interpreter parity, offline sm_90a/sm_80 compile) under CI's triton and 3.6
     lint       ruff check and ruff format --check
     typecheck  mypy on the packages
     bench      pytest-benchmark against this machine's saved baseline; fails on a regression
@@ -81,6 +82,23 @@ def tests(session: nox.Session) -> None:
     """The CPU test-suite (what .ci/run runs); GPU tests skip without CUDA, Triton kernels run interpreted."""
     install(session, "dev,browser")
     session.run("pytest", "-q", *session.posargs, env={"TRITON_INTERPRET": "1"})
+
+
+KERNEL_PARITY = "tests/attentions/test_kernels_quadtree.py"  # under TRITON_INTERPRET=1
+KERNEL_QUALITY = "tests/attentions/test_kernel_quality.py"  # compiled offline for sm_90a, without the interpreter
+
+
+@nox.session
+@nox.parametrize("triton", ["ci", "3.6"])
+def kernels(session: nox.Session, triton: str) -> None:
+    """The Triton kernels' tests under the triton CI installs ("ci") and under 3.6, the GPU image's (with torch
+    2.11 there: ATTNBENCH_TORCH="torch==2.11.*" nox -s "kernels(triton='3.6')" for the same pair)."""
+    install(session)
+    if triton != "ci":
+        session.install(f"triton=={triton}.*")
+    session.run("python", "-c", "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)")
+    session.run("pytest", "-q", KERNEL_PARITY, *session.posargs, env={"TRITON_INTERPRET": "1"})
+    session.run("pytest", "-q", KERNEL_QUALITY, *session.posargs, env={"TRITON_INTERPRET": "0"})
 
 
 @nox.session

@@ -840,5 +840,56 @@ def reproduce(
     )
 
 
+KERNELS_TARGET_OPTION = typer.Option(
+    ["sm_90a"], "--target", help="GPU target(s) to compile for: sm_90a (Hopper), sm_80 (Ampere); repeat for several."
+)
+KERNELS_DTYPE_OPTION = typer.Option(None, "--dtype", help="bfloat16, float16, float32 (default: all three).")
+KERNELS_OUT_OPTION = typer.Option(None, "--out", help="Also write TARGET.json and TARGET.md into this folder.")
+KERNELS_CHECK_OPTION = typer.Option(
+    False, "--check", help="Exit 1 on any spill, dot kernel without tensor cores or kernel without vectorised loads."
+)
+
+
+@app.command("kernels")
+def kernels_(
+    target: list[str] = KERNELS_TARGET_OPTION,
+    dtype: list[str] | None = KERNELS_DTYPE_OPTION,
+    out: str | None = KERNELS_OUT_OPTION,
+    check: bool = KERNELS_CHECK_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Compile every Triton kernel offline for a GPU target (no GPU needed) and report registers, spills,
+    shared memory, tensor-core instructions and vectorised loads at the scaling preset's shapes."""
+    import os
+
+    from attnbench.attentions.kernels import quality
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise AttnbenchError("attnbench kernels compiles for a GPU: unset TRITON_INTERPRET")
+    unknown = [t for t in target if t not in quality.TARGETS] + [d for d in dtype or [] if d not in quality.DTYPES]
+    if unknown:
+        raise AttnbenchError(
+            f"unknown target or dtype {unknown}: targets {list(quality.TARGETS)}, dtypes {list(quality.DTYPES)}"
+        )
+    reports, failed = [], False
+    for t in target:
+        rows = quality.analyse(t, dtype or list(quality.DTYPES))
+        failed = failed or bool(quality.problems(rows))
+        reports.append(quality.as_json(t, rows))
+        if out:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, f"{t}.json"), "w", encoding="utf-8") as f:
+                json.dump(reports[-1], f, indent=1)
+                f.write("\n")
+            with open(os.path.join(out, f"{t}.md"), "w", encoding="utf-8") as f:
+                f.write(quality.as_markdown(t, rows))
+        if not as_json:
+            typer.echo(quality.as_markdown(t, rows))
+    if as_json:
+        typer.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1))
+    if check and failed:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

@@ -39,26 +39,27 @@ class GPUSpec:
 # The NVL boards are PCIe cards at a lower power (H200 NVL up to 600 W, H100 NVL 350-400 W) with lower clocks:
 # their datasheet columns ("H200 NVL", "H100 NVL") give FP32 60, TF32 835, BF16 and FP16 1,671 TFLOP/s (the tensor
 # rates with sparsity, halved here), and 4.8 TB/s (H200 NVL, 141 GB) or 3.9 TB/s (H100 NVL, 94 GB). nvidia-smi
-# names them "NVIDIA H200 NVL" and "NVIDIA H100 NVL"; a plain "NVIDIA H200" is the SXM part.
+# names them "NVIDIA H200 NVL" and "NVIDIA H100 NVL"; a plain "NVIDIA H200" is the SXM part. The patterns start at
+# a word boundary so that a Grace Hopper board ("NVIDIA GH200 480GB", its own clocks and memory) matches none.
 GPUS: list[tuple[str, GPUSpec]] = [
     (
-        r"H200.*NVL",
+        r"\bH200.*NVL",
         GPUSpec("NVIDIA H200 NVL", 835.5, 835.5, 417.5, 60.0, 4800.0, "NVIDIA H200 Tensor Core GPU datasheet"),
     ),
     (
-        r"H200",
+        r"\bH200",
         GPUSpec("NVIDIA H200 SXM", 989.5, 989.5, 494.5, 67.0, 4800.0, "NVIDIA H200 Tensor Core GPU datasheet"),
     ),
     (
-        r"H100.*NVL",
+        r"\bH100.*NVL",
         GPUSpec("NVIDIA H100 NVL", 835.5, 835.5, 417.5, 60.0, 3900.0, "NVIDIA H100 Tensor Core GPU datasheet"),
     ),
     (
-        r"H100.*PCIe",
+        r"\bH100.*PCIe",
         GPUSpec("NVIDIA H100 PCIe", 756.5, 756.5, 378.0, 51.0, 2000.0, "NVIDIA H100 Tensor Core GPU datasheet"),
     ),
     (
-        r"H100",
+        r"\bH100",
         GPUSpec("NVIDIA H100 SXM", 989.5, 989.5, 494.5, 67.0, 3350.0, "NVIDIA H100 Tensor Core GPU datasheet"),
     ),
     (

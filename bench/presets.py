@@ -125,6 +125,7 @@ PRESETS["gpu-run"] = {
         "timeout_s": 30.0,
         "cuda_warmup_ms": 10.0,
         "cuda_rep_ms": 50.0,
+        "cuda_settle_s": 0.5,  # warm-up until the call time settles, at most this long per point
         "count_flops": False,
         "cpu_min_run_time": 0.01,
         "min_samples": 3,

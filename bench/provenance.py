@@ -92,17 +92,18 @@ def _dynamo_counts() -> dict[str, int]:
 
 
 class CompileWatch:
-    """torch.compile for one point, on an empty Dynamo cache, with what it compiled counted.
+    """torch.compile for one point, on an empty Dynamo cache (``reset``), with what it compiled counted.
 
     Every mechanism shares the frame ``Attention.forward``; without the reset,
     the ninth (mechanism, pass, shape) of a process would hit Dynamo's recompile
     limit and run eager. ``checkpoint(name)`` snapshots Dynamo's counters.
     """
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, reset: bool = True):
         import torch._dynamo
 
-        torch._dynamo.reset()
+        if reset:  # a --compile point; other points keep what is compiled (flex attention's kernels)
+            torch._dynamo.reset()
         self.backend = backend
         self.marks: dict[str, dict[str, int]] = {"start": _dynamo_counts()}
 

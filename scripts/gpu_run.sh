@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU numbers of attnbench in one command, on a bare GPU machine without network:
 #
-#   scripts/gpu_run.sh OUTDIR [--pack FILE.tar.gz] [--tiny]    the phased run (9 minutes on an H100/H200)
+#   scripts/gpu_run.sh OUTDIR [--pack FILE.tar.gz] [--tiny]    the phased run (5 minutes on an H100/H200)
 #   scripts/gpu_run.sh OUTDIR --dry-run                        every phase on the CPU, tiny grid, and the plan
 #   scripts/gpu_run.sh OUTDIR --plan                           the plan only: points and estimated GPU time
 #
@@ -9,7 +9,7 @@
 # a site folder of its own, without an index and without dependencies (the image has the rest), and puts it
 # and this checkout on PYTHONPATH: nothing is installed into the machine's Python. Then scripts/gpu_run.py
 # runs the phases, each with its own budget and log, none stopping the next (see its docstring):
-#   install 20 s | env 10 | parity 60 | full 30 | quadtree 70 | windowed 170 | biased 90 | peers 60 | report 25
+#   install 20 s | env 5 | parity 54 | full 22 | quadtree 32 | windowed 82 | biased 53 | peers 18 | report 14
 # Everything goes to OUTDIR as it is made: phases.jsonl (status, budget, estimate and wall time per phase),
 # <phase>.log, env/ (nvidia-smi at start and end, env.json, packages), parity/junit.xml, one run directory per
 # sweep phase, report.html and summary.md. No `set -e`: a failing step is recorded and the run goes on.

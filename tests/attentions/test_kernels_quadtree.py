@@ -105,6 +105,27 @@ def test_refine_level_a_matches_reference(dtype, p, m, d, kp, keep):
             assert torch.equal(sel, ref_sel)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", ["B", "A"])
+def test_the_gpu_tiling_of_four_parents_matches_reference(dtype, variant, monkeypatch):
+    # the interpreter's programs own 16 parents; a GPU's own 4 (16 queries): the tiling the GPU runs, here
+    monkeypatch.setattr(kernel(), "BLOCK_P", 4)
+    q, k, v, idx = level_inputs(2, 2, 11, 60, 16, 12, dtype)  # 11 parents: a partial last program
+    parent = torch.rand(2, 2, 11, 3, generator=torch.Generator().manual_seed(2)).to(DEVICE) if variant == "A" else None
+    out, _, sel = kernel().refine(q, k, v, idx, parent, 2)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    (out.float() * grad).sum().backward()
+    ref_in = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    ref, _, ref_sel = refine_reference(*ref_in, idx, parent, 2)
+    (ref * grad).sum().backward()
+    tol = LEVEL_TOL[dtype]
+    assert rel_error(out, ref) <= tol
+    for name, got, want in zip("qkv", (q, k, v), ref_in, strict=True):
+        assert rel_error(got.grad, want.grad) <= tol, f"grad {name}"
+    if dtype == torch.float32:
+        assert torch.equal(sel.sort(-1).values, ref_sel.sort(-1).values)
+
+
 def test_refine_with_repeated_candidates_sums_their_gradients():
     # every parent names key 0 twice: the kernel's atomics must add both contributions
     q, k, v, idx = level_inputs(1, 1, 4, 8, 8, 4, torch.float32)
@@ -116,6 +137,46 @@ def test_refine_with_repeated_candidates_sums_their_gradients():
     ref.square().sum().backward()
     assert rel_error(out, ref) < 1e-5
     assert rel_error(k.grad, ref_in[1].grad) < 1e-5 and rel_error(v.grad, ref_in[2].grad) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_candidates_covering_every_key_are_full_attention(dtype):
+    # the finest level with every key a candidate of every parent: exactly softmax attention over all keys
+    b, h, p, m, d = 2, 2, 6, 16, 16
+    q, k, v, idx = level_inputs(b, h, p, m, d, m, dtype)
+    out, _, _ = kernel().refine(q, k, v, idx, None, 0)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    (out.float() * grad).sum().backward()
+    ref_in = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    full = torch.nn.functional.scaled_dot_product_attention(ref_in[0].flatten(2, 3), *ref_in[1:])  # (B, h, 4P, d)
+    (full.view(out.shape) * grad).sum().backward()
+    tol = LEVEL_TOL[dtype]
+    assert rel_error(out, full.view(out.shape)) <= tol
+    for name, got, want in zip("qkv", (q, k, v), ref_in, strict=True):
+        assert rel_error(got.grad, want.grad) <= tol, f"grad {name}"
+
+
+def test_strided_inputs_are_read_in_place():
+    # q, k, v as the module makes them (heads split from (B, N, h*d) and children grouped): no copy, same result
+    q, k, v, idx = level_inputs(2, 3, 5, 40, 16, 12, torch.float32)
+    ks = k.detach().transpose(1, 2).contiguous().transpose(1, 2)  # (B, h, M, d) with the strides of split_heads
+    vs = v.detach().transpose(1, 2).contiguous().transpose(1, 2)
+    qs = q.detach().transpose(2, 3).contiguous().transpose(2, 3)  # (B, h, P, 4, d), children outside parents
+    assert not (ks.is_contiguous() or qs.is_contiguous())
+    args = kernel()._common(qs, ks, vs, idx)
+    assert args["k"].data_ptr() == ks.data_ptr() and args["q"].data_ptr() == qs.data_ptr()
+    out, _, sel = kernel().refine(qs, ks, vs, idx, None, 3)
+    ref, _, ref_sel = refine_reference(q.detach(), k.detach(), v.detach(), idx, None, 3)
+    assert rel_error(out, ref) <= 1e-5 and torch.equal(sel.sort(-1).values, ref_sel.sort(-1).values)
+
+
+def test_many_candidates_select_outside_the_kernel():
+    # more candidates than the fused top-K handles: scores once more, torch.topk picks; same sets as the reference
+    c = kernel().FUSED_TOPK_MAX_C + 16
+    q, k, v, idx = level_inputs(1, 2, 3, 120, 16, c, torch.float32)
+    out, _, sel = kernel().refine(q, k, v, idx, None, 5)
+    ref, _, ref_sel = refine_reference(q.detach(), k.detach(), v.detach(), idx, None, 5)
+    assert rel_error(out, ref) <= 1e-5 and torch.equal(sel.sort(-1).values, ref_sel.sort(-1).values)
 
 
 # ---------------------------------------------------------------------- the whole mechanism
@@ -168,7 +229,7 @@ def test_custom_ops_pass_opcheck():
     w = torch.rand(1, 2, 3, 4, 8, device=DEVICE, requires_grad=True)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     ops = torch.ops.attnbench
-    torch.library.opcheck(ops.quadtree_refine.default, (q, k, v, idx, True), test_utils=checks)
+    torch.library.opcheck(ops.quadtree_refine.default, (q, k, v, idx, 2), test_utils=checks)
     torch.library.opcheck(ops.quadtree_scores.default, (q, k, idx), test_utils=checks)
     torch.library.opcheck(ops.quadtree_aggregate.default, (w, v, idx), test_utils=checks)
 
@@ -181,10 +242,10 @@ def test_fake_implementation_gives_shapes_without_running():
         q = torch.empty(2, 3, 5, 4, 16, dtype=torch.bfloat16)
         k = torch.empty(2, 3, 40, 16, dtype=torch.bfloat16)
         idx = torch.empty(2, 3, 5, 12, dtype=torch.long)
-        out, lse, scores = torch.ops.attnbench.quadtree_refine(q, k, k, idx, True)
+        out, lse, top = torch.ops.attnbench.quadtree_refine(q, k, k, idx, 3)
         assert out.shape == q.shape and out.dtype == torch.bfloat16
         assert lse.shape == (2, 3, 5, 4) and lse.dtype == torch.float32
-        assert scores.shape == (2, 3, 5, 4, 12)
+        assert top.shape == (2, 3, 5, 4, 3) and top.dtype == torch.int64
         dq, dk, dv = torch.ops.attnbench.quadtree_refine_backward(out, q, k, k, idx, out, lse)
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
 

@@ -243,6 +243,7 @@ def test_percent_of_peak_from_the_hardware_table(tmp_path):
     assert lookup("NVIDIA GeForce RTX 4090").bf16 == 165.2
     assert lookup("NVIDIA L4").fp32 == 30.3 and lookup("NVIDIA H200").bandwidth_gbs == 4800.0
     assert lookup("Some Laptop GPU") is None
+    assert lookup("NVIDIA GH200 480GB") is None and lookup("NVIDIA GH200 144G HBM3e") is None  # not an H200
     # The NVL boards are not the SXM parts of the same name.
     assert lookup("NVIDIA H200 NVL").name == "NVIDIA H200 NVL" and lookup("NVIDIA H200").name == "NVIDIA H200 SXM"
     assert lookup("NVIDIA H200 NVL").bf16 < lookup("NVIDIA H200").bf16

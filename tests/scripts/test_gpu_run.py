@@ -85,7 +85,9 @@ def test_the_plan_prints_points_and_estimates_within_the_budget(dry_run):
         assert f"  {phase.name:<9}budget" in stdout
     assert "full bias_table=0 fast fwd: 16x16 32x32 48x48 64x64 96x96 128x128 192x192 256x256 384x384" in stdout
     budget = gpu_run.INSTALL_BUDGET_S + sum(p.budget_s for p in gpu_run.PHASES)
-    assert budget <= gpu_run.TOTAL_S <= 9 * 60
+    assert budget <= gpu_run.TOTAL_S <= 300  # a whole second run fits a 15-minute lease with the start-up
+    total = [line for line in stdout.splitlines() if line.startswith("  total    budget")][0]
+    assert float(total.split("estimated")[1].split("s")[0]) <= 300
 
 
 @pytest.mark.slow  # the dry run: about a minute on 2 cores, two when loaded

@@ -16,7 +16,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from .base import HW, Attention, KnobError, Knobs, register
+from .base import HW, Attention, KnobError, Knobs, TimeAxis, map_tokens, register
 from .common import Projections, widen
 
 
@@ -75,6 +75,7 @@ class LinearAttention(Attention):
     cost_knob = None
     complexity = "O(N)"
     supports_cross = True
+    time = TimeAxis(True, "any map: the kernel sums run over every token of every frame")
 
     knobs: LinearKnobs
 
@@ -96,8 +97,8 @@ class LinearAttention(Attention):
         fast: phi(K)^T V (M d d), phi(Q) KV (N d d) and phi(Q) . mean phi(K) (N d) per head.
         reference: the N x M kernel matrix (N M d) and its weighted sum (N M d) per head.
         """
-        n = hw[0] * hw[1]
-        m = n if context_hw is None else context_hw[0] * context_hw[1]
+        n = map_tokens(hw)
+        m = n if context_hw is None else map_tokens(context_hw)
         d = self.head_dim
         per_head = 2 * n * m * d if self.math else m * d * d + n * d * d + n * d
         return self.proj.macs(batch, n, m) + batch * self.heads * per_head
@@ -114,5 +115,4 @@ class LinearAttention(Attention):
         return weights.reshape(self.heads, *(context_hw or hw))
 
     def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
-        khw = context_hw or hw
-        return khw[0] * khw[1]
+        return map_tokens(context_hw or hw)

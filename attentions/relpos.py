@@ -141,6 +141,41 @@ def mvit_bias(
     return bias.reshape(b, heads, qh * qw, kh * kw)
 
 
+def mvit_bias_3d(
+    q: torch.Tensor,
+    q_thw: tuple[int, int, int],
+    k_thw: tuple[int, int, int],
+    table_h: torch.Tensor,
+    table_w: torch.Tensor,
+    table_t: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MViTv2's video bias ``q . R_t[t_q - t_k] + q . R_h[h_q - h_k] + q . R_w[w_q - w_k]`` (SlowFast).
+
+    q: (B, h, qt*qh*qw, d) pooled queries (unscaled); tables (L, d), each resized to
+    ``2 * max(q, k) - 1`` rows of its axis; ``table_t`` None: no temporal term (every
+    frame pair shares the spatial bias). Returns (B, h, qt*qh*qw, kt*kh*kw). With one
+    frame and no temporal table it computes exactly what :func:`mvit_bias` does.
+    """
+    (qt, qh, qw), (kt, kh, kw) = q_thw, k_thw
+    b, heads, _, d = q.shape
+    rh = resize_table(table_h, 2 * max(qh, kh) - 1)[mvit_index(qh, kh).to(q.device)]  # (qh, kh, d)
+    rw = resize_table(table_w, 2 * max(qw, kw) - 1)[mvit_index(qw, kw).to(q.device)]  # (qw, kw, d)
+    qm = q.reshape(b, heads * qt, qh, qw, d)  # frames joined to the heads: (B, h*qt, qh, qw, d)
+    bias_h = torch.einsum("bnyxd,ykd->bnyxk", qm, rh.to(q.dtype))  # (B, h*qt, qh, qw, kh)
+    bias_w = torch.einsum("bnyxd,xkd->bnyxk", qm, rw.to(q.dtype))  # (B, h*qt, qh, qw, kw)
+    bias_h = bias_h.reshape(b, heads, qt, qh, qw, 1, kh, 1)
+    bias_w = bias_w.reshape(b, heads, qt, qh, qw, 1, 1, kw)
+    bias = bias_h + bias_w  # (B, h, qt, qh, qw, 1, kh, kw)
+    if table_t is not None:
+        rt = resize_table(table_t, 2 * max(qt, kt) - 1)[mvit_index(qt, kt).to(q.device)]  # (qt, kt, d)
+        qf = q.reshape(b, heads, qt, qh * qw, d)  # (B, h, qt, qh*qw, d)
+        bias_t = torch.einsum("bntpd,tkd->bntpk", qf, rt.to(q.dtype))  # (B, h, qt, qh*qw, kt)
+        bias = bias + bias_t.reshape(b, heads, qt, qh, qw, kt, 1, 1)  # (B, h, qt, qh, qw, kt, kh, kw)
+    else:
+        bias = bias.expand(b, heads, qt, qh, qw, kt, kh, kw)
+    return bias.reshape(b, heads, qt * qh * qw, kt * kh * kw)
+
+
 # ---------------------------------------------------------------------------- DAT
 # Xia et al., CVPR 2022: a learnable (heads, 2Ht-1, 2Wt-1) table read by bilinear
 # interpolation at the continuous displacement between each query and each

@@ -65,7 +65,7 @@ class CrossAttention(Attention):
     Knobs = CrossKnobs
     complexity = "O(N)"
     supports_cross = True
-    time = TimeAxis(why_not="it fuses the CLS token of one image branch with the patch tokens of the other; CrossViT defines no clip")
+    time = TimeAxis(why_not="it fuses the CLS token of one image branch with the patch tokens of the other: no clip")
     requires_context = True
     prefix_tokens = 1
     knobs: CrossKnobs

@@ -114,7 +114,7 @@ class PoolingKnobs(Knobs):
         for knob in ("stride_q_t", "stride_kv_t"):
             value = getattr(self, knob)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise KnobError(f"pooling knob {knob!r} must be a positive integer (1: no temporal pooling), got {value!r}")
+                raise KnobError(f"pooling knob {knob!r} must be a positive integer (1: none), got {value!r}")
         kt = self.kernel_t
         if isinstance(kt, bool) or not isinstance(kt, int) or kt < 1 or kt % 2 == 0:
             raise KnobError(f"pooling knob 'kernel_t' must be an odd positive integer (MViTv2 video: 3), got {kt!r}")

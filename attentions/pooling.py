@@ -332,6 +332,11 @@ class PoolingAttention(Attention):
                 reasons.append("pooling: hybrid windows (window > 0) are 2-D; set window=0 on a (T, H, W) map")
             if self.impl == "flex":
                 reasons.append("pooling: the flex path is 2-D; use impl fast or reference on a (T, H, W) map")
+            if self.video and self.knobs.mode in ("avg", "max") and hw[0] < self.knobs.kernel_t:
+                reasons.append(
+                    f"pooling: torch's {self.knobs.mode} pool3d needs at least kernel_t={self.knobs.kernel_t} frames "
+                    f"(padding not counted), the clip has {hw[0]}; use mode conv or a smaller kernel_t"
+                )
             return reasons
         if w and (hw[0] % w or hw[1] % w or w % sq or w % skv):
             reasons.append(

@@ -275,8 +275,8 @@ class PoolingAttention(Attention):
         return self.proj.output(o)  # (B, Nq, C_out)
 
     def _forward(self, x: torch.Tensor, hw: HW, context: torch.Tensor | None, context_hw: HW | None) -> torch.Tensor:
-        if len(hw) == 3:
-            return self._forward_clip(x, hw)  # type: ignore[arg-type]
+        if len(hw) == 3 or self.video:  # a module that pools over time reads an image as a one-frame clip
+            return self._forward_clip(x, hw if len(hw) == 3 else (1, *hw))  # type: ignore[arg-type]
         q = self.proj.queries(x)  # (B, h, N, d)
         k, v = self.proj.keys_values(x)  # (B, h, N, d) each
         q, q_hw = self._pool(q, hw, self.pool_q, self.norm_q)  # (B, h, Nq, d)
@@ -327,15 +327,16 @@ class PoolingAttention(Attention):
     ) -> list[str]:
         reasons = []
         w, sq, skv = self.knobs.window, self.knobs.stride_q, self.knobs.stride_kv
-        if len(hw) == 3:
+        if len(hw) == 3 or self.video:
             if w:
                 reasons.append("pooling: hybrid windows (window > 0) are 2-D; set window=0 on a (T, H, W) map")
             if self.impl == "flex":
                 reasons.append("pooling: the flex path is 2-D; use impl fast or reference on a (T, H, W) map")
-            if self.video and self.knobs.mode in ("avg", "max") and hw[0] < self.knobs.kernel_t:
+            frames = hw[0] if len(hw) == 3 else 1
+            if self.video and self.knobs.mode in ("avg", "max") and frames < self.knobs.kernel_t:
                 reasons.append(
                     f"pooling: torch's {self.knobs.mode} pool3d needs at least kernel_t={self.knobs.kernel_t} frames "
-                    f"(padding not counted), the clip has {hw[0]}; use mode conv or a smaller kernel_t"
+                    f"(padding not counted), the clip has {frames}; use mode conv or a smaller kernel_t"
                 )
             return reasons
         if w and (hw[0] % w or hw[1] % w or w % sq or w % skv):
@@ -363,8 +364,8 @@ class PoolingAttention(Attention):
         return total
 
     def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
-        if len(hw) == 3:
-            return self._macs_clip(batch, hw)  # type: ignore[arg-type]
+        if len(hw) == 3 or self.video:
+            return self._macs_clip(batch, hw if len(hw) == 3 else (1, *hw))  # type: ignore[arg-type]
         # The flex path computes the same pairs (no block mask: every query sees every pooled key) and the
         # same two relative-position products.
         c, o, d, heads = self.dim, self.output_dim, self.head_dim, self.heads

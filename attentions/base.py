@@ -251,6 +251,8 @@ class Attention(nn.Module):
     prefix_tokens: ClassVar[int] = 0
     # Whether (T, H, W) maps are taken, and why not where they are not (data, like ``requires``).
     time: ClassVar[TimeAxis] = TimeAxis()
+    # Whether ``footprint`` draws (T, H, W) clips (a query (t, i, j), weights (heads, T, H, W)).
+    clip_footprint: ClassVar[bool] = False
     # Implementations; "reference" is the plain PyTorch definition of correct.
     impls: ClassVar[tuple[str, ...]] = ("reference", "fast")
     default_impl: ClassVar[str] = "fast"
@@ -551,7 +553,9 @@ class Attention(nn.Module):
 
         Exact on the reference path (float32): the weights the mechanism gives the keys it reads,
         with a key made from several pixels spread over them (see attentions/footprint.py and each
-        mechanism's ``_footprint``). ``x`` holds one image (batch 1).
+        mechanism's ``_footprint``). ``x`` holds one image (batch 1). On a clip (``hw`` = (T, H, W)) the
+        query is (t, i, j) and the result (heads, T, H, W), one map per frame; mechanisms declare whether
+        they draw clips (``clip_footprint``).
         """
         from .footprint import check_query
 
@@ -561,6 +565,8 @@ class Attention(nn.Module):
             hw, context_hw = self._check_inputs(x, hw, context, context_hw)
             if x.shape[0] != 1:
                 raise ValueError(f"{self.name}: a footprint is of one image; pass x[:1] (got batch {x.shape[0]})")
+            if len(hw) == 3 and not self.clip_footprint:
+                raise NotImplementedError(f"{self.name} draws footprints of (H, W) maps only, not of clips")
             q = check_query(query, hw)
             with torch.no_grad():
                 return self._footprint(x, hw, q, context, context_hw).float()

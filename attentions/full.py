@@ -38,6 +38,7 @@ class FullAttention(Attention):
     Knobs = FullKnobs
     complexity = "O(N^2)"
     supports_cross = True
+    clip_footprint = True
     time = TimeAxis(True, "any map: every query sees every token of every frame (bias_table is 2-D: 0 on clips)")
     # "flex": FlexAttention, the bias table read by a score_mod (CUDA; see attentions/kernels/flex.py)
     impls = ("reference", "fast", "flex")
@@ -118,10 +119,10 @@ class FullAttention(Attention):
     def _footprint(
         self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
     ) -> torch.Tensor:
-        from .footprint import reference_probs
+        from .footprint import flat_index, reference_probs
 
         probs = reference_probs(self, x, hw, context, context_hw)  # (1, h, N, M)
-        return probs[0, :, query[0] * hw[1] + query[1]].reshape(self.heads, *(context_hw or hw))
+        return probs[0, :, flat_index(query, hw)].reshape(self.heads, *(context_hw or hw))
 
     def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
         return map_tokens(context_hw or hw)

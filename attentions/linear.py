@@ -75,6 +75,7 @@ class LinearAttention(Attention):
     cost_knob = None
     complexity = "O(N)"
     supports_cross = True
+    clip_footprint = True
     time = TimeAxis(True, "any map: the kernel sums run over every token of every frame")
 
     knobs: LinearKnobs
@@ -108,7 +109,9 @@ class LinearAttention(Attention):
         self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
     ) -> torch.Tensor:
         """The normalised kernel weights phi(q_i) . phi(k_j) / (sum_j phi(q_i) . phi(k_j) + eps) of the query."""
-        q = self.proj.queries(x)[0, :, query[0] * hw[1] + query[1]]  # (h, d)
+        from .footprint import flat_index
+
+        q = self.proj.queries(x)[0, :, flat_index(query, hw)]  # (h, d)
         k, _ = self.proj.keys_values(x if context is None else context)  # (1, h, M, d)
         kernel = (feature_map(k[0]).float() @ feature_map(q).float().unsqueeze(-1)).squeeze(-1)  # (h, M)
         weights = kernel / (kernel.sum(dim=-1, keepdim=True) + self.eps)

@@ -262,3 +262,22 @@ def test_the_video_swin_index_is_the_official_layout():
     assert idx.shape == (18, 18) and idx.max() == 3 * 5 * 5 - 1 and idx.min() == 0
     assert idx[0, 0] == (1 * 5 + 2) * 5 + 2  # zero offset: the centre row
     assert idx[17, 0] == (2 * 5 + 4) * 5 + 4  # (1, 2, 2) - (0, 0, 0)
+
+
+@pytest.mark.parametrize("name", ["full", "linear"])
+def test_footprints_of_clips_cover_every_frame_and_one_frame_is_the_image(name):
+    m = attentions.build(name, dim=16, heads=2)
+    x, thw = m.example_inputs(1, (3, 4, 5))
+    f = m.footprint(x, thw, (1, 2, 3))
+    assert f.shape == (2, 3, 4, 5)
+    torch.testing.assert_close(f.sum((1, 2, 3)), torch.ones(2))
+    img, _ = m.example_inputs(1, (4, 5))
+    assert torch.equal(m.footprint(img, (4, 5), (2, 3)), m.footprint(img, (1, 4, 5), (0, 2, 3))[:, 0])
+    with pytest.raises(ValueError, match="0 <= t < 3"):
+        m.footprint(x, thw, (3, 0, 0))
+
+
+def test_mechanisms_that_do_not_draw_clips_say_so():
+    m = attentions.build("swin", dim=16, heads=2, window=2)
+    with pytest.raises(NotImplementedError, match="not of clips"):
+        m.footprint(*m.example_inputs(1, (2, 4, 4)), (0, 0, 0))

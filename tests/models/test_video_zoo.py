@@ -48,7 +48,7 @@ def test_the_counter_agrees_with_the_analytic_sum_on_a_small_clip(name):
     assert result.macs == pytest.approx(model.macs(1, clip), rel=1e-3)
 
 
-@pytest.mark.slow  # the published clips: about 35 s (Video Swin-T, 32 x 224 px) and 15 s (MViTv2-S) on 2 cores
+@pytest.mark.slow  # the published clips: 15-35 s (Video Swin-T, 32 x 224 px) and 8-15 s (MViTv2-S) on 2 cores
 @pytest.mark.parametrize("name", NAMES)
 def test_published_macs_counted_by_fvcore(name):
     entry = video_entry(name)

@@ -19,6 +19,8 @@ from torch import nn
 from attnbench.errors import AttnbenchError, UnknownName
 
 HW = tuple[int, int]
+# A token map of any rank: (H, W) for an image, (T, H, W) for a clip; tokens in row-major (t, h, w) order.
+THW = tuple[int, ...]
 
 
 class KnobError(AttnbenchError, ValueError):
@@ -71,6 +73,32 @@ class Requires:
 
 
 @dataclasses.dataclass(frozen=True)
+class TimeAxis:
+    """Whether a mechanism takes (T, H, W) maps as well as (H, W): data that :meth:`Attention.unsupported` reads.
+
+    ``how`` says what time means to the mechanism (tables, windows, pooling over t); ``why_not``
+    is the reason a sweep records when it skips a (T, H, W) point of a mechanism that does not.
+    """
+
+    supported: bool = False
+    how: str = ""
+    why_not: str = "its maps are (H, W) only"
+
+    def reasons(self, name: str, hw: tuple[int, ...]) -> list[str]:
+        if len(hw) == 3 and not self.supported:
+            return [f"{name} takes no time axis (a {'x'.join(map(str, hw))} map): {self.why_not}"]
+        return []
+
+
+def map_tokens(hw: tuple[int, ...]) -> int:
+    """Tokens of a map of any rank: H*W or T*H*W."""
+    n = 1
+    for side in hw:
+        n *= side
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
 class MapRule:
     """A constraint a token map must meet: H and W multiples of ``multiple``, each side in
     [``at_least``, ``at_most``]. ``what`` names the quantity (``the window 7``); ``fix`` says
@@ -83,8 +111,8 @@ class MapRule:
     fix: str = ""
     which: str = "hw"
 
-    def reasons(self, name: str, hw: HW) -> list[str]:
-        h, w = hw
+    def reasons(self, name: str, hw: THW) -> list[str]:
+        h, w = hw[-2:]  # the spatial sides of an (H, W) or (T, H, W) map
         where = f"{name}: {'the map' if self.which == 'hw' else 'the context map'} {h}x{w}"
         fix = f"; {self.fix}" if self.fix else ""
         if h % self.multiple or w % self.multiple:
@@ -95,7 +123,7 @@ class MapRule:
             return [f"{where} is larger than {self.what}{fix}"]
         return []
 
-    def fits(self, hw: HW) -> bool:
+    def fits(self, hw: THW) -> bool:
         return not self.reasons("", hw)
 
 
@@ -221,6 +249,10 @@ class Attention(nn.Module):
     requires_context: ClassVar[bool] = False
     # Tokens that precede the H*W map (a CLS token, say).
     prefix_tokens: ClassVar[int] = 0
+    # Whether (T, H, W) maps are taken, and why not where they are not (data, like ``requires``).
+    time: ClassVar[TimeAxis] = TimeAxis()
+    # Whether ``footprint`` draws (T, H, W) clips (a query (t, i, j), weights (heads, T, H, W)).
+    clip_footprint: ClassVar[bool] = False
     # Implementations; "reference" is the plain PyTorch definition of correct.
     impls: ClassVar[tuple[str, ...]] = ("reference", "fast")
     default_impl: ClassVar[str] = "fast"
@@ -320,6 +352,7 @@ class Attention(nn.Module):
             "complexity": cls.complexity,
             "impls": list(cls.impls),
             "prefix_tokens": cls.prefix_tokens,
+            "time": cls.time.how if cls.time.supported else f"no: {cls.time.why_not}",
         }
 
     # ------------------------------------------------------------------ impl
@@ -390,8 +423,13 @@ class Attention(nn.Module):
         for label, value in (("hw", hw), ("context_hw", context_hw)):
             if value is None:
                 continue
-            if len(value) != 2 or any((not isinstance(v, int)) or v < 1 for v in value):
-                reasons.append(f"{label} must be two positive integers (H, W), got {value!r}")
+            if len(value) not in (2, 3) or any((not isinstance(v, int)) or v < 1 for v in value):
+                reasons.append(f"{label} must be two or three positive integers, (H, W) or (T, H, W), got {value!r}")
+        if reasons:
+            return reasons
+        reasons += self.time.reasons(self.name, hw)
+        if context_hw is not None:
+            reasons += self.time.reasons(self.name, context_hw)
         if reasons:
             return reasons
         if context_hw is not None and not self.supports_cross:
@@ -434,14 +472,13 @@ class Attention(nn.Module):
         if cross and not self.supports_cross:
             raise ValueError(f"{self.name} does not support cross attention")
         gen = torch.Generator().manual_seed(seed)
-        h, w = hw
-        # x: (B, prefix + H*W, C); q, k and v are projected from it, never aliased.
-        x = torch.randn(batch, self.prefix_tokens + h * w, self.dim, generator=gen)
+        # x: (B, prefix + [T*]H*W, C); q, k and v are projected from it, never aliased.
+        x = torch.randn(batch, self.prefix_tokens + map_tokens(hw), self.dim, generator=gen)
         x = x.to(device=device, dtype=dtype)
         if not (cross or self.requires_context):
             return (x, hw)
         chw = context_hw or self.default_context_hw(hw)
-        ctx = torch.randn(batch, self.context_prefix_tokens + chw[0] * chw[1], self.context_dim, generator=gen)
+        ctx = torch.randn(batch, self.context_prefix_tokens + map_tokens(chw), self.context_dim, generator=gen)
         return (x, hw, ctx.to(device=device, dtype=dtype), chw)
 
     def forward(
@@ -462,18 +499,19 @@ class Attention(nn.Module):
         self, x: torch.Tensor, hw: Any, context: torch.Tensor | None, context_hw: Any
     ) -> tuple[HW, HW | None]:
         if hw is None:
-            raise ValueError(f"{self.name}: pass hw=(H, W), the token map size of x")
+            raise ValueError(f"{self.name}: pass hw=(H, W) or (T, H, W), the token map size of x")
         hw = _as_hw(hw, "hw")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(
                 f"{self.name}: x must have shape (batch, tokens, {self.dim}), got {tuple(x.shape)}; "
                 "flatten a (B, C, H, W) map with x.flatten(2).transpose(1, 2)"
             )
-        expected = self.prefix_tokens + hw[0] * hw[1]
+        expected = self.prefix_tokens + map_tokens(hw)
         if x.shape[1] != expected:
+            area = "T*H*W" if len(hw) == 3 else "H*W"
             raise ValueError(
                 f"{self.name}: x has {x.shape[1]} tokens but hw={hw} needs {expected}"
-                + (f" ({self.prefix_tokens} prefix + H*W)" if self.prefix_tokens else " (H*W)")
+                + (f" ({self.prefix_tokens} prefix + {area})" if self.prefix_tokens else f" ({area})")
             )
         if context is None:
             if self.requires_context:
@@ -486,7 +524,7 @@ class Attention(nn.Module):
             if context_hw is None:
                 raise ValueError(f"{self.name}: pass context_hw=(H, W) with context")
             context_hw = _as_hw(context_hw, "context_hw")
-            want = self.context_prefix_tokens + context_hw[0] * context_hw[1]
+            want = self.context_prefix_tokens + map_tokens(context_hw)
             if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[1:] != (want, self.context_dim):
                 raise ValueError(
                     f"{self.name}: context must have shape ({x.shape[0]}, {want}, {self.context_dim}) "
@@ -515,7 +553,9 @@ class Attention(nn.Module):
 
         Exact on the reference path (float32): the weights the mechanism gives the keys it reads,
         with a key made from several pixels spread over them (see attentions/footprint.py and each
-        mechanism's ``_footprint``). ``x`` holds one image (batch 1).
+        mechanism's ``_footprint``). ``x`` holds one image (batch 1). On a clip (``hw`` = (T, H, W)) the
+        query is (t, i, j) and the result (heads, T, H, W), one map per frame; mechanisms declare whether
+        they draw clips (``clip_footprint``).
         """
         from .footprint import check_query
 
@@ -525,6 +565,8 @@ class Attention(nn.Module):
             hw, context_hw = self._check_inputs(x, hw, context, context_hw)
             if x.shape[0] != 1:
                 raise ValueError(f"{self.name}: a footprint is of one image; pass x[:1] (got batch {x.shape[0]})")
+            if len(hw) == 3 and not self.clip_footprint:
+                raise NotImplementedError(f"{self.name} draws footprints of (H, W) maps only, not of clips")
             q = check_query(query, hw)
             with torch.no_grad():
                 return self._footprint(x, hw, q, context, context_hw).float()
@@ -541,14 +583,16 @@ class Attention(nn.Module):
         raise NotImplementedError(f"{self.name} does not count its keys per query")
 
 
-def _as_hw(value: Any, label: str) -> HW:
+def _as_hw(value: Any, label: str) -> Any:
+    """(H, W) or (T, H, W) as a tuple of ints; anything else is refused naming both forms."""
+    what = f"{label} must be (H, W) or (T, H, W), positive integers, got {value!r}"
     try:
-        h, w = (int(v) for v in value)
+        sides = tuple(int(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{label} must be a pair (H, W) of positive integers, got {value!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"{label} must be a pair (H, W) of positive integers, got {value!r}")
-    return (h, w)
+        raise ValueError(what) from None
+    if len(sides) not in (2, 3) or min(sides) < 1:
+        raise ValueError(what)
+    return sides
 
 
 def _divisors(n: int) -> list[int]:
@@ -708,7 +752,7 @@ def fitting_values(
     cls = get(name)
     if knob not in cls.knob_types():
         raise KnobError(f"{name} has no knob {knob!r}; its knobs: {', '.join(cls.knob_types())}")
-    largest = max(maps, key=lambda hw: hw[0] * hw[1])
+    largest = max(maps, key=map_tokens)
     found: list[Any] = []
     for value in knob_candidates(name, knob, maps):
         try:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import HW, Attention, KnobError, Knobs, _divisors, register
+from .base import HW, Attention, KnobError, Knobs, TimeAxis, _divisors, register
 from .common import Projections, attend, attention_macs, linear_macs, norm_macs
 
 EPS = 1e-6
@@ -65,6 +65,7 @@ class CrossAttention(Attention):
     Knobs = CrossKnobs
     complexity = "O(N)"
     supports_cross = True
+    time = TimeAxis(why_not="it fuses the CLS token of one image branch with the patch tokens of the other: no clip")
     requires_context = True
     prefix_tokens = 1
     knobs: CrossKnobs

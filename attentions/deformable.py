@@ -30,12 +30,16 @@ the queries sit for the bias lookup, and what bounds the offsets. With
   ``dat_t`` reproduces): reference ``(j + 1/2) / Hk * 2 - 1``, query
   ``(i + 1/2) / H * 2 - 1`` (the same formula at (H, W)), offsets
   ``tanh(raw) * offset_range_factor / Hk``. Factor 0 leaves the raw offsets
-  unbounded, and -1 takes ``tanh`` of the position, as that release does.
+  unbounded, and -1 takes ``tanh`` of the position, as that release does. The
+  offset network's depthwise conv pads ``kernel // 2`` at every kernel and
+  stride, ``kernel == stride`` included, as that release does.
 - ``datpp`` (DAT++, the repository's current head): reference
   ``(j + 1/2) / (Hk - 1) * 2 - 1`` (half a cell off, the last row outside the
   map), query ``i / (H - 1) * 2 - 1`` (the pixel centres), offsets
   ``tanh(raw) * offset_range_factor / (Hk - 1)``; -1 clamps the position to the
   map. Undefined for a key grid or map one pixel high or wide, so refused there.
+  The offset conv pads 0 where ``kernel == stride`` (a patchify conv), ``kernel // 2``
+  otherwise (``centres`` likewise).
 - ``centres`` (ours): the centres of ``Hk x Wk`` equal cells,
   ``(j + 1/2) * H / Hk - 1/2`` in pixels; the queries at the pixel centres;
   offsets as ``cvpr2022``; -1 clamps. Kept because it is the one placement that
@@ -60,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import HW, Attention, KnobError, Knobs, MapRule, register
+from .base import HW, Attention, KnobError, Knobs, MapRule, TimeAxis, register
 from .common import (
     Projections,
     attend,
@@ -137,6 +141,14 @@ def query_axis(geometry: str, size: int, device: Any, dtype: Any = torch.float32
     return normalise(torch.arange(size, device=device, dtype=dtype), size)
 
 
+def offset_padding(geometry: str, kernel: int, stride: int) -> int:
+    """Padding of the offset network's depthwise conv: the CVPR release always pads kernel // 2; DAT++ (and the
+    ``centres`` placement, which follows it) pads 0 where kernel == stride, a patchify conv."""
+    if geometry == "cvpr2022":
+        return kernel // 2
+    return 0 if kernel == stride else kernel // 2
+
+
 def offset_cells(geometry: str, cells: int) -> int:
     """What a bounded offset is divided by along a side of ``cells`` reference points."""
     return cells - 1 if geometry == "datpp" else cells
@@ -155,6 +167,7 @@ class DeformableAttention(Attention):
     cost_knob = "stride"
     examples = ({"stride": 4, "kernel": 3, "groups": 2, "offset_range_factor": -1.0},)
     complexity = "O(N^2 / stride^2)"
+    time = TimeAxis(why_not="its offsets, reference grid and bilinear sampling (grid_sample) are 2-D")
     knobs: DeformableKnobs
 
     def __init__(self, dim: int, heads: int, knobs: DeformableKnobs, impl: str | None = None):
@@ -162,7 +175,7 @@ class DeformableAttention(Attention):
         g = knobs.groups
         self.group_channels = dim // g
         cg = self.group_channels
-        self.padding = 0 if knobs.kernel == knobs.stride else knobs.kernel // 2
+        self.padding = offset_padding(knobs.geometry, knobs.kernel, knobs.stride)
         self.proj = Projections(dim, heads, bias=knobs.qkv_bias)
         # Offset network, shared by the groups: depthwise conv (stride) -> LayerNorm -> GELU -> 1x1 conv to 2.
         self.offset_conv = nn.Conv2d(cg, cg, knobs.kernel, knobs.stride, self.padding, groups=cg)

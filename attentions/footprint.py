@@ -25,17 +25,25 @@ import torch
 from . import common
 
 
-def check_query(query: Any, hw: tuple[int, int]) -> tuple[int, int]:
-    """(i, j) row and column of a pixel of the query map, refused when outside it."""
+def check_query(query: Any, hw: tuple[int, ...]) -> tuple[int, ...]:
+    """(i, j) row and column of a pixel of the query map ((t, i, j) on a clip), refused when outside it."""
+    what = "(t, i, j)" if len(hw) == 3 else "(i, j)"
     try:
-        i, j = (int(v) for v in query)
+        q = tuple(int(v) for v in query)
     except (TypeError, ValueError):
-        raise ValueError(f"query must be a pixel (i, j) of the query map, got {query!r}") from None
-    if not (0 <= i < hw[0] and 0 <= j < hw[1]):
-        raise ValueError(
-            f"query {(i, j)} lies outside the {hw[0]}x{hw[1]} query map; use 0 <= i < {hw[0]}, 0 <= j < {hw[1]}"
-        )
-    return i, j
+        raise ValueError(f"query must be a pixel {what} of the query map, got {query!r}") from None
+    if len(q) != len(hw) or not all(0 <= a < side for a, side in zip(q, hw, strict=True)):
+        bounds = ", ".join(f"0 <= {n} < {side}" for n, side in zip(what[1:-1].split(", "), hw, strict=True))
+        raise ValueError(f"query {q} lies outside the {'x'.join(map(str, hw))} query map; use {bounds}")
+    return q
+
+
+def flat_index(query: tuple[int, ...], hw: tuple[int, ...]) -> int:
+    """Row-major token index of a pixel (i, j) or (t, i, j)."""
+    index = 0
+    for a, side in zip(query, hw, strict=True):
+        index = index * side + a
+    return index
 
 
 @contextlib.contextmanager

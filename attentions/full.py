@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .base import HW, Attention, KnobError, Knobs, MapRule, register
+from .base import HW, Attention, KnobError, Knobs, MapRule, TimeAxis, map_tokens, register
 from .common import Projections, attend, attention_macs, merge_heads
 from .kernels import flex
 from .relpos import AxisOffsets, map_bias, map_offsets, swin_table
@@ -38,6 +38,8 @@ class FullAttention(Attention):
     Knobs = FullKnobs
     complexity = "O(N^2)"
     supports_cross = True
+    clip_footprint = True
+    time = TimeAxis(True, "any map: every query sees every token of every frame (bias_table is 2-D: 0 on clips)")
     # "flex": FlexAttention, the bias table read by a score_mod (CUDA; see attentions/kernels/flex.py)
     impls = ("reference", "fast", "flex")
     impl_requires = {"flex": flex.REQUIRES}
@@ -57,6 +59,8 @@ class FullAttention(Attention):
     ) -> list[str]:
         if self.knobs.bias_table and context_hw is not None:
             return ["the relative-position bias is for self attention: set bias_table=0 for cross attention"]
+        if self.knobs.bias_table and len(hw) == 3:
+            return ["the relative-position bias table is 2-D (H, W offsets): set bias_table=0 on a (T, H, W) map"]
         return []
 
     def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
@@ -107,19 +111,18 @@ class FullAttention(Attention):
         return flex.attention(q, k, v, score_mod)
 
     def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
-        n = hw[0] * hw[1]
-        m = n if context_hw is None else context_hw[0] * context_hw[1]
+        n = map_tokens(hw)
+        m = n if context_hw is None else map_tokens(context_hw)
         return self.proj.macs(batch, n, m) + attention_macs(batch, self.heads, n, m, self.head_dim)
 
     # ------------------------------------------------------------------ footprint
     def _footprint(
         self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
     ) -> torch.Tensor:
-        from .footprint import reference_probs
+        from .footprint import flat_index, reference_probs
 
         probs = reference_probs(self, x, hw, context, context_hw)  # (1, h, N, M)
-        return probs[0, :, query[0] * hw[1] + query[1]].reshape(self.heads, *(context_hw or hw))
+        return probs[0, :, flat_index(query, hw)].reshape(self.heads, *(context_hw or hw))
 
     def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
-        khw = context_hw or hw
-        return khw[0] * khw[1]
+        return map_tokens(context_hw or hw)

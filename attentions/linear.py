@@ -16,7 +16,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from .base import HW, Attention, KnobError, Knobs, register
+from .base import HW, Attention, KnobError, Knobs, TimeAxis, map_tokens, register
 from .common import Projections, widen
 
 
@@ -75,6 +75,8 @@ class LinearAttention(Attention):
     cost_knob = None
     complexity = "O(N)"
     supports_cross = True
+    clip_footprint = True
+    time = TimeAxis(True, "any map: the kernel sums run over every token of every frame")
 
     knobs: LinearKnobs
 
@@ -96,8 +98,8 @@ class LinearAttention(Attention):
         fast: phi(K)^T V (M d d), phi(Q) KV (N d d) and phi(Q) . mean phi(K) (N d) per head.
         reference: the N x M kernel matrix (N M d) and its weighted sum (N M d) per head.
         """
-        n = hw[0] * hw[1]
-        m = n if context_hw is None else context_hw[0] * context_hw[1]
+        n = map_tokens(hw)
+        m = n if context_hw is None else map_tokens(context_hw)
         d = self.head_dim
         per_head = 2 * n * m * d if self.math else m * d * d + n * d * d + n * d
         return self.proj.macs(batch, n, m) + batch * self.heads * per_head
@@ -107,12 +109,13 @@ class LinearAttention(Attention):
         self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
     ) -> torch.Tensor:
         """The normalised kernel weights phi(q_i) . phi(k_j) / (sum_j phi(q_i) . phi(k_j) + eps) of the query."""
-        q = self.proj.queries(x)[0, :, query[0] * hw[1] + query[1]]  # (h, d)
+        from .footprint import flat_index
+
+        q = self.proj.queries(x)[0, :, flat_index(query, hw)]  # (h, d)
         k, _ = self.proj.keys_values(x if context is None else context)  # (1, h, M, d)
         kernel = (feature_map(k[0]).float() @ feature_map(q).float().unsqueeze(-1)).squeeze(-1)  # (h, M)
         weights = kernel / (kernel.sum(dim=-1, keepdim=True) + self.eps)
         return weights.reshape(self.heads, *(context_hw or hw))
 
     def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
-        khw = context_hw or hw
-        return khw[0] * khw[1]
+        return map_tokens(context_hw or hw)

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .base import _REGISTRY, HW, Attention, build, get, register
+from .base import _REGISTRY, HW, Attention, TimeAxis, build, get, register
 
 
 def timm_available() -> bool:
@@ -47,6 +47,7 @@ class Peer(Attention):
     impls = ("timm",)
     default_impl = "timm"
     supports_cross = False
+    time = TimeAxis(why_not="timm's modules take images only")
 
     def __init__(self, dim: int, heads: int, knobs: Any, impl: str | None = None):
         twin = build(self.ours, dim=dim, heads=heads, **knobs.as_dict())  # built first: the weights to copy

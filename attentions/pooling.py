@@ -33,6 +33,19 @@ of the same window (pooled windows of ``window / stride``; relative positions
 within the window, tables sized to it). H and W must be multiples of ``window``
 and ``window`` a multiple of both strides; nothing is padded.
 
+Clips: a ``(T, H, W)`` map pools over time as well, as MViTv2's video model
+(facebookresearch/SlowFast, ``MultiScaleAttention``) does: ``kernel_t`` (odd,
+padding ``kernel_t // 2``), ``stride_q_t`` and ``stride_kv_t`` are the temporal
+kernel and strides (Kinetics MViTv2-S: kernel 3x3x3, temporal strides 1). Any of
+them above 1 makes the pooling a ``Conv3d`` (``AvgPool3d``/``MaxPool3d``) with
+kernel ``(kernel_t, kernel, kernel)``; at their defaults (1) the 2-D pooling runs
+on every frame, so a ``(1, H, W)`` map gives exactly the ``(H, W)`` output.
+``rel_pos_frames`` (0: none) adds the temporal term ``q . R_t[t_q - t_k]`` of the
+decomposed relative position, its table sized for a clip of that many frames
+(``2 * max(q_t, kv_t) - 1`` rows, SlowFast's ``2 * T - 1`` at temporal stride 1)
+and resized by linear interpolation like the spatial ones. Windows (``window``)
+and the flex path are 2-D: refused on clips.
+
 One deliberate difference from the official code: the LayerNorm after the key
 pooling has a scale but no additive bias. A vector added to every key shifts
 each query's scores by a constant, which softmax ignores, so that bias would
@@ -48,10 +61,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .base import HW, Attention, KnobError, Knobs, register
+from .base import HW, Attention, KnobError, Knobs, TimeAxis, map_tokens, register
 from .common import Projections, attend, attention_macs, conv_macs, conv_out, linear_macs, norm_macs
 from .kernels import flex
-from .relpos import mvit_bias, mvit_table
+from .relpos import mvit_bias, mvit_bias_3d, mvit_table
 
 KERNEL = 3  # MViTv2's POOL_KVQ_KERNEL, the default of the kernel knob
 MODES = ("conv", "avg", "max", "none")
@@ -74,6 +87,13 @@ class PoolingKnobs(Knobs):
     window: int = 0
     # Side of the pooling kernel of q, k and v (odd; padding kernel // 2): MViTv2's POOL_KVQ_KERNEL.
     kernel: int = KERNEL
+    # Clips (T, H, W): temporal kernel (odd; padding kernel_t // 2) and strides of the pooling (MViTv2 video:
+    # kernel 3, strides 1); 1, 1, 1 pools every frame with the 2-D pooling.
+    kernel_t: int = 1
+    stride_q_t: int = 1
+    stride_kv_t: int = 1
+    # Frames of the clip at which the temporal relative-position table needs no resizing (0: no temporal term).
+    rel_pos_frames: int = 0
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -91,6 +111,18 @@ class PoolingKnobs(Knobs):
                 f"pooling knob 'kernel' must be an odd positive integer (padding kernel // 2 keeps the map's "
                 f"centre), got {self.kernel!r}"
             )
+        for knob in ("stride_q_t", "stride_kv_t"):
+            value = getattr(self, knob)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise KnobError(f"pooling knob {knob!r} must be a positive integer (1: none), got {value!r}")
+        kt = self.kernel_t
+        if isinstance(kt, bool) or not isinstance(kt, int) or kt < 1 or kt % 2 == 0:
+            raise KnobError(f"pooling knob 'kernel_t' must be an odd positive integer (MViTv2 video: 3), got {kt!r}")
+        rf = self.rel_pos_frames
+        if isinstance(rf, bool) or not isinstance(rf, int) or rf < 0:
+            raise KnobError(f"pooling knob 'rel_pos_frames' must be 0 (no temporal term) or a clip length, got {rf!r}")
+        if self.mode == "none" and (self.stride_q_t, self.stride_kv_t, self.kernel_t) != (1, 1, 1):
+            raise KnobError("pooling mode 'none' cannot pool over time; set kernel_t, stride_q_t and stride_kv_t to 1")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise KnobError(f"pooling knob 'window' must be a non-negative integer (0: global), got {self.window!r}")
         if self.mode == "none" and (self.stride_q, self.stride_kv) != (1, 1):
@@ -113,29 +145,56 @@ class PoolingAttention(Attention):
     cost_knob = "stride_kv"
     complexity = "O(N^2 / (s_q^2 s_kv^2))"
     supports_cross = False
+    time = TimeAxis(
+        True,
+        "MViTv2 video: q, k, v pooled over (t, h, w) (kernel_t, stride_q_t, stride_kv_t), relative position "
+        "decomposed over t (rel_pos_frames), h and w, residual pooling",
+    )
     # "flex": FlexAttention with the decomposed relative position read by a score_mod from the two
     # (Nq, kh) and (Nq, kw) terms, never summed into an (Nq, Nk) bias; CUDA only (attentions/kernels/flex.py)
     impls = ("reference", "fast", "flex")
     impl_requires = {"flex": flex.REQUIRES}
     # MViTv2's stage transition (widening); a wider pooling kernel
-    examples = ({"stride_q": 2, "stride_kv": 2, "dim_out": 64}, {"kernel": 5, "stride_kv": 2})
+    examples = (
+        {"stride_q": 2, "stride_kv": 2, "dim_out": 64},
+        {"kernel": 5, "stride_kv": 2},
+        {"kernel_t": 3, "stride_q_t": 2, "stride_kv_t": 2, "rel_pos_frames": 4},
+    )
 
     def __init__(self, dim: int, heads: int, knobs: PoolingKnobs, impl: str | None = None):
         # The base splits the widened channels into heads: head_dim = dim_out // heads (dim need not divide).
         super().__init__(dim, heads, knobs, impl)
         self.proj = Projections(dim, heads, bias=knobs.qkv_bias, out_dim=self.output_dim)
         d = self.head_dim
-        self.pool_q, self.norm_q = self._pooling(knobs.stride_q)
-        self.pool_k, self.norm_k = self._pooling(knobs.stride_kv, keys=True)
-        self.pool_v, self.norm_v = self._pooling(knobs.stride_kv)
+        self.pool_q, self.norm_q = self._pooling(knobs.stride_q, stride_t=knobs.stride_q_t)
+        self.pool_k, self.norm_k = self._pooling(knobs.stride_kv, keys=True, stride_t=knobs.stride_kv_t)
+        self.pool_v, self.norm_v = self._pooling(knobs.stride_kv, stride_t=knobs.stride_kv_t)
         if knobs.rel_pos:
             size = knobs.window or knobs.rel_pos_size  # windowed: positions within one window
             length = 2 * max(self._pooled(size, knobs.stride_q), self._pooled(size, knobs.stride_kv)) - 1
             self.rel_pos_h = mvit_table(length, d)  # (L, d)
             self.rel_pos_w = mvit_table(length, d)  # (L, d)
+        if knobs.rel_pos and knobs.rel_pos_frames:
+            frames = knobs.rel_pos_frames
+            length_t = 2 * max(self._pooled_t(frames, knobs.stride_q_t), self._pooled_t(frames, knobs.stride_kv_t)) - 1
+            self.rel_pos_t = mvit_table(length_t, d)  # (L_t, d)
 
-    def _pooling(self, stride: int, keys: bool = False) -> tuple[nn.Module | None, nn.Module | None]:
+    @property
+    def video(self) -> bool:
+        """Whether the pooling runs over time (Conv3d/Pool3d) rather than frame by frame."""
+        kn = self.knobs
+        return (kn.kernel_t, kn.stride_q_t, kn.stride_kv_t) != (1, 1, 1)
+
+    def _pooling(self, stride: int, keys: bool = False, stride_t: int = 1) -> tuple[nn.Module | None, nn.Module | None]:
         d, mode, k = self.head_dim, self.knobs.mode, self.knobs.kernel
+        if self.video and mode != "none":
+            kt = self.knobs.kernel_t
+            size, step, pad = (kt, k, k), (stride_t, stride, stride), (kt // 2, k // 2, k // 2)
+            if mode == "conv":
+                conv3 = nn.Conv3d(d, d, size, stride=step, padding=pad, groups=d, bias=False)
+                return conv3, nn.LayerNorm(d, eps=1e-6, bias=not keys)
+            pool = nn.AvgPool3d if mode == "avg" else nn.MaxPool3d
+            return pool(size, stride=step, padding=pad), None
         if mode == "conv":
             conv = nn.Conv2d(d, d, k, stride=stride, padding=k // 2, groups=d, bias=False)
             # The keys' norm has no additive bias: one vector added to every key shifts each query's scores
@@ -151,7 +210,13 @@ class PoolingAttention(Attention):
         k = self.knobs.kernel
         return size if self.knobs.mode == "none" else conv_out(size, k, stride, k // 2)
 
+    def _pooled_t(self, frames: int, stride: int) -> int:
+        kt = self.knobs.kernel_t
+        return frames if self.knobs.mode == "none" else conv_out(frames, kt, stride, kt // 2)
+
     def output_hw(self, hw: HW) -> HW:
+        if len(hw) == 3:
+            return (self._pooled_t(hw[0], self.knobs.stride_q_t), *self.output_hw(hw[1:]))  # type: ignore[return-value]
         return (self._pooled(hw[0], self.knobs.stride_q), self._pooled(hw[1], self.knobs.stride_q))
 
     @property
@@ -160,6 +225,8 @@ class PoolingAttention(Attention):
 
     def kv_hw(self, hw: HW) -> HW:
         """Token map of the pooled keys and values."""
+        if len(hw) == 3:
+            return (self._pooled_t(hw[0], self.knobs.stride_kv_t), *self.kv_hw(hw[1:]))  # type: ignore[return-value]
         return (self._pooled(hw[0], self.knobs.stride_kv), self._pooled(hw[1], self.knobs.stride_kv))
 
     @staticmethod
@@ -173,7 +240,43 @@ class PoolingAttention(Attention):
         t = m.reshape(b, heads, d, out_hw[0] * out_hw[1]).transpose(-2, -1)  # (B, h, H'*W', d)
         return (t if norm is None else norm(t)), out_hw
 
+    def _pool_clip(
+        self, t: torch.Tensor, thw: tuple[int, int, int], op: nn.Module | None, norm: nn.Module | None
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Pool each head's (T, H, W) map: (B, h, T*H*W, d) -> (B, h, T'*H'*W', d); a 2-D op runs per frame."""
+        if op is None:
+            return t, thw
+        b, heads, _, d = t.shape
+        frames, h, w = thw
+        m = t.transpose(-2, -1).reshape(b * heads, d, frames, h, w)  # (B*h, d, T, H, W)
+        if self.video:
+            m = op(m)  # (B*h, d, T', H', W')
+        else:
+            m = op(m.transpose(1, 2).reshape(b * heads * frames, d, h, w))  # (B*h*T, d, H', W')
+            m = m.reshape(b * heads, frames, d, m.shape[-2], m.shape[-1]).transpose(1, 2)  # (B*h, d, T, H', W')
+        out = (int(m.shape[-3]), int(m.shape[-2]), int(m.shape[-1]))
+        t = m.reshape(b, heads, d, out[0] * out[1] * out[2]).transpose(-2, -1)  # (B, h, T'*H'*W', d)
+        return (t if norm is None else norm(t)), out
+
+    def _forward_clip(self, x: torch.Tensor, thw: tuple[int, int, int]) -> torch.Tensor:
+        """The (T, H, W) path: pooling over time too, relative position decomposed over t, h and w."""
+        q = self.proj.queries(x)  # (B, h, N, d)
+        k, v = self.proj.keys_values(x)  # (B, h, N, d) each
+        q, q_thw = self._pool_clip(q, thw, self.pool_q, self.norm_q)  # (B, h, Nq, d)
+        k, k_thw = self._pool_clip(k, thw, self.pool_k, self.norm_k)  # (B, h, Nk, d)
+        v, _ = self._pool_clip(v, thw, self.pool_v, self.norm_v)  # (B, h, Nk, d)
+        bias = None
+        if self.knobs.rel_pos:
+            table_t = self.rel_pos_t if self.knobs.rel_pos_frames else None
+            bias = mvit_bias_3d(q, q_thw, k_thw, self.rel_pos_h, self.rel_pos_w, table_t)  # (B, h, Nq, Nk)
+        o = attend(q, k, v, bias, math=self.math)  # (B, h, Nq, d)
+        if self.knobs.residual_pooling:
+            o = o + q
+        return self.proj.output(o)  # (B, Nq, C_out)
+
     def _forward(self, x: torch.Tensor, hw: HW, context: torch.Tensor | None, context_hw: HW | None) -> torch.Tensor:
+        if len(hw) == 3 or self.video:  # a module that pools over time reads an image as a one-frame clip
+            return self._forward_clip(x, hw if len(hw) == 3 else (1, *hw))  # type: ignore[arg-type]
         q = self.proj.queries(x)  # (B, h, N, d)
         k, v = self.proj.keys_values(x)  # (B, h, N, d) each
         q, q_hw = self._pool(q, hw, self.pool_q, self.norm_q)  # (B, h, Nq, d)
@@ -224,6 +327,18 @@ class PoolingAttention(Attention):
     ) -> list[str]:
         reasons = []
         w, sq, skv = self.knobs.window, self.knobs.stride_q, self.knobs.stride_kv
+        if len(hw) == 3 or self.video:
+            if w:
+                reasons.append("pooling: hybrid windows (window > 0) are 2-D; set window=0 on a (T, H, W) map")
+            if self.impl == "flex":
+                reasons.append("pooling: the flex path is 2-D; use impl fast or reference on a (T, H, W) map")
+            frames = hw[0] if len(hw) == 3 else 1
+            if self.video and self.knobs.mode in ("avg", "max") and frames < self.knobs.kernel_t:
+                reasons.append(
+                    f"pooling: torch's {self.knobs.mode} pool3d needs at least kernel_t={self.knobs.kernel_t} frames "
+                    f"(padding not counted), the clip has {frames}; use mode conv or a smaller kernel_t"
+                )
+            return reasons
         if w and (hw[0] % w or hw[1] % w or w % sq or w % skv):
             reasons.append(
                 f"pooling: window {w} must divide H={hw[0]} and W={hw[1]} and be a multiple of stride_q={sq} "
@@ -231,7 +346,26 @@ class PoolingAttention(Attention):
             )
         return reasons
 
+    def _macs_clip(self, batch: int, thw: tuple[int, int, int]) -> int:
+        """The (T, H, W) count: as for images with T'*H'*W' tokens, kernel volumes and a temporal term."""
+        c, o, d, heads, kn = self.dim, self.output_dim, self.head_dim, self.heads, self.knobs
+        q_thw, k_thw = self.output_hw(thw), self.kv_hw(thw)
+        n, nq, nk = map_tokens(thw), map_tokens(q_thw), map_tokens(k_thw)
+        total = batch * (linear_macs(n, c, o) + linear_macs(n, c, 2 * o) + linear_macs(nq, o, o))
+        maps = batch * heads
+        volume = (kn.kernel_t if self.video else 1) * kn.kernel**2
+        if kn.mode == "conv":  # depthwise: one product per output element and kernel tap, then LayerNorm
+            total += maps * ((nq + 2 * nk) * d * volume + norm_macs(nq, d) + 2 * norm_macs(nk, d))
+        elif kn.mode in ("avg", "max"):
+            total += maps * volume * (nq + 2 * nk) * d
+        total += attention_macs(batch, heads, nq, nk, d)
+        if kn.rel_pos:  # q . R_h over (Nq, kh), q . R_w over (Nq, kw) and, with a temporal table, q . R_t over kt
+            total += maps * nq * (k_thw[1] + k_thw[2] + (k_thw[0] if kn.rel_pos_frames else 0)) * d
+        return total
+
     def macs(self, batch: int, hw: HW, context_hw: HW | None = None) -> int:
+        if len(hw) == 3 or self.video:
+            return self._macs_clip(batch, hw if len(hw) == 3 else (1, *hw))  # type: ignore[arg-type]
         # The flex path computes the same pairs (no block mask: every query sees every pooled key) and the
         # same two relative-position products.
         c, o, d, heads = self.dim, self.output_dim, self.head_dim, self.heads
@@ -280,8 +414,7 @@ class PoolingAttention(Attention):
         return spread(w, rows, cols)
 
     def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
-        kh, kw = self.kv_hw(hw)
-        return kh * kw
+        return map_tokens(self.kv_hw(hw))
 
 
 def _partition(t: torch.Tensor, hw: HW, grid: HW) -> tuple[torch.Tensor, HW]:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import HW, Attention, KnobError, Knobs, MapRule, Requires, register
+from .base import HW, Attention, KnobError, Knobs, MapRule, Requires, TimeAxis, register
 from .common import (
     Projections,
     attend,
@@ -309,6 +309,10 @@ class QuadTreeAttention(Attention):
     cost_knob = "topk"
     complexity = "O(N^2 / 16^(L-1) + N K)"
     supports_cross = True
+    time = TimeAxis(
+        why_not="its pyramid halves H and W per level (2x2 children per token); a clip would need an octree "
+        "over t too, which QuadTree attention does not define"
+    )
 
     # softmax over levels whose messages are nearly equal on unstructured input
     cancelling_grads = ("level_weight",)

@@ -16,9 +16,10 @@ from torch import nn
 # precomputed index.
 
 
-def swin_table(window: int, heads: int) -> nn.Parameter:
-    """Learnable Swin bias table, ((2M-1)^2, heads), truncated normal with std 0.02 as in Swin."""
-    table = torch.empty((2 * window - 1) ** 2, heads)
+def swin_table(window: int, heads: int, window_t: int = 1) -> nn.Parameter:
+    """Learnable Swin bias table, ((2M-1)^2, heads), truncated normal with std 0.02 as in Swin; Video Swin's
+    ((2Wt-1)(2M-1)^2, heads) for windows of ``window_t`` frames (the image table when it is 1)."""
+    table = torch.empty((2 * window_t - 1) * (2 * window - 1) ** 2, heads)
     nn.init.trunc_normal_(table, std=0.02)
     return nn.Parameter(table)
 
@@ -40,6 +41,23 @@ def swin_index(window_hw: tuple[int, int], table_window: int) -> torch.Tensor:
     dh = rows[:, None] - rows[None, :] + table_window - 1  # (T, T), in [0, 2M-2]
     dw = cols[:, None] - cols[None, :] + table_window - 1  # (T, T)
     return dh * (2 * table_window - 1) + dw
+
+
+def swin_index_3d(window_thw: tuple[int, int, int], table_window: tuple[int, int]) -> torch.Tensor:
+    """Video Swin's ``relative_position_index`` of a (wt, wh, ww) window in a table built for windows of
+    ``table_window = (Wt, M)``: entry [i, j] is ``((dt + Wt-1)(2M-1) + dh + M-1)(2M-1) + dw + M-1`` with
+    (dt, dh, dw) the position of token i minus that of token j (tokens row-major (t, h, w) in the window).
+    A window smaller than the table's reads only the offsets it has. Returns (wt*wh*ww, wt*wh*ww) long."""
+    (wt, wh, ww), (big_t, big) = window_thw, table_window
+    if wt > big_t or wh > big or ww > big:
+        raise ValueError(f"window {window_thw} is larger than the table's window {(big_t, big, big)}")
+    grid = torch.meshgrid(torch.arange(wt), torch.arange(wh), torch.arange(ww), indexing="ij")
+    ts, hs, ws = (g.flatten() for g in grid)  # (Tw,) each
+    dt = ts[:, None] - ts[None, :] + big_t - 1  # (Tw, Tw), in [0, 2Wt-2]
+    dh = hs[:, None] - hs[None, :] + big - 1
+    dw = ws[:, None] - ws[None, :] + big - 1
+    span = 2 * big - 1
+    return (dt * span + dh) * span + dw
 
 
 def swin_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -139,6 +157,41 @@ def mvit_bias(
     bias_w = torch.einsum("bnyxd,xkd->bnyxk", qm, rw.to(q.dtype))  # (B, h, qh, qw, kw)
     bias = bias_h[..., :, None] + bias_w[..., None, :]  # (B, h, qh, qw, kh, kw)
     return bias.reshape(b, heads, qh * qw, kh * kw)
+
+
+def mvit_bias_3d(
+    q: torch.Tensor,
+    q_thw: tuple[int, int, int],
+    k_thw: tuple[int, int, int],
+    table_h: torch.Tensor,
+    table_w: torch.Tensor,
+    table_t: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MViTv2's video bias ``q . R_t[t_q - t_k] + q . R_h[h_q - h_k] + q . R_w[w_q - w_k]`` (SlowFast).
+
+    q: (B, h, qt*qh*qw, d) pooled queries (unscaled); tables (L, d), each resized to
+    ``2 * max(q, k) - 1`` rows of its axis; ``table_t`` None: no temporal term (every
+    frame pair shares the spatial bias). Returns (B, h, qt*qh*qw, kt*kh*kw). With one
+    frame and no temporal table it computes exactly what :func:`mvit_bias` does.
+    """
+    (qt, qh, qw), (kt, kh, kw) = q_thw, k_thw
+    b, heads, _, d = q.shape
+    rh = resize_table(table_h, 2 * max(qh, kh) - 1)[mvit_index(qh, kh).to(q.device)]  # (qh, kh, d)
+    rw = resize_table(table_w, 2 * max(qw, kw) - 1)[mvit_index(qw, kw).to(q.device)]  # (qw, kw, d)
+    qm = q.reshape(b, heads * qt, qh, qw, d)  # frames joined to the heads: (B, h*qt, qh, qw, d)
+    bias_h = torch.einsum("bnyxd,ykd->bnyxk", qm, rh.to(q.dtype))  # (B, h*qt, qh, qw, kh)
+    bias_w = torch.einsum("bnyxd,xkd->bnyxk", qm, rw.to(q.dtype))  # (B, h*qt, qh, qw, kw)
+    bias_h = bias_h.reshape(b, heads, qt, qh, qw, 1, kh, 1)
+    bias_w = bias_w.reshape(b, heads, qt, qh, qw, 1, 1, kw)
+    bias = bias_h + bias_w  # (B, h, qt, qh, qw, 1, kh, kw)
+    if table_t is not None:
+        rt = resize_table(table_t, 2 * max(qt, kt) - 1)[mvit_index(qt, kt).to(q.device)]  # (qt, kt, d)
+        qf = q.reshape(b, heads, qt, qh * qw, d)  # (B, h, qt, qh*qw, d)
+        bias_t = torch.einsum("bntpd,tkd->bntpk", qf, rt.to(q.dtype))  # (B, h, qt, qh*qw, kt)
+        bias = bias + bias_t.reshape(b, heads, qt, qh, qw, kt, 1, 1)  # (B, h, qt, qh, qw, kt, kh, kw)
+    else:
+        bias = bias.expand(b, heads, qt, qh, qw, kt, kh, kw)
+    return bias.reshape(b, heads, qt * qh * qw, kt * kh * kw)
 
 
 # ---------------------------------------------------------------------------- DAT

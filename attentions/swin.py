@@ -15,6 +15,16 @@ m = min(H, W) and the shift is switched off; the bias then reads the central
 (2m-1)^2 rows of the table. H and W must be multiples of the window; with
 ``pad=True`` the map is zero-padded below and to the right up to the next
 multiples, the padded keys are masked (-100) and the padded queries cropped.
+
+Clips (Video Swin, Liu et al., CVPR 2022): on a ``(T, H, W)`` map the windows are
+``window_t x M x M`` (Video Swin-T: 8x7x7), shifted by ``(window_t // 2, S, S)``
+with the 27-region mask, and the bias table has ``(2 window_t - 1)(2M - 1)^2``
+rows read through the 3-D index ``((dt + Wt - 1)(2M - 1) + dh + M - 1)(2M - 1)
++ dw + M - 1`` (the official ``relative_position_index``). As there, an axis no
+longer than its window gets one window of its length and no shift (time); the
+spatial axes keep the image rule above, the same on square maps. ``pad`` pads T
+too. With ``window_t=1`` the table is the image table and a ``(1, H, W)`` map
+gives exactly the ``(H, W)`` output.
 """
 
 from __future__ import annotations
@@ -26,10 +36,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import HW, Attention, KnobError, Knobs, MapRule, register
+from .base import HW, Attention, KnobError, Knobs, MapRule, TimeAxis, map_tokens, register
 from .common import Projections, attend, attention_macs
 from .kernels import flex
-from .relpos import swin_bias, swin_index, swin_table
+from .relpos import swin_bias, swin_index, swin_index_3d, swin_table
 
 # Added to the score of a masked pair (the official Swin value).
 MASKED = -100.0
@@ -46,8 +56,13 @@ class SwinKnobs(Knobs):
     # Zero-pad H and W up to multiples of the window and mask the padding.
     pad: bool = False
     qkv_bias: bool = True
+    # Frames of a window on (T, H, W) maps (Video Swin-T: 8); shifted windows roll time by window_t // 2.
+    window_t: int = 1
 
     def check(self) -> None:
+        wt = self.window_t
+        if isinstance(wt, bool) or not isinstance(wt, int) or wt < 1:
+            raise KnobError(f"swin knob 'window_t' must be a positive integer (Video Swin-T uses 8), got {wt!r}")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise KnobError(f"swin knob 'window' must be a positive integer (Swin uses 7), got {self.window!r}")
         if self.shift_size and not 0 < self.shift_size < self.window:
@@ -82,6 +97,62 @@ def window_layout(hw: HW, window: int, shift: bool, shift_size: int = 0) -> Wind
     else:
         m, s = window, ((shift_size or window // 2) if shift else 0)
     return WindowLayout(m, s, (math.ceil(h / m) * m, math.ceil(w / m) * m))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipLayout:
+    """How a (T, H, W) map is cut into windows: window (wt, m, m), shift (st, s, s), padded map (tp, hp, wp)."""
+
+    window: tuple[int, int, int]
+    shift: tuple[int, int, int]
+    padded: tuple[int, int, int]
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return (self.padded[0] // self.window[0], self.padded[1] // self.window[1], self.padded[2] // self.window[2])
+
+    @property
+    def windows(self) -> int:
+        return map_tokens(self.grid)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of one window."""
+        return map_tokens(self.window)
+
+
+def clip_layout(thw: tuple[int, int, int], window_t: int, window: int, shift: bool, shift_size: int = 0) -> ClipLayout:
+    """Video Swin's rule in time (a clip no longer than window_t: one window of T frames, no shift), the image
+    rule in space."""
+    t = thw[0]
+    space = window_layout(thw[1:], window, shift, shift_size)  # type: ignore[arg-type]
+    wt, st = (t, 0) if t <= window_t else (window_t, window_t // 2 if shift else 0)
+    m, s = space.window, space.shift
+    return ClipLayout((wt, m, m), (st, s, s), (math.ceil(t / wt) * wt, *space.padded_hw))
+
+
+def clip_mask(thw: tuple[int, int, int], layout: ClipLayout) -> torch.Tensor | None:
+    """Which key each query of each 3-D window may see: (windows, Tw, Tw) bool, or None when all may.
+
+    Per shifted axis the rolled frame has three regions (as :func:`window_regions`), 27 in all; padded keys
+    are never seen."""
+    if not any(layout.shift) and layout.padded == tuple(thw):
+        return None
+    region = torch.zeros(layout.padded, dtype=torch.long)
+    axes = []
+    for win, s in zip(layout.window, layout.shift, strict=True):
+        axes.append(((0, -win), (-win, -s), (-s, None)) if s else ((0, None),))
+    for i, ts in enumerate(axes[0]):
+        for j, hs in enumerate(axes[1]):
+            for k, ws in enumerate(axes[2]):
+                region[slice(*ts), slice(*hs), slice(*ws)] = 9 * i + 3 * j + k
+    valid = torch.zeros(layout.padded, dtype=torch.bool)
+    valid[: thw[0], : thw[1], : thw[2]] = True
+    valid = torch.roll(valid, shifts=tuple(-s for s in layout.shift), dims=(0, 1, 2))  # into the rolled frame
+    (gt, gh, gw), (wt, m, _) = layout.grid, layout.window
+    region = region.view(gt, wt, gh, m, gw, m).permute(0, 2, 4, 1, 3, 5).reshape(-1, wt * m * m)  # (nW, Tw)
+    valid = valid.view(gt, wt, gh, m, gw, m).permute(0, 2, 4, 1, 3, 5).reshape(-1, wt * m * m)  # (nW, Tw)
+    return (region[:, :, None] == region[:, None, :]) & valid[:, None, :]  # (nW, Tw, Tw)
 
 
 def window_mask(hw: HW, layout: WindowLayout) -> torch.Tensor | None:
@@ -138,16 +209,26 @@ class SwinAttention(Attention):
     cost_knob = "window"
     complexity = "O(N M^2)"
     supports_cross = False
+    time = TimeAxis(
+        True,
+        "Video Swin: window_t x M x M windows shifted by (window_t // 2, S, S) with the 3-D region mask, "
+        "a (2 window_t - 1)(2M - 1)^2 bias table",
+    )
     # "flex": FlexAttention over the windows laid end to end, a block mask per window and the bias table read by a
     # score_mod (no (nW, h, T, T) bias in memory); CUDA only (see attentions/kernels/flex.py)
     impls = ("reference", "fast", "flex")
     impl_requires = {"flex": flex.REQUIRES}
-    examples = ({"window": 3, "pad": True}, {"window": 3, "shift": True, "pad": True})
+    examples = (
+        {"window": 3, "pad": True},
+        {"window": 3, "shift": True, "pad": True},
+        {"window": 3, "window_t": 2, "shift": True, "pad": True},
+    )
 
     def __init__(self, dim: int, heads: int, knobs: SwinKnobs, impl: str | None = None):
         super().__init__(dim, heads, knobs, impl)
         self.proj = Projections(dim, heads, bias=knobs.qkv_bias)
-        self.table = swin_table(knobs.window, heads)  # ((2M-1)^2, h)
+        # ((2Wt-1)(2M-1)^2, h): the image table ((2M-1)^2, h) when window_t is 1
+        self.table = swin_table(knobs.window, heads, knobs.window_t)
         m = knobs.window
         self.register_buffer("index", swin_index((m, m), m), persistent=False)  # (M*M, M*M)
         self._masks: dict[tuple, torch.Tensor | None] = {}
@@ -160,9 +241,30 @@ class SwinAttention(Attention):
     def stage_knobs(cls, stage: int, hw: HW) -> tuple[dict[str, Any], ...]:
         return ({"window": 7}, {"window": 7, "shift": True})  # Swin-T: local then shifted windows of 7
 
+    def clip_layout(self, thw: tuple[int, int, int]) -> ClipLayout:
+        kn = self.knobs
+        return clip_layout(thw, kn.window_t, kn.window, kn.shift, kn.shift_size)
+
+    def _unsupported(
+        self, batch: int, hw: HW, context_hw: HW | None, *, dtype: torch.dtype | None, device: Any
+    ) -> list[str]:
+        if len(hw) != 3:
+            return []
+        reasons = []
+        if self.impl == "flex":
+            reasons.append("swin: the flex path is 2-D; use impl fast or reference on a (T, H, W) map")
+        wt = self.clip_layout(hw).window[0]  # type: ignore[arg-type]
+        if not self.knobs.pad and hw[0] % wt:
+            reasons.append(
+                f"swin: the clip's {hw[0]} frames must be a multiple of the window's {wt}; pass pad=True to pad "
+                f"the clip with masked frames, or choose window_t dividing {hw[0]}"
+            )
+        return reasons
+
     def map_rules(self, hw: HW, context_hw: HW | None) -> list[MapRule]:
         if self.knobs.pad:
             return []
+        hw = hw[-2:]  # the spatial rule; time is checked in _unsupported
         lay = self.layout(hw)
         h, w = hw
         fits = [d for d in range(2, min(h, w) + 1) if h % d == 0 and w % d == 0]
@@ -187,7 +289,52 @@ class SwinAttention(Attention):
             bias = bias + mask[:, None].to(bias.dtype)  # (nW, h, T, T)
         return bias
 
+    def clip_bias(self, thw: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        """Relative position bias plus the shift/pad mask of a clip's windows: (windows or 1, h, Tw, Tw)."""
+        lay = self.clip_layout(thw)
+        kn = self.knobs
+        index = swin_index_3d(lay.window, (kn.window_t, kn.window)).to(device)  # (Tw, Tw)
+        bias = swin_bias(self.table, index)[None]  # (1, h, Tw, Tw)
+        key = (tuple(thw), str(device))
+        if key not in self._masks:
+            allowed = clip_mask(thw, lay)
+            self._masks[key] = None if allowed is None else (~allowed).float().mul(MASKED).to(device)
+        mask = self._masks[key]  # (nW, Tw, Tw) of 0 and -100, or None
+        if mask is not None:
+            bias = bias + mask[:, None].to(bias.dtype)  # (nW, h, Tw, Tw)
+        return bias
+
+    def _forward_clip(self, x: torch.Tensor, thw: tuple[int, int, int]) -> torch.Tensor:
+        """Video Swin's 3-D (shifted) window attention on a (T, H, W) map."""
+        b, n, c = x.shape
+        t, h, w = thw
+        lay = self.clip_layout(thw)
+        (wt, m, _), (st, s, _), (tp, hp, wp) = lay.window, lay.shift, lay.padded
+        gt, gh, gw = lay.grid
+        heads, d, tw = self.heads, self.head_dim, lay.tokens
+        qkv = torch.cat([self.proj.q(x), self.proj.kv(x)], dim=-1).view(b, t, h, w, 3 * c)  # (B, T, H, W, 3C)
+        if (tp, hp, wp) != (t, h, w):
+            qkv = F.pad(qkv, (0, 0, 0, wp - w, 0, hp - h, 0, tp - t))  # (B, Tp, Hp, Wp, 3C)
+        if st or s:
+            qkv = torch.roll(qkv, shifts=(-st, -s, -s), dims=(1, 2, 3))
+        qkv = qkv.view(b, gt, wt, gh, m, gw, m, 3, heads, d)  # (B, gt, wt, gh, m, gw, m, 3, h, d)
+        qkv = qkv.permute(7, 0, 1, 3, 5, 8, 2, 4, 6, 9).reshape(3, b, lay.windows, heads, tw, d)  # (3, B, nW, h, Tw, d)
+        bias = self.clip_bias(thw, x.device)  # (g, h, Tw, Tw), g = 1 or nW
+        g = bias.shape[0]
+        q, k, v = qkv.reshape(3, b * lay.windows // g, g * heads, tw, d).unbind(0)  # (B*nW/g, g*h, Tw, d) each
+        o = attend(q, k, v, bias.reshape(1, g * heads, tw, tw), math=self.math)  # (B*nW/g, g*h, Tw, d)
+        o = o.view(b, gt, gh, gw, heads, wt, m, m, d).permute(
+            0, 1, 5, 2, 6, 3, 7, 4, 8
+        )  # (B, gt, wt, gh, m, gw, m, h, d)
+        o = o.reshape(b, tp, hp, wp, c)  # (B, Tp, Hp, Wp, C)
+        if st or s:
+            o = torch.roll(o, shifts=(st, s, s), dims=(1, 2, 3))
+        o = o[:, :t, :h, :w].reshape(b, n, c)  # (B, N, C)
+        return self.proj.out(o)
+
     def _forward(self, x: torch.Tensor, hw: HW, context: torch.Tensor | None, context_hw: HW | None) -> torch.Tensor:
+        if len(hw) == 3:
+            return self._forward_clip(x, hw)  # type: ignore[arg-type]
         b, n, c = x.shape
         h, w = hw
         lay = self.layout(hw)
@@ -260,6 +407,10 @@ class SwinAttention(Attention):
         # Projections of the H*W real tokens; scores and weighted sum over every
         # pair inside each (padded) window, masked pairs included since they are computed.
         # The flex path computes every pair of the 128x128 blocks its block mask visits.
+        if len(hw) == 3:
+            clip = self.clip_layout(hw)  # type: ignore[arg-type]
+            n, t = map_tokens(hw), clip.tokens
+            return self.proj.macs(batch, n, n) + attention_macs(batch * clip.windows, self.heads, t, t, self.head_dim)
         lay = self.layout(hw)
         n = hw[0] * hw[1]
         t = lay.window**2
@@ -296,4 +447,6 @@ class SwinAttention(Attention):
         return out[:, : hw[0], : hw[1]]
 
     def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
+        if len(hw) == 3:
+            return self.clip_layout(hw).tokens  # type: ignore[arg-type]
         return self.layout(hw).window ** 2

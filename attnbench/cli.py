@@ -111,6 +111,12 @@ SWEEP_RESOLUTION_OPTION = typer.Option(
     "-r",
     help="Token maps: 32,64 (square), 64x96 (H x W), 224px:s2 (stage 2 of a 224 px image), 224px (its four stages).",
 )
+SWEEP_FRAMES_OPTION = typer.Option(
+    None,
+    "--frames",
+    help="Token frames, e.g. 1,4,8,16: every resolution becomes a T x H x W clip map (-r 56 --frames 8 is "
+    "8x56x56; -r also reads 8x56x56 and 32f:224px, the four stages of a 32-frame clip).",
+)
 SWEEP_BATCH_OPTION = typer.Option(None, "--batch", "-b", help="Batch sizes, e.g. 1,8.")
 SWEEP_DIM_OPTION = typer.Option(
     None, "--dim", help="Widths, e.g. 64,128; 'stage' takes each stage resolution's width and heads."
@@ -129,7 +135,9 @@ SWEEP_IMPL_OPTION = typer.Option(None, "--impl", help="reference, fast, or a ker
 SWEEP_COMPILE_OPTION = typer.Option(None, "--compile", help="eager, compile or both (torch.compile).")
 SWEEP_DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda or cuda:N.")
 SWEEP_CROSS_OPTION = typer.Option(None, "--cross", help="self, cross or both (cross attention where supported).")
-SWEEP_PRESET_OPTION = typer.Option(None, "--preset", help="Named sweep: quick, scaling, topk, batch, paper, stages.")
+SWEEP_PRESET_OPTION = typer.Option(
+    None, "--preset", help="Named sweep: quick, scaling, topk, batch, paper, stages, video."
+)
 SWEEP_CONFIG_OPTION = typer.Option(None, "--config", help="A YAML or TOML sweep file (grid: and settings:).")
 SWEEP_OUT_OPTION = typer.Option(
     None, "--out", "-o", help="Run directory (default runs/sweep-<time>); an existing one is resumed."
@@ -164,6 +172,7 @@ SWEEP_THREADS_OPTION = typer.Option(
 def sweep(
     mechanism: list[str] = SWEEP_MECHANISM_OPTION,
     resolution: list[str] = SWEEP_RESOLUTION_OPTION,
+    frames: list[str] = SWEEP_FRAMES_OPTION,
     batch: list[str] = SWEEP_BATCH_OPTION,
     dim: list[str] = SWEEP_DIM_OPTION,
     heads: list[str] = SWEEP_HEADS_OPTION,
@@ -208,6 +217,7 @@ def sweep(
     axes = {
         "mechanisms": mechanism,
         "resolutions": resolution,
+        "frames": frames,
         "batches": batch,
         "dims": dim,
         "heads": heads,
@@ -457,7 +467,7 @@ FLOPS_KNOB_OPTION = typer.Option(None, "--knob", "-k", help="A mechanism knob as
 FLOPS_CONTEXT_OPTION = typer.Option(None, "--context-resolution", help="Context map HxW for --cross (default: own).")
 
 
-def _flops_hw(text: str, label: str, image: bool = False) -> tuple[int, int]:
+def _flops_hw(text: str, label: str, image: bool = False) -> tuple[int, ...]:
     """One map in the sweep's grammar (bench.points.parse_resolution): 14, 14x20, 224px:s2 (a stage's
     token map); for a model (``image``), image pixels: 224, 224x320 or 224px."""
     from attnbench.bench.points import parse_resolution
@@ -561,7 +571,9 @@ def flops_(
             raise AttnbenchError("; ".join(reasons))
         module = attentions.build(mechanism, dim=dim, heads=heads, impl=impl, **values)
         args = module.example_inputs(batch, hw, cross=cross, context_hw=context_hw)
-        what = f"{mechanism} ({module.impl}) at {hw[0]}x{hw[1]} tokens, batch {batch}, dim {dim}, heads {heads}"
+        what = (
+            f"{mechanism} ({module.impl}) at {'x'.join(map(str, hw))} tokens, batch {batch}, dim {dim}, heads {heads}"
+        )
         what += f", cross with {args[3][0]}x{args[3][1]} context" if len(args) > 3 else ""
         analytic = None
     else:

@@ -26,6 +26,8 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 PATCH_STRIDE = 4
 # Width and heads per stage used by ``dim: stage`` (Swin-T: 96-192-384-768, 3-6-12-24 heads).
 STAGE_WIDTHS = {1: (96, 3), 2: (192, 6), 3: (384, 12), 4: (768, 24)}
+# Video backbones (Video Swin, MViTv2) embed 2 frames per token: a clip of F frames has F / 2 token frames.
+TEMPORAL_STRIDE = 2
 
 
 class GridError(AttnbenchError, ValueError):
@@ -34,36 +36,61 @@ class GridError(AttnbenchError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Resolution:
-    """A token map ``height x width``; ``image``/``stage`` when it is a backbone stage."""
+    """A token map ``height x width`` (``frames x height x width`` for a clip); ``image``/``stage`` when it is
+    a backbone stage (``clip``: the frames of the input clip)."""
 
     height: int
     width: int
     image: tuple[int, int] | None = None
     stage: int | None = None
+    frames: int | None = None
+    clip: int | None = None
 
     @property
-    def hw(self) -> tuple[int, int]:
-        return (self.height, self.width)
+    def hw(self) -> tuple[int, ...]:
+        """(H, W), or (T, H, W) for a clip."""
+        return (self.height, self.width) if self.frames is None else (self.frames, self.height, self.width)
 
     def label(self) -> str:
-        base = f"{self.height}x{self.width}"
+        base = "x".join(map(str, self.hw))
         if self.stage is not None and self.image is not None:
-            return f"{base} (stage {self.stage} of {self.image[0]}x{self.image[1]} px)"
+            of = f"{self.clip} frames of " if self.clip else ""
+            return f"{base} (stage {self.stage} of {of}{self.image[0]}x{self.image[1]} px)"
         return base
 
 
 _RES = re.compile(r"^(\d+)(?:x(\d+))?$")
 _STAGE = re.compile(r"^(\d+)(?:x(\d+))?px(?::s(\d+))?$")
+_CLIP = re.compile(r"^(\d+)x(\d+)x(\d+)$")
+_CLIP_STAGE = re.compile(r"^(\d+)f:(\d+)(?:x(\d+))?px(?::s(\d+))?$")
 
 
 def parse_resolution(text: str | int | Resolution) -> list[Resolution]:
     """``"64"`` -> 64x64, ``"64x96"`` -> 64x96, ``"224px:s2"`` -> stage 2 of a 224 px image (28x28),
-    ``"224px"`` -> the four stages of a 224 px image."""
+    ``"224px"`` -> the four stages of a 224 px image; clips: ``"8x56x56"`` -> T x H x W, ``"32f:224px"`` -> the
+    four stages of a 32-frame clip of 224 px (16x56x56 ... 16x7x7: two frames per token)."""
     if isinstance(text, Resolution):
         return [text]
     if isinstance(text, int):
         text = str(text)
     s = str(text).strip().lower().replace(" ", "")
+    m = _CLIP.match(s)
+    if m:
+        t, h, w = (int(g) for g in m.groups())
+        if min(t, h, w) < 1:
+            raise GridError(f"resolution {text!r} must be positive")
+        return [Resolution(h, w, frames=t)]
+    m = _CLIP_STAGE.match(s)
+    if m:
+        clip, ih = int(m.group(1)), int(m.group(2))
+        iw = int(m.group(3) or ih)
+        if clip < TEMPORAL_STRIDE:
+            raise GridError(f"a clip of {clip} frames has no token frame (two frames per token); use >= 2 frames")
+        stages = [int(m.group(4))] if m.group(4) else sorted(STAGE_WIDTHS)
+        return [
+            dataclasses.replace(stage_resolution((ih, iw), st), frames=clip // TEMPORAL_STRIDE, clip=clip)
+            for st in stages
+        ]
     m = _RES.match(s)
     if m:
         h = int(m.group(1))
@@ -78,8 +105,8 @@ def parse_resolution(text: str | int | Resolution) -> list[Resolution]:
         stages = [int(m.group(3))] if m.group(3) else sorted(STAGE_WIDTHS)
         return [stage_resolution((ih, iw), st) for st in stages]
     raise GridError(
-        f"cannot read resolution {text!r}; write 64 (64x64), 64x96 (H x W), 224px:s2 (stage 2 of a 224 px image) "
-        "or 224px (all four stages)"
+        f"cannot read resolution {text!r}; write 64 (64x64), 64x96 (H x W), 224px:s2 (stage 2 of a 224 px image), "
+        "224px (all four stages), 8x56x56 (T x H x W) or 32f:224px (the four stages of a 32-frame clip)"
     )
 
 
@@ -113,14 +140,17 @@ class Point:
     image_height: int | None = None
     image_width: int | None = None
     stage: int | None = None
+    # Token frames of a (T, H, W) clip map; None for an (H, W) map.
+    frames: int | None = None
 
     @property
-    def hw(self) -> tuple[int, int]:
-        return (self.height, self.width)
+    def hw(self) -> tuple[int, ...]:
+        """The map the mechanism sees: (H, W), or (T, H, W) for a clip."""
+        return (self.height, self.width) if self.frames is None else (self.frames, self.height, self.width)
 
     @property
     def tokens(self) -> int:
-        return self.height * self.width
+        return self.height * self.width * (self.frames or 1)
 
     def knob_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.knobs}
@@ -145,6 +175,8 @@ class Point:
             "image_height": self.image_height,
             "image_width": self.image_width,
             "stage": self.stage,
+            # only on clips, so that every image point keeps its id
+            **({"frames": self.frames} if self.frames is not None else {}),
         }
 
     @property
@@ -176,12 +208,13 @@ class Point:
             image_height=d.get("image_height"),
             image_width=d.get("image_width"),
             stage=d.get("stage"),
+            frames=None if d.get("frames") is None else int(d["frames"]),
         )
 
     def label(self) -> str:
         knobs = ",".join(f"{k}={v}" for k, v in self.knobs)
         return (
-            f"{self.mechanism}[{knobs}] {self.height}x{self.width} b{self.batch} d{self.dim}/h{self.heads} "
+            f"{self.mechanism}[{knobs}] {'x'.join(map(str, self.hw))} b{self.batch} d{self.dim}/h{self.heads} "
             f"{self.dtype} {self.pass_} {self.impl}{' compiled' if self.compile else ''} {self.device}"
             + (" cross" if self.cross else "")
         )
@@ -211,6 +244,8 @@ class Grid:
     compile: list[bool] = dataclasses.field(default_factory=lambda: [False])
     devices: list[str] = dataclasses.field(default_factory=lambda: [_default_device()])
     cross: list[bool] = dataclasses.field(default_factory=lambda: [False])
+    # Token frames: every resolution becomes a T x H x W clip map of each (empty: the maps as given).
+    frames: list[int] = dataclasses.field(default_factory=list)
     knobs: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
     # Values of each mechanism's *cost knob*, keyed by the cost knob's name
     # (e.g. {"topk": [4, 8, 16]}); used by presets to sweep cost generically.
@@ -305,6 +340,11 @@ def expand(grid: Grid) -> Expansion:
             known = sorted({k for n in names for k in attentions.get(n).knob_types()})
             raise GridError(f"knob {key!r} belongs to none of {', '.join(names)}; their knobs: {', '.join(known)}")
     resolutions = [r for text in grid.resolutions for r in parse_resolution(text)]
+    for t in grid.frames:
+        if not isinstance(t, int) or isinstance(t, bool) or t < 1:
+            raise GridError(f"frames must be positive integers, got {t!r}")
+    if grid.frames:
+        resolutions = [dataclasses.replace(r, frames=t) for r in resolutions for t in grid.frames]
 
     points: list[Point] = []
     refused: dict[Point, list[str]] = {}
@@ -357,6 +397,7 @@ def expand(grid: Grid) -> Expansion:
                 image_height=res.image[0] if res.image else None,
                 image_width=res.image[1] if res.image else None,
                 stage=res.stage,
+                frames=res.frames,
             )
             if point in seen:
                 continue

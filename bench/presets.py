@@ -90,6 +90,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "grid": {**GPU_GRID, "resolutions": ["224px"], "batches": [1, 64], "dims": ["stage"], "heads": [1]},
         "settings": GPU_SETTINGS,
     },
+    "video": {
+        "description": "Video Swin-T's and MViTv2-S's stage maps (GPU), bf16: 16- and 32-frame clips of 224 px, two "
+        "frames per token (8 and 16 x 56x56 ... 7x7) at the stage widths; swin with Video Swin-T's 8-frame windows, "
+        "pooling with MViTv2's 3-frame kernel; mechanisms without a time axis are skipped with their reason",
+        "grid": {
+            **GPU_GRID,
+            "resolutions": ["16f:224px", "32f:224px"],
+            "dims": ["stage"],
+            "heads": [1],
+            "knobs": {"window_t": [8], "kernel_t": [3]},
+        },
+        "settings": GPU_SETTINGS,
+    },
     "stages": {
         "description": "every backbone stage of 224..1024 px images (GPU), bf16: the maps real backbones see",
         "grid": {

@@ -68,6 +68,7 @@ POINT_FIELDS: dict[str, str] = {
     "image_height": "int",
     "image_width": "int",
     "stage": "int",
+    "frames": "int",
     "status": "str",
     "reason": "str",
     "latency_ms_median": "float",

@@ -311,6 +311,7 @@ AXIS_OPTIONS = {
     "compile": "--compile",
     "devices": "--device",
     "cross": "--cross",
+    "frames": "--frames",
 }
 
 BOOL_WORDS = {
@@ -356,7 +357,7 @@ def resolve_request(
         items = split_values(values)
         if not items:
             raise GridError(f"{AXIS_OPTIONS.get(key, key)} is empty; give at least one value (see --help)")
-        if key in ("batches", "heads"):
+        if key in ("batches", "heads", "frames"):
             grid_d[key] = parse_ints(f"--{key}", items)
         elif key == "dims":
             grid_d[key] = [v if v == "stage" else parse_ints("--dim", [v])[0] for v in items]

@@ -8,6 +8,7 @@
 
 from .backbone import Backbone, BackboneConfig, StageConfig
 from .crossvit import CrossViT, CrossViTConfig
+from .video import VideoBackbone, VideoConfig, create_video, video_available, video_entry
 from .zoo import Entry, Published, available, config, create, entry
 
 __all__ = [
@@ -18,8 +19,13 @@ __all__ = [
     "Entry",
     "Published",
     "StageConfig",
+    "VideoBackbone",
+    "VideoConfig",
     "available",
     "config",
     "create",
+    "create_video",
     "entry",
+    "video_available",
+    "video_entry",
 ]

@@ -356,3 +356,12 @@ def test_cross_is_refused(build):
     x = torch.randn(1, 24, 16)
     with pytest.raises(ValueError, match="cross"):
         m(x, (4, 6), x.clone(), (4, 6))
+
+
+def test_cvpr2022_pads_the_offset_conv_at_kernel_equal_to_stride_as_that_release_does():
+    # the CVPR release pads kernel // 2 always; DAT++ (and centres) pad 0 where kernel == stride
+    kn = {"stride": 4, "kernel": 4}
+    cvpr = attentions.build("deformable", dim=16, heads=2, geometry="cvpr2022", **kn)
+    datpp = attentions.build("deformable", dim=16, heads=2, geometry="datpp", **kn)
+    assert cvpr.padding == 2 and datpp.padding == 0
+    assert cvpr.key_hw((56, 56)) == (15, 15) and datpp.key_hw((56, 56)) == (14, 14)

@@ -25,7 +25,7 @@ def randn(*shape: int, seed: int = 1) -> torch.Tensor:
 
 def test_defaults_and_declarations(build):
     cls = attentions.get("pvt")
-    assert cls.knob_defaults() == {"version": "v1", "sr_ratio": 4, "pool_size": 7, "qkv_bias": True}
+    assert cls.knob_defaults() == {"version": "v1", "sr_ratio": 4, "pool_size": 7, "qkv_bias": True, "sr_ratio_t": 1}
     assert cls.cost_knob == "sr_ratio" and cls.supports_cross
     module = build()
     assert isinstance(module.sr, torch.nn.Conv2d) and module.sr.kernel_size == (4, 4) and module.sr.stride == (4, 4)

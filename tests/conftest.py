@@ -1,6 +1,8 @@
 """Mechanisms named in ATTNBENCH_PLUGINS are registered before any test module is collected, so the
 registry-driven tests parametrize over them too."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from attnbench.bench.points import load_plugins
@@ -8,10 +10,17 @@ from attnbench.bench.points import load_plugins
 load_plugins()
 
 
+ONE_THREAD = ("models", "studies")  # the folders of tests/ whose tests run on one intra-op thread
+
+
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread per test: the ops are small, and on a shared CPU several threads spend more time
-    waiting for each other than computing (a test that sets its own count gets it back afterwards)."""
+def _one_thread(request):
+    """One intra-op thread for the models and studies tests: their ops are small, and on a shared CPU several
+    threads spend more time waiting for each other than computing. (The attention parity tests keep torch's
+    count: their low-precision tolerances were set with it.)"""
+    if Path(request.node.path).parent.name not in ONE_THREAD:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

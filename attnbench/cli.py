@@ -623,20 +623,40 @@ def train_(
     val_size: int = typer.Option(512, "--val-size", help="Synthetic held-out images."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order, the synthetic images and the weights."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for torch, set before any work, in every row."),
+    recipe: str = typer.Option(
+        "none", "--recipe", help="Augmentation: none, or deit (crop, flip, RandAugment, mixup, cutmix, erasing)."
+    ),
+    ema: float = typer.Option(None, "--ema", help="Also evaluate an EMA of the weights with this decay (0.9998)."),
+    drop_path: float = typer.Option(None, "--drop-path", help="Stochastic depth rate (default: the model's own)."),
+    nproc: int = typer.Option(
+        1, "--nproc", help="Processes (one per GPU) on this node, data-parallel; --batch is the global batch."
+    ),
+    cluster: str = typer.Option(None, "--cluster", help="slurm: submit --nodes x --nproc tasks through submitit."),
+    nodes: int = typer.Option(1, "--nodes", help="Nodes of a --cluster slurm job."),
+    partition: str = typer.Option(None, "--partition", help="Slurm partition of a --cluster slurm job."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train a zoo model end to end; per-epoch and final metrics go to RUN_DIR/results.jsonl.
 
     Killed at any moment, the same command continues the run from its last checkpoint; run again when
     complete, it prints the stored result. Another command's directory, or a run made with other
-    options, is refused in one line."""
+    options, is refused in one line. Started by torchrun or srun, each process trains its share."""
     from attnbench.studies.train import TrainConfig, train
 
     cfg = TrainConfig(
         model=model, tiny=tiny, data=data, resolution=resolution, epochs=epochs, batch=batch, lr=lr, amp=amp,
         device=device, out=out, resume=resume, train_size=train_size, val_size=val_size, seed=seed, threads=threads,
+        recipe=recipe, ema=ema, drop_path=drop_path, nproc=nproc, cluster=cluster, nodes=nodes, partition=partition,
     )  # fmt: skip
     result = train(cfg, progress=not as_json)
+    if result is None:  # a rank other than 0 (torchrun, srun): rank 0 reports
+        return
+    if "submitted" in result:
+        console.print(
+            f"submitted Slurm job {result['submitted']} ({result['tasks']} tasks); logs in {escape(result['logs'])}; "
+            f"results in {escape(out)}/results.jsonl"
+        )
+        return
     result.pop("step_losses", None)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -646,7 +666,9 @@ def train_(
         f"{escape(result['model'])} at {result['resolution']} px: held-out accuracy {result['accuracy']:.1%} after "
         f"{result['epochs']} epochs; {result['params'] / 1e6:.3f}M params, "
         + (f"{macs / 1e9:.4f} GMACs ({2 * macs / 1e9:.4f} GFLOPs) per image, " if macs is not None else "")
-        + f"{result['images_per_s']:.0f} img/s, peak {result['peak_bytes'] / 2**20:.0f} MiB "
+        + f"{result['images_per_s']:.0f} img/s on {result.get('world_size', 1)} process(es), "
+        + (f"data wait {wait:.0%}, " if (wait := result.get("data_wait_share")) is not None else "")
+        + f"peak {result['peak_bytes'] / 2**20:.0f} MiB "
         f"({result['memory_method']}); results in {escape(out)}/results.jsonl"
     )
 

@@ -1,0 +1,104 @@
+"""Data-parallel training on the CPU: two processes with the gloo backend, started by torch's launcher.
+
+Tolerance: at the same global batch (8) and data order, the losses of the first steps of two processes
+equal those of one process within 1e-5 absolute (float32; the gradients are summed in another order, so
+the last bits may differ: seen 1.2e-7). Only rank 0 writes (every rank logs, through Python's audit
+events, the files it opens for writing, renames, removes or makes). A kill of rank 1 right after the
+first epoch's checkpoint, followed by the same command, ends with the final weights of an uninterrupted
+two-process run bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from attnbench.bench.rundir import KILL_ENV
+from attnbench.bench.store import read_results
+from attnbench.studies import distributed as D
+from attnbench.studies.train import TrainConfig, TrainError, train
+
+TOLERANCE = 1e-5
+
+
+def _cfg(out: Path, nproc: int) -> TrainConfig:
+    return TrainConfig(
+        "pyramid_full", str(out), tiny=True, epochs=2, batch=8, train_size=32, val_size=8, resolution=32, lr=2e-3,
+        nproc=nproc,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("dist")
+    one = train(_cfg(root / "one", 1), progress=False)
+    mp = pytest.MonkeyPatch()
+    mp.setenv(D.AUDIT_ENV, str(root / "writes"))
+    try:
+        two = train(_cfg(root / "two", 2), progress=False)
+    finally:
+        mp.undo()
+    return {"root": root, "one": one, "two": two}
+
+
+def test_two_processes_take_the_steps_of_one_at_the_same_global_batch(runs):
+    one, two = runs["one"]["step_losses"], runs["two"]["step_losses"]
+    assert len(one) == len(two) == 2 * 4  # 32 images, global batch 8: 4 steps per epoch
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < TOLERANCE
+    assert runs["two"]["world_size"] == 2 and runs["one"]["world_size"] == 1
+    rows = [r for r in read_results(runs["root"] / "two").records if r["kind"] == "train_epoch"]
+    assert [r["world_size"] for r in rows] == [2, 2]
+    for r in rows:
+        assert 0 <= r["data_wait_share"] < 1
+        assert r["images_per_s_per_device"] == pytest.approx(r["images_per_s"] / 2)
+
+
+def test_rank_0_alone_writes(runs):
+    root = runs["root"]
+    written = {r: Path(f"{root / 'writes'}.rank{r}").read_text().splitlines() for r in (0, 1)}
+    assert any("checkpoint.pt" in line for line in written[0])
+    assert any("results.jsonl" in line for line in written[0])
+    assert not [line for line in written[1] if str(root) in line], written[1]
+    ids = [r["point_id"] for r in read_results(root / "two").records]
+    assert len(ids) == len(set(ids)) == 3  # two epoch rows and the final row, each once
+
+
+def test_a_killed_rank_is_continued_by_the_same_command_to_the_same_weights(runs, tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ENV, "checkpoint@rank1:1")
+    with pytest.raises(D.DistributedError, match="rank 1 of 2 failed"):
+        train(_cfg(out, 2), progress=False)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.delenv(KILL_ENV)
+    train(_cfg(out, 2), progress=False)
+    ours = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    theirs = torch.load(runs["root"] / "two" / "checkpoint.pt", weights_only=True)["model"]
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ids = [r["point_id"] for r in read_results(out).records]
+    assert len(ids) == len(set(ids)) == 3
+
+
+def test_the_global_batch_must_split_evenly(tmp_path):
+    with pytest.raises(TrainError, match="multiple of the 3 processes"):
+        train(_cfg(tmp_path / "x", 3), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "world"),
+    [
+        ({}, D.World()),
+        ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, D.World(1, 4, 1, "torch")),
+        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}, D.World(5, 8, 1, "slurm")),
+    ],
+)
+def test_the_world_is_read_from_torchrun_or_slurm(env, world):
+    assert D.from_env(env) == world
+
+
+def test_slurm_rendezvous_defaults_and_a_bad_rank():
+    assert D._slurm_rendezvous({"MASTER_ADDR": "n1", "SLURM_JOB_ID": "123"}) == {"MASTER_PORT": "20123"}
+    with pytest.raises(D.DistributedError, match="outside a world of 2"):
+        D.from_env({"RANK": "2", "WORLD_SIZE": "2"})

@@ -8,6 +8,14 @@ depends on a long-range spatial relation that a model must see across the map.
 Images are generated deterministically from (seed, split, index) at any
 resolution and size; nothing is stored or downloaded.
 
+``Cifar`` reads CIFAR-10 or CIFAR-100 from the python version's pickled batches at a path the user gives
+(``cifar10:PATH``, ``cifar100:PATH``; PATH the extracted ``cifar-10-batches-py`` or
+``cifar-100-python`` folder or the folder that holds it); nothing is downloaded. The pickles are read
+with a restricted unpickler that builds only dicts, lists, strings, bytes and numbers.
+
+``imagenet:PATH`` is an image folder that must hold ``train/`` and ``val/`` of class folders (ImageNet's
+layout once its validation images are sorted into class folders).
+
 ``ImageFolder`` reads ``ROOT/<class>/<image>`` (or ``ROOT/train/<class>/...`` and
 ``ROOT/val/<class>/...``) with PIL; every file is checked up front, so an empty
 folder or a non-image fails before a run starts.
@@ -15,6 +23,7 @@ folder or a non-image fails before a run starts.
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -199,8 +208,99 @@ def _split(items: list[tuple[Path, int]], split: str, holdout: float, seed: int)
     return out
 
 
+CIFAR_LAYOUT = {
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        b"label_names",
+        b"labels",
+    ),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_label_names", b"fine_labels"),
+}
+
+
+class _Pickles(pickle.Unpickler):
+    """The CIFAR batches hold plain containers and a numpy array; refuse anything that could run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise DataError(f"a CIFAR batch may not hold {module}.{name}")
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return _Pickles(f, encoding="bytes").load()
+
+
+class Cifar(Dataset):
+    """CIFAR-10 or CIFAR-100 (fine labels) from the python batches; 32 px images, resized (bilinear) to
+    ``resolution`` when it differs; the ``val`` split is the test batch."""
+
+    def __init__(self, kind: str, root: str | Path, resolution: int, split: str = "train"):
+        if split not in SPLITS:
+            raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        folder_name, train_files, test_files, meta, names_key, labels_key = CIFAR_LAYOUT[kind]
+        root = Path(root).expanduser()
+        folder = root / folder_name if (root / folder_name).is_dir() else root
+        files = train_files if split == "train" else test_files
+        needed = [*files, meta]
+        if not all((folder / f).is_file() for f in needed):
+            listing = "data_batch_1..5, test_batch, batches.meta" if kind == "cifar10" else "train, test, meta"
+            raise DataError(
+                f"{kind}:{root} is not the python version of {kind.upper()}: expected {root}/{folder_name}/ "
+                f"holding {listing} (the extracted {kind[:5]}-{kind[5:]}-python.tar.gz); nothing is downloaded"
+            )
+        try:
+            self.classes = [n.decode() for n in _unpickle(folder / meta)[names_key]]
+            images, labels = [], []
+            for f in files:
+                batch = _unpickle(folder / f)
+                images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels += [int(v) for v in batch[labels_key]]
+        except (OSError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+            raise DataError(f"{kind}:{root}: {folder} holds a batch that cannot be read ({exc})") from None
+        self.images = torch.from_numpy(np.concatenate(images))  # (N, 3, 32, 32) uint8
+        self.labels = torch.tensor(labels)
+        if len(self.labels) != len(self.images):
+            raise DataError(f"{kind}:{root}: {len(self.images)} images but {len(self.labels)} labels in {folder}")
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img = self.images[index].float() / 255.0
+        if self.resolution != img.shape[-1]:
+            img = torch.nn.functional.interpolate(
+                img[None], size=(self.resolution, self.resolution), mode="bilinear", align_corners=False
+            )[0]  # fmt: skip
+        return _normalise(img), int(self.labels[index])
+
+
 def build(data: str, resolution: int, split: str, *, size: int | None = None, seed: int = 0) -> Dataset:
-    """``"synthetic"`` or ``"synthetic-detail"`` (``size`` images) or the path of an image folder."""
+    """``"synthetic"`` or ``"synthetic-detail"`` (``size`` images), ``cifar10:PATH``, ``cifar100:PATH``,
+    ``imagenet:PATH`` (PATH/train and PATH/val of class folders) or the path of an image folder."""
+    kind, sep, path = data.partition(":")
+    if sep and kind in CIFAR_LAYOUT:
+        return Cifar(kind, path, resolution, split)
+    if sep and kind == "imagenet":
+        root = Path(path).expanduser()
+        if not ((root / "train").is_dir() and (root / "val").is_dir()):
+            raise DataError(
+                f"imagenet:{path} lacks train/ or val/: expected {root}/train/<class>/<images> and "
+                f"{root}/val/<class>/<images> (the validation images sorted into class folders)"
+            )
+        return ImageFolder(root, resolution, split, seed=seed)
     if data == "synthetic-detail":
         return SyntheticDetail(size or (2048 if split == "train" else 512), resolution, split, seed)
     if data == "synthetic":

@@ -606,7 +606,9 @@ def models_(
 def train_(
     model: str = typer.Option(..., "--model", "-m", help="A zoo model (attnbench models lists them)."),
     tiny: bool = typer.Option(False, "--tiny", help="The tiny variant (32 px native), trains on a CPU."),
-    data: str = typer.Option("synthetic", "--data", help="'synthetic' (built in) or an image folder ROOT/<class>/."),
+    data: str = typer.Option(
+        "synthetic", "--data", help="synthetic, cifar10:PATH, cifar100:PATH, imagenet:PATH or a folder ROOT/<class>/."
+    ),
     resolution: int = typer.Option(None, "--resolution", "-r", help="Image side in px (default: the model's native)."),
     epochs: int = typer.Option(10, "--epochs", help="Epochs to train in all (a continued run may be given more)."),
     batch: int = typer.Option(64, "--batch", "-b", help="Batch size."),
@@ -758,12 +760,17 @@ def reproduce(
     full: bool = typer.Option(False, "--full", help="The published configuration (224 px; a GPU or an image folder)."),
     smoke: bool = typer.Option(False, "--smoke", help="One training step per variant, one seed (seconds; for CI)."),
     seeds: int = typer.Option(None, "--seeds", help="Seeds per variant (default: the file's)."),
-    data: str = typer.Option(None, "--data", help="'synthetic' or an image folder (default: the file's)."),
+    data: str = typer.Option(
+        None, "--data", help="synthetic, cifar10:PATH, cifar100:PATH, imagenet:PATH or a folder (default: the file's)."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
     out: str = typer.Option(None, "--out", "-o", help="Directory of the rows (results.jsonl) and report.html."),
     work: str = typer.Option(None, "--work", help="Where the training runs and checkpoints go (default OUT/runs)."),
     compare: list[str] = typer.Option([], "--compare", help="Other reproduce directories shown on the same page."),
     list_: bool = typer.Option(False, "--list", help="List the shipped experiments and exit."),
+    nproc: int = typer.Option(
+        1, "--nproc", help="Processes (one per GPU) training each variant data-parallel; the recipe's batch is global."
+    ),
 ) -> None:
     """Train and measure every variant of a paper's experiment; rows in OUT/results.jsonl, page in OUT/report.html.
 
@@ -791,7 +798,7 @@ def reproduce(
     exp = experiments.load(experiment)
     summary = experiments.run(
         exp, mode, out, seeds=seeds, data=data, device=device, work=work, log=lambda s: console.print(escape(s)),
-        progress=True,
+        progress=True, nproc=nproc,
     )  # fmt: skip
     page = f"{out}/report.html"
     with open(page, "w", encoding="utf-8") as f:

@@ -336,16 +336,26 @@ def train(
         prepare(cfg, model_fn)  # every check before anything is submitted
         return _submit_slurm(cfg)
     if cfg.nproc > 1:
-        if model_fn is not None or on_epoch_end is not None:
-            raise TrainError("nproc > 1 takes a zoo model and no callbacks (they cannot cross processes)")
+        _crosses_processes(model_fn, on_epoch_end)
         prepare(cfg, model_fn)  # every check here, in one line, before any process starts
-        return D.launch(_launched, (cfg, progress), cfg.nproc)
+        return D.launch(_launched, (cfg, progress, model_fn), cfg.nproc)
     return _train(cfg, D.World(), progress=progress, on_epoch_end=on_epoch_end, model_fn=model_fn)
 
 
-def _launched(cfg: TrainConfig, progress: bool) -> dict[str, Any] | None:
+def _crosses_processes(model_fn: ModelFn | None, on_epoch_end: Any) -> None:
+    import pickle
+
+    if on_epoch_end is not None:
+        raise TrainError("nproc > 1 takes no on_epoch_end callback (it cannot cross processes)")
+    try:
+        pickle.dumps(model_fn)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        raise TrainError("nproc > 1 needs a model builder that pickles (a module-level function)") from None
+
+
+def _launched(cfg: TrainConfig, progress: bool, model_fn: ModelFn | None) -> dict[str, Any] | None:
     """One process started by :func:`distributed.launch`."""
-    return _rank_train(cfg, progress=progress)
+    return _rank_train(cfg, progress=progress, model_fn=model_fn)
 
 
 def _rank_train(cfg: TrainConfig, **kw: Any) -> dict[str, Any] | None:

@@ -102,3 +102,33 @@ def test_slurm_rendezvous_defaults_and_a_bad_rank():
     assert D._slurm_rendezvous({"MASTER_ADDR": "n1", "SLURM_JOB_ID": "123"}) == {"MASTER_PORT": "20123"}
     with pytest.raises(D.DistributedError, match="outside a world of 2"):
         D.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+ONE_VARIANT = """\
+name: one
+title: one tiny variant
+seeds: 1
+modes:
+  quick: {tiny: true, resolution: 32, epochs: 1, batch: 8, train_size: 16, val_size: 8, cost_resolutions: [32],
+          cost_batch: 1, recipe: none, lr_rule: "5e-4 x batch / 512", recipe_source: "a test"}
+variants:
+  - name: swin
+    model: pyramid_swin
+    stages: [{attention: swin, knobs: [{window: 4}, {window: 4, shift: true}]}, null, null, null]
+"""
+
+
+def test_reproduce_trains_each_variant_in_two_processes_as_in_one(tmp_path):
+    from attnbench.studies import experiments as E
+
+    (tmp_path / "one.yaml").write_text(ONE_VARIANT)
+    exp = E.load(str(tmp_path / "one.yaml"))
+    with pytest.raises(E.ExperimentError, match="batch 8 must be a multiple of it"):
+        E.run(exp, "quick", tmp_path / "bad", nproc=3, log=lambda s: None)
+    rows = {}
+    for n in (1, 2):
+        E.run(exp, "quick", tmp_path / f"n{n}", nproc=n, log=lambda s: None)
+        (rows[n],) = [r for r in read_results(tmp_path / f"n{n}").records if r["kind"] == "experiment"]
+    assert rows[2]["accuracy"] == rows[1]["accuracy"] and rows[2]["val_loss"] == pytest.approx(rows[1]["val_loss"])
+    final = [r for r in read_results(tmp_path / "n2" / "runs" / "quick" / "swin" / "seed0").records]
+    assert {r["world_size"] for r in final} == {2}

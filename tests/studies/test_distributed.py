@@ -132,3 +132,43 @@ def test_reproduce_trains_each_variant_in_two_processes_as_in_one(tmp_path):
     assert rows[2]["accuracy"] == rows[1]["accuracy"] and rows[2]["val_loss"] == pytest.approx(rows[1]["val_loss"])
     final = [r for r in read_results(tmp_path / "n2" / "runs" / "quick" / "swin" / "seed0").records]
     assert {r["world_size"] for r in final} == {2}
+
+
+def test_cli_refuses_a_batch_that_does_not_split_before_any_process_starts(tmp_path):
+    from typer.testing import CliRunner
+
+    from attnbench.cli import app
+
+    out = tmp_path / "run"
+    args = ["train", "--model", "pyramid_full", "--tiny", "--batch", "8", "--nproc", "3", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "must be a multiple of the 3 processes" in result.output
+    assert not out.exists()
+
+
+def test_slurm_submission_asks_one_task_per_gpu(tmp_path, monkeypatch):
+    import submitit
+    from attnbench.studies import train as T
+
+    asked: dict = {}
+
+    class FakeExecutor:
+        def __init__(self, folder, cluster):
+            asked.update(folder=str(folder), cluster=cluster)
+
+        def update_parameters(self, **kw):
+            asked.update(kw)
+
+        def submit(self, fn, cfg):
+            asked.update(fn=fn, cfg=cfg)
+            return type("Job", (), {"job_id": "77"})()
+
+    monkeypatch.setattr(submitit, "AutoExecutor", FakeExecutor)
+    monkeypatch.setattr(T, "_device", lambda name: torch.device("cpu"))  # no GPU here: the request is what counts
+    cfg = TrainConfig("pyramid_full", str(tmp_path / "run"), tiny=True, batch=64, device="cuda", nproc=8, nodes=4,
+                      cluster="slurm", partition="gpu")  # fmt: skip
+    result = train(cfg, progress=False)
+    assert result == {"submitted": "77", "logs": f"{tmp_path / 'run'}.slurm", "tasks": 32}
+    assert (asked["nodes"], asked["tasks_per_node"], asked["gpus_per_node"]) == (4, 8, 8)
+    assert asked["cluster"] == "slurm" and asked["slurm_partition"] == "gpu" and asked["fn"] is T._slurm_task
+    assert asked["cfg"].cluster is None and not (tmp_path / "run").exists()

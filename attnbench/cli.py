@@ -636,6 +636,7 @@ def train_(
     cluster: str = typer.Option(None, "--cluster", help="slurm: submit --nodes x --nproc tasks through submitit."),
     nodes: int = typer.Option(1, "--nodes", help="Nodes of a --cluster slurm job."),
     partition: str = typer.Option(None, "--partition", help="Slurm partition of a --cluster slurm job."),
+    workers: int = typer.Option(0, "--workers", help="Data-loader processes per training process (0: none)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train a zoo model end to end; per-epoch and final metrics go to RUN_DIR/results.jsonl.
@@ -649,6 +650,7 @@ def train_(
         model=model, tiny=tiny, data=data, resolution=resolution, epochs=epochs, batch=batch, lr=lr, amp=amp,
         device=device, out=out, resume=resume, train_size=train_size, val_size=val_size, seed=seed, threads=threads,
         recipe=recipe, ema=ema, drop_path=drop_path, nproc=nproc, cluster=cluster, nodes=nodes, partition=partition,
+        workers=workers,
     )  # fmt: skip
     result = train(cfg, progress=not as_json)
     if result is None:  # a rank other than 0 (torchrun, srun): rank 0 reports
@@ -700,6 +702,9 @@ def match_(
     knob: list[str] = typer.Option(None, "--knob", "-k", help="NAME=VALUE for every mechanism with that knob."),
     out: str = typer.Option(..., "--out", "-o", help="Run directory (results store, footprints, report.html)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for torch, set before any work, in every row."),
+    nproc: int = typer.Option(
+        1, "--nproc", help="Processes training each run data-parallel (gloo, CPU); the batch is split across them."
+    ),
 ) -> None:
     """Train the LoFTR-style coarse matcher per mechanism and seed; rows and report in --out.
 
@@ -716,7 +721,7 @@ def match_(
     cfg = MatchRunConfig(
         mechanisms=tuple(m.strip() for m in mechanism.split(",") if m.strip()),
         out=out, seeds=seeds, preset="smoke" if smoke else "quick" if quick else "default", source=data,
-        resolution=resolution, knobs=_knob_pairs(knob), threads=threads,
+        resolution=resolution, knobs=_knob_pairs(knob), threads=threads, nproc=nproc,
     )  # fmt: skip
     run(cfg, log=console.print, progress=True)
     path = write_report(out)

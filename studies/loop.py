@@ -175,13 +175,13 @@ def fit(
             ema.load_state_dict(ck["ema"])
         start, step, rows = int(ck["epoch"]), int(ck["step"]), list(ck["rows"])
         images, train_s = int(ck["images"]), float(ck["train_s"])
-        states = ck.get("rng_ranks") or [ck["rng_cpu"]]
+        states = ck.get("rng_ranks") or [{"cpu": ck["rng_cpu"], "cuda": ck.get("rng_cuda")}]
         if len(states) == world:
-            torch.set_rng_state(states[rank])
+            torch.set_rng_state(states[rank]["cpu"])
+            if device.type == "cuda" and states[rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(states[rank]["cuda"], device)
         else:  # resumed with another number of processes: the data order is the same, the dropout draws are not
             torch.manual_seed(step * 1_000_003 + rank)
-        if device.type == "cuda" and "rng_cuda" in ck and world == 1:
-            torch.cuda.set_rng_state(ck["rng_cuda"], device)
         for row in rows if on_epoch is not None and main else ():
             on_epoch(row)
     net: nn.Module = model
@@ -253,7 +253,7 @@ def fit(
                 row.update({f"ema_{k}": ema_row[k] for k in ("accuracy", "val_loss") if k in ema_row})
             bar.finish(task_id, ", ".join(f"{k} {_short(v)}" for k, v in row.items() if k not in ("epoch", "lr")))
             rows.append(row)
-        rng_ranks = D.gather_objects(torch.get_rng_state())  # after the evaluation, as one process saves it
+        rng_ranks = D.gather_objects(_rng_state(device))  # after the evaluation, as one process saves it
         if main:
             save_checkpoint(
                 checkpoint, model, opt, scaler, epoch + 1, step, rows, images, train_s, device,
@@ -266,6 +266,11 @@ def fit(
             on_epoch(row)
     rows = D.broadcast_object(rows)
     return Fit(rows, step_losses, images, train_s, start)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's random state: the CPU generator's and, on CUDA, its device's (both on the CPU)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def _ema(model: nn.Module, decay: float) -> Any:

@@ -77,6 +77,7 @@ class TrainConfig:
     cluster: str | None = None  # "slurm": submit through submitit (nodes x nproc tasks)
     nodes: int = 1  # --cluster slurm only
     partition: str | None = None  # --cluster slurm only
+    workers: int = 0  # data-loader processes per training process (0: load in the training process)
 
     # Fields that must match between a run and its continuation (--epochs may grow).
     SAME_ON_RESUME = ("model", "tiny", "data", "resolution", "batch", "seed", "train_size", "val_size", "lr")
@@ -116,6 +117,8 @@ def prepare(
             zoo.entry(cfg.model)
         except KeyError as exc:
             raise TrainError(exc.args[0]) from None
+    if cfg.workers < 0:
+        raise TrainError(f"--workers must be 0 or more, got {cfg.workers}")
     for name in ("epochs", "batch", "threads", "train_size", "val_size", "nproc", "nodes"):
         if getattr(cfg, name) is None or getattr(cfg, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -200,7 +203,9 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int, epoch: int, world: int = 1, rank: int = 0) -> DataLoader:
+def _loader(
+    ds: Dataset, batch: int, shuffle: bool, seed: int, epoch: int, world: int = 1, rank: int = 0, workers: int = 0
+) -> DataLoader:
     """One epoch's batches. Shuffled, the order is torch's DistributedSampler's (a permutation seeded by the
     run's seed and the epoch, the same for any number of processes); rank r of W takes every W-th index from
     r on, ``batch // W`` at a time, so that step k's global batch is the same images as one process's."""
@@ -212,7 +217,8 @@ def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int, epoch: int, world
     sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=seed * 100_003, drop_last=True)
     sampler.set_epoch(epoch)  # the order of an epoch does not depend on resumes
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # the loader's own draws: not the global generator
-    return DataLoader(ds, batch_size=batch // world, sampler=sampler, drop_last=drop, generator=g)
+    more = {"num_workers": workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": False}
+    return DataLoader(ds, batch_size=batch // world, sampler=sampler, drop_last=drop, generator=g, **more)
 
 
 @torch.no_grad()
@@ -255,7 +261,9 @@ class Classification:
 
     def _loader(self, epoch: int) -> DataLoader:
         cfg = self.prep.config
-        return _loader(self.prep.train_set, cfg.batch, True, cfg.seed, epoch, self.prep.world, self.rank)
+        return _loader(
+            self.prep.train_set, cfg.batch, True, cfg.seed, epoch, self.prep.world, self.rank, cfg.workers
+        )  # fmt: skip
 
     def batches(self, epoch: int) -> Any:
         device = self.prep.device
@@ -332,12 +340,18 @@ def train(
     (the other ranks return None)."""
     if D.in_launched_world():
         return _rank_train(cfg, progress=progress, on_epoch_end=on_epoch_end, model_fn=model_fn)
+    cpu = torch.device("cpu")  # the checks build the model here: no GPU memory held by the launching process
     if cfg.cluster == "slurm":
-        prepare(cfg, model_fn)  # every check before anything is submitted
+        if cfg.device.split(":")[0] not in ("cpu", "cuda"):  # the GPUs are the job's, not this (login) node's
+            raise TrainError(f"--device {cfg.device}: only cpu and cuda are supported")
+        prepare(cfg, model_fn, device=cpu)  # every check before anything is submitted
         return _submit_slurm(cfg)
     if cfg.nproc > 1:
         _crosses_processes(model_fn, on_epoch_end)
-        prepare(cfg, model_fn)  # every check here, in one line, before any process starts
+        device = _device(cfg.device)
+        if device.type == "cuda" and torch.cuda.device_count() < cfg.nproc:
+            raise TrainError(f"--nproc {cfg.nproc} needs as many GPUs; {torch.cuda.device_count()} here")
+        prepare(cfg, model_fn, device=cpu)  # every check here, in one line, before any process starts
         return D.launch(_launched, (cfg, progress, model_fn), cfg.nproc)
     return _train(cfg, D.World(), progress=progress, on_epoch_end=on_epoch_end, model_fn=model_fn)
 

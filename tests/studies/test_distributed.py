@@ -10,6 +10,7 @@ two-process run bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -164,7 +165,6 @@ def test_slurm_submission_asks_one_task_per_gpu(tmp_path, monkeypatch):
             return type("Job", (), {"job_id": "77"})()
 
     monkeypatch.setattr(submitit, "AutoExecutor", FakeExecutor)
-    monkeypatch.setattr(T, "_device", lambda name: torch.device("cpu"))  # no GPU here: the request is what counts
     cfg = TrainConfig("pyramid_full", str(tmp_path / "run"), tiny=True, batch=64, device="cuda", nproc=8, nodes=4,
                       cluster="slurm", partition="gpu")  # fmt: skip
     result = train(cfg, progress=False)
@@ -172,3 +172,22 @@ def test_slurm_submission_asks_one_task_per_gpu(tmp_path, monkeypatch):
     assert (asked["nodes"], asked["tasks_per_node"], asked["gpus_per_node"]) == (4, 8, 8)
     assert asked["cluster"] == "slurm" and asked["slurm_partition"] == "gpu" and asked["fn"] is T._slurm_task
     assert asked["cfg"].cluster is None and not (tmp_path / "run").exists()
+
+
+def test_match_trains_in_two_processes_and_rank_0_alone_writes(tmp_path, monkeypatch):
+    from attnbench.studies import matching as M
+
+    settings = {"epochs": 1, "train_size": 8, "val_size": 4, "dim": 16, "layers": ("self", "cross")}
+    cfg = M.MatchRunConfig(
+        mechanisms=("full",), out=str(tmp_path / "run"), seeds=2, preset="smoke", resolution=64, batch=4,
+        overrides=tuple(settings.items()), nproc=2,
+    )  # fmt: skip
+    with pytest.raises(M.MatchError, match="batch 4 .* must be a multiple of it"):
+        M.run(dataclasses.replace(cfg, nproc=3), log=lambda s: None)
+    monkeypatch.setenv(D.AUDIT_ENV, str(tmp_path / "writes"))
+    rows = M.run(cfg, log=lambda s: None)
+    assert [(r["seed"], r["world_size"]) for r in rows] == [(0, 2), (1, 2)]
+    stored = [r["point_id"] for r in read_results(tmp_path / "run").records]
+    assert sorted(stored) == sorted(r["point_id"] for r in rows)
+    rank1 = Path(f"{tmp_path / 'writes'}.rank1").read_text().splitlines()
+    assert not [line for line in rank1 if str(tmp_path / "run") in line], rank1

@@ -206,6 +206,14 @@ def launch(fn: Callable[..., Any], args: tuple, nproc: int, *, run_id: str | Non
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=run_id or uuid.uuid4().hex, rdzv_backend="c10d",
         rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1, start_method="spawn",
     )  # fmt: skip
+    import logging
+
+    # A failed rank is reported below in one line (the rank, how it ended, its error's last line); torch's
+    # own records of it (a traceback per rank, "terminating process ...") would bury that line.
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(config, fn)(*args)
     except ChildFailedError as exc:
@@ -217,6 +225,9 @@ def launch(fn: Callable[..., Any], args: tuple, nproc: int, *, run_id: str | Non
         lines = str(message).strip().splitlines() if message and failure.exitcode > 0 else []
         first = lines[-1] if lines and not lines[-1].startswith("To enable traceback") else ""
         raise DistributedError(f"rank {rank_} of {nproc} failed ({how}){': ' + first if first else ''}") from None
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
     return results[0]
 
 

@@ -431,7 +431,8 @@ def _train(
     if world.rank > 0:  # each rank its own dropout and augmentation draws (rank 0 keeps one process's)
         torch.manual_seed(cfg.seed * 1_000_003 + world.rank)
     if not world.main:
-        fit(model, Classification(prep), _optim(cfg), run_dir / CHECKPOINT, device=device)
+        if D.broadcast_object(None):  # rank 0 says whether there is anything to train (a complete run: no)
+            fit(model, Classification(prep), _optim(cfg), run_dir / CHECKPOINT, device=device)
         return None
     run = RunDir(run_dir, "train")
     run.check()
@@ -443,7 +444,9 @@ def _train(
         store = ResultsStore(run_dir)
         stored = {r["point_id"]: r for r in store.open(fingerprint(threads=cfg.threads)).records}
         final_id = _row_id(cfg, f"final{cfg.epochs}")["point_id"]
-        if status == "complete" and final_id in stored:
+        complete = status == "complete" and final_id in stored
+        D.broadcast_object(not complete)
+        if complete:
             return {**stored[final_id], "step_losses": [], "reused": True}
         state = {"config": _jsonable(cfg), "classes": prep.classes, "status": "running"}
         try:

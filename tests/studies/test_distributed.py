@@ -79,6 +79,8 @@ def test_a_killed_rank_is_continued_by_the_same_command_to_the_same_weights(runs
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     ids = [r["point_id"] for r in read_results(out).records]
     assert len(ids) == len(set(ids)) == 3
+    again = train(_cfg(out, 2), progress=False)  # complete: rank 0 gives the stored row, the others train nothing
+    assert again["reused"] and again["step_losses"] == []
 
 
 def test_the_global_batch_must_split_evenly(tmp_path):

@@ -116,7 +116,15 @@ class SyntheticDetail(SyntheticRelations):
 class ImageFolder(Dataset):
     """Images in one folder per class, resized to ``resolution`` x ``resolution``."""
 
-    def __init__(self, root: str | Path, resolution: int, split: str = "train", holdout: float = 0.1, seed: int = 0):
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int,
+        split: str = "train",
+        holdout: float = 0.1,
+        seed: int = 0,
+        verify: bool = True,
+    ):
         if split not in SPLITS:
             raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         root = Path(root)
@@ -124,8 +132,8 @@ class ImageFolder(Dataset):
             raise DataError(f"image folder {root} does not exist or is not a directory")
         self.resolution = resolution
         if (root / "train").is_dir() and (root / "val").is_dir():
-            self.classes, items = _scan(root / "train")
-            val_classes, val_items = _scan(root / "val")
+            self.classes, items = _scan(root / "train", verify)
+            val_classes, val_items = _scan(root / "val", verify)
             if val_classes != self.classes:
                 raise DataError(
                     f"{root}/train and {root}/val hold different class folders "
@@ -133,7 +141,7 @@ class ImageFolder(Dataset):
                 )
             self.items = items if split == "train" else val_items
         else:
-            self.classes, items = _scan(root)
+            self.classes, items = _scan(root, verify)
             self.items = _split(items, split, holdout, seed)
         if not self.items:
             raise DataError(f"{root} leaves no images for the {split} split; add images or use ROOT/train and ROOT/val")
@@ -152,8 +160,9 @@ class ImageFolder(Dataset):
         return _normalise(img), label
 
 
-def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class folders and their images; every file must open as an image."""
+def _scan(root: Path, verify: bool = True) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class folders and their images; every file must open as an image (``verify=False``: a training rank
+    other than 0, whose rank 0 checks the same files, takes them as listed)."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root} holds no class folders; expected {root}/<class name>/<image files>")
@@ -165,7 +174,7 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         if not files:
             empty.append(name)
         for f in files:
-            if not is_image(f):
+            if verify and not is_image(f):
                 bad.append(str(f.relative_to(root)))
                 continue
             items.append((f, label))
@@ -287,7 +296,9 @@ class Cifar(Dataset):
         return _normalise(img), int(self.labels[index])
 
 
-def build(data: str, resolution: int, split: str, *, size: int | None = None, seed: int = 0) -> Dataset:
+def build(
+    data: str, resolution: int, split: str, *, size: int | None = None, seed: int = 0, verify: bool = True
+) -> Dataset:
     """``"synthetic"`` or ``"synthetic-detail"`` (``size`` images), ``cifar10:PATH``, ``cifar100:PATH``,
     ``imagenet:PATH`` (PATH/train and PATH/val of class folders) or the path of an image folder."""
     kind, sep, path = data.partition(":")
@@ -300,13 +311,13 @@ def build(data: str, resolution: int, split: str, *, size: int | None = None, se
                 f"imagenet:{path} lacks train/ or val/: expected {root}/train/<class>/<images> and "
                 f"{root}/val/<class>/<images> (the validation images sorted into class folders)"
             )
-        return ImageFolder(root, resolution, split, seed=seed)
+        return ImageFolder(root, resolution, split, seed=seed, verify=verify)
     if data == "synthetic-detail":
         return SyntheticDetail(size or (2048 if split == "train" else 512), resolution, split, seed)
     if data == "synthetic":
         default = 2048 if split == "train" else 512
         return SyntheticRelations(size or default, resolution, split, seed)
-    return ImageFolder(data, resolution, split, seed=seed)
+    return ImageFolder(data, resolution, split, seed=seed, verify=verify)
 
 
 def classes_of(dataset: Dataset) -> list[str]:

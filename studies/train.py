@@ -164,8 +164,11 @@ def prepare(
             f"{cfg.model}{' (tiny)' if cfg.tiny else ''} cannot take {resolution} px: " + "; ".join(reasons)
         )
     try:
-        train_set = data_mod.build(cfg.data, resolution, "train", size=cfg.train_size, seed=cfg.seed)
-        val_set = data_mod.build(cfg.data, resolution, "val", size=cfg.val_size, seed=cfg.seed)
+        sizes = {"train": cfg.train_size, "val": cfg.val_size}
+        train_set, val_set = (
+            data_mod.build(cfg.data, resolution, split, size=sizes[split], seed=cfg.seed, verify=checks)
+            for split in ("train", "val")
+        )  # ranks other than 0 (checks=False) list a folder's files without opening each
     except data_mod.DataError as exc:
         raise TrainError(str(exc)) from None
     classes = data_mod.classes_of(train_set)

@@ -85,6 +85,10 @@ class TrainAugment(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, y: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.autocast(x.device.type, enabled=False):  # crops and colours in float32 under --amp too
+            return self._forward(x, y, classes)
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         dtype = x.dtype
         x = _to01(x.float())
         x = self.spatial(x)

@@ -37,7 +37,8 @@ from torch import nn
 from attnbench.errors import AttnbenchError
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "step", "rng_cpu", "rows", "images", "train_s")
-OPTIONAL_KEYS = ("rng_ranks", "ema", "rng_cuda")  # every rank's CPU random state; the EMA weights
+# Beside those: every rank's random state (CPU and CUDA generators), rank 0's CUDA one, the EMA weights.
+OPTIONAL_KEYS = ("rng_ranks", "rng_cuda", "ema")
 
 
 class CheckpointError(AttnbenchError, ValueError):

@@ -425,11 +425,11 @@ def _train(
     from attnbench.bench.rundir import RunDir, kill_point, write_json
     from attnbench.bench.store import ENV, RESULTS, ResultsStore
 
-    torch.set_num_threads(cfg.threads)
     if world.size > 1:
         cfg = dataclasses.replace(cfg, nproc=world.size, nodes=1)  # as started (torchrun, srun, the launcher)
     device = D.setup(world, _device(cfg.device))
     prep = prepare(cfg, model_fn, device=device, world=world.size, checks=world.main)
+    torch.set_num_threads(cfg.threads)  # (checked by prepare)
     cfg, model, device, run_dir = prep.config, prep.model, prep.device, prep.run_dir
     if world.rank > 0:  # each rank its own dropout and augmentation draws (rank 0 keeps one process's)
         torch.manual_seed(cfg.seed * 1_000_003 + world.rank)

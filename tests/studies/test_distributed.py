@@ -193,3 +193,25 @@ def test_match_trains_in_two_processes_and_rank_0_alone_writes(tmp_path, monkeyp
     assert sorted(stored) == sorted(r["point_id"] for r in rows)
     rank1 = Path(f"{tmp_path / 'writes'}.rank1").read_text().splitlines()
     assert not [line for line in rank1 if str(tmp_path / "run") in line], rank1
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--recipe", "timm"], "--recipe must be one of none, deit"),
+        (["--ema", "2"], "--ema must be a decay in (0, 1)"),
+        (["--cluster", "pbs"], "--cluster must be slurm"),
+        (["--workers", "-1"], "--workers must be 0 or more"),
+        (["--nproc", "0"], "--nproc must be at least 1"),
+        (["--data", "cifar10:/nowhere"], "expected /nowhere/cifar-10-batches-py/"),
+    ],
+)
+def test_bad_training_options_are_one_line_and_write_nothing(tmp_path, extra, says):
+    from typer.testing import CliRunner
+
+    from attnbench.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--model", "pyramid_full", "--tiny", *extra, "--out", str(out)])
+    assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output
+    assert not out.exists()

@@ -392,6 +392,10 @@ def run(
     recipe = exp.mode(mode)
     if seeds is not None and seeds < 1:
         raise ExperimentError(f"--seeds must be at least 1, got {seeds}")
+    from . import distributed
+
+    if distributed.in_launched_world():
+        raise ExperimentError("reproduce starts its own processes: run it once with --nproc N, not by torchrun or srun")
     if nproc < 1 or recipe["batch"] % nproc:
         raise ExperimentError(f"--nproc {nproc}: the recipe's batch {recipe['batch']} must be a multiple of it")
     n_seeds = 1 if mode == "smoke" else (seeds or exp.seeds)

@@ -5,7 +5,10 @@ equal those of one process within 1e-5 absolute (float32; the gradients are summ
 the last bits may differ: seen 1.2e-7). Only rank 0 writes (every rank logs, through Python's audit
 events, the files it opens for writing, renames, removes or makes). A kill of rank 1 right after the
 first epoch's checkpoint, followed by the same command, ends with the final weights of an uninterrupted
-two-process run bit for bit.
+two-process run bit for bit, and started again once complete gives its stored row. reproduce trains a
+variant in two processes to the accuracy of one; match trains in two processes with rank 0 alone writing.
+Each two-process case costs one to three launches of two Python processes (seconds each, more on a busy
+machine).
 """
 
 from __future__ import annotations

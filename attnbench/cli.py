@@ -677,7 +677,9 @@ def models_(
 def train_(
     model: str = typer.Option(..., "--model", "-m", help="A zoo model (attnbench models lists them)."),
     tiny: bool = typer.Option(False, "--tiny", help="The tiny variant (32 px native), trains on a CPU."),
-    data: str = typer.Option("synthetic", "--data", help="'synthetic' (built in) or an image folder ROOT/<class>/."),
+    data: str = typer.Option(
+        "synthetic", "--data", help="synthetic, cifar10:PATH, cifar100:PATH, imagenet:PATH or a folder ROOT/<class>/."
+    ),
     resolution: int = typer.Option(None, "--resolution", "-r", help="Image side in px (default: the model's native)."),
     epochs: int = typer.Option(10, "--epochs", help="Epochs to train in all (a continued run may be given more)."),
     batch: int = typer.Option(64, "--batch", "-b", help="Batch size."),
@@ -694,20 +696,42 @@ def train_(
     val_size: int = typer.Option(512, "--val-size", help="Synthetic held-out images."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order, the synthetic images and the weights."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for torch, set before any work, in every row."),
+    recipe: str = typer.Option(
+        "none", "--recipe", help="Augmentation: none, or deit (crop, flip, RandAugment, mixup, cutmix, erasing)."
+    ),
+    ema: float = typer.Option(None, "--ema", help="Also evaluate an EMA of the weights with this decay (0.9998)."),
+    drop_path: float = typer.Option(None, "--drop-path", help="Stochastic depth rate (default: the model's own)."),
+    nproc: int = typer.Option(
+        1, "--nproc", help="Processes (one per GPU) on this node, data-parallel; --batch is the global batch."
+    ),
+    cluster: str = typer.Option(None, "--cluster", help="slurm: submit --nodes x --nproc tasks through submitit."),
+    nodes: int = typer.Option(1, "--nodes", help="Nodes of a --cluster slurm job."),
+    partition: str = typer.Option(None, "--partition", help="Slurm partition of a --cluster slurm job."),
+    workers: int = typer.Option(0, "--workers", help="Data-loader processes per training process (0: none)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train a zoo model end to end; per-epoch and final metrics go to RUN_DIR/results.jsonl.
 
     Killed at any moment, the same command continues the run from its last checkpoint; run again when
     complete, it prints the stored result. Another command's directory, or a run made with other
-    options, is refused in one line."""
+    options, is refused in one line. Started by torchrun or srun, each process trains its share."""
     from attnbench.studies.train import TrainConfig, train
 
     cfg = TrainConfig(
         model=model, tiny=tiny, data=data, resolution=resolution, epochs=epochs, batch=batch, lr=lr, amp=amp,
         device=device, out=out, resume=resume, train_size=train_size, val_size=val_size, seed=seed, threads=threads,
+        recipe=recipe, ema=ema, drop_path=drop_path, nproc=nproc, cluster=cluster, nodes=nodes, partition=partition,
+        workers=workers,
     )  # fmt: skip
     result = train(cfg, progress=not as_json)
+    if result is None:  # a rank other than 0 (torchrun, srun): rank 0 reports
+        return
+    if "submitted" in result:
+        console.print(
+            f"submitted Slurm job {result['submitted']} ({result['tasks']} tasks); logs in {escape(result['logs'])}; "
+            f"results in {escape(out)}/results.jsonl"
+        )
+        return
     result.pop("step_losses", None)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -717,7 +741,9 @@ def train_(
         f"{escape(result['model'])} at {result['resolution']} px: held-out accuracy {result['accuracy']:.1%} after "
         f"{result['epochs']} epochs; {result['params'] / 1e6:.3f}M params, "
         + (f"{macs / 1e9:.4f} GMACs ({2 * macs / 1e9:.4f} GFLOPs) per image, " if macs is not None else "")
-        + f"{result['images_per_s']:.0f} img/s, peak {result['peak_bytes'] / 2**20:.0f} MiB "
+        + f"{result['images_per_s']:.0f} img/s on {result.get('world_size', 1)} process(es), "
+        + (f"data wait {wait:.0%}, " if (wait := result.get("data_wait_share")) is not None else "")
+        + f"peak {result['peak_bytes'] / 2**20:.0f} MiB "
         f"({result['memory_method']}); results in {escape(out)}/results.jsonl"
     )
 
@@ -747,6 +773,9 @@ def match_(
     knob: list[str] = typer.Option(None, "--knob", "-k", help="NAME=VALUE for every mechanism with that knob."),
     out: str = typer.Option(..., "--out", "-o", help="Run directory (results store, footprints, report.html)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for torch, set before any work, in every row."),
+    nproc: int = typer.Option(
+        1, "--nproc", help="Processes training each run data-parallel (gloo, CPU); the batch is split across them."
+    ),
 ) -> None:
     """Train the LoFTR-style coarse matcher per mechanism and seed; rows and report in --out.
 
@@ -763,7 +792,7 @@ def match_(
     cfg = MatchRunConfig(
         mechanisms=tuple(m.strip() for m in mechanism.split(",") if m.strip()),
         out=out, seeds=seeds, preset="smoke" if smoke else "quick" if quick else "default", source=data,
-        resolution=resolution, knobs=_knob_pairs(knob), threads=threads,
+        resolution=resolution, knobs=_knob_pairs(knob), threads=threads, nproc=nproc,
     )  # fmt: skip
     run(cfg, log=console.print, progress=True)
     path = write_report(out)
@@ -807,12 +836,17 @@ def reproduce(
     full: bool = typer.Option(False, "--full", help="The published configuration (224 px; a GPU or an image folder)."),
     smoke: bool = typer.Option(False, "--smoke", help="One training step per variant, one seed (seconds; for CI)."),
     seeds: int = typer.Option(None, "--seeds", help="Seeds per variant (default: the file's)."),
-    data: str = typer.Option(None, "--data", help="'synthetic' or an image folder (default: the file's)."),
+    data: str = typer.Option(
+        None, "--data", help="synthetic, cifar10:PATH, cifar100:PATH, imagenet:PATH or a folder (default: the file's)."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
     out: str = typer.Option(None, "--out", "-o", help="Directory of the rows (results.jsonl) and report.html."),
     work: str = typer.Option(None, "--work", help="Where the training runs and checkpoints go (default OUT/runs)."),
     compare: list[str] = typer.Option([], "--compare", help="Other reproduce directories shown on the same page."),
     list_: bool = typer.Option(False, "--list", help="List the shipped experiments and exit."),
+    nproc: int = typer.Option(
+        1, "--nproc", help="Processes (one per GPU) training each variant data-parallel; the recipe's batch is global."
+    ),
 ) -> None:
     """Train and measure every variant of a paper's experiment; rows in OUT/results.jsonl, page in OUT/report.html.
 
@@ -841,7 +875,7 @@ def reproduce(
     exp = experiments.load(experiment)
     summary = experiments.run(
         exp, mode, out, seeds=seeds, data=data, device=device, work=work, log=lambda s: console.print(escape(s)),
-        progress=True,
+        progress=True, nproc=nproc,
     )  # fmt: skip
     page = f"{out}/report.html"
     write_atomic(page, build_page([out, *compare]))

@@ -127,6 +127,13 @@ TRAIN_FIELDS: dict[str, str] = {
     "classes": "int",
     "train_images": "int",
     "val_images": "int",
+    "world_size": "int",
+    "images_per_s_per_device": "float",
+    "data_wait_share": "float",
+    "peak_bytes_per_device": "int",
+    "recipe": "str",
+    "ema_accuracy": "float",
+    "ema_val_loss": "float",
 }
 FIELD_TYPES: dict[str, str] = {**POINT_FIELDS, **TRAIN_FIELDS}
 # What a record must hold: a sweep point its whole configuration, a training row its model.

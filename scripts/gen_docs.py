@@ -95,7 +95,7 @@ TRAIN_DOCS: dict[str, str] = {
     "kind": "which kind of row: `train`, `train_epoch`, `match`, `experiment`, `experiment_cost`",
     "model": "the zoo name of the trained model",
     "tiny": "the tiny variant of the model",
-    "data": "`synthetic`, `synthetic-detail` or an image folder",
+    "data": "`synthetic`, `synthetic-detail`, `cifar10:PATH`, `cifar100:PATH`, `imagenet:PATH` or an image folder",
     "resolution": "training resolution in pixels",
     "epoch": "the epoch a `train_epoch` row closes",
     "epochs": "epochs in all",
@@ -109,6 +109,15 @@ TRAIN_DOCS: dict[str, str] = {
     "classes": "number of classes",
     "train_images": "training images",
     "val_images": "held-out images",
+    "world_size": "processes that trained together (data-parallel; 1: one process)",
+    "images_per_s_per_device": "training throughput divided by the world size",
+    "data_wait_share": "time spent waiting for the next batch / the epoch's training time (the largest rank's; "
+    "near 1: input-bound)",
+    "peak_bytes_per_device": "the training's own peak on CUDA, `torch.cuda.max_memory_allocated` of the largest "
+    "rank (none on the CPU: see `peak_bytes`)",
+    "recipe": "the training augmentation (`none` or `deit`)",
+    "ema_accuracy": "held-out accuracy of the EMA of the weights (with `--ema`)",
+    "ema_val_loss": "held-out loss of the EMA of the weights (with `--ema`)",
 }
 
 # ------------------------------------------------------------------------------------------ experiment format
@@ -117,7 +126,8 @@ TOP_DOCS: dict[str, str] = {
     "title": "one line for the report",
     "paper": "the paper whose comparison this is",
     "task": "why the data and resolution can separate the variants",
-    "data": "`synthetic`, `synthetic-detail` or an image folder (`--data` overrides)",
+    "data": "`synthetic`, `synthetic-detail`, `cifar10:PATH`, `cifar100:PATH`, `imagenet:PATH` or an image folder "
+    "(`--data` overrides)",
     "seeds": "seeds per variant (`--seeds` overrides)",
     "modes": "the recipes: `quick` (required; CPU, tiny models) and `full` (the published setting)",
     "variants": "the list of variants, each a mapping of the fields below",
@@ -137,6 +147,12 @@ MODE_DOCS: dict[str, str] = {
     "weight_decay": "AdamW weight decay (none on biases, norms and tokens)",
     "amp": "automatic mixed precision",
     "threads": "CPU threads, set before any work and recorded in every row",
+    "recipe": "training augmentation: `none`, or `deit` (random resized crop, flip, RandAugment 2/9, mixup 0.8, "
+    "cutmix 1.0, label smoothing 0.1, random erasing 0.25; `studies/augment.py`)",
+    "ema": "decay of an exponential moving average of the weights, evaluated beside them (null: none)",
+    "lr_rule": "how `lr` follows from the global `batch`, as the paper states it (e.g. `5e-4 x batch / 512`); "
+    "recorded, not applied",
+    "recipe_source": "the paper's table or file that gives this recipe",
 }
 VARIANT_DOCS: dict[str, str] = {
     "name": "the variant's name in tables and plots",

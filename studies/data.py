@@ -8,6 +8,14 @@ depends on a long-range spatial relation that a model must see across the map.
 Images are generated deterministically from (seed, split, index) at any
 resolution and size; nothing is stored or downloaded.
 
+``Cifar`` reads CIFAR-10 or CIFAR-100 from the python version's pickled batches at a path the user gives
+(``cifar10:PATH``, ``cifar100:PATH``; PATH the extracted ``cifar-10-batches-py`` or
+``cifar-100-python`` folder or the folder that holds it); nothing is downloaded. The pickles are read
+with a restricted unpickler that builds only dicts, lists, strings, bytes and numbers.
+
+``imagenet:PATH`` is an image folder that must hold ``train/`` and ``val/`` of class folders (ImageNet's
+layout once its validation images are sorted into class folders).
+
 ``ImageFolder`` reads ``ROOT/<class>/<image>`` (or ``ROOT/train/<class>/...`` and
 ``ROOT/val/<class>/...``) with PIL; every file is checked up front, so an empty
 folder or a non-image fails before a run starts.
@@ -15,6 +23,7 @@ folder or a non-image fails before a run starts.
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -107,7 +116,15 @@ class SyntheticDetail(SyntheticRelations):
 class ImageFolder(Dataset):
     """Images in one folder per class, resized to ``resolution`` x ``resolution``."""
 
-    def __init__(self, root: str | Path, resolution: int, split: str = "train", holdout: float = 0.1, seed: int = 0):
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int,
+        split: str = "train",
+        holdout: float = 0.1,
+        seed: int = 0,
+        verify: bool = True,
+    ):
         if split not in SPLITS:
             raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         root = Path(root)
@@ -115,8 +132,8 @@ class ImageFolder(Dataset):
             raise DataError(f"image folder {root} does not exist or is not a directory")
         self.resolution = resolution
         if (root / "train").is_dir() and (root / "val").is_dir():
-            self.classes, items = _scan(root / "train")
-            val_classes, val_items = _scan(root / "val")
+            self.classes, items = _scan(root / "train", verify)
+            val_classes, val_items = _scan(root / "val", verify)
             if val_classes != self.classes:
                 raise DataError(
                     f"{root}/train and {root}/val hold different class folders "
@@ -124,7 +141,7 @@ class ImageFolder(Dataset):
                 )
             self.items = items if split == "train" else val_items
         else:
-            self.classes, items = _scan(root)
+            self.classes, items = _scan(root, verify)
             self.items = _split(items, split, holdout, seed)
         if not self.items:
             raise DataError(f"{root} leaves no images for the {split} split; add images or use ROOT/train and ROOT/val")
@@ -143,8 +160,9 @@ class ImageFolder(Dataset):
         return _normalise(img), label
 
 
-def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class folders and their images; every file must open as an image."""
+def _scan(root: Path, verify: bool = True) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class folders and their images; every file must open as an image (``verify=False``: a training rank
+    other than 0, whose rank 0 checks the same files, takes them as listed)."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root} holds no class folders; expected {root}/<class name>/<image files>")
@@ -156,7 +174,7 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         if not files:
             empty.append(name)
         for f in files:
-            if not is_image(f):
+            if verify and not is_image(f):
                 bad.append(str(f.relative_to(root)))
                 continue
             items.append((f, label))
@@ -209,14 +227,107 @@ def _split(items: list[tuple[Path, int]], split: str, holdout: float, seed: int)
     return out
 
 
-def build(data: str, resolution: int, split: str, *, size: int | None = None, seed: int = 0) -> Dataset:
-    """``"synthetic"`` or ``"synthetic-detail"`` (``size`` images) or the path of an image folder."""
+CIFAR_LAYOUT = {
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        b"label_names",
+        b"labels",
+    ),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_label_names", b"fine_labels"),
+}
+
+
+class _Pickles(pickle.Unpickler):
+    """The CIFAR batches hold plain containers and a numpy array; refuse anything that could run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise DataError(f"a CIFAR batch may not hold {module}.{name}")
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return _Pickles(f, encoding="bytes").load()
+
+
+class Cifar(Dataset):
+    """CIFAR-10 or CIFAR-100 (fine labels) from the python batches; 32 px images, resized (bilinear) to
+    ``resolution`` when it differs; the ``val`` split is the test batch."""
+
+    def __init__(self, kind: str, root: str | Path, resolution: int, split: str = "train"):
+        if split not in SPLITS:
+            raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        folder_name, train_files, test_files, meta, names_key, labels_key = CIFAR_LAYOUT[kind]
+        root = Path(root).expanduser()
+        folder = root / folder_name if (root / folder_name).is_dir() else root
+        files = train_files if split == "train" else test_files
+        needed = [*files, meta]
+        if not all((folder / f).is_file() for f in needed):
+            listing = "data_batch_1..5, test_batch, batches.meta" if kind == "cifar10" else "train, test, meta"
+            raise DataError(
+                f"{kind}:{root} is not the python version of {kind.upper()}: expected {root}/{folder_name}/ "
+                f"holding {listing} (the extracted {kind[:5]}-{kind[5:]}-python.tar.gz); nothing is downloaded"
+            )
+        try:
+            self.classes = [n.decode() for n in _unpickle(folder / meta)[names_key]]
+            images, labels = [], []
+            for f in files:
+                batch = _unpickle(folder / f)
+                images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels += [int(v) for v in batch[labels_key]]
+        except (OSError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+            raise DataError(f"{kind}:{root}: {folder} holds a batch that cannot be read ({exc})") from None
+        self.images = torch.from_numpy(np.concatenate(images))  # (N, 3, 32, 32) uint8
+        self.labels = torch.tensor(labels)
+        if len(self.labels) != len(self.images):
+            raise DataError(f"{kind}:{root}: {len(self.images)} images but {len(self.labels)} labels in {folder}")
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img = self.images[index].float() / 255.0
+        if self.resolution != img.shape[-1]:
+            img = torch.nn.functional.interpolate(
+                img[None], size=(self.resolution, self.resolution), mode="bilinear", align_corners=False
+            )[0]  # fmt: skip
+        return _normalise(img), int(self.labels[index])
+
+
+def build(
+    data: str, resolution: int, split: str, *, size: int | None = None, seed: int = 0, verify: bool = True
+) -> Dataset:
+    """``"synthetic"`` or ``"synthetic-detail"`` (``size`` images), ``cifar10:PATH``, ``cifar100:PATH``,
+    ``imagenet:PATH`` (PATH/train and PATH/val of class folders) or the path of an image folder."""
+    kind, sep, path = data.partition(":")
+    if sep and kind in CIFAR_LAYOUT:
+        return Cifar(kind, path, resolution, split)
+    if sep and kind == "imagenet":
+        root = Path(path).expanduser()
+        if not ((root / "train").is_dir() and (root / "val").is_dir()):
+            raise DataError(
+                f"imagenet:{path} lacks train/ or val/: expected {root}/train/<class>/<images> and "
+                f"{root}/val/<class>/<images> (the validation images sorted into class folders)"
+            )
+        return ImageFolder(root, resolution, split, seed=seed, verify=verify)
     if data == "synthetic-detail":
         return SyntheticDetail(size or (2048 if split == "train" else 512), resolution, split, seed)
     if data == "synthetic":
         default = 2048 if split == "train" else 512
         return SyntheticRelations(size or default, resolution, split, seed)
-    return ImageFolder(data, resolution, split, seed=seed)
+    return ImageFolder(data, resolution, split, seed=seed, verify=verify)
 
 
 def classes_of(dataset: Dataset) -> list[str]:

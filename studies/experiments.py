@@ -65,7 +65,7 @@ MODE_REQUIRED = ("resolution",)
 VARIANT_REQUIRED = ("name", "model")
 MODE_FIELDS = {
     "tiny", "resolution", "epochs", "batch", "lr", "train_size", "val_size", "cost_resolutions", "cost_batch",
-    "warmup_epochs", "weight_decay", "amp", "threads",
+    "warmup_epochs", "weight_decay", "amp", "threads", "recipe", "ema", "lr_rule", "recipe_source",
 }  # fmt: skip
 VARIANT_FIELDS = {"name", "model", "config", "knobs", "stages", "quick", "full", "published", "notes"}
 OVERRIDE_FIELDS = {"model", "config", "knobs", "stages"}
@@ -74,8 +74,12 @@ PUBLISHED_FIELDS = {"top1", "params_m", "gmacs", "source"}
 MODE_DEFAULTS: dict[str, Any] = {
     "tiny": True, "resolution": None, "epochs": 2, "batch": 32, "lr": 2e-3, "train_size": 512, "val_size": 256,
     "cost_resolutions": None, "cost_batch": 1, "warmup_epochs": 1.0, "weight_decay": 0.05, "amp": False,
-    "threads": 1,
+    "threads": 1, "recipe": "none", "ema": None, "lr_rule": None, "recipe_source": None,
 }  # fmt: skip
+
+
+# Fields added after rows were stored: at their defaults they leave a variant's hash as it was.
+HASH_QUIET = ("recipe", "ema", "lr_rule", "recipe_source")
 
 
 class ExperimentError(AttnbenchError, ValueError):
@@ -316,6 +320,12 @@ def load(name_or_file: str) -> Experiment:
             _bool(merged[key], f"{at}.{key}")
         if merged["threads"] is not None:
             _positive_int(merged["threads"], f"{at}.threads", INT_LIMITS["threads"])
+        from .augment import RECIPES
+
+        if merged["recipe"] not in RECIPES:
+            raise ExperimentError(f"{at}.recipe: one of {', '.join(RECIPES)}, got {merged['recipe']!r}")
+        if merged["ema"] is not None and not (isinstance(merged["ema"], float) and 0 < merged["ema"] < 1):
+            raise ExperimentError(f"{at}.ema: a decay in (0, 1) such as 0.9998, or null; got {merged['ema']!r}")
         cost = merged["cost_resolutions"] or [merged["resolution"]]
         if not isinstance(cost, list) or not cost:
             raise ExperimentError(f"{at}.cost_resolutions: must be a list of image sides in px, got {_shown(cost)}")
@@ -458,6 +468,24 @@ def model_fn(exp: Experiment, variant: Variant, mode: str) -> Callable[[int], An
     return build
 
 
+@dataclasses.dataclass(frozen=True)
+class VariantBuilder:
+    """A variant's model builder that crosses processes (pickled by name: the file is read again there)."""
+
+    path: str
+    mode: str
+    variant: str
+
+    def __call__(self, num_classes: int) -> Any:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # reading the file draws nothing the weights would miss
+            exp = load(self.path)
+            variant = next(v for v in exp.variants if v.name == self.variant)
+            build = model_fn(exp, variant, self.mode)
+        return build(num_classes)
+
+
 def validate(exp: Experiment, mode: str) -> dict[str, Callable[[int], Any]]:
     """Build every variant of ``mode`` and check it runs at every stated resolution; the builders."""
     recipe = exp.mode(mode)
@@ -497,8 +525,10 @@ def run(
     work: str | os.PathLike | None = None,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    nproc: int = 1,
 ) -> dict[str, Any]:
-    """Train and measure every variant of ``exp`` in ``mode`` into ``out``; a summary.
+    """Train and measure every variant of ``exp`` in ``mode`` into ``out``; a summary. ``nproc`` > 1 trains
+    each variant data-parallel in that many processes (``studies.train``; the recipe's batch is global).
 
     ``out`` is a run directory of kind ``reproduce`` (``bench.rundir``): locked while written, refused to
     other commands. Killed at any moment, the same call continues: rows already stored are kept, a
@@ -515,6 +545,12 @@ def run(
     recipe = exp.mode(mode)
     if seeds is not None and seeds < 1:
         raise ExperimentError(f"--seeds must be at least 1, got {seeds}")
+    from . import distributed
+
+    if distributed.in_launched_world():
+        raise ExperimentError("reproduce starts its own processes: run it once with --nproc N, not by torchrun or srun")
+    if nproc < 1 or recipe["batch"] % nproc:
+        raise ExperimentError(f"--nproc {nproc}: the recipe's batch {recipe['batch']} must be a multiple of it")
     n_seeds = 1 if mode == "smoke" else (seeds or exp.seeds)
     data = data or exp.data
     train_mod._device(device)  # an unknown or absent device fails before anything is written
@@ -565,7 +601,10 @@ def run(
                     batch=recipe["batch"], lr=recipe["lr"], weight_decay=recipe["weight_decay"],
                     warmup_epochs=recipe["warmup_epochs"], amp=recipe["amp"], device=device,
                     train_size=recipe["train_size"], val_size=recipe["val_size"], seed=seed, threads=threads,
+                    recipe=recipe["recipe"], ema=recipe["ema"], nproc=nproc,
                 )  # fmt: skip
+                if nproc > 1:
+                    fn = VariantBuilder(exp.path, mode, v.name)
                 log(f"[{step}/{total}] {exp.name} [{mode}] {v.name} seed {seed}: training")
                 t0 = time.perf_counter()
                 try:
@@ -619,7 +658,8 @@ def spec_hash(exp: Experiment, variant: Variant, mode: str, data: str) -> str:
     """12 hex digits naming what a variant's rows were made from: its model, the recipe and the data."""
     import hashlib
 
-    text = json.dumps({"spec": _variant_spec(variant, mode), "recipe": exp.mode(mode), "data": data}, sort_keys=True)
+    recipe = {k: v for k, v in exp.mode(mode).items() if k not in HASH_QUIET or v != MODE_DEFAULTS[k]}
+    text = json.dumps({"spec": _variant_spec(variant, mode), "recipe": recipe, "data": data}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -4,6 +4,14 @@ cosine decay, gradient clipping, optional AMP, a checkpoint after every epoch, a
 A task (image classification in ``studies.train``, image-pair matching in ``studies.matching``) says
 what a batch is, what its loss is, and what is measured after each epoch; the loop does the rest.
 
+Data-parallel (``studies.distributed``): in a process group of several, the model is wrapped in
+DistributedDataParallel, each rank takes its share of every global batch (the task's ``batches``), the
+step's loss is the mean over the ranks (the global batch's loss), the epoch's sums are added over the
+ranks, and rank 0 alone evaluates, writes the checkpoint (holding every rank's random state) and calls
+``on_epoch``; the other ranks wait at a barrier. Every row records the world size, images/s in all and
+per device, the share of the epoch spent waiting for the next batch (``data_wait_share``) and, on CUDA,
+the training's own peak memory per device (``torch.cuda.max_memory_allocated``, the largest rank's).
+
 The checkpoint is written whole or not at all (a temporary file renamed over it) and holds, beside
 the weights, optimizer, scaler and random state, every epoch row made so far: the rows the results
 store must hold are derived from it, so a kill between the checkpoint and the store's append loses
@@ -29,6 +37,8 @@ from torch import nn
 from attnbench.errors import AttnbenchError
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "step", "rng_cpu", "rows", "images", "train_s")
+# Beside those: every rank's random state (CPU and CUDA generators), rank 0's CUDA one, the EMA weights.
+OPTIONAL_KEYS = ("rng_ranks", "rng_cuda", "ema")
 
 
 class CheckpointError(AttnbenchError, ValueError):
@@ -38,7 +48,9 @@ class CheckpointError(AttnbenchError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class Optim:
     """How the loop optimises: AdamW at ``lr`` with a linear warm-up of ``warmup_epochs`` then a cosine
-    decay to ``min_lr`` over all steps, gradients clipped to norm ``clip``."""
+    decay to ``min_lr`` over all steps, gradients clipped to norm ``clip``; ``amp``: bfloat16 autocast
+    (float16 with a gradient scaler on a GPU without bfloat16); ``ema``: the decay of an exponential moving
+    average of the weights, evaluated beside them (``ema_accuracy``), or None."""
 
     epochs: int
     lr: float
@@ -47,6 +59,7 @@ class Optim:
     min_lr: float = 1e-6
     clip: float = 1.0
     amp: bool = False
+    ema: float | None = None
 
 
 class Task(Protocol):
@@ -79,9 +92,15 @@ def lr_at(step: int, total: int, warmup: int, base: float, floor: float) -> floa
     return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16, as the papers' recent recipes, except on a GPU without it (float16 with a scaler)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
 def autocast(device: torch.device, amp: bool) -> Any:
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=amp)
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp)
 
 
 @dataclasses.dataclass
@@ -129,14 +148,22 @@ def fit(
 ) -> Fit:
     """Train ``model`` on ``task`` for ``optim.epochs`` epochs, resuming from ``checkpoint`` if it exists;
     returns every epoch's row. ``on_epoch`` is called with each row: first the rows the checkpoint holds,
-    then each new row after its checkpoint is saved (the caller stores those it does not hold yet)."""
+    then each new row after its checkpoint is saved (the caller stores those it does not hold yet).
+    In a process group (``studies.distributed``) every rank calls ``fit``; rank 0 alone saves and calls
+    ``on_epoch``, and the rows returned are rank 0's on every rank."""
+    from . import distributed as D
+
+    rank, world = D.rank(), D.size()
+    main = rank == 0
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases, norms, tokens: no weight decay
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=optim.lr,
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=optim.amp and device.type == "cuda")
+    fp16 = optim.amp and amp_dtype(device) == torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16 and device.type == "cuda")
+    ema = _ema(model, optim.ema) if optim.ema else None
     steps = task.steps_per_epoch
     total = steps * optim.epochs
     warmup = min(total // 2, round(optim.warmup_epochs * steps))
@@ -145,56 +172,117 @@ def fit(
         ck = load_checkpoint(checkpoint, device, model)
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
+        if ema is not None and "ema" in ck:
+            ema.load_state_dict(ck["ema"])
         start, step, rows = int(ck["epoch"]), int(ck["step"]), list(ck["rows"])
         images, train_s = int(ck["images"]), float(ck["train_s"])
-        torch.set_rng_state(ck["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in ck:
-            torch.cuda.set_rng_state(ck["rng_cuda"], device)
-        for row in rows if on_epoch is not None else ():
+        states = ck.get("rng_ranks") or [{"cpu": ck["rng_cpu"], "cuda": ck.get("rng_cuda")}]
+        if len(states) == world:
+            torch.set_rng_state(states[rank]["cpu"])
+            if device.type == "cuda" and states[rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(states[rank]["cuda"], device)
+        else:  # resumed with another number of processes: the data order is the same, the dropout draws are not
+            torch.manual_seed(step * 1_000_003 + rank)
+        for row in rows if on_epoch is not None and main else ():
             on_epoch(row)
+    net: nn.Module = model
+    if world > 1:
+        import warnings
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Depthwise convolutions hand back gradients in another stride order than DDP's buckets: a copy, not an error.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     step_losses: list[float] = []
-    bar = progress or Progress(False)
+    bar = progress if progress is not None and main else Progress(False)
     lr = lr_at(step, total, warmup, optim.lr, min(optim.min_lr, optim.lr))
     for epoch in range(start, optim.epochs):
-        model.train()
+        net.train()
         sums: dict[str, float] = {}
         task_id = bar.add(f"{label}epoch {epoch + 1}/{optim.epochs}", steps)
         t0 = time.perf_counter()
-        for batch in task.batches(epoch):
+        wait = 0.0
+        batches = iter(task.batches(epoch))
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(batches, None)
+            wait += time.perf_counter() - t_wait
+            if batch is None:
+                break
             lr = lr_at(step, total, warmup, optim.lr, min(optim.min_lr, optim.lr))
             for group in opt.param_groups:
                 group["lr"] = lr
             with autocast(device, optim.amp):
-                loss, batch_sums = task.loss(model, batch)
+                loss, batch_sums = task.loss(net, batch)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(model.parameters(), optim.clip)
             scaler.step(opt)
             scaler.update()
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
-            step_losses.append(loss.item())
+            step_losses.append(D.mean(loss))
             for key, value in batch_sums.items():
                 sums[key] = sums.get(key, 0.0) + value
             bar.advance(task_id, f"{task.stats(sums)}  {sums.get('n', 0) / (time.perf_counter() - t0):.0f} items/s")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
+        sums = D.all_reduce_sums(sums, device)
+        wait_share = D.maximum(wait / seconds if seconds else 0.0, device)
+        peak = D.maximum(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None, device)
         images += int(sums.get("n", 0))
         train_s += seconds
-        row = {**task.epoch_row(model, sums), "epoch": epoch + 1, "lr": lr, "images_per_s": sums.get("n", 0) / seconds}
-        bar.finish(task_id, ", ".join(f"{k} {_short(v)}" for k, v in row.items() if k not in ("epoch", "lr")))
-        rows.append(row)
-        save_checkpoint(checkpoint, model, opt, scaler, epoch + 1, step, rows, images, train_s, device)
+        if main:
+            row = {
+                **task.epoch_row(model, sums),
+                "epoch": epoch + 1,
+                "lr": lr,
+                "images_per_s": sums.get("n", 0) / seconds,
+                "world_size": world,
+                "images_per_s_per_device": sums.get("n", 0) / seconds / world,
+                "data_wait_share": wait_share,
+                "peak_bytes_per_device": None if peak is None else int(peak),
+            }
+            if ema is not None:
+                ema_row = task.epoch_row(ema.module, sums)
+                row.update({f"ema_{k}": ema_row[k] for k in ("accuracy", "val_loss") if k in ema_row})
+            bar.finish(task_id, ", ".join(f"{k} {_short(v)}" for k, v in row.items() if k not in ("epoch", "lr")))
+            rows.append(row)
+        rng_ranks = D.gather_objects(_rng_state(device))  # after the evaluation, as one process saves it
+        if main:
+            save_checkpoint(
+                checkpoint, model, opt, scaler, epoch + 1, step, rows, images, train_s, device,
+                extra={"rng_ranks": rng_ranks, **({"ema": ema.state_dict()} if ema is not None else {})},
+            )  # fmt: skip
+        D.barrier()  # the checkpoint exists before any rank goes on (or is killed)
         kill_point("checkpoint")
-        if on_epoch is not None:
+        kill_point(f"checkpoint@rank{rank}")
+        if on_epoch is not None and main:
             on_epoch(row)
+    rows = D.broadcast_object(rows)
     return Fit(rows, step_losses, images, train_s, start)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's random state: the CPU generator's and, on CUDA, its device's (both on the CPU)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _ema(model: nn.Module, decay: float) -> Any:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def save_checkpoint(
     path: Path, model: nn.Module, opt: Any, scaler: Any, epoch: int, step: int, rows: list, images: int,
-    train_s: float, device: torch.device,
+    train_s: float, device: torch.device, extra: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     state = {
         "model": model.state_dict(),
@@ -206,6 +294,7 @@ def save_checkpoint(
         "rows": rows,
         "images": images,
         "train_s": train_s,
+        **(extra or {}),
     }
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(device)

@@ -28,6 +28,7 @@ from attnbench.models.matching import AttentionStack, Matcher, MatcherConfig, Ma
 
 from attnbench import attentions
 
+from . import distributed as D
 from .loop import Optim, Progress, fit
 from .matching_data import DataError, MatchingPairs
 from .matching_metrics import chance_precision, evaluate
@@ -58,6 +59,7 @@ class MatchRunConfig:
     threads: int = 1  # torch intra-op threads, set before any work and recorded in every row
     # Preset settings replaced (epochs, train_size, val_size, dim, layers), as (name, value) pairs.
     overrides: tuple[tuple[str, Any], ...] = ()
+    nproc: int = 1  # processes training each run data-parallel (batch: the global batch); not a setting of rows
 
     def settings(self) -> dict[str, Any]:
         s = dict(PRESETS[self.preset])
@@ -92,6 +94,8 @@ def validate(cfg: MatchRunConfig) -> None:
         raise MatchError(f"--threads must be at least 1, got {cfg.threads}")
     if cfg.batch < 1:
         raise MatchError(f"--batch must be at least 1, got {cfg.batch}")
+    if cfg.nproc < 1 or cfg.batch % cfg.nproc:
+        raise MatchError(f"--nproc {cfg.nproc}: the batch {cfg.batch} (the global batch) must be a multiple of it")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise MatchError(f"--lr must be a positive finite number, got {cfg.lr}")
     for mech in cfg.mechanisms:
@@ -159,12 +163,24 @@ def run(cfg: MatchRunConfig, *, log: Callable[[str], None] = print, progress: bo
     to other commands and to other settings. Killed at any moment, the same call continues: a run
     resumes from its last checkpoint, a trained run is evaluated and stored, and nothing is stored twice.
     """
+    from attnbench.bench.rundir import RunDir
+
+    validate(cfg)
+    torch.set_num_threads(cfg.threads)
+    if D.in_launched_world():
+        return _rank_run(cfg, log, progress)
+    if cfg.nproc > 1:
+        _check_same(Path(cfg.out), cfg)
+        RunDir(cfg.out, "match").check()
+        return D.launch(_launched, (cfg, progress), cfg.nproc)
+    return _run(cfg, log, progress)
+
+
+def _run(cfg: MatchRunConfig, log: Callable[[str], None], progress: bool) -> list[dict[str, Any]]:
     from attnbench.bench.env import fingerprint
     from attnbench.bench.rundir import RunDir, kill_point, write_json
     from attnbench.bench.store import ResultsStore
 
-    validate(cfg)
-    torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     run_dir = RunDir(out, "match")
     run_dir.check()
@@ -176,6 +192,7 @@ def run(cfg: MatchRunConfig, *, log: Callable[[str], None] = print, progress: bo
         done = {
             r["point_id"]: r for r in store.open(fingerprint(threads=cfg.threads)).records if r.get("kind") == "match"
         }
+        D.broadcast_object(sorted(done))  # the other ranks train what rank 0 has not stored
         write_json(out / "match.json", dataclasses.asdict(cfg))
         total = len(cfg.mechanisms) * cfg.seeds
         with Progress(progress) as bar:
@@ -204,18 +221,46 @@ def run(cfg: MatchRunConfig, *, log: Callable[[str], None] = print, progress: bo
     return rows
 
 
+def _launched(cfg: MatchRunConfig, progress: bool) -> list[dict[str, Any]] | None:
+    """One process started by :func:`distributed.launch`."""
+    return run(cfg, progress=progress)
+
+
+def _rank_run(cfg: MatchRunConfig, log: Callable[[str], None], progress: bool) -> list[dict[str, Any]] | None:
+    """One rank of a data-parallel match: rank 0 runs as one process does (it alone writes); the others
+    train the runs rank 0 has not stored, their share of every global batch, and return None."""
+    world = D.from_env()
+    D.setup(world, torch.device("cpu"))
+    try:
+        if world.main:
+            return _run(cfg, log, progress)
+        done = set(D.broadcast_object(None))
+        with Progress(False) as bar:
+            for mech, seed in ((m, s) for m in cfg.mechanisms for s in range(cfg.seeds)):
+                rid = run_id(cfg, mech, seed)
+                if rid not in done:
+                    train_one(cfg, mech, seed, rid, Path(cfg.out) / CHECKPOINTS / (rid.replace(":", "_") + ".pt"), bar)
+        return None
+    finally:
+        D.teardown()
+
+
 class MatchingTask:
     """The loop's task for the matcher: batches of pairs in an order fixed by (seed, epoch), the loss at
     the ground-truth cells."""
 
-    def __init__(self, train_set: list, batch: int, seed: int):
-        self.train_set, self.batch, self.seed = train_set, batch, seed
-        self.steps_per_epoch = math.ceil(len(train_set) / batch)
+    def __init__(self, train_set: list, batch: int, seed: int, world: int = 1, rank: int = 0):
+        self.train_set, self.batch, self.seed, self.world, self.rank = train_set, batch, seed, world, rank
+        # Several processes: whole global batches only, each rank its contiguous share of every one.
+        full = len(train_set) // batch
+        self.steps_per_epoch = math.ceil(len(train_set) / batch) if world == 1 or not full else full
 
     def batches(self, epoch: int) -> Any:
         order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        share = self.batch // self.world
         for b in range(self.steps_per_epoch):
-            chunk = [self.train_set[int(i)] for i in order[b * self.batch : (b + 1) * self.batch]]
+            start = b * self.batch + self.rank * share
+            chunk = [self.train_set[int(i)] for i in order[start : start + (share if self.world > 1 else self.batch)]]
             yield (
                 torch.stack([c[0] for c in chunk]),
                 torch.stack([c[1] for c in chunk]),
@@ -245,12 +290,17 @@ def train_one(cfg: MatchRunConfig, mech: str, seed: int, rid: str, ck_path: Path
     val_set = pairs(s["val_size"], mcfg.resolution, "val", seed, cfg.source)
     torch.manual_seed(seed)
     model = Matcher(mcfg)
-    if seed == 0 and not ck_path.exists():  # the figure shows seed 0
+    main = D.rank() == 0
+    if D.rank() > 0:  # each rank its own dropout draws (rank 0 keeps one process's)
+        torch.manual_seed(seed * 1_000_003 + D.rank())
+    if main and seed == 0 and not ck_path.exists():  # the figure shows seed 0
         _append_footprints(out, rid, mech, seed, "init", model, val_set[0])
     # AdamW at lr with 10% warm-up then cosine to 0, weight decay 0.01, gradients clipped to 1.
     optim = Optim(epochs=s["epochs"], lr=cfg.lr, weight_decay=0.01, warmup_epochs=0.1 * s["epochs"], min_lr=0.0)
-    task = MatchingTask(train_set, cfg.batch, seed)
+    task = MatchingTask(train_set, cfg.batch, seed, D.size(), D.rank())
     done = fit(model, task, optim, ck_path, device=torch.device("cpu"), progress=bar, label=f"{mech} seed {seed}: ")
+    if not main:
+        return {}
     kill_point("trained")
     metrics = evaluate(model, val_set)
     if seed == 0:
@@ -279,6 +329,7 @@ def train_one(cfg: MatchRunConfig, mech: str, seed: int, rid: str, ck_path: Path
         "train_pairs": len(train_set),
         "val_pairs": len(val_set),
         "batch": cfg.batch,
+        "world_size": D.size(),
         "params": sum(p.numel() for p in model.parameters()),
         "stack_params": sum(p.numel() for p in model.stack.parameters()),
         "chance_precision": chance_precision(hw),

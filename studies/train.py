@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 from attnbench.errors import AttnbenchError
 
 from . import data as data_mod
-from .loop import Fit, Optim, Progress, autocast, fit, load_checkpoint
+from . import distributed as D
+from .loop import Fit, Optim, Progress, amp_dtype, autocast, fit, load_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 TRAIN_JSON = "train.json"
@@ -70,10 +71,17 @@ class TrainConfig:
     seed: int = 0  # initial weights, data order and the synthetic images
     drop_path: float | None = None  # None: the configuration's own
     threads: int = 1  # torch intra-op threads, set before any work and recorded in every row
+    recipe: str = "none"  # training augmentation: none, or deit (studies.augment)
+    ema: float | None = None  # decay of an exponential moving average of the weights; None: none
+    nproc: int = 1  # processes (devices) per node; --batch is the global batch, split across them
+    cluster: str | None = None  # "slurm": submit through submitit (nodes x nproc tasks)
+    nodes: int = 1  # --cluster slurm only
+    partition: str | None = None  # --cluster slurm only
+    workers: int = 0  # data-loader processes per training process (0: load in the training process)
 
     # Fields that must match between a run and its continuation (--epochs may grow).
     SAME_ON_RESUME = ("model", "tiny", "data", "resolution", "batch", "seed", "train_size", "val_size", "lr")
-    SAME_ON_RESUME += ("weight_decay", "warmup_epochs", "min_lr", "clip", "amp", "drop_path")
+    SAME_ON_RESUME += ("weight_decay", "warmup_epochs", "min_lr", "clip", "amp", "drop_path", "recipe", "ema")
 
 
 @dataclasses.dataclass
@@ -85,21 +93,33 @@ class Prepared:
     classes: list[str]
     device: torch.device
     run_dir: Path
+    world: int = 1  # processes training together; each takes batch // world of every global batch
 
 
 ModelFn = Callable[[int], nn.Module]  # number of classes -> a freshly built model
 
 
-def prepare(cfg: TrainConfig, model_fn: ModelFn | None = None) -> Prepared:
+def prepare(
+    cfg: TrainConfig,
+    model_fn: ModelFn | None = None,
+    *,
+    device: torch.device | None = None,
+    world: int = 1,
+    checks: bool = True,
+) -> Prepared:
     """Check everything and build model and data; creates nothing on disk.
 
-    ``model_fn`` builds a model that is not a zoo entry (``cfg.model`` then only names it)."""
+    ``model_fn`` builds a model that is not a zoo entry (``cfg.model`` then only names it); ``device``
+    replaces ``cfg.device`` (a rank's own GPU), ``world`` is the number of processes training together;
+    ``checks=False`` (ranks other than 0) reads nothing of the run directory."""
     if model_fn is None:
         try:
             zoo.entry(cfg.model)
         except KeyError as exc:
             raise TrainError(exc.args[0]) from None
-    for name in ("epochs", "batch", "threads", "train_size", "val_size"):
+    if cfg.workers < 0:
+        raise TrainError(f"--workers must be 0 or more, got {cfg.workers}")
+    for name in ("epochs", "batch", "threads", "train_size", "val_size", "nproc", "nodes"):
         if getattr(cfg, name) is None or getattr(cfg, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.resolution is not None and cfg.resolution < 1:
@@ -114,7 +134,18 @@ def prepare(cfg: TrainConfig, model_fn: ModelFn | None = None) -> Prepared:
             raise TrainError(f"{name} must be a finite number of 0 or more, got {value}")
     if cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:
         raise TrainError(f"--drop-path must be in [0, 1), got {cfg.drop_path}")
-    device = _device(cfg.device)
+    if cfg.ema is not None and not 0 < cfg.ema < 1:
+        raise TrainError(f"--ema must be a decay in (0, 1), such as 0.9998, got {cfg.ema}")
+    from . import augment
+
+    if cfg.recipe not in augment.RECIPES:
+        raise TrainError(f"--recipe must be one of {', '.join(augment.RECIPES)}, got {cfg.recipe!r}")
+    if cfg.cluster not in (None, "slurm"):
+        raise TrainError(f"--cluster must be slurm, got {cfg.cluster!r}")
+    world = max(world, cfg.nproc * cfg.nodes)
+    if cfg.batch % world:
+        raise TrainError(f"--batch {cfg.batch} (the global batch) must be a multiple of the {world} processes")
+    device = device or _device(cfg.device)
     torch.manual_seed(cfg.seed)  # the initial weights (a resumed run takes its weights and RNG from the checkpoint)
     overrides: dict[str, Any] = {}
     if cfg.drop_path is not None:
@@ -133,8 +164,11 @@ def prepare(cfg: TrainConfig, model_fn: ModelFn | None = None) -> Prepared:
             f"{cfg.model}{' (tiny)' if cfg.tiny else ''} cannot take {resolution} px: " + "; ".join(reasons)
         )
     try:
-        train_set = data_mod.build(cfg.data, resolution, "train", size=cfg.train_size, seed=cfg.seed)
-        val_set = data_mod.build(cfg.data, resolution, "val", size=cfg.val_size, seed=cfg.seed)
+        sizes = {"train": cfg.train_size, "val": cfg.val_size}
+        train_set, val_set = (
+            data_mod.build(cfg.data, resolution, split, size=sizes[split], seed=cfg.seed, verify=checks)
+            for split in ("train", "val")
+        )  # ranks other than 0 (checks=False) list a folder's files without opening each
     except data_mod.DataError as exc:
         raise TrainError(str(exc)) from None
     classes = data_mod.classes_of(train_set)
@@ -142,6 +176,8 @@ def prepare(cfg: TrainConfig, model_fn: ModelFn | None = None) -> Prepared:
     run_dir = Path(cfg.out)
     from attnbench.bench.rundir import RunDir
 
+    if not checks:
+        return Prepared(cfg, _placed(model, device), train_set, val_set, classes, device, run_dir, world)
     RunDir(run_dir, "train").check()  # a file, another command's directory, no write access: refused here
     if (run_dir / TRAIN_JSON).exists():
         _check_same(run_dir, cfg)
@@ -149,7 +185,13 @@ def prepare(cfg: TrainConfig, model_fn: ModelFn | None = None) -> Prepared:
         trained = int(load_checkpoint(run_dir / CHECKPOINT, device, model)["epoch"])
         if trained > cfg.epochs:
             raise TrainError(f"{run_dir} has trained {trained} epochs; pass --epochs {trained} or more")
-    return Prepared(cfg, model.to(device), train_set, val_set, classes, device, run_dir)
+    return Prepared(cfg, _placed(model, device), train_set, val_set, classes, device, run_dir, world)
+
+
+def _placed(model: nn.Module, device: torch.device) -> nn.Module:
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # the convolutions' fast layout on a GPU
+    return model.to(device)
 
 
 def _device(name: str) -> torch.device:
@@ -164,18 +206,39 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int, epoch: int) -> DataLoader:
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # the order of an epoch does not depend on resumes
-    return DataLoader(ds, batch_size=batch, shuffle=shuffle, generator=g, drop_last=shuffle and len(ds) > batch)
+def _loader(
+    ds: Dataset, batch: int, shuffle: bool, seed: int, epoch: int, world: int = 1, rank: int = 0, workers: int = 0
+) -> DataLoader:
+    """One epoch's batches. Shuffled, the order is torch's DistributedSampler's (a permutation seeded by the
+    run's seed and the epoch, the same for any number of processes); rank r of W takes every W-th index from
+    r on, ``batch // W`` at a time, so that step k's global batch is the same images as one process's."""
+    if not shuffle:
+        return DataLoader(ds, batch_size=batch, shuffle=False)
+    from torch.utils.data import DistributedSampler
+
+    drop = len(ds) > batch  # a dataset smaller than a batch trains on one short batch
+    sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=seed * 100_003, drop_last=True)
+    sampler.set_epoch(epoch)  # the order of an epoch does not depend on resumes
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # the loader's own draws: not the global generator
+    more = {"num_workers": workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": False}
+    return DataLoader(ds, batch_size=batch // world, sampler=sampler, drop_last=drop, generator=g, **more)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, batch: int, device: torch.device, amp: bool) -> tuple[float, float]:
-    """Mean loss and accuracy on ``ds``."""
+def evaluate(
+    model: nn.Module, ds: Dataset, batch: int, device: torch.device, amp: bool, recipe: str = "none"
+) -> tuple[float, float]:
+    """Mean loss and accuracy on ``ds`` (under an augmenting recipe, after its eval resize and centre crop)."""
+    from . import augment
+
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
+    resolution = ds[0][0].shape[-1]
+    prepare_eval = augment.eval_transform(resolution) if augment.RECIPES[recipe].augments else None
     for x, y in _loader(ds, batch, False, 0, 0):
         x, y = x.to(device), y.to(device)
+        if prepare_eval is not None:
+            x = prepare_eval(x)
         with autocast(device, amp):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
@@ -185,22 +248,46 @@ def evaluate(model: nn.Module, ds: Dataset, batch: int, device: torch.device, am
 
 
 class Classification:
-    """The loop's task for image classification: cross-entropy, accuracy, held-out evaluation per epoch."""
+    """The loop's task for image classification: cross-entropy (soft targets under mixup and cutmix, with
+    the recipe's label smoothing), accuracy, held-out evaluation per epoch. In a process group each rank
+    takes its share of every global batch (``_loader``)."""
 
     def __init__(self, prep: Prepared):
+        from . import augment
+
         self.prep = prep
         cfg = prep.config
-        self.steps_per_epoch = len(_loader(prep.train_set, cfg.batch, True, cfg.seed, 0))
+        self.rank = D.rank()
+        self.recipe = augment.RECIPES[cfg.recipe]
+        self.augment = augment.TrainAugment(self.recipe, cfg.resolution) if self.recipe.augments else None
+        self.steps_per_epoch = len(self._loader(0))
+
+    def _loader(self, epoch: int) -> DataLoader:
+        cfg = self.prep.config
+        return _loader(
+            self.prep.train_set, cfg.batch, True, cfg.seed, epoch, self.prep.world, self.rank, cfg.workers
+        )  # fmt: skip
 
     def batches(self, epoch: int) -> Any:
-        cfg, device = self.prep.config, self.prep.device
-        for x, y in _loader(self.prep.train_set, cfg.batch, True, cfg.seed, epoch):
-            yield x.to(device), y.to(device)
+        device = self.prep.device
+        for x, y in self._loader(epoch):
+            x = x.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(device, non_blocking=True)
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        from . import augment
+
         x, y = batch
+        target = None
+        if self.augment is not None:
+            x, target = self.augment(x, y, len(self.prep.classes))
         logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        if target is None:
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.recipe.label_smoothing)
+        else:
+            loss = augment.soft_cross_entropy(logits.float(), target)
         correct = (logits.argmax(-1) == y).sum().item()
         return loss, {"n": len(y), "loss": loss.item() * len(y), "correct": correct}
 
@@ -210,7 +297,7 @@ class Classification:
 
     def epoch_row(self, model: nn.Module, sums: dict[str, float]) -> dict[str, Any]:
         cfg = self.prep.config
-        val_loss, accuracy = evaluate(model, self.prep.val_set, cfg.batch, self.prep.device, cfg.amp)
+        val_loss, accuracy = evaluate(model, self.prep.val_set, cfg.batch, self.prep.device, cfg.amp, cfg.recipe)
         n = max(sums.get("n", 0), 1)
         return {
             "train_loss": sums.get("loss", 0) / n,
@@ -247,14 +334,109 @@ def train(
 ) -> dict[str, Any]:
     """Train, evaluate and record, continuing the run in ``cfg.out`` if it holds one; returns the final
     row plus ``step_losses`` (the losses of the steps this call took) and ``reused`` (the run was complete
-    before this call)."""
+    before this call).
+
+    ``cfg.nproc`` > 1 starts that many local processes through torch's launcher (``studies.distributed``;
+    every input is checked here first) and returns rank 0's result; ``cfg.cluster == "slurm"`` submits
+    ``nodes`` x ``nproc`` tasks through submitit and returns the job's id. A process started as one rank of
+    several (by torchrun, srun or the launcher) trains its share; only rank 0 writes and returns the row
+    (the other ranks return None)."""
+    if D.in_launched_world():
+        return _rank_train(cfg, progress=progress, on_epoch_end=on_epoch_end, model_fn=model_fn)
+    cpu = torch.device("cpu")  # the checks build the model here: no GPU memory held by the launching process
+    if cfg.cluster == "slurm":
+        if cfg.device.split(":")[0] not in ("cpu", "cuda"):  # the GPUs are the job's, not this (login) node's
+            raise TrainError(f"--device {cfg.device}: only cpu and cuda are supported")
+        prepare(cfg, model_fn, device=cpu)  # every check before anything is submitted
+        return _submit_slurm(cfg)
+    if cfg.nproc > 1:
+        _crosses_processes(model_fn, on_epoch_end)
+        device = _device(cfg.device)
+        if device.type == "cuda" and torch.cuda.device_count() < cfg.nproc:
+            raise TrainError(f"--nproc {cfg.nproc} needs as many GPUs; {torch.cuda.device_count()} here")
+        prepare(cfg, model_fn, device=cpu)  # every check here, in one line, before any process starts
+        return D.launch(_launched, (cfg, progress, model_fn), cfg.nproc)
+    return _train(cfg, D.World(), progress=progress, on_epoch_end=on_epoch_end, model_fn=model_fn)
+
+
+def _crosses_processes(model_fn: ModelFn | None, on_epoch_end: Any) -> None:
+    import pickle
+
+    if on_epoch_end is not None:
+        raise TrainError("nproc > 1 takes no on_epoch_end callback (it cannot cross processes)")
+    try:
+        pickle.dumps(model_fn)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        raise TrainError("nproc > 1 needs a model builder that pickles (a module-level function)") from None
+
+
+def _launched(cfg: TrainConfig, progress: bool, model_fn: ModelFn | None) -> dict[str, Any] | None:
+    """One process started by :func:`distributed.launch`."""
+    return _rank_train(cfg, progress=progress, model_fn=model_fn)
+
+
+def _rank_train(cfg: TrainConfig, **kw: Any) -> dict[str, Any] | None:
+    world = D.from_env()
+    try:
+        return _train(cfg, world, **kw)
+    finally:
+        D.teardown()
+
+
+def _submit_slurm(cfg: TrainConfig) -> dict[str, Any]:
+    """Submit the run as one Slurm job of ``nodes`` x ``nproc`` tasks (one per GPU) through submitit."""
+    try:
+        import submitit
+    except ImportError:
+        raise TrainError("--cluster slurm needs submitit (pip install 'attnbench[cluster]')") from None
+    folder = Path(f"{cfg.out}.slurm")
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    gpus = cfg.nproc if cfg.device.startswith("cuda") else 0
+    executor.update_parameters(
+        name=f"attnbench-train-{Path(cfg.out).name}", nodes=cfg.nodes, tasks_per_node=cfg.nproc,
+        gpus_per_node=gpus, cpus_per_task=max(cfg.threads, 4), timeout_min=72 * 60,
+        **({"slurm_partition": cfg.partition} if cfg.partition else {}),
+    )  # fmt: skip
+    job = executor.submit(_slurm_task, dataclasses.replace(cfg, cluster=None, nodes=1))
+    return {"submitted": job.job_id, "logs": str(folder), "tasks": cfg.nodes * cfg.nproc}
+
+
+def _slurm_task(cfg: TrainConfig) -> dict[str, Any] | None:
+    """One Slurm task of a submitted run: the rendezvous from Slurm's environment (submitit's helper)."""
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    world = D.from_env()
+    try:
+        return _train(dataclasses.replace(cfg, nproc=max(1, world.size)), world, progress=False)
+    finally:
+        D.teardown()
+
+
+def _train(
+    cfg: TrainConfig,
+    world: D.World,
+    *,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    model_fn: ModelFn | None = None,
+) -> dict[str, Any] | None:
     from attnbench.bench.env import fingerprint
     from attnbench.bench.rundir import RunDir, kill_point, write_json
     from attnbench.bench.store import ENV, RESULTS, ResultsStore
 
-    prep = prepare(cfg, model_fn)
+    if world.size > 1:
+        cfg = dataclasses.replace(cfg, nproc=world.size, nodes=1)  # as started (torchrun, srun, the launcher)
+    device = D.setup(world, _device(cfg.device))
+    prep = prepare(cfg, model_fn, device=device, world=world.size, checks=world.main)
+    torch.set_num_threads(cfg.threads)  # (checked by prepare)
     cfg, model, device, run_dir = prep.config, prep.model, prep.device, prep.run_dir
-    torch.set_num_threads(cfg.threads)
+    if world.rank > 0:  # each rank its own dropout and augmentation draws (rank 0 keeps one process's)
+        torch.manual_seed(cfg.seed * 1_000_003 + world.rank)
+    if not world.main:
+        if D.broadcast_object(None):  # rank 0 says whether there is anything to train (a complete run: no)
+            fit(model, Classification(prep), _optim(cfg), run_dir / CHECKPOINT, device=device)
+        return None
     run = RunDir(run_dir, "train")
     run.check()
     created = not run_dir.exists()
@@ -265,7 +447,9 @@ def train(
         store = ResultsStore(run_dir)
         stored = {r["point_id"]: r for r in store.open(fingerprint(threads=cfg.threads)).records}
         final_id = _row_id(cfg, f"final{cfg.epochs}")["point_id"]
-        if status == "complete" and final_id in stored:
+        complete = status == "complete" and final_id in stored
+        D.broadcast_object(not complete)
+        if complete:
             return {**stored[final_id], "step_losses": [], "reused": True}
         state = {"config": _jsonable(cfg), "classes": prep.classes, "status": "running"}
         try:
@@ -305,7 +489,7 @@ def train(
 def _optim(cfg: TrainConfig) -> Optim:
     return Optim(
         epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
-        min_lr=cfg.min_lr, clip=cfg.clip, amp=cfg.amp,
+        min_lr=cfg.min_lr, clip=cfg.clip, amp=cfg.amp, ema=cfg.ema,
     )  # fmt: skip
 
 
@@ -328,8 +512,16 @@ def _final_row(cfg: TrainConfig, prep: Prepared, done: Fit) -> dict[str, Any]:
         "params": sum(p.numel() for p in model.parameters()),
         "macs": _macs(model, cfg.resolution, device),
         "images_per_s": done.images / done.train_s if done.train_s else None,
+        "images_per_s_per_device": done.images / done.train_s / prep.world if done.train_s else None,
+        "data_wait_share": _largest(done.rows, "data_wait_share"),
+        "peak_bytes_per_device": _largest(done.rows, "peak_bytes_per_device"),
         **_step_memory(cfg, prep),
     }
+
+
+def _largest(rows: list[dict[str, Any]], key: str) -> Any:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return max(values) if values else None
 
 
 def _step_memory(cfg: TrainConfig, prep: Prepared) -> dict[str, Any]:
@@ -339,7 +531,8 @@ def _step_memory(cfg: TrainConfig, prep: Prepared) -> dict[str, Any]:
 
     from attnbench.bench.measure import Settings, measure_module
 
-    x = torch.stack([prep.train_set[i][0] for i in range(min(cfg.batch, len(prep.train_set)))]).to(prep.device)
+    per_device = max(1, cfg.batch // prep.world)
+    x = torch.stack([prep.train_set[i][0] for i in range(min(per_device, len(prep.train_set)))]).to(prep.device)
     record = measure_module(
         copy.deepcopy(prep.model), (x,), Settings(threads=cfg.threads, count_flops=False), pass_="fwd+bwd",
         macs=0, timing=False,
@@ -362,8 +555,10 @@ def _row_id(cfg: TrainConfig, what: str) -> dict[str, Any]:
         "image_height": cfg.resolution,
         "image_width": cfg.resolution,
         "batch": cfg.batch,
-        "dtype": ("float16" if cfg.device.startswith("cuda") else "bfloat16") + " autocast" if cfg.amp else "float32",
+        "dtype": f"{str(amp_dtype(torch.device(cfg.device))).split('.')[-1]} autocast" if cfg.amp else "float32",
         "device": cfg.device,
+        "world_size": cfg.nproc * cfg.nodes,
+        "recipe": cfg.recipe,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -171,3 +171,22 @@ def test_cli_train_and_models(tmp_path):
     assert row["model"] == "pvt_v2_b0" and row["resolution"] == 32 and row["macs"] > 0 and row["uncovered"] == {}
     res = runner.invoke(app, ["models", "pvt_v3"])
     assert res.exit_code != 0 and "unknown model(s) pvt_v3" in res.output
+
+
+def test_ema_is_evaluated_beside_the_weights_and_resumes(tmp_path):
+    kw = dict(model="pyramid_full", epochs=2, train_size=64, val_size=32, batch=16, ema=0.9)
+    straight = train(_cfg(tmp_path / "a", **kw), progress=False)
+    rows = [r for r in read_results(tmp_path / "a").records if r["kind"] == "train_epoch"]
+    assert all(0 <= r["ema_accuracy"] <= 1 and r["ema_val_loss"] > 0 for r in rows)
+    assert "ema" in torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+
+    def stop_after_first(epoch, row):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(_cfg(tmp_path / "b", **kw), progress=False, on_epoch_end=stop_after_first)
+    resumed = train(_cfg(tmp_path / "b", **kw), progress=False)  # continues with the EMA state
+    assert resumed["step_losses"] == straight["step_losses"][4:]
+    again = [r for r in read_results(tmp_path / "b").records if r["kind"] == "train_epoch"]
+    assert again[-1]["ema_accuracy"] == rows[-1]["ema_accuracy"]

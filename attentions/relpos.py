@@ -35,11 +35,14 @@ def swin_index(window_hw: tuple[int, int], table_window: int) -> torch.Tensor:
     wh, ww = window_hw
     if wh > table_window or ww > table_window:
         raise ValueError(f"window {window_hw} is larger than the table's window {table_window}")
-    rows, cols = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+    # Computed on the CPU whatever the default device: arithmetic on meta tensors (a probe module is built on the
+    # meta device) runs torch's Python decompositions, whose first use imports torch._dynamo (about 1.5 s).
+    cpu = torch.device("cpu")
+    rows, cols = torch.meshgrid(torch.arange(wh, device=cpu), torch.arange(ww, device=cpu), indexing="ij")
     rows, cols = rows.flatten(), cols.flatten()  # (T,) each
     dh = rows[:, None] - rows[None, :] + table_window - 1  # (T, T), in [0, 2M-2]
     dw = cols[:, None] - cols[None, :] + table_window - 1  # (T, T)
-    return dh * (2 * table_window - 1) + dw
+    return (dh * (2 * table_window - 1) + dw).to(torch.get_default_device())
 
 
 def swin_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

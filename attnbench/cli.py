@@ -165,6 +165,8 @@ def sweep(
     from attnbench.bench import executors
     from attnbench.bench.sweep import check_runnable, resolve_request, run_sweep
 
+    if console.is_terminal:  # something from the first second: importing torch and expanding take a few
+        console.print("sweep: importing torch, expanding the grid", style="dim")
     if out is None:
         if resume:
             raise AttnbenchError("--resume needs --out RUN_DIR")
@@ -208,29 +210,38 @@ def sweep(
         executor = executors.InProcess()
 
     failed = {"n": 0, "skipped": 0}
+    live = console.is_terminal  # not a terminal: no bar, one line per stored point
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("failed {task.fields[failed]}, skipped {task.fields[skipped]}"),
+        TextColumn("set up {task.fields[setup]}, slots {task.fields[slots]}, failed {task.fields[failed]}, "
+                   "skipped {task.fields[skipped]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
-    )
-    task = None
+        disable=not live,
+    )  # fmt: skip
+    task = progress.add_task("preparing", total=None, setup=0, slots=0, failed=0, skipped=0)
+    seen = {"setup": 0, "slots": 0, "stored": 0, "todo": 0}
 
     def on_event(kind: str, data: dict) -> None:
-        nonlocal task
         if kind == "warning":
             console.print(f"[yellow]warning:[/yellow] {escape(data['message'])}")
         elif kind == "start":
+            seen["todo"] = data["todo"]
             console.print(
                 f"{data['total']} points, {data['stored']} already in {escape(out)}, {data['todo']} to measure"
             )
-            task = progress.add_task("sweep", total=data["todo"], failed=0, skipped=0)
-        elif kind == "point" and task is not None:
+            progress.update(task, description="sweep", total=data["todo"], completed=0)
+        elif kind in ("setup", "slot"):
+            seen["setup" if kind == "setup" else "slots"] += 1
+            what = f"setting up {data['label']}" if kind == "setup" else f"slot {data['slot']} of {data['label']}"
+            progress.update(task, setup=seen["setup"], slots=seen["slots"], description=f"sweep: {escape(what)}")
+        elif kind == "point":
             rec = data["record"]
+            seen["stored"] += 1
             if rec["status"] in ("oom", "error", "timeout"):
                 failed["n"] += 1
                 console.print(
@@ -239,7 +250,21 @@ def sweep(
                 )
             elif rec["status"] == "skipped":
                 failed["skipped"] += 1
+            if not live:  # one line per stored point
+                median = rec.get("latency_ms_median")
+                value = f" {median:.4g} ms" if isinstance(median, (int, float)) else ""
+                console.print(
+                    f"[{seen['stored']}/{seen['todo']}] {rec['status']} {escape(str(rec['mechanism']))} "
+                    f"{rec['height']}x{rec['width']} {rec['pass']} {rec['impl']}{value}",
+                    highlight=False,
+                )
             progress.update(task, advance=1, failed=failed["n"], skipped=failed["skipped"])
+        elif kind == "end":
+            share = data["timed_share"]
+            console.print(
+                f"timed {data['timed_s']:.1f} s of the sweep's {data['wall_s']:.1f} s wall time: "
+                f"timed share {share:.0%}"
+            )
 
     with progress:
         summary = run_sweep(grid, out, settings, executor=executor, on_event=on_event, append=append, resume=resume)

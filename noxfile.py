@@ -6,7 +6,8 @@ Every session that needs torch installs it first from ATTNBENCH_TORCH (default
 the extras the session needs from pyproject.toml. Virtualenvs are reused
 (``nox -R`` also skips the install step).
 
-    tests      the CPU test-suite (what .ci/run runs)
+    tests      the CPU test-suite (what .ci/run runs), less the slow cases
+    slow       the slow cases (pytest -m slow): full products, subprocess and executor tests
     lint       ruff check and ruff format --check
     typecheck  mypy on the packages
     bench      pytest-benchmark against this machine's saved baseline; fails on a regression
@@ -80,6 +81,13 @@ def tests(session: nox.Session) -> None:
     """The CPU test-suite (what .ci/run runs); GPU tests skip without CUDA, Triton kernels run interpreted."""
     install(session, "dev,browser")
     session.run("pytest", "-q", *session.posargs, env={"TRITON_INTERPRET": "1"})
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """The cases under the slow marker, which the default test run leaves out (pyproject.toml's addopts)."""
+    install(session, "dev,browser")
+    session.run("pytest", "-q", "-m", "slow", *session.posargs, env={"TRITON_INTERPRET": "1"})
 
 
 @nox.session

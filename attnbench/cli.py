@@ -35,6 +35,52 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+err_console = Console(stderr=True)  # progress goes here, so that --json output stays clean
+
+
+class _Steps:
+    """Progress of work done in steps, from its first second: on a terminal a spinner naming the
+    current step, with the elapsed time and the count of steps done; elsewhere quiet but for one
+    line per finished step (to stderr, with its seconds)."""
+
+    def __init__(self, title: str, total: int | None = None):
+        import time
+
+        self.title, self.total, self.clock = title, total, time.perf_counter
+        self.current: str | None = None
+        self.done = 0
+        self.started = self.step_started = self.clock()
+        self.live = err_console.is_terminal
+        self.status = err_console.status(escape(title), spinner="dots") if self.live else None
+
+    def _finish_step(self) -> None:
+        if self.current is None:
+            return
+        self.done += 1
+        if not self.live:
+            of = f"/{self.total}" if self.total else ""
+            err_console.print(
+                f"[{self.done}{of}] {escape(self.current)} done in {self.clock() - self.step_started:.1f} s",
+                highlight=False,
+            )
+
+    def step(self, name: str) -> None:
+        self._finish_step()
+        self.current, self.step_started = name, self.clock()
+        if self.status is not None:
+            of = f"{self.done}/{self.total} done, " if self.total else ""
+            self.status.update(f"{escape(self.title)}: {escape(name)} ({of}{self.clock() - self.started:.0f} s)")
+
+    def __enter__(self) -> _Steps:
+        if self.status is not None:
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self._finish_step()
+        if self.status is not None:
+            self.status.__exit__(*exc)
 
 
 @app.callback()
@@ -494,7 +540,9 @@ def flops_(
         what += f", cross with {args[3][0]}x{args[3][1]} context" if len(args) > 3 else ""
         analytic = None
     else:
-        net = _flops_model(model, tiny)
+        with _Steps(f"flops --model {model}") as building:
+            building.step(f"building {model}")
+            net = _flops_model(model, tiny)
         if not isinstance(net, torch.nn.Module):
             raise AttnbenchError(f"--model {model} did not build an nn.Module (got {type(net).__name__})")
         args = (torch.randn(batch, in_chans, hw[0], hw[1]),)
@@ -502,7 +550,8 @@ def flops_(
         what = f"model {model} at {hw[0]}x{hw[1]} px, batch {batch}"
         model_macs = getattr(net, "macs", None)
         analytic = (lambda m, a: int(model_macs(batch, hw))) if callable(model_macs) else None
-    result = flopcount.count(module, args, analytic=analytic, backward=backward)
+    with _Steps(f"counting {what}") as steps:
+        result = flopcount.count(module, args, analytic=analytic, backward=backward, on_stage=steps.step)
     if as_json:
         typer.echo(json.dumps({"what": what, **result.as_dict()}, indent=2))
         return
@@ -559,8 +608,9 @@ def models_(
     unknown = [n for n in names or [] if n not in models.available()]
     if unknown:
         raise AttnbenchError(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(models.available())}")
-    with console.status("building the zoo and counting multiply-adds...", spinner="dots"):
-        rows = zoo_rows(names or models.available(), tiny=tiny)
+    wanted = names or models.available()
+    with _Steps(f"counting the multiply-adds of {len(wanted)} model(s)", total=len(wanted)) as steps:
+        rows = zoo_rows(wanted, tiny=tiny, on_row=lambda name, i, n: steps.step(name))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

@@ -217,6 +217,7 @@ class PoolingAttention(Attention):
             and torch.is_grad_enabled()
             and q.requires_grad
             and not SDPA_FUSES_BIAS_GRAD.get(q.device.type, False)
+            and not torch.jit.is_tracing()  # fvcore's trace counts the explicit path's ops, not a Python op
         )
 
     def _attend_flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_hw: HW, k_hw: HW) -> torch.Tensor:

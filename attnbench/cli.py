@@ -43,7 +43,7 @@ class _Steps:
     current step, with the elapsed time and the count of steps done; elsewhere quiet but for one
     line per finished step (to stderr, with its seconds)."""
 
-    def __init__(self, title: str, total: int | None = None):
+    def __init__(self, title: str, total: int | None = None, quiet: bool = False):
         import time
 
         self.title, self.total, self.clock = title, total, time.perf_counter
@@ -51,13 +51,14 @@ class _Steps:
         self.done = 0
         self.started = self.step_started = self.clock()
         self.live = err_console.is_terminal
-        self.status = err_console.status(escape(title), spinner="dots") if self.live else None
+        self.quiet = quiet
+        self.status = err_console.status(escape(title), spinner="dots") if self.live and not quiet else None
 
     def _finish_step(self) -> None:
         if self.current is None:
             return
         self.done += 1
-        if not self.live:
+        if not self.live and not self.quiet:
             of = f"/{self.total}" if self.total else ""
             err_console.print(
                 f"[{self.done}{of}] {escape(self.current)} done in {self.clock() - self.step_started:.1f} s",
@@ -550,7 +551,7 @@ def flops_(
         what = f"model {model} at {hw[0]}x{hw[1]} px, batch {batch}"
         model_macs = getattr(net, "macs", None)
         analytic = (lambda m, a: int(model_macs(batch, hw))) if callable(model_macs) else None
-    with _Steps(f"counting {what}") as steps:
+    with _Steps(f"counting {what}", quiet=model is None) as steps:  # a mechanism counts in about a second
         result = flopcount.count(module, args, analytic=analytic, backward=backward, on_stage=steps.step)
     if as_json:
         typer.echo(json.dumps({"what": what, **result.as_dict()}, indent=2))

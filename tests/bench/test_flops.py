@@ -393,7 +393,7 @@ def test_cli_flops_model_tells_its_steps_as_they_finish():
     assert res.exit_code == 0, res.output
     err = res.stderr
     assert "building pyramid_full done in" in err and "fvcore done in" in err and "FlopCounterMode done in" in err
-    assert json.loads(res.stdout)["macs"] > 0
+    assert json.loads(res.stdout)["fvcore_macs"] > 0
     res = CliRunner().invoke(cli.app, ["models", "pyramid_full", "--tiny", "--json"])
     assert res.exit_code == 0, res.output
     assert "[1/1] pyramid_full done in" in res.stderr and json.loads(res.stdout)[0]["model"] == "pyramid_full"

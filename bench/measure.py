@@ -611,7 +611,8 @@ class _Timing:
         started = time.perf_counter()
         before = _recent_probe(device)
         per_call_s = self.per_call_s
-        for _ in range(WARM_CALLS):  # the probe and other points evicted this point's data: bring it back
+        warm = WARM_CALLS if per_call_s < WARM_CALL_UNDER_S else 0
+        for _ in range(warm):  # the probe and other points evicted this point's data: bring it back
             work.zero_grads()
             _sync(device)
             t0 = time.perf_counter()
@@ -675,8 +676,12 @@ class _Timing:
         }
 
 
-# Untimed calls between a slot's first probe and its samples (the probe evicts the point's data from cache).
+# Untimed calls between a slot's first probe and its samples (the probe evicts the point's data from cache),
+# for calls shorter than WARM_CALL_UNDER_S: a longer call streams its working set through the caches many
+# times over, so a cold first touch is a negligible part of it, and its warm call would cost as much as a
+# sample (at 64x64, fwd+bwd calls of 0.3 to 2 s made these calls a quarter of the quick sweep's wall time).
 WARM_CALLS = 1
+WARM_CALL_UNDER_S = 0.05
 # The calibration probe: a fixed small kernel, timed around every point.
 PROBE_SIZE = {"cpu": 96, "cuda": 2048}
 PROBE_CALLS, PROBE_BLOCKS = 5, 5

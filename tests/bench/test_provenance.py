@@ -213,3 +213,23 @@ def test_wide_samples_on_a_quiet_machine_are_noisy_not_contended(monkeypatch):
     assert r["status"] == "ok" and r["contended"] is False and r["noisy"] is True
     slots = r["contention"]["slots"]
     assert len(slots) == 3 and not any(s["contended"] for s in slots) and r["contention"]["kept"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("per_call_s,warm", [(1e-4, 1), (0.2, 0)])
+def test_a_slot_warms_short_calls_only(monkeypatch, per_call_s, warm):
+    """One untimed call before a slot's samples where a call is short; none where it lasts longer than
+    WARM_CALL_UNDER_S (its own length dwarfs a cold cache)."""
+    from attnbench.bench import measure as m
+
+    _probes(monkeypatch, [])
+    point = _one_point(passes=["fwd"])[0]
+    work = m.build_workload(point)
+    calls: list[int] = []
+    real = work.step
+    work.step = lambda: calls.append(1) or real()
+    settings = Settings(**{**FAST, "rounds": 1, "min_samples": 1, "max_samples": 1})
+    timed: list[float] = []
+    monkeypatch.setattr(m, "_cpu_times", lambda *a, **k: timed.append(1) or [1.0])
+    timing = m._Timing(point, work, per_call_s, settings, m._Budget(60.0, m.time.perf_counter))
+    timing.slot()
+    assert len(calls) == warm and timed == [1]

@@ -40,8 +40,8 @@ err_console = Console(stderr=True)  # progress goes here, so that --json output 
 
 class _Steps:
     """Progress of work done in steps, from its first second: on a terminal a spinner naming the
-    current step, with the elapsed time and the count of steps done; elsewhere quiet but for one
-    line per finished step (to stderr, with its seconds)."""
+    current step, with the elapsed time and the count of steps done (on stderr); elsewhere quiet but
+    for one line per finished step (to stderr, with its seconds), none at all when ``quiet``."""
 
     def __init__(self, title: str, total: int | None = None, quiet: bool = False):
         import time
@@ -52,7 +52,7 @@ class _Steps:
         self.started = self.step_started = self.clock()
         self.live = err_console.is_terminal
         self.quiet = quiet
-        self.status = err_console.status(escape(title), spinner="dots") if self.live and not quiet else None
+        self.status = err_console.status(escape(title), spinner="dots") if self.live else None
 
     def _finish_step(self) -> None:
         if self.current is None:
@@ -541,7 +541,7 @@ def flops_(
         what += f", cross with {args[3][0]}x{args[3][1]} context" if len(args) > 3 else ""
         analytic = None
     else:
-        with _Steps(f"flops --model {model}") as building:
+        with _Steps(f"flops --model {model}", quiet=as_json) as building:
             building.step(f"building {model}")
             net = _flops_model(model, tiny)
         if not isinstance(net, torch.nn.Module):
@@ -551,7 +551,7 @@ def flops_(
         what = f"model {model} at {hw[0]}x{hw[1]} px, batch {batch}"
         model_macs = getattr(net, "macs", None)
         analytic = (lambda m, a: int(model_macs(batch, hw))) if callable(model_macs) else None
-    with _Steps(f"counting {what}", quiet=model is None) as steps:  # a mechanism counts in about a second
+    with _Steps(f"counting {what}", quiet=model is None or as_json) as steps:  # a mechanism: about a second
         result = flopcount.count(module, args, analytic=analytic, backward=backward, on_stage=steps.step)
     if as_json:
         typer.echo(json.dumps({"what": what, **result.as_dict()}, indent=2))
@@ -610,7 +610,8 @@ def models_(
     if unknown:
         raise AttnbenchError(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(models.available())}")
     wanted = names or models.available()
-    with _Steps(f"counting the multiply-adds of {len(wanted)} model(s)", total=len(wanted)) as steps:
+    # --json is read by programs: no progress lines there but on a terminal's stderr
+    with _Steps(f"counting the multiply-adds of {len(wanted)} model(s)", total=len(wanted), quiet=as_json) as steps:
         rows = zoo_rows(wanted, tiny=tiny, on_row=lambda name, i, n: steps.step(name))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))

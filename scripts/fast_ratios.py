@@ -66,7 +66,6 @@ def ratio(a: Any, b: Any, rounds: int, block_s: float) -> dict[str, float]:
 
 def main() -> None:
     import torch
-
     from attnbench.bench.measure import build_workload
     from attnbench.bench.points import expand
     from attnbench.bench.sweep import resolve_request

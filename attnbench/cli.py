@@ -284,7 +284,7 @@ def sweep(
             progress.update(task, description="sweep", total=data["todo"], completed=0)
         elif kind in ("setup", "slot"):
             seen["setup" if kind == "setup" else "slots"] += 1
-            what = f"setting up {data['label']}" if kind == "setup" else f"slot {data['slot']} of {data['label']}"
+            what = f"set up {data['label']}" if kind == "setup" else f"slot {data['slot']} of {data['label']}"
             progress.update(task, setup=seen["setup"], slots=seen["slots"], description=f"sweep: {escape(what)}")
         elif kind == "point":
             rec = data["record"]

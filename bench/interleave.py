@@ -14,8 +14,8 @@ is drained before one is admitted): Dynamo is reset for each compiled point, and
 flex attention's compiled kernel is shared by the process.
 
 Progress goes through ``on_event(kind, data)`` as it happens (the sweep passes
-it on, the CLI renders it; nothing here prints): ``setup`` {point_id, label,
-active} when a point's set-up is done and it joins the rotation, ``slot``
+it on, the CLI renders it; nothing here prints): ``setup`` {point_id, label (a
+short name), active} when a point's set-up is done and it joins the rotation, ``slot``
 {point_id, label, slot, active} when one of its timing slots is taken. A
 point's record is what the caller stores.
 """
@@ -38,6 +38,12 @@ Event = Callable[[str, dict[str, Any]], None]
 
 def _ignore(kind: str, data: dict[str, Any]) -> None:
     pass
+
+
+def _brief(point: Point) -> str:
+    """A short name of the point for progress lines: mechanism, map, pass, impl (and compiled, cross)."""
+    extra = (" compiled" if point.compile else "") + (" cross" if point.cross else "")
+    return f"{point.mechanism} {point.height}x{point.width} {point.pass_} {point.impl}{extra}"
 
 
 def _advance(steps: Generator[int, None, dict], point: Point | None = None) -> tuple[bool, Any]:
@@ -83,13 +89,13 @@ def interleaved(
             active.append((steps, value, point, 0))
             held += value
             alone = timed_alone(point)
-            emit("setup", {"point_id": point.point_id, "label": point.label(), "active": len(active)})
+            emit("setup", {"point_id": point.point_id, "label": _brief(point), "active": len(active)})
         if not active:
             continue
         steps, size, point, taken = active.popleft()
         going, value = _advance(steps, point)
         if going or value.get("status") == "ok":
-            emit("slot", {"point_id": point.point_id, "label": point.label(), "slot": taken + 1, "active": len(active)})
+            emit("slot", {"point_id": point.point_id, "label": _brief(point), "slot": taken + 1, "active": len(active)})
         if going:
             active.append((steps, size, point, taken + 1))
         else:

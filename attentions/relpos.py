@@ -182,7 +182,7 @@ class _DecomposedAttention(torch.autograd.Function):
         grid.add_(rel_h[..., :, None]).add_(rel_w[..., None, :])
         probs = torch.softmax(scores, dim=-1)
         ctx.save_for_backward(qs, k, v, probs)
-        ctx.scale, ctx.kh, ctx.kw = scale, kh, kw
+        ctx.scale, ctx.kh, ctx.kw = scale, kh, kw  # type: ignore[attr-defined]
         return probs @ v
 
     @staticmethod

@@ -6,7 +6,8 @@ Every session that needs torch installs it first from ATTNBENCH_TORCH (default
 the extras the session needs from pyproject.toml. Virtualenvs are reused
 (``nox -R`` also skips the install step).
 
-    tests      the CPU test-suite (what .ci/run runs)
+    tests      the CPU test-suite (what .ci/run runs), less the slow cases
+    slow       the slow cases (pytest -m slow): full products, subprocess and executor tests
     kernels    the Triton kernels' tests (interpreter parity, offline sm_90a/sm_80 compile) under CI's triton and 3.6
     lint       ruff check and ruff format --check
     typecheck  mypy on the packages
@@ -99,6 +100,13 @@ def kernels(session: nox.Session, triton: str) -> None:
     session.run("python", "-c", "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)")
     session.run("pytest", "-q", KERNEL_PARITY, *session.posargs, env={"TRITON_INTERPRET": "1"})
     session.run("pytest", "-q", KERNEL_QUALITY, *session.posargs, env={"TRITON_INTERPRET": "0"})
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """The cases under the slow marker, which the default test run leaves out (pyproject.toml's addopts)."""
+    install(session, "dev,browser")
+    session.run("pytest", "-q", "-m", "slow", *session.posargs, env={"TRITON_INTERPRET": "1"})
 
 
 @nox.session

@@ -259,7 +259,7 @@ class DeformableAttention(Attention):
         bias = None
         if self.rpe is not None:
             # (B, h, N, Ns): table read at query - sample displacements, per group
-            bias = self.rpe(self.query_points(hw, x.device, pos.dtype), pos.flatten(1, 2), groups=g)
+            bias = self.rpe(self.query_points(hw, x.device, pos.dtype), pos.flatten(1, 2), groups=g, fast=not self.math)
         o = attend(q, k, v, bias, math=self.math)  # (B, h, N, d)
         return self.proj.output(o)
 

@@ -62,9 +62,18 @@ import torch
 from torch import nn
 
 from .base import HW, Attention, KnobError, Knobs, TimeAxis, map_tokens, register
-from .common import Projections, attend, attention_macs, conv_macs, conv_out, linear_macs, norm_macs
+from .common import (
+    SDPA_FUSES_BIAS_GRAD,
+    Projections,
+    attend,
+    attention_macs,
+    conv_macs,
+    conv_out,
+    linear_macs,
+    norm_macs,
+)
 from .kernels import flex
-from .relpos import mvit_bias, mvit_bias_3d, mvit_table
+from .relpos import mvit_attend, mvit_bias, mvit_bias_3d, mvit_table
 
 KERNEL = 3  # MViTv2's POOL_KVQ_KERNEL, the default of the kernel knob
 MODES = ("conv", "avg", "max", "none")
@@ -290,6 +299,8 @@ class PoolingAttention(Attention):
             v, _ = _partition(v, self.kv_hw(hw), grid)  # (B*nW, h, Nk/nW, d)
         if self.impl == "flex":
             o = self._attend_flex(q, k, v, q_hw, k_hw)  # (B, h, Nq, d)
+        elif self._decomposed(q):
+            o = mvit_attend(q, k, v, q_hw, k_hw, self.rel_pos_h, self.rel_pos_w)  # (B, h, Nq, d)
         else:
             bias = mvit_bias(q, q_hw, k_hw, self.rel_pos_h, self.rel_pos_w) if self.knobs.rel_pos else None
             o = attend(q, k, v, bias, math=self.math)  # (B, h, Nq, d)
@@ -298,6 +309,19 @@ class PoolingAttention(Attention):
         if self.knobs.window:
             o = _merge(o, q_hw_all, grid)  # (B, h, Nq, d)
         return self.proj.output(o)  # (B, Nq, C_out)
+
+    def _decomposed(self, q: torch.Tensor) -> bool:
+        """The fast path where SDPA cannot take the bias: a gradient wanted on a device whose SDPA does
+        not fuse a bias gradient (the CPU), float32 or float64 (relpos.mvit_attend)."""
+        return (
+            not self.math
+            and self.knobs.rel_pos
+            and q.dtype in (torch.float32, torch.float64)
+            and torch.is_grad_enabled()
+            and q.requires_grad
+            and not SDPA_FUSES_BIAS_GRAD.get(q.device.type, False)
+            and not torch.jit.is_tracing()  # fvcore's trace counts the explicit path's ops, not a Python op
+        )
 
     def _attend_flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_hw: HW, k_hw: HW) -> torch.Tensor:
         """Attention through FlexAttention, the relative position added by a score_mod: (B, h, Nq, d)."""

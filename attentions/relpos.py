@@ -36,11 +36,14 @@ def swin_index(window_hw: tuple[int, int], table_window: int) -> torch.Tensor:
     wh, ww = window_hw
     if wh > table_window or ww > table_window:
         raise ValueError(f"window {window_hw} is larger than the table's window {table_window}")
-    rows, cols = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+    # Computed on the CPU whatever the default device: arithmetic on meta tensors (a probe module is built on the
+    # meta device) runs torch's Python decompositions, whose first use imports torch._dynamo (about 1.5 s).
+    cpu = torch.device("cpu")
+    rows, cols = torch.meshgrid(torch.arange(wh, device=cpu), torch.arange(ww, device=cpu), indexing="ij")
     rows, cols = rows.flatten(), cols.flatten()  # (T,) each
     dh = rows[:, None] - rows[None, :] + table_window - 1  # (T, T), in [0, 2M-2]
     dw = cols[:, None] - cols[None, :] + table_window - 1  # (T, T)
-    return dh * (2 * table_window - 1) + dw
+    return (dh * (2 * table_window - 1) + dw).to(torch.get_default_device())
 
 
 def swin_index_3d(window_thw: tuple[int, int, int], table_window: tuple[int, int]) -> torch.Tensor:
@@ -140,6 +143,25 @@ def mvit_index(q_size: int, k_size: int) -> torch.Tensor:
     return dist.long()
 
 
+def mvit_terms(
+    q: torch.Tensor, q_hw: tuple[int, int], k_hw: tuple[int, int], table_h: torch.Tensor, table_w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MViTv2's two decomposed terms: ``q . R_h`` (B, h, qh, qw, kh) and ``q . R_w`` (B, h, qh, qw, kw).
+
+    q: (B, h, qh*qw, d) pooled queries (unscaled); tables (L, d), each resized to
+    2 * max(q, k) - 1 rows of its axis. The bias of (query (i, j), key (y, x)) is
+    ``rel_h[.., i, j, y] + rel_w[.., i, j, x]``.
+    """
+    (qh, qw), (kh, kw) = q_hw, k_hw
+    b, heads, _, d = q.shape
+    rh = resize_table(table_h, 2 * max(qh, kh) - 1)[mvit_index(qh, kh).to(q.device)]  # (qh, kh, d)
+    rw = resize_table(table_w, 2 * max(qw, kw) - 1)[mvit_index(qw, kw).to(q.device)]  # (qw, kw, d)
+    qm = q.reshape(b, heads, qh, qw, d)  # (B, h, qh, qw, d)
+    bias_h = torch.einsum("bnyxd,ykd->bnyxk", qm, rh.to(q.dtype))  # (B, h, qh, qw, kh)
+    bias_w = torch.einsum("bnyxd,xkd->bnyxk", qm, rw.to(q.dtype))  # (B, h, qh, qw, kw)
+    return bias_h, bias_w
+
+
 def mvit_bias(
     q: torch.Tensor, q_hw: tuple[int, int], k_hw: tuple[int, int], table_h: torch.Tensor, table_w: torch.Tensor
 ) -> torch.Tensor:
@@ -149,14 +171,69 @@ def mvit_bias(
     resized to 2 * max(q, k) - 1 rows of its axis. Returns (B, h, qh*qw, kh*kw).
     """
     (qh, qw), (kh, kw) = q_hw, k_hw
-    b, heads, _, d = q.shape
-    rh = resize_table(table_h, 2 * max(qh, kh) - 1)[mvit_index(qh, kh).to(q.device)]  # (qh, kh, d)
-    rw = resize_table(table_w, 2 * max(qw, kw) - 1)[mvit_index(qw, kw).to(q.device)]  # (qw, kw, d)
-    qm = q.reshape(b, heads, qh, qw, d)  # (B, h, qh, qw, d)
-    bias_h = torch.einsum("bnyxd,ykd->bnyxk", qm, rh.to(q.dtype))  # (B, h, qh, qw, kh)
-    bias_w = torch.einsum("bnyxd,xkd->bnyxk", qm, rw.to(q.dtype))  # (B, h, qh, qw, kw)
+    bias_h, bias_w = mvit_terms(q, q_hw, k_hw, table_h, table_w)
     bias = bias_h[..., :, None] + bias_w[..., None, :]  # (B, h, qh, qw, kh, kw)
-    return bias.reshape(b, heads, qh * qw, kh * kw)
+    return bias.reshape(q.shape[0], q.shape[1], qh * qw, kh * kw)
+
+
+class _DecomposedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + rel_h (+) rel_w) v with the two decomposed terms added in place to the
+    scores, never summed into a bias tensor of their own; the backward written out (the softmax's
+    gradient once, each term's gradient one reduction of it). Fewer passes over the (Nq, Nk)
+    scores than autograd through the explicit path: no bias tensor, no scaling of the scores."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rel_h: torch.Tensor,
+        rel_w: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        # q (B, h, Nq, d), k (B, h, Nk, d), v (B, h, Nk, dv), rel_h (B, h, Nq, kh), rel_w (B, h, Nq, kw)
+        kh, kw = rel_h.shape[-1], rel_w.shape[-1]
+        qs = q * scale
+        scores = qs @ k.transpose(-2, -1)  # (B, h, Nq, Nk)
+        grid = scores.view(*scores.shape[:-1], kh, kw)
+        grid.add_(rel_h[..., :, None]).add_(rel_w[..., None, :])
+        probs = torch.softmax(scores, dim=-1)
+        ctx.save_for_backward(qs, k, v, probs)
+        ctx.scale, ctx.kh, ctx.kw = scale, kh, kw  # type: ignore[attr-defined]
+        return probs @ v
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:  # type: ignore[override]
+        qs, k, v, probs = ctx.saved_tensors  # type: ignore[attr-defined]
+        scale, kh, kw = ctx.scale, ctx.kh, ctx.kw  # type: ignore[attr-defined]
+        grad_v = probs.transpose(-2, -1) @ grad
+        grad_probs = grad @ v.transpose(-2, -1)  # (B, h, Nq, Nk)
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grid = grad_scores.view(*grad_scores.shape[:-1], kh, kw)
+        grad_h, grad_w = grid.sum(-1), grid.sum(-2)
+        grad_q = (grad_scores @ k) * scale
+        grad_k = grad_scores.transpose(-2, -1) @ qs
+        return grad_q, grad_k, grad_v, grad_h, grad_w, None
+
+
+def mvit_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_hw: tuple[int, int],
+    k_hw: tuple[int, int],
+    table_h: torch.Tensor,
+    table_w: torch.Tensor,
+) -> torch.Tensor:
+    """``attend(q, k, v, mvit_bias(q, q_hw, k_hw, table_h, table_w))`` without the (Nq, Nk) bias: the
+    fast path of pooling attention's backward on the CPU, where SDPA cannot take a bias that needs a
+    gradient. float32 and float64 only (the reference's softmax precision); (B, h, Nq, dv)."""
+    b, heads, nq, d = q.shape
+    rel_h, rel_w = mvit_terms(q, q_hw, k_hw, table_h, table_w)
+    rel_h, rel_w = rel_h.reshape(b, heads, nq, k_hw[0]), rel_w.reshape(b, heads, nq, k_hw[1])
+    out: torch.Tensor = _DecomposedAttention.apply(q, k, v, rel_h, rel_w, d**-0.5)
+    return out
 
 
 def mvit_bias_3d(
@@ -219,15 +296,24 @@ class DeformableBiasTable(nn.Module):
         self.table = nn.Parameter(torch.empty(heads, 2 * table_hw[0] - 1, 2 * table_hw[1] - 1))
         nn.init.trunc_normal_(self.table, std=0.01)
 
-    def forward(self, query_pos: torch.Tensor, sample_pos: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    def forward(
+        self, query_pos: torch.Tensor, sample_pos: torch.Tensor, groups: int = 1, fast: bool = False
+    ) -> torch.Tensor:
         """query_pos (Nq, 2), sample_pos (B*g, Ns, 2) -> bias (B, heads, Nq, Ns) in float32.
 
-        Group i's samples serve heads [i*h/g, (i+1)*h/g).
+        Group i's samples serve heads [i*h/g, (i+1)*h/g). ``fast``: the displacements are made as
+        one complex subtraction (x + iy), whose innermost axis is the samples', instead of a broadcast
+        over a trailing axis of 2 (2.2x faster on the CPU); the same values, bit for bit.
         """
         bg, ns, _ = sample_pos.shape
         batch, hg = bg // groups, self.heads // groups
         wide = torch.promote_types(sample_pos.dtype, torch.float32)  # float32, or float64 for float64 inputs
-        disp = (query_pos[None, :, None, :].to(wide) - sample_pos[:, None, :, :].to(wide)) * 0.5  # (B*g, Nq, Ns, 2)
+        if fast:
+            qc = torch.view_as_complex((query_pos.to(wide) * 0.5).contiguous())  # (Nq,)
+            sc = torch.view_as_complex((sample_pos.to(wide) * 0.5).contiguous())  # (B*g, Ns)
+            disp = torch.view_as_real(qc[None, :, None] - sc[:, None, :])  # (B*g, Nq, Ns, 2)
+        else:
+            disp = (query_pos[None, :, None, :].to(wide) - sample_pos[:, None, :, :].to(wide)) * 0.5
         table = self.table.to(wide).reshape(1, groups, hg, *self.table.shape[1:])  # (1, g, h/g, 2Ht-1, 2Wt-1)
         table = table.expand(batch, -1, -1, -1, -1).reshape(bg, hg, *self.table.shape[1:])  # (B*g, h/g, ., .)
         # (B*g, h/g, Nq, Ns)

@@ -52,6 +52,53 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+err_console = Console(stderr=True)  # progress goes here, so that --json output stays clean
+
+
+class _Steps:
+    """Progress of work done in steps, from its first second: on a terminal a spinner naming the
+    current step, with the elapsed time and the count of steps done (on stderr); elsewhere quiet but
+    for one line per finished step (to stderr, with its seconds), none at all when ``quiet``."""
+
+    def __init__(self, title: str, total: int | None = None, quiet: bool = False):
+        import time
+
+        self.title, self.total, self.clock = title, total, time.perf_counter
+        self.current: str | None = None
+        self.done = 0
+        self.started = self.step_started = self.clock()
+        self.live = err_console.is_terminal
+        self.quiet = quiet
+        self.status = err_console.status(escape(title), spinner="dots") if self.live else None
+
+    def _finish_step(self) -> None:
+        if self.current is None:
+            return
+        self.done += 1
+        if not self.live and not self.quiet:
+            of = f"/{self.total}" if self.total else ""
+            err_console.print(
+                f"[{self.done}{of}] {escape(self.current)} done in {self.clock() - self.step_started:.1f} s",
+                highlight=False,
+            )
+
+    def step(self, name: str) -> None:
+        self._finish_step()
+        self.current, self.step_started = name, self.clock()
+        if self.status is not None:
+            of = f"{self.done}/{self.total} done, " if self.total else ""
+            self.status.update(f"{escape(self.title)}: {escape(name)} ({of}{self.clock() - self.started:.0f} s)")
+
+    def __enter__(self) -> _Steps:
+        if self.status is not None:
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self._finish_step()
+        if self.status is not None:
+            self.status.__exit__(*exc)
 
 
 @app.callback()
@@ -210,6 +257,8 @@ def sweep(
     from attnbench.bench import executors
     from attnbench.bench.sweep import check_runnable, resolve_request, run_sweep
 
+    if console.is_terminal:  # something from the first second: importing torch and expanding take a few
+        console.print("sweep: importing torch, expanding the grid", style="dim")
     if out is None:
         if resume:
             raise AttnbenchError("--resume needs --out RUN_DIR")
@@ -255,29 +304,38 @@ def sweep(
 
     failed = {"n": 0, "skipped": 0}
     skip_reasons: Counter[str] = Counter()
+    live = console.is_terminal  # not a terminal: no bar, one line per stored point
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("failed {task.fields[failed]}, skipped {task.fields[skipped]}"),
+        TextColumn("set up {task.fields[setup]}, slots {task.fields[slots]}, failed {task.fields[failed]}, "
+                   "skipped {task.fields[skipped]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
-    )
-    task = None
+        disable=not live,
+    )  # fmt: skip
+    task = progress.add_task("preparing", total=None, setup=0, slots=0, failed=0, skipped=0)
+    seen = {"setup": 0, "slots": 0, "stored": 0, "todo": 0}
 
     def on_event(kind: str, data: dict) -> None:
-        nonlocal task
         if kind == "warning":
             console.print(f"[yellow]warning:[/yellow] {escape(data['message'])}")
         elif kind == "start":
+            seen["todo"] = data["todo"]
             console.print(
                 f"{data['total']} points, {data['stored']} already in {escape(out)}, {data['todo']} to measure"
             )
-            task = progress.add_task("sweep", total=data["todo"], failed=0, skipped=0)
-        elif kind == "point" and task is not None:
+            progress.update(task, description="sweep", total=data["todo"], completed=0)
+        elif kind in ("setup", "slot"):
+            seen["setup" if kind == "setup" else "slots"] += 1
+            what = f"set up {data['label']}" if kind == "setup" else f"slot {data['slot']} of {data['label']}"
+            progress.update(task, setup=seen["setup"], slots=seen["slots"], description=f"sweep: {escape(what)}")
+        elif kind == "point":
             rec = data["record"]
+            seen["stored"] += 1
             if rec["status"] in ("oom", "error", "timeout"):
                 failed["n"] += 1
                 console.print(
@@ -287,7 +345,21 @@ def sweep(
             elif rec["status"] == "skipped":
                 failed["skipped"] += 1
                 skip_reasons[" ".join(str(rec.get("reason") or "no reason given").split())] += 1
+            if not live:  # one line per stored point
+                median = rec.get("latency_ms_median")
+                value = f" {median:.4g} ms" if isinstance(median, (int, float)) else ""
+                console.print(
+                    f"[{seen['stored']}/{seen['todo']}] {rec['status']} {escape(str(rec['mechanism']))} "
+                    f"{rec['height']}x{rec['width']} {rec['pass']} {rec['impl']}{value}",
+                    highlight=False,
+                )
             progress.update(task, advance=1, failed=failed["n"], skipped=failed["skipped"])
+        elif kind == "end":
+            share = data["timed_share"]
+            console.print(
+                f"timed {data['timed_s']:.1f} s of the sweep's {data['wall_s']:.1f} s wall time: "
+                f"timed share {share:.0%}"
+            )
 
     with progress:
         summary = run_sweep(grid, out, settings, executor=executor, on_event=on_event, append=append, resume=resume)
@@ -577,7 +649,9 @@ def flops_(
         what += f", cross with {args[3][0]}x{args[3][1]} context" if len(args) > 3 else ""
         analytic = None
     else:
-        net = _flops_model(model, tiny)
+        with _Steps(f"flops --model {model}", quiet=as_json) as building:
+            building.step(f"building {model}")
+            net = _flops_model(model, tiny)
         if not isinstance(net, torch.nn.Module):
             raise AttnbenchError(f"--model {model} did not build an nn.Module (got {type(net).__name__})")
         args = (torch.randn(batch, in_chans, hw[0], hw[1]),)
@@ -585,7 +659,8 @@ def flops_(
         what = f"model {model} at {hw[0]}x{hw[1]} px, batch {batch}"
         model_macs = getattr(net, "macs", None)
         analytic = (lambda m, a: int(model_macs(batch, hw))) if callable(model_macs) else None
-    result = flopcount.count(module, args, analytic=analytic, backward=backward)
+    with _Steps(f"counting {what}", quiet=model is None or as_json) as steps:  # a mechanism: about a second
+        result = flopcount.count(module, args, analytic=analytic, backward=backward, on_stage=steps.step)
     if as_json:
         typer.echo(json.dumps({"what": what, **result.as_dict()}, indent=2))
         return
@@ -642,8 +717,10 @@ def models_(
     unknown = [n for n in names or [] if n not in models.available()]
     if unknown:
         raise AttnbenchError(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(models.available())}")
-    with console.status("building the zoo and counting multiply-adds...", spinner="dots"):
-        rows = zoo_rows(names or models.available(), tiny=tiny)
+    wanted = names or models.available()
+    # --json is read by programs: no progress lines there but on a terminal's stderr
+    with _Steps(f"counting the multiply-adds of {len(wanted)} model(s)", total=len(wanted), quiet=as_json) as steps:
+        rows = zoo_rows(wanted, tiny=tiny, on_row=lambda name, i, n: steps.step(name))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

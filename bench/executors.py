@@ -45,10 +45,11 @@ class InProcess:
 
     name = "in-process"
 
-    def run(self, points: Iterable[Point], settings: Settings) -> Iterator[dict[str, Any]]:
+    def run(self, points: Iterable[Point], settings: Settings, on_event: Any = None) -> Iterator[dict[str, Any]]:
+        """``on_event(kind, data)`` hears of each point's set-up and timing slot (bench.interleave)."""
         from .interleave import interleaved
 
-        yield from interleaved(points, settings)
+        yield from interleaved(points, settings, on_event=on_event)
 
 
 class Subprocess:

@@ -624,19 +624,24 @@ def count(
     analytic: int | Callable[[nn.Module, tuple], int | None] | None = None,
     flop_counter: bool = True,
     backward: bool = True,
+    on_stage: Callable[[str], None] | None = None,
 ) -> FlopCount:
     """Count one forward call of ``module(*args)`` in multiply-adds.
 
     ``analytic`` overrides the analytic count (an int, or a function of module
     and args); by default an attention mechanism's ``macs()`` is used.
     ``flop_counter=False`` skips FlopCounterMode; ``backward=False`` skips the
-    measured backward pass.
+    measured backward pass. ``on_stage(name)`` is told when each counter starts
+    (``fvcore``, ``FlopCounterMode``), for a caller that shows progress; nothing
+    here prints.
     """
     if not isinstance(args, tuple):
         args = (args,)
+    stage = on_stage or (lambda name: None)
     was_training = module.training
     module.eval()  # counts do not depend on the mode, and batch-norm statistics must not move
     try:
+        stage("fvcore")
         macs, by_op, calls, zero, uncovered = _fvcore_count(module, args)
         if callable(analytic):
             analytic_macs = analytic(module, args)
@@ -654,6 +659,7 @@ def count(
             calls=calls,
         )
         if flop_counter:
+            stage("FlopCounterMode" + (", forward and backward" if backward else ""))
             _flop_counter_count(module, args, backward, result)
         return result
     finally:

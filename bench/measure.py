@@ -37,7 +37,7 @@ class Settings:
     """How points are measured (the same for every point of a sweep; not part of point_id)."""
 
     timeout_s: float = 120.0
-    # CPU: seconds of timing per point, split over its rounds (torch.utils.benchmark Timer.timeit blocks).
+    # CPU: seconds of timing per point, split over its rounds (blocks of calls timed by time.perf_counter).
     cpu_min_run_time: float = 0.2
     # CUDA: warm-up and timed milliseconds per point (as triton.testing.do_bench).
     cuda_warmup_ms: float = 25.0
@@ -200,7 +200,14 @@ def _count_macs(point: Point, module: Any, args: tuple) -> dict[str, Any]:
     key: tuple = (point.mechanism, point.knobs, point.hw, point.batch, point.dim, point.heads, point.cross)
     key += (point.impl, point.device, point.dtype)
     if key not in _FLOP_CACHE:
-        _FLOP_CACHE[key] = _count_config(module, args, point)
+        from . import flopcache
+
+        cached = flopcache.load(key)  # counted by this code revision before (bench.flopcache)
+        if cached is None:
+            cached = _count_config(module, args, point)
+            if cached["macs_error"] is None:  # a counter's failure is told, never remembered
+                flopcache.save(key, cached)
+        _FLOP_CACHE[key] = cached
     out = dict(_FLOP_CACHE[key])
     if point.pass_ != "fwd+bwd":
         out["backward_macs"] = None
@@ -243,7 +250,7 @@ def measure(point: Point, settings: Settings | None = None, clock: Callable[[], 
     steps = measure_steps(point, settings, clock)
     while True:
         try:
-            with strict():
+            with strict(point):
                 next(steps)
         except StopIteration as done:
             record: dict[str, Any] = done.value
@@ -251,10 +258,15 @@ def measure(point: Point, settings: Settings | None = None, clock: Callable[[], 
 
 
 @contextlib.contextmanager
-def strict() -> Iterator[None]:
+def strict(point: Point | None = None) -> Iterator[None]:
     """Dynamo raises on a recompile limit hit (the point becomes an error) instead of running eager
     silently. Entered by whoever advances ``measure_steps``, around each step, so that points whose
-    steps are interleaved never restore each other's settings out of order."""
+    steps are interleaved never restore each other's settings out of order. Given an eager point
+    (neither compiled nor flex) while Dynamo is not imported, it imports nothing: such a point never
+    compiles, and importing Dynamo costs about 1.5 s."""
+    if point is not None and not timed_alone(point) and "torch._dynamo" not in sys.modules:
+        yield
+        return
     from attnbench.attentions.kernels import strict_dynamo
 
     with strict_dynamo():
@@ -694,11 +706,13 @@ def _times(
     settings: Settings,
     budget: _Budget,
     share: float = 1.0,
+    timed: list[float] | None = None,
 ) -> list[float]:
-    """Timing samples (ms per call) of ``share`` of the point's timing (one slot of its rounds)."""
+    """Timing samples (ms per call) of ``share`` of the point's timing (one slot of its rounds);
+    the seconds its timed regions took are appended to ``timed``."""
     if point.device.startswith("cuda"):
-        return _cuda_times(step, zero_grads, point.device, per_call_s, settings, budget, share)
-    return _cpu_times(step, zero_grads, per_call_s, settings, budget, share)
+        return _cuda_times(step, zero_grads, point.device, per_call_s, settings, budget, share, timed)
+    return _cpu_times(step, zero_grads, per_call_s, settings, budget, share, timed)
 
 
 @dataclasses.dataclass
@@ -726,6 +740,7 @@ class _Timing:
         self.rounds = max(1, settings.rounds)
         self.slots: list[_Slot] = []
         self.slot_s = 0.0  # the longest slot so far, to tell whether another fits the budget
+        self.timed: list[float] = []  # seconds of each timed region (block of calls) of every slot
         _reference(point.device, float("inf"))  # measured before the first slot on first use
 
     def _contended(self, slot: _Slot) -> bool:
@@ -743,17 +758,22 @@ class _Timing:
     def slot(self) -> None:
         device, work = self.point.device, self.work
         started = time.perf_counter()
-        before = probe_ms(device)
+        before = _recent_probe(device)
         per_call_s = self.per_call_s
-        for _ in range(WARM_CALLS):  # the probe and other points evicted this point's data: bring it back
+        warm = WARM_CALLS if per_call_s < WARM_CALL_UNDER_S else 0
+        for _ in range(warm):  # the probe and other points evicted this point's data: bring it back
             work.zero_grads()
             _sync(device)
             t0 = time.perf_counter()
             work.step()
             _sync(device)
             per_call_s = min(per_call_s, time.perf_counter() - t0)  # the slot's plan: one call can be slow
-        times = _times(self.point, work.step, work.zero_grads, per_call_s, self.settings, self.budget, 1 / self.rounds)
+        share = 1 / self.rounds
+        times = _times(
+            self.point, work.step, work.zero_grads, per_call_s, self.settings, self.budget, share, self.timed
+        )
         after = probe_ms(device)
+        _LAST_PROBE[device] = (after, time.perf_counter())
         _reference(device, min(before, after))
         self.slots.append(_Slot(times, (before, after)))
         self.slot_s = max(self.slot_s, time.perf_counter() - started)
@@ -774,7 +794,7 @@ class _Timing:
         if self.point.device.startswith("cuda"):
             method = "cuda events, L2 flushed and grads set to None before each repetition"
         else:
-            method = f"torch.utils.benchmark.Timer.timeit blocks of calls, {torch.get_num_threads()} threads"
+            method = f"time.perf_counter around blocks of calls, {torch.get_num_threads()} threads"
         method += f"; {len(kept)} round(s) between calibration probes"
         return {
             "latency_samples_ms": samples.compact(times),
@@ -783,6 +803,9 @@ class _Timing:
             "noisy": spread > self.settings.noisy_spread or wide,
             "timing_method": method,
             "probe_ms": round(samples.quantile([max(s.probe_ms) for s in kept], 0.5), 4),
+            # Seconds the timed regions of every slot took (contended slots' too): the part of the point's
+            # wall time that measured anything; the sweep reports their sum as a share of its wall time.
+            "timed_s": round(sum(self.timed), 6),
             "contended": contended,
             # The evidence wherever a slot was contended or the samples wide: the reference, the bounds
             # and every slot's probes and sample count.
@@ -802,8 +825,12 @@ class _Timing:
         }
 
 
-# Untimed calls between a slot's first probe and its samples (the probe evicts the point's data from cache).
+# Untimed calls between a slot's first probe and its samples (the probe evicts the point's data from cache),
+# for calls shorter than WARM_CALL_UNDER_S: a longer call streams its working set through the caches many
+# times over, so a cold first touch is a negligible part of it, and its warm call would cost as much as a
+# sample (at 64x64, fwd+bwd calls of 0.3 to 2 s made these calls a quarter of the quick sweep's wall time).
 WARM_CALLS = 1
+WARM_CALL_UNDER_S = 0.05
 # The calibration probe: a fixed small kernel, timed around every point.
 PROBE_SIZE = {"cpu": 96, "cuda": 2048}
 PROBE_CALLS, PROBE_BLOCKS = 5, 5
@@ -838,6 +865,21 @@ def probe_ms(device: str) -> float:
     from .samples import quantile
 
     return quantile(blocks, 0.5)
+
+
+# A probe taken at most this many seconds ago, with nothing run since (the interleaved rotation goes
+# from one point's slot straight to the next one's), stands as the next slot's first probe.
+PROBE_REUSE_S = 2e-3
+_LAST_PROBE: dict[str, tuple[float, float]] = {}  # device: (the last slot's closing probe in ms, when it ended)
+
+
+def _recent_probe(device: str) -> float:
+    """The slot's opening probe: the previous slot's closing probe if it ended within
+    ``PROBE_REUSE_S`` (back to back: the same state of the machine), else a new one."""
+    last = _LAST_PROBE.pop(device, None)
+    if last is not None and time.perf_counter() - last[1] <= PROBE_REUSE_S:
+        return last[0]
+    return probe_ms(device)
 
 
 def _reference(device: str, latest: float) -> float:
@@ -917,29 +959,34 @@ def _cpu_times(
     settings: Settings,
     budget: _Budget,
     share: float = 1.0,
+    timed: list[float] | None = None,
 ) -> list[float]:
     """Milliseconds per call, one sample per block of calls, about ``share`` of ``cpu_min_run_time``
     (the count planned from ``per_call_s``, the loop stopped at that much wall time), at least
-    ``share`` of ``min_samples``."""
-    import torch
-    from torch.utils.benchmark import Timer
-
-    def rep() -> None:
-        zero_grads()
-        step()
-
-    timer = Timer(stmt="rep()", globals={"rep": rep}, num_threads=torch.get_num_threads())
+    ``share`` of ``min_samples``. Each block is timed with ``time.perf_counter`` around a plain loop
+    of calls (each call after setting the gradients to None); no untimed call runs here (the slot's
+    one warm call precedes the samples). The seconds of the timed blocks are appended to ``timed``."""
     per_call_s = max(per_call_s, 1e-7)
     least = max(1, math.ceil(settings.min_samples * share))
     run_time = max(per_call_s * least, min(settings.cpu_min_run_time * share, budget.remaining() * 0.5))
     number = max(1, int(CPU_SAMPLE_S / per_call_s))
     n = max(least, min(settings.max_samples, int(run_time / (number * per_call_s))))
     times: list[float] = []
-    deadline = time.perf_counter() + run_time  # wall-bounded too: a loaded machine stretches every call
+    clock = time.perf_counter
+    total = 0.0
+    deadline = clock() + run_time  # wall-bounded too: a loaded machine stretches every call
     for _ in range(n):
-        times.append(timer.timeit(number).times[0] * 1e3)  # one block: its time per call (no quantile)
-        if len(times) >= least and (time.perf_counter() > deadline or budget.remaining() < 2 * per_call_s * number):
+        t0 = clock()
+        for _ in range(number):
+            zero_grads()
+            step()
+        block = clock() - t0
+        total += block
+        times.append(block * 1e3 / number)  # one block: its time per call
+        if len(times) >= least and (clock() > deadline or budget.remaining() < 2 * per_call_s * number):
             break
+    if timed is not None:
+        timed.append(total)
     return times
 
 
@@ -951,6 +998,7 @@ def _cuda_times(
     settings: Settings,
     budget: _Budget,
     share: float = 1.0,
+    timed: list[float] | None = None,
 ) -> list[float]:
     """CUDA-event timing as triton.testing.do_bench does it, with the sample count kept: ``share``
     of the warm-up and of the repetitions (one slot of the point's rounds)."""
@@ -976,4 +1024,7 @@ def _cuda_times(
         step()
         ends[i].record()
     torch.cuda.synchronize(device)
-    return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+    if timed is not None:
+        timed.append(sum(times) / 1e3)
+    return times

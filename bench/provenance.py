@@ -18,6 +18,7 @@ stores it as ``error`` with a reason that says what ran instead.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +83,8 @@ def ops_provenance(names: Counter[str]) -> dict[str, Any]:
 
 
 def _dynamo_counts() -> dict[str, int]:
+    if "torch._dynamo" not in sys.modules:  # nothing compiled yet: its counters would start at zero
+        return {"frames": 0, "graphs": 0, "graph_breaks": 0}
     from torch._dynamo.utils import counters
 
     return {
@@ -100,10 +103,10 @@ class CompileWatch:
     """
 
     def __init__(self, backend: str, reset: bool = True):
-        import torch._dynamo
-
-        if reset:  # a --compile point; other points keep what is compiled (flex attention's kernels)
-            torch._dynamo.reset()
+        # A --compile point resets Dynamo; other points keep what is compiled (flex attention's kernels). Dynamo
+        # not imported: nothing was compiled, and an eager point needs none.
+        if reset and "torch._dynamo" in sys.modules:
+            sys.modules["torch._dynamo"].reset()
         self.backend = backend
         self.marks: dict[str, dict[str, int]] = {"start": _dynamo_counts()}
 

@@ -92,6 +92,7 @@ POINT_FIELDS: dict[str, str] = {
     "threads": "int",
     "device_name": "str",
     "wall_s": "float",
+    "timed_s": "float",
     "finished_at": "str",
     # the code that measured the point (bench.env.git_state: commit, and a hash of a dirty tree's changes)
     "revision": "str",

@@ -7,12 +7,18 @@ point counts as done only if it was measured by the same code revision (or
 
 Progress goes through ``on_event(kind, data)`` (the CLI renders it); nothing
 here prints. Kinds: ``warning`` {message}, ``start`` {total, stored, todo},
-``point`` {record}, ``end`` {counts, run_dir}.
+``setup`` {point_id, label, active} and ``slot`` {point_id, label, slot, active}
+as the in-process rotation sets points up and takes their timing slots
+(bench.interleave), ``point`` {record} when a point is stored, ``end`` {counts,
+run_dir, timed_s, wall_s, timed_share}: the seconds the stored records' timed
+regions took (their ``timed_s``), as a share of the sweep's wall time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +42,8 @@ class Summary:
     total: int
     stored: int
     counts: dict[str, int]
+    timed_s: float = 0.0  # the seconds the timed regions of the points measured now took
+    wall_s: float = 0.0  # the sweep's wall time (from run_sweep's call)
 
 
 def run_sweep(
@@ -53,6 +61,7 @@ def run_sweep(
     ``append``: add this grid to a run directory that holds a sweep of another grid
     or other settings (refused otherwise). ``resume``: count points measured by
     another code revision as done (otherwise they are measured again)."""
+    started = time.perf_counter()
     import torch
 
     from .env import fingerprint
@@ -73,7 +82,7 @@ def run_sweep(
     env = fingerprint(threads=settings.threads)
     request = {"grid": grid.to_dict(), "settings": settings.to_dict(), "executor": executor.name}
     with RunDir(out, "sweep").claim(request):
-        return _locked_sweep(store, env, request, expansion, settings, executor, emit, append, resume)
+        return _locked_sweep(store, env, request, expansion, settings, executor, emit, append, resume, started)
 
 
 def _locked_sweep(
@@ -86,6 +95,7 @@ def _locked_sweep(
     emit: Event,
     append: bool,
     resume: bool,
+    started: float,
 ) -> Summary:
     stored_sweep = store.stored_sweep() if store.has_results() else None
     diffs = sweep_differences(stored_sweep, request) if stored_sweep is not None else []
@@ -121,11 +131,13 @@ def _locked_sweep(
     emit("start", {"total": len(expansion.points), "stored": len(expansion.points) - len(todo), "todo": len(todo)})
 
     counts: Counter[str] = Counter()
+    timed = [0.0]
 
     def record(rec: dict[str, Any]) -> None:
         rec = {**rec, "revision": revision}
         store.append(rec)
         counts[rec["status"]] += 1
+        timed[0] += float(rec.get("timed_s") or 0.0)
         emit("point", {"record": rec})
 
     # Points refused statically or by the mechanism's unsupported() are recorded
@@ -143,10 +155,24 @@ def _locked_sweep(
             record({**p.to_json(), "status": "skipped", "reason": "; ".join(reasons)})
         else:
             runnable.append(p)
-    for rec in executor.run(runnable, settings):
+    # Executors that report set-ups and slots (the in-process rotation) are given the event sink.
+    takes_events = "on_event" in inspect.signature(executor.run).parameters
+    for rec in executor.run(runnable, settings, on_event=emit) if takes_events else executor.run(runnable, settings):
         record(rec)
-    emit("end", {"counts": dict(counts), "run_dir": str(store.run_dir)})
-    return Summary(store.run_dir, len(expansion.points), len(expansion.points) - len(todo), dict(counts))
+    wall = time.perf_counter() - started
+    share = timed[0] / wall if wall > 0 else 0.0
+    emit(
+        "end",
+        {
+            "counts": dict(counts),
+            "run_dir": str(store.run_dir),
+            "timed_s": timed[0],
+            "wall_s": wall,
+            "timed_share": share,
+        },
+    )
+    total, stored = len(expansion.points), len(expansion.points) - len(todo)
+    return Summary(store.run_dir, total, stored, dict(counts), timed_s=timed[0], wall_s=wall)
 
 
 # Settings that bound a sweep rather than shape its numbers: they may change between resumptions.

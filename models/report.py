@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,5 +34,13 @@ def zoo_row(name: str, tiny: bool = False) -> dict[str, Any]:
     }
 
 
-def zoo_rows(names: list[str], tiny: bool = False) -> list[dict[str, Any]]:
-    return [zoo_row(n, tiny) for n in names]
+def zoo_rows(
+    names: list[str], tiny: bool = False, on_row: Callable[[str, int, int], None] | None = None
+) -> list[dict[str, Any]]:
+    """Every model's row; ``on_row(name, i, n)`` is told before model i of n is built and counted."""
+    rows = []
+    for i, name in enumerate(names):
+        if on_row is not None:
+            on_row(name, i, len(names))
+        rows.append(zoo_row(name, tiny))
+    return rows

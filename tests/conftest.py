@@ -10,6 +10,20 @@ from attnbench.bench.points import load_plugins
 load_plugins()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _flop_cache(tmp_path_factory):
+    """The sweep's MAC counts (bench.flopcache) go to a folder of this session, never the user's cache."""
+    import os
+
+    saved = os.environ.get("ATTNBENCH_CACHE")
+    os.environ["ATTNBENCH_CACHE"] = str(tmp_path_factory.mktemp("attnbench-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("ATTNBENCH_CACHE", None)
+    else:
+        os.environ["ATTNBENCH_CACHE"] = saved
+
+
 ONE_THREAD = ("models", "studies")  # the folders of tests/ whose tests run on one intra-op thread
 
 

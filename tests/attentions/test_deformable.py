@@ -365,3 +365,20 @@ def test_cvpr2022_pads_the_offset_conv_at_kernel_equal_to_stride_as_that_release
     datpp = attentions.build("deformable", dim=16, heads=2, geometry="datpp", **kn)
     assert cvpr.padding == 2 and datpp.padding == 0
     assert cvpr.key_hw((56, 56)) == (15, 15) and datpp.key_hw((56, 56)) == (14, 14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fast_bias_displacements_equal_the_reference(dtype):
+    """The fast path's displacements (one complex subtraction) give the reference's bias and gradients,
+    groups and a batch included."""
+    torch.manual_seed(0)
+    table = DeformableBiasTable(4, (5, 7)).to(dtype)
+    query = (torch.rand(6 * 5, 2, dtype=dtype) * 2 - 1).requires_grad_(True)
+    samples = (torch.rand(2 * 2, 9, 2, dtype=dtype) * 2.4 - 1.2).requires_grad_(True)  # batch 2, groups 2
+    out = {}
+    for fast in (False, True):
+        bias = table(query, samples, groups=2, fast=fast)
+        grads = torch.autograd.grad(bias.square().sum(), (query, samples, table.table))
+        out[fast] = (bias, *grads)
+    for ref, new in zip(out[False], out[True], strict=True):
+        torch.testing.assert_close(new, ref, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-7)

@@ -4,6 +4,8 @@ count and the knobs."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -359,3 +361,36 @@ def test_kernel_macs_match_the_counted_ones():
             m = m.eval()
             x, hw = m.example_inputs(1, (8, 8))
             assert count(m, (x, hw), flop_counter=False, backward=False).macs == m.macs(1, (8, 8))
+
+
+@pytest.mark.parametrize(
+    "knobs,hw",
+    [
+        ({}, (16, 12)),
+        ({"stride_q": 2, "stride_kv": 2}, (12, 16)),
+        ({"window": 8, "stride_kv": 2}, (16, 16)),
+        ({"mode": "avg", "stride_kv": 1, "residual_pooling": False}, (6, 10)),
+    ],
+    ids=["default", "strided-q", "window", "avg-stride1"],
+)
+def test_decomposed_fast_path_matches_the_reference_in_float64(knobs, hw):
+    """The fast path's backward on the CPU (relpos.mvit_attend: the decomposed terms added in place,
+    the backward written out) equals the reference's output and every gradient to float64 precision."""
+    torch.manual_seed(0)
+    ref = attentions.build("pooling", dim=24, heads=3, impl="reference", **knobs).double()
+    fast = copy.deepcopy(ref)
+    fast.impl = "fast"
+    x = torch.randn(2, hw[0] * hw[1], 24, dtype=torch.float64)
+    results = []
+    for module in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        out = module(xi, hw)
+        out.backward(torch.ones_like(out).normal_(generator=torch.Generator().manual_seed(1)))
+        grads = {n: p.grad for n, p in module.named_parameters()}
+        results.append((out.detach(), xi.grad, grads))
+    (o_ref, x_ref, g_ref), (o_fast, x_fast, g_fast) = results
+    assert fast._decomposed(torch.zeros(1, dtype=torch.float64, requires_grad=True))
+    torch.testing.assert_close(o_fast, o_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x_fast, x_ref, rtol=1e-10, atol=1e-12)
+    for name, g in g_ref.items():
+        torch.testing.assert_close(g_fast[name], g, rtol=1e-10, atol=1e-12, msg=name)

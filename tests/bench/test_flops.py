@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import json
 import typing
 
 import pytest
@@ -48,14 +48,49 @@ def _modes(cls: type[attentions.Attention]) -> list[bool]:
     return [False, True] if cls.supports_cross else [False]
 
 
-def _cases() -> list[tuple]:
+def _cases(full: bool = False) -> list[tuple]:
+    """The counting cases of every mechanism.
+
+    The rule (covering, not the product): every knob set is counted once and every (impl, self/cross)
+    pair at least once, assigned round-robin (case j: knob set j mod K, pair j mod P), so that a
+    mechanism has max(K, P) cases, not K x P. A count depends on the modules a knob set builds and on
+    the ops an impl and a context call; the impl picks the attention kernel and the context the key
+    source whatever the knobs, so the product adds no op that the covering cases do not meet. The full
+    product (``full``) runs in ``test_counter_full_product`` under the slow marker (``nox -s slow``).
+    """
     cases = []
     for name in attentions.available():
         cls = attentions.get(name)
-        for knobs, cross, impl in itertools.product(knob_sets(name), _modes(cls), cls.impls):
+        knob_list = knob_sets(name)
+        pairs = [(impl, cross) for impl in cls.impls for cross in _modes(cls)]
+        if full:
+            combos = [(k, c, i) for k in knob_list for i, c in pairs]
+        else:
+            combos = [
+                (knob_list[j % len(knob_list)], pairs[j % len(pairs)][1], pairs[j % len(pairs)][0])
+                for j in range(max(len(knob_list), len(pairs)))
+            ]
+        for knobs, cross, impl in combos:
             case_id = f"{name}-{knobs}-{'cross' if cross else 'self'}-{impl}"
             cases.append(pytest.param(name, knobs, cross, impl, id=case_id))
     return cases
+
+
+def test_covering_cases_meet_every_knob_set_and_every_impl_context_pair():
+    """The covering rule holds: each mechanism's knob sets and (impl, self/cross) pairs all appear."""
+    covering = [c.values for c in _cases()]
+    for name in attentions.available():
+        cls = attentions.get(name)
+        mine = [(k, c, i) for n, k, c, i in covering if n == name]
+        assert all(k in [m[0] for m in mine] for k in knob_sets(name)), name
+        assert {(i, c) for _, c, i in mine} == {(i, c) for i in cls.impls for c in _modes(cls)}, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "knobs", "cross", "impl"), _cases(full=True))
+def test_counter_full_product(name, knobs, cross, impl):
+    """Every knob set x impl x self/cross (slow: the covering cases below are the default)."""
+    test_counter_matches_analytic_with_nothing_uncovered(name, knobs, cross, impl)
 
 
 @pytest.mark.parametrize(("name", "knobs", "cross", "impl"), _cases())
@@ -346,3 +381,21 @@ def test_backward_is_measured_with_nothing_uncovered(name):
     assert result.backward_macs_rule == 2 * result.macs
     # every product of the forward pass has at least one product in the backward pass
     assert result.backward_macs_measured >= result.macs
+
+
+def test_cli_flops_model_tells_its_steps_as_they_finish():
+    """Not a terminal: one line per finished step (building, each counter, each model) on stderr."""
+    from typer.testing import CliRunner
+
+    from attnbench import cli
+
+    res = CliRunner().invoke(cli.app, ["flops", "--model", "pyramid_full", "--tiny", "--no-backward"])
+    assert res.exit_code == 0, res.output
+    err = res.stderr
+    assert "building pyramid_full done in" in err and "fvcore done in" in err and "FlopCounterMode done in" in err
+    res = CliRunner().invoke(cli.app, ["models", "pyramid_full", "--tiny"])
+    assert res.exit_code == 0, res.output
+    assert "[1/1] pyramid_full done in" in res.stderr and "pyramid_full" in res.stdout
+    # --json is for programs: the JSON alone, no progress lines
+    res = CliRunner().invoke(cli.app, ["models", "pyramid_full", "--tiny", "--json"])
+    assert res.exit_code == 0 and res.stderr == "" and json.loads(res.output)[0]["model"] == "pyramid_full"

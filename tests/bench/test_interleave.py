@@ -52,6 +52,28 @@ def test_slots_of_several_points_are_taken_in_rotation(slots):
     assert all(r["latency_rounds"] and len(r["latency_rounds"]) == 3 for r in records)
 
 
+def test_progress_events_tell_each_set_up_and_slot_as_the_rotation_takes_them(slots):
+    """The rotation reports every point's set-up and every slot when it happens, before the records
+    come out: read in order, the events interleave set-ups, slots and finished records."""
+    points = _points()
+    seen: list[tuple[str, str]] = []
+    records = []
+    for rec in interleaved(
+        points, Settings(**FAST, rounds=3, interleave=8), on_event=lambda kind, d: seen.append((kind, d["point_id"]))
+    ):
+        seen.append(("record", rec["point_id"]))
+        records.append(rec)
+    ids = [p.point_id for p in points]
+    assert [pid for kind, pid in seen if kind == "setup"] == ids
+    assert [pid for kind, pid in seen if kind == "slot"] == slots == ids * 3
+    # each point's set-up comes before its slots, its three slots before its record
+    for pid in ids:
+        mine = [kind for kind, p in seen if p == pid]
+        assert mine == ["setup", "slot", "slot", "slot", "record"]
+    # the first slot is reported before any record: progress is not held back until points finish
+    assert seen.index(("slot", ids[0])) < min(seen.index(("record", pid)) for pid in ids)
+
+
 def test_interleave_one_times_each_point_on_its_own(slots):
     points = _points()
     list(interleaved(points, Settings(**FAST, rounds=3, interleave=1)))

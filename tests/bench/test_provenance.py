@@ -122,6 +122,22 @@ def _probes(monkeypatch, values):
     it = iter(values)
     monkeypatch.setattr(m, "probe_ms", lambda device: next(it, 1.0))
     monkeypatch.setattr(m, "_REFERENCE", {})
+    monkeypatch.setattr(m, "PROBE_REUSE_S", -1.0)  # every slot takes both its probes: the scripts below say which
+
+
+def test_back_to_back_slots_share_the_probe_between_them(monkeypatch):
+    """A slot's closing probe stands as the next slot's opening probe when nothing ran between them
+    (one point's rounds, or the next point of the rotation): rounds + 1 probes, not 2 x rounds."""
+    from attnbench.bench import measure as m
+
+    taken: list[float] = []
+    monkeypatch.setattr(m, "probe_ms", lambda device: taken.append(1.0) or 1.0)
+    monkeypatch.setattr(m, "_REFERENCE", {})
+    monkeypatch.setattr(m, "_LAST_PROBE", {})
+    settings = Settings(**{**FAST, "rounds": 3, "remeasure": 0, "median_ci_bound": 1e9, "noisy_spread": 1e9})
+    r = measure(_one_point(passes=["fwd"])[0], settings)
+    assert len(r["latency_rounds"]) == 3
+    assert len(taken) == 3 + 3 + 1  # the first reference (three probes), then one probe per slot and one more
 
 
 def test_contended_point_is_remeasured_then_flagged_with_evidence(monkeypatch):
@@ -162,19 +178,31 @@ def test_quiet_point_is_measured_in_its_rounds_once(monkeypatch):
     assert r["host_ms_per_call"] == r["latency_ms_median"] and r["launch_bound"] is None  # CPU: host is the device
 
 
-def test_flops_counted_once_per_configuration(monkeypatch):
-    from attnbench.bench import flops
+def test_flops_counted_once_per_configuration(monkeypatch, tmp_path):
+    from attnbench.bench import flopcache, flops
     from attnbench.bench import measure as m
 
     calls = []
     real = flops.count
     monkeypatch.setattr(flops, "count", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(m, "_FLOP_CACHE", {})
+    monkeypatch.setenv("ATTNBENCH_CACHE", str(tmp_path / "cache"))
     fwd, bwd = sorted(_one_point(passes=["fwd", "fwd+bwd"]), key=lambda p: p.pass_)
     settings = Settings(**{**FAST, "count_flops": True})
     rf, rb = measure(fwd, settings), measure(bwd, settings)
     assert len(calls) == 1 and rf["macs"] == rb["macs"]
     assert rf["backward_macs"] is None and rb["backward_macs"] > 0
+    # a later process (its memory cache empty) of the same code revision reads the count from disk
+    if flopcache.code_revision() is not None:
+        assert list((tmp_path / "cache" / "flops").rglob("*.json"))
+        monkeypatch.setattr(m, "_FLOP_CACHE", {})
+        again = measure(bwd, settings)
+        assert len(calls) == 1 and again["macs"] == rb["macs"] and again["backward_macs"] == rb["backward_macs"]
+    # another revision counts again
+    monkeypatch.setattr(m, "_FLOP_CACHE", {})
+    monkeypatch.setattr(flopcache, "code_revision", lambda: "another-revision")
+    measure(fwd, settings)
+    assert len(calls) == 2
 
 
 def test_wide_samples_on_a_quiet_machine_are_noisy_not_contended(monkeypatch):
@@ -186,3 +214,23 @@ def test_wide_samples_on_a_quiet_machine_are_noisy_not_contended(monkeypatch):
     assert r["status"] == "ok" and r["contended"] is False and r["noisy"] is True
     slots = r["contention"]["slots"]
     assert len(slots) == 3 and not any(s["contended"] for s in slots) and r["contention"]["kept"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("per_call_s,warm", [(1e-4, 1), (0.2, 0)])
+def test_a_slot_warms_short_calls_only(monkeypatch, per_call_s, warm):
+    """One untimed call before a slot's samples where a call is short; none where it lasts longer than
+    WARM_CALL_UNDER_S (its own length dwarfs a cold cache)."""
+    from attnbench.bench import measure as m
+
+    _probes(monkeypatch, [])
+    point = _one_point(passes=["fwd"])[0]
+    work = m.build_workload(point)
+    calls: list[int] = []
+    real = work.step
+    work.step = lambda: calls.append(1) or real()
+    settings = Settings(**{**FAST, "rounds": 1, "min_samples": 1, "max_samples": 1})
+    timed: list[float] = []
+    monkeypatch.setattr(m, "_cpu_times", lambda *a, **k: timed.append(1) or [1.0])
+    timing = m._Timing(point, work, per_call_s, settings, m._Budget(60.0, m.time.perf_counter))
+    timing.slot()
+    assert len(calls) == warm and timed == [1]

@@ -414,6 +414,31 @@ def test_cli_sweep_and_env(tmp_path):
     assert res.exit_code == 0 and "torch" in json.loads(res.output)
 
 
+def test_records_store_their_timed_seconds_and_the_sweep_reports_the_share(tmp_path):
+    """Each record's ``timed_s`` (its timed regions) lies within the point's own wall time, and the sweep's
+    end event and the CLI report the timed seconds as a share of the sweep's wall time."""
+    events: list[tuple[str, dict]] = []
+    grid = G(mechanisms=["full", "linear"], resolutions=["4", "6"], dims=[8], passes=["fwd", "fwd+bwd"])
+    summary = run_sweep(grid, tmp_path / "r", FAST, on_event=lambda kind, data: events.append((kind, data)))
+    records = store.read_results(tmp_path / "r").records
+    assert len(records) == 8 and all(r["status"] == "ok" for r in records)
+    for r in records:
+        assert 0 < r["timed_s"] <= r["wall_s"], (r["timed_s"], r["wall_s"])
+    end = [d for k, d in events if k == "end"][0]
+    assert math.isclose(end["timed_s"], sum(r["timed_s"] for r in records), rel_tol=1e-6)
+    assert end["timed_share"] == pytest.approx(end["timed_s"] / end["wall_s"]) and 0 < end["timed_share"] < 1
+    assert summary.timed_s == end["timed_s"] and summary.wall_s == end["wall_s"]
+
+    from typer.testing import CliRunner
+
+    from attnbench import cli
+
+    args = ["sweep", "-m", "full", "-r", "4", "--dim", "8", "--device", "cpu", "--out", str(tmp_path / "c")]
+    res = CliRunner().invoke(cli.app, args)
+    assert res.exit_code == 0, res.output
+    assert "timed share" in res.output and "[1/1] ok full 4x4" in res.output  # not a terminal: a line per point
+
+
 def test_dataframe_of_an_empty_run_has_the_schema(tmp_path):
     (tmp_path / "e").mkdir()
     df = store.load(tmp_path / "e")
@@ -478,7 +503,9 @@ def test_a_failing_counter_leaves_the_analytic_count(tmp_path, monkeypatch):
 
     monkeypatch.setattr(flops, "count", broken)
     monkeypatch.setattr(measure, "_FLOP_CACHE", {})
+    monkeypatch.setenv("ATTNBENCH_CACHE", str(tmp_path / "cache"))  # nothing counted before
     run_sweep(G(mechanisms=["full"], resolutions=["4"], dims=[8], passes=["fwd+bwd"]), tmp_path / "r", FAST)
     (rec,) = store.read_results(tmp_path / "r").records
     assert rec["status"] == "ok" and "counter broke" in rec["macs_error"]
     assert rec["macs"] == attentions.build("full", dim=8, heads=2).macs(1, (4, 4)) and rec["counted_macs"] is None
+    assert not list((tmp_path / "cache").rglob("*.json"))  # a failed count is not remembered

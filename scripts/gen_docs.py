@@ -90,6 +90,7 @@ POINT_DOCS: dict[str, str] = {
     "host_ms_per_call": "host time per call (CUDA: 20 calls issued back to back; CPU: the median latency)",
     "launch_bound": "host time at least half the device time (CUDA only)",
     "overhead_ms": "median latency of an empty call with the same timer, device, dtype and pass",
+    "timed_s": "seconds the point's timed regions took (its share of the wall time is what the sweep spent measuring)",
 }
 TRAIN_DOCS: dict[str, str] = {
     "kind": "which kind of row: `train`, `train_epoch`, `match`, `experiment`, `experiment_cost`",

@@ -274,11 +274,14 @@ class PoolingAttention(Attention):
         q, q_thw = self._pool_clip(q, thw, self.pool_q, self.norm_q)  # (B, h, Nq, d)
         k, k_thw = self._pool_clip(k, thw, self.pool_k, self.norm_k)  # (B, h, Nk, d)
         v, _ = self._pool_clip(v, thw, self.pool_v, self.norm_v)  # (B, h, Nk, d)
-        bias = None
-        if self.knobs.rel_pos:
-            table_t = self.rel_pos_t if self.knobs.rel_pos_frames else None
-            bias = mvit_bias_3d(q, q_thw, k_thw, self.rel_pos_h, self.rel_pos_w, table_t)  # (B, h, Nq, Nk)
-        o = attend(q, k, v, bias, math=self.math)  # (B, h, Nq, d)
+        table_t = self.rel_pos_t if self.knobs.rel_pos_frames else None
+        if q_thw[0] == k_thw[0] == 1 and table_t is None:  # one frame, no time table: the image's attention
+            o = self._attend_map(q, k, v, q_thw[1:], k_thw[1:])  # (B, h, Nq, d)
+        else:
+            bias = None
+            if self.knobs.rel_pos:
+                bias = mvit_bias_3d(q, q_thw, k_thw, self.rel_pos_h, self.rel_pos_w, table_t)  # (B, h, Nq, Nk)
+            o = attend(q, k, v, bias, math=self.math)  # (B, h, Nq, d)
         if self.knobs.residual_pooling:
             o = o + q
         return self.proj.output(o)  # (B, Nq, C_out)
@@ -297,18 +300,20 @@ class PoolingAttention(Attention):
             q, q_hw = _partition(q, q_hw, grid)  # (B*nW, h, Nq/nW, d)
             k, k_hw = _partition(k, k_hw, grid)  # (B*nW, h, Nk/nW, d)
             v, _ = _partition(v, self.kv_hw(hw), grid)  # (B*nW, h, Nk/nW, d)
-        if self.impl == "flex":
-            o = self._attend_flex(q, k, v, q_hw, k_hw)  # (B, h, Nq, d)
-        elif self._decomposed(q):
-            o = mvit_attend(q, k, v, q_hw, k_hw, self.rel_pos_h, self.rel_pos_w)  # (B, h, Nq, d)
-        else:
-            bias = mvit_bias(q, q_hw, k_hw, self.rel_pos_h, self.rel_pos_w) if self.knobs.rel_pos else None
-            o = attend(q, k, v, bias, math=self.math)  # (B, h, Nq, d)
+        attend_map = self._attend_flex if self.impl == "flex" else self._attend_map
+        o = attend_map(q, k, v, q_hw, k_hw)  # (B, h, Nq, d)
         if self.knobs.residual_pooling:
             o = o + q
         if self.knobs.window:
             o = _merge(o, q_hw_all, grid)  # (B, h, Nq, d)
         return self.proj.output(o)  # (B, Nq, C_out)
+
+    def _attend_map(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_hw: HW, k_hw: HW) -> torch.Tensor:
+        """Attention over (H, W) maps with the decomposed relative position: (B, h, Nq, d)."""
+        if self._decomposed(q):
+            return mvit_attend(q, k, v, q_hw, k_hw, self.rel_pos_h, self.rel_pos_w)
+        bias = mvit_bias(q, q_hw, k_hw, self.rel_pos_h, self.rel_pos_w) if self.knobs.rel_pos else None
+        return attend(q, k, v, bias, math=self.math)
 
     def _decomposed(self, q: torch.Tensor) -> bool:
         """The fast path where SDPA cannot take the bias: a gradient wanted on a device whose SDPA does

@@ -147,6 +147,12 @@ VARIANT_DOCS: dict[str, str] = {
     "full": "overrides of `model`, `config`, `knobs`, `stages` for the full mode",
     "published": "the paper's numbers (below)",
     "notes": "words for the report",
+    "twin_of": "the negative control: another variant's name; this one takes that variant's configuration "
+    "(set none of `model`, `config`, `knobs`, `stages`, `quick`, `full`) and trains on its own seeds "
+    "(seed k runs as 1000 + k); the report checks that their 95% intervals overlap",
+    "positive_control_of": "the positive control: what the experiment studies taken away (e.g. Swin with "
+    "`window: 1`, a token seeing only itself), set against the named variant (full attention); the report "
+    "checks that its 95% interval lies wholly below that variant's",
 }
 STAGE_DOCS: dict[str, str] = {
     "attention": "a mechanism (or a list, cycled over the stage's blocks) replacing the stage's own",

@@ -56,6 +56,8 @@ from typing import Any
 
 from attnbench.errors import AttnbenchError
 
+from . import controls
+
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 MODES = ("quick", "full")
 
@@ -67,7 +69,10 @@ MODE_FIELDS = {
     "tiny", "resolution", "epochs", "batch", "lr", "train_size", "val_size", "cost_resolutions", "cost_batch",
     "warmup_epochs", "weight_decay", "amp", "threads",
 }  # fmt: skip
-VARIANT_FIELDS = {"name", "model", "config", "knobs", "stages", "quick", "full", "published", "notes"}
+VARIANT_FIELDS = {
+    "name", "model", "config", "knobs", "stages", "quick", "full", "published", "notes", "twin_of",
+    "positive_control_of",
+}  # fmt: skip
 OVERRIDE_FIELDS = {"model", "config", "knobs", "stages"}
 STAGE_FIELDS = {"attention", "knobs"}
 PUBLISHED_FIELDS = {"top1", "params_m", "gmacs", "source"}
@@ -182,7 +187,8 @@ def load(name_or_file: str) -> Experiment:
     seen: set[str] = set()
     for i, v in enumerate(variants_raw):
         at = f"{where}: variants[{i}]"
-        spec = _fields(v, VARIANT_FIELDS, at, required=VARIANT_REQUIRED)
+        twin = isinstance(v, Mapping) and v.get("twin_of") is not None  # a twin takes its model from its twin
+        spec = _fields(v, VARIANT_FIELDS, at, required=("name",) if twin else VARIANT_REQUIRED)
         name = str(spec.pop("name"))
         if name in seen or not name or "/" in name:
             raise ExperimentError(f"{at}.name: {name!r} must be unique, non-empty and without '/'")
@@ -196,6 +202,7 @@ def load(name_or_file: str) -> Experiment:
             if published.get(key) is not None and not isinstance(published[key], (int, float)):
                 raise ExperimentError(f"{at}.published.{key}: must be a number or null, got {published[key]!r}")
         variants.append(Variant(name, spec, published))
+    controls.resolve(variants, where, ExperimentError)
     seeds = _positive_int(top.get("seeds", 3), f"{where}: seeds")
     return Experiment(
         name=str(top["name"]), title=str(top.get("title", "")), paper=str(top.get("paper", "")),
@@ -411,7 +418,8 @@ def run(
                     tiny=recipe["tiny"], data=data, resolution=recipe["resolution"], epochs=recipe["epochs"],
                     batch=recipe["batch"], lr=recipe["lr"], weight_decay=recipe["weight_decay"],
                     warmup_epochs=recipe["warmup_epochs"], amp=recipe["amp"], device=device,
-                    train_size=recipe["train_size"], val_size=recipe["val_size"], seed=seed, threads=threads,
+                    train_size=recipe["train_size"], val_size=recipe["val_size"], seed=controls.train_seed(v, seed),
+                    threads=threads,
                 )  # fmt: skip
                 log(f"[{step}/{total}] {exp.name} [{mode}] {v.name} seed {seed}: training")
                 t0 = time.perf_counter()
@@ -423,7 +431,8 @@ def run(
                 kill_point("trained")
                 row = {
                     "point_id": pid, "kind": "experiment", "status": "ok", "experiment": exp.name, "mode": mode,
-                    "variant": v.name, "seed": seed, "data": data, "device": device, "spec_hash": hashes[v.name],
+                    "variant": v.name, "seed": controls.train_seed(v, seed), "data": data, "device": device,
+                    "spec_hash": hashes[v.name],
                     **{k: final.get(k) for k in ("accuracy", "val_loss", "params", "macs", "resolution", "epochs",
                                                  "batch", "mechanism", "images_per_s", "train_images",
                                                  "val_images")},

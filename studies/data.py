@@ -104,6 +104,34 @@ class SyntheticDetail(SyntheticRelations):
         return img, 2 * int(xb > half) + int(yb > half)
 
 
+class SyntheticXor(SyntheticRelations):
+    """Two squares far apart on a map that states where every pixel is: channel 0 is the x coordinate and
+    channel 1 the y coordinate (ramps from 0 to 1, so every token knows its place from its pixels), channel
+    2 holds the squares (A at 1, B at 0.5, with fine noise). The label is whether A is left of B exactly
+    when it is above B: (x_A < x_B) == (y_A < y_B), two classes. Unlike the four-class relation, it cannot
+    be read off the mean of tokens that never saw each other: a score a(A) + b(B) summed over separate
+    tokens cannot take the sign of (x_A - x_B)(y_A - y_B), so a model whose tokens do not mix (attention
+    that sees only itself, pooled at the end) stays at chance, and one that carries B's place to A learns it.
+    """
+
+    classes = ("A left of B xor above B", "A left of B exactly when above B")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        rng = self._rng(index)
+        r, s = self.resolution, self.shape
+        ya, xa, yb, xb = self._layout(rng)
+        ramp = np.linspace(0.0, 1.0, r, dtype=np.float32)
+        img = np.zeros((3, r, r), dtype=np.float32)
+        img[0], img[1] = ramp[None, :], ramp[:, None]
+        img[2] = 0.05 * rng.standard_normal((r, r), dtype=np.float32)
+        img[2, ya : ya + s, xa : xa + s] += 1.0
+        img[2, yb : yb + s, xb : xb + s] += 0.5
+        label = int((xa < xb) == (ya < yb))
+        return _normalise(torch.from_numpy(img).clamp(0, 1)), label
+
+
 class ImageFolder(Dataset):
     """Images in one folder per class, resized to ``resolution`` x ``resolution``."""
 
@@ -201,6 +229,8 @@ def _split(items: list[tuple[Path, int]], split: str, holdout: float, seed: int)
 
 def build(data: str, resolution: int, split: str, *, size: int | None = None, seed: int = 0) -> Dataset:
     """``"synthetic"`` or ``"synthetic-detail"`` (``size`` images) or the path of an image folder."""
+    if data == "synthetic-xor":
+        return SyntheticXor(size or (2048 if split == "train" else 512), resolution, split, seed)
     if data == "synthetic-detail":
         return SyntheticDetail(size or (2048 if split == "train" else 512), resolution, split, seed)
     if data == "synthetic":

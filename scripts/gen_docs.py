@@ -94,7 +94,7 @@ TRAIN_DOCS: dict[str, str] = {
     "kind": "which kind of row: `train`, `train_epoch`, `match`, `experiment`, `experiment_cost`",
     "model": "the zoo name of the trained model",
     "tiny": "the tiny variant of the model",
-    "data": "`synthetic`, `synthetic-detail`, `synthetic-xor` or an image folder",
+    "data": "`synthetic`, `synthetic-detail`, `synthetic-same` or an image folder",
     "resolution": "training resolution in pixels",
     "epoch": "the epoch a `train_epoch` row closes",
     "epochs": "epochs in all",
@@ -116,7 +116,7 @@ TOP_DOCS: dict[str, str] = {
     "title": "one line for the report",
     "paper": "the paper whose comparison this is",
     "task": "why the data and resolution can separate the variants",
-    "data": "`synthetic`, `synthetic-detail`, `synthetic-xor` or an image folder (`--data` overrides)",
+    "data": "`synthetic`, `synthetic-detail`, `synthetic-same` or an image folder (`--data` overrides)",
     "seeds": "seeds per variant (`--seeds` overrides)",
     "modes": "the recipes: `quick` (required; CPU, tiny models) and `full` (the published setting)",
     "variants": "the list of variants, each a mapping of the fields below",
@@ -147,6 +147,8 @@ VARIANT_DOCS: dict[str, str] = {
     "full": "overrides of `model`, `config`, `knobs`, `stages` for the full mode",
     "published": "the paper's numbers (below)",
     "notes": "words for the report",
+    "modes": "the modes this variant runs in (default both: `[quick, full]`); drop a variant from `--quick` "
+    "with `[full]` to keep its seeds affordable",
     "twin_of": "the negative control: another variant's name; this one takes that variant's configuration "
     "(set none of `model`, `config`, `knobs`, `stages`, `quick`, `full`) and trains on its own seeds "
     "(seed k runs as 1000 + k); the report checks that their 95% intervals overlap",

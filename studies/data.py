@@ -104,32 +104,43 @@ class SyntheticDetail(SyntheticRelations):
         return img, 2 * int(xb > half) + int(yb > half)
 
 
-class SyntheticXor(SyntheticRelations):
-    """Two squares far apart on a map that states where every pixel is: channel 0 is the x coordinate and
-    channel 1 the y coordinate (ramps from 0 to 1, so every token knows its place from its pixels), channel
-    2 holds the squares (A at 1, B at 0.5, with fine noise). The label is whether A is left of B exactly
-    when it is above B: (x_A < x_B) == (y_A < y_B), two classes. Unlike the four-class relation, it cannot
-    be read off the mean of tokens that never saw each other: a score a(A) + b(B) summed over separate
-    tokens cannot take the sign of (x_A - x_B)(y_A - y_B), so a model whose tokens do not mix (attention
-    that sees only itself, pooled at the end) stays at chance, and one that carries B's place to A learns it.
+class SyntheticSame(SyntheticRelations):
+    """Two large squares (side 5/16 of the image, ten pixels at 32 px) on opposite halves of the image, a
+    half-image apart at least, each in one of six colours on a dark noisy background; the label is whether
+    they have the same colour, two classes, half of the images each (else the second colour is one of the
+    other five). Neither square's colour nor place says anything about the label alone, and it cannot be
+    read off the mean of tokens that never saw each other: with a score s(c) per token summed over tokens
+    that do not mix, a pair of different colours scores between the two same-colour pairs, so at most 7/12
+    of the images can be told (one colour singled out). One block of any global mixing (even the uniform
+    weights of an untrained attention) hands every token the other square's colour, so the task is learnt
+    in a few hundred steps, every seed alike; attention that sees only its own token cannot learn it.
     """
 
-    classes = ("A left of B xor above B", "A left of B exactly when above B")
+    classes = ("different colours", "the same colour")
+    COLOURS = np.array(
+        [[1, 0.1, 0.1], [0.1, 1, 0.1], [0.1, 0.1, 1], [1, 1, 0.1], [0.1, 1, 1], [1, 0.1, 1]], dtype=np.float32
+    )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < self.size:
             raise IndexError(index)
         rng = self._rng(index)
-        r, s = self.resolution, self.shape
-        ya, xa, yb, xb = self._layout(rng)
-        ramp = np.linspace(0.0, 1.0, r, dtype=np.float32)
-        img = np.zeros((3, r, r), dtype=np.float32)
-        img[0], img[1] = ramp[None, :], ramp[:, None]
-        img[2] = 0.05 * rng.standard_normal((r, r), dtype=np.float32)
-        img[2, ya : ya + s, xa : xa + s] += 1.0
-        img[2, yb : yb + s, xb : xb + s] += 0.5
-        label = int((xa < xb) == (ya < yb))
-        return _normalise(torch.from_numpy(img).clamp(0, 1)), label
+        r = self.resolution
+        s = max(3, (5 * r) // 16)
+        half = r // 2
+        xa = int(rng.integers(0, half - s + 1))  # A in the left half, B in the right one
+        xb = half + int(rng.integers(0, half - s + 1))
+        ya, yb = (int(v) for v in rng.integers(0, r - s + 1, size=2))
+        if rng.integers(0, 2):  # or the other way round
+            ya, yb = yb, ya
+        same = int(rng.integers(0, 2))
+        k = len(self.COLOURS)
+        ca = int(rng.integers(0, k))
+        cb = ca if same else (ca + int(rng.integers(1, k))) % k
+        img = 0.2 + 0.05 * rng.standard_normal((3, r, r), dtype=np.float32)  # (3, R, R)
+        img[:, ya : ya + s, xa : xa + s] = self.COLOURS[ca][:, None, None]
+        img[:, yb : yb + s, xb : xb + s] = self.COLOURS[cb][:, None, None]
+        return _normalise(torch.from_numpy(img).clamp(0, 1)), same
 
 
 class ImageFolder(Dataset):
@@ -229,8 +240,8 @@ def _split(items: list[tuple[Path, int]], split: str, holdout: float, seed: int)
 
 def build(data: str, resolution: int, split: str, *, size: int | None = None, seed: int = 0) -> Dataset:
     """``"synthetic"`` or ``"synthetic-detail"`` (``size`` images) or the path of an image folder."""
-    if data == "synthetic-xor":
-        return SyntheticXor(size or (2048 if split == "train" else 512), resolution, split, seed)
+    if data == "synthetic-same":
+        return SyntheticSame(size or (2048 if split == "train" else 512), resolution, split, seed)
     if data == "synthetic-detail":
         return SyntheticDetail(size or (2048 if split == "train" else 512), resolution, split, seed)
     if data == "synthetic":

@@ -71,7 +71,7 @@ MODE_FIELDS = {
 }  # fmt: skip
 VARIANT_FIELDS = {
     "name", "model", "config", "knobs", "stages", "quick", "full", "published", "notes", "twin_of",
-    "positive_control_of",
+    "positive_control_of", "modes",
 }  # fmt: skip
 OVERRIDE_FIELDS = {"model", "config", "knobs", "stages"}
 STAGE_FIELDS = {"attention", "knobs"}
@@ -116,6 +116,11 @@ class Experiment:
         if mode not in self.modes:
             raise ExperimentError(f"{self.path}: modes.{mode}: this experiment has no {mode} mode")
         return self.modes[mode]
+
+    def variants_in(self, mode: str) -> list[Variant]:
+        """The variants that run in ``mode`` (a variant's ``modes`` field; smoke runs the quick ones)."""
+        key = "quick" if mode == "smoke" else mode
+        return [v for v in self.variants if key in (v.spec.get("modes") or MODES)]
 
 
 # ---------------------------------------------------------------------- loading and checking
@@ -197,6 +202,9 @@ def load(name_or_file: str) -> Experiment:
         for m in MODES:
             if m in spec:
                 _fields(spec[m], OVERRIDE_FIELDS, f"{at}.{m}")
+        runs_in = spec.get("modes")
+        if runs_in is not None and (not isinstance(runs_in, list) or not runs_in or set(runs_in) - set(MODES)):
+            raise ExperimentError(f"{at}.modes: must list some of {', '.join(MODES)}, got {runs_in!r}")
         published = _fields(spec.pop("published", None) or {}, PUBLISHED_FIELDS, f"{at}.published")
         for key in ("top1", "params_m", "gmacs"):
             if published.get(key) is not None and not isinstance(published[key], (int, float)):
@@ -318,6 +326,8 @@ def validate(exp: Experiment, mode: str) -> dict[str, Callable[[int], Any]]:
     key = "quick" if mode == "smoke" else mode
     builders = {}
     for i, v in enumerate(exp.variants):
+        if v not in exp.variants_in(mode):
+            continue
         fn = model_fn(exp, v, mode)
         model = fn(4)
         for field, resolutions in (
@@ -384,7 +394,8 @@ def run(
     torch_threads(threads)
     run_dir = RunDir(out, "reproduce")
     run_dir.check()
-    hashes = {v.name: spec_hash(exp, v, mode, data) for v in exp.variants}
+    variants = exp.variants_in(mode)
+    hashes = {v.name: spec_hash(exp, v, mode, data) for v in variants}
     with run_dir.claim(request={"experiment": exp.name, "mode": mode}):
         kill_point("created")
         store = ResultsStore(out)
@@ -403,9 +414,9 @@ def run(
         write_json(meta_path, meta)
         t_start = time.perf_counter()
         trained = measured = skipped = reused_runs = 0
-        total = len(exp.variants) * (n_seeds + len(recipe["cost_resolutions"]))
+        total = len(variants) * (n_seeds + len(recipe["cost_resolutions"]))
         step = 0
-        for v in exp.variants:
+        for v in variants:
             fn = builders[v.name]
             for seed in range(n_seeds):
                 step += 1

@@ -64,3 +64,33 @@ def test_bad_control_fields_are_refused_with_the_field_named(tmp_path, tail, wor
     with pytest.raises(E.ExperimentError, match="variants\\[\\d\\] \\(\\w\\)") as err:
         _load(tmp_path, tail)
     assert words in str(err.value)
+
+
+def test_a_variant_can_be_left_out_of_quick(tmp_path):
+    exp = _load(tmp_path, "  - {name: big, model: pyramid_swin, modes: [full]}\n")
+    assert [v.name for v in exp.variants_in("quick")] == ["full"]
+    assert [v.name for v in exp.variants_in("smoke")] == ["full"]
+    assert [v.name for v in exp.variants_in("full")] == ["full", "big"]
+    assert list(E.validate(exp, "quick")) == ["full"]
+    with pytest.raises(E.ExperimentError, match=r"variants\[1\] \(big\)\.modes: must list some of quick, full"):
+        _load(tmp_path, "  - {name: big, model: pyramid_swin, modes: [fast]}\n")
+
+
+def test_synthetic_same_labels_whether_the_two_squares_share_a_colour():
+    import numpy as np
+    from attnbench.studies.data import SyntheticSame, build
+
+    ds = build("synthetic-same", 32, "train", size=200, seed=3)
+    assert isinstance(ds, SyntheticSame) and len(ds.classes) == 2
+    labels = []
+    for i in range(200):
+        img, label = ds[i]
+        img = img.numpy() * 0.5 + 0.5  # back to [0, 1]
+        bright = img.max(axis=0) > 0.6  # the squares; the background is dark
+        left, right = bright[:, :16], bright[:, 16:]
+        assert left.sum() == right.sum() == 100  # one 10 x 10 square in each half
+        ca = img[:, :, :16][:, left].mean(axis=1)
+        cb = img[:, :, 16:][:, right].mean(axis=1)
+        assert (np.abs(ca - cb).max() < 1e-6) == bool(label)
+        labels.append(label)
+    assert 0.4 < np.mean(labels) < 0.6

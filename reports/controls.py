@@ -140,7 +140,7 @@ def verdict_html(
     if not cs:
         head = (
             "No controls declared (twin_of, positive_control_of): this run's power to tell variants apart is "
-            "not measured, so no ranking is claimed."
+            "not measured, so no ranking is claimed here (an order against the paper, where shown, is unchecked)."
         )
     elif failed:
         head = (

@@ -846,7 +846,7 @@ def match_(
     smoke: bool = typer.Option(False, "--smoke", help="The smoke preset: seconds, checks that everything runs."),
     seeds: int = typer.Option(2, "--seeds", help="Seeds per mechanism (weights, data and order); 95% intervals."),
     resolution: int = typer.Option(None, "--resolution", "-r", help="Image side in px, a multiple of 8 (>= 32)."),
-    data: str = typer.Option("synthetic", "--data", help="'synthetic' scenes or a folder of images to warp."),
+    data: str = typer.Option("synthetic", "--data", help="'synthetic', 'skimage' (its photos) or a folder."),
     knob: list[str] = typer.Option(None, "--knob", "-k", help="NAME=VALUE for every mechanism with that knob."),
     out: str = typer.Option(..., "--out", "-o", help="Run directory (results store, footprints, report.html)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for torch, set before any work, in every row."),

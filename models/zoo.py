@@ -289,6 +289,37 @@ for _m in attentions.available():
                other_resolutions=(320, 448)))  # fmt: skip
 
 
+# ---------------------------------------------------------------------- isotropic (one map size)
+def isotropic(mechanism: str) -> Callable[[bool], BackboneConfig]:
+    """One stage at one map size: a 4 px patch stem, a learned absolute position table, blocks of one
+    mechanism. Tiny: 4 blocks at width 32 (2 heads, MLP ratio 2) on the 8 x 8 map of a 32 px image, where
+    every block sees the whole map and what a mechanism does with long-range relations decides; no merge
+    layer mixes neighbours for it (a pyramid's 1 x 1 last stage at 32 px is global whatever the mechanism).
+    Full size: the same 4 blocks at width 64 on the 56 x 56 map at 224 px (the experiments' --full modes use
+    the published models instead). Not a published model: the controlled setting of issue 21. The
+    mechanism's knobs are its stage-1 settings fitted to the maps the model runs at."""
+
+    def config(tiny: bool) -> BackboneConfig:
+        dim, depth, heads, mlp = (32, 4, 2, 2.0) if tiny else (64, 4, 2, 4.0)
+        res = TINY_RESOLUTION if tiny else 224
+        maps = [(r // 4, r // 4) for r in ((TINY_RESOLUTION, TINY_OTHER_RESOLUTION) if tiny else (224, 256))]
+        blocks = []
+        for knobs in attentions.get(mechanism).stage_knobs(1, maps[0]):
+            with contextlib.suppress(attentions.KnobError):  # nothing fits: Backbone.unsupported says why
+                knobs = attentions.fit_knobs(mechanism, maps, dim=dim, heads=heads, knobs=knobs)
+            blocks.append(knobs)
+        stage = StageConfig(dim=dim, depth=depth, heads=heads, mlp_ratio=mlp, attention=(mechanism,),
+                            knobs=tuple(blocks))  # fmt: skip
+        return BackboneConfig(stages=(stage,), stem="patch", merge="linear", abs_pos=True, resolution=res)
+
+    return config
+
+
+for _m in attentions.available():
+    _add(Entry(f"isotropic_{_m}", f"one stage at one map size (4 px patches) with {_m} attention", isotropic(_m),
+               other_resolutions=(256,)))  # fmt: skip
+
+
 # ---------------------------------------------------------------------- API
 def available() -> list[str]:
     return list(_ZOO)

@@ -23,6 +23,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 from attnbench.bench.store import read_results
+from attnbench.reports.controls import verdict_html
 from attnbench.reports.page import Section, document, esc, table_html
 from attnbench.reports.stats import conditions, cost_flags, mean_ci, overlap
 
@@ -109,12 +110,41 @@ def _num(v: Any, scale: float = 1.0, digits: int = 3) -> str:
     return f"{float(v) / scale:.{digits}g}"
 
 
-def section(exp: str, s: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any], fig_html: str) -> Section:
-    """One experiment: description, a table per mode, the plot."""
+def _samples(acc: pd.DataFrame, exp: str, mode: str) -> dict[str, list[float]]:
+    """Per variant, its per-seed accuracies in one experiment and mode."""
+    if acc.empty:
+        return {}
+    g = acc.drop_duplicates("point_id", keep="last")
+    g = g[(g["experiment"] == exp) & (g["mode"] == mode)]
+    return {v: gv["accuracy"].astype(float).tolist() for v, gv in g.groupby("variant", sort=False)}
+
+
+def section(
+    exp: str,
+    s: pd.DataFrame,
+    cost: pd.DataFrame,
+    meta: dict[str, Any],
+    fig_html: str,
+    acc: pd.DataFrame | None = None,
+) -> Section:
+    """One experiment: description, per mode the controls' verdict, the smallest detectable difference, the
+    ranking (when the controls held) and a table, then the plot."""
+    from attnbench.studies.controls import declared
+
     modes = sorted(s["mode"].unique(), key=lambda m: MODE_ORDER.get(m, 9))
     first: dict[str, Any] = next(iter(meta.values()), {}) if meta else {}
     raw = first.get("experiment", {})
+    twins, positives = declared(raw.get("variants") or [])
     parts: list[str] = []
+    verdicts = {}
+    for mode in modes:
+        verdicts[mode] = verdict_html(_samples(acc if acc is not None else pd.DataFrame(), exp, mode), twins, positives)
+    failed = [m for m, (_, ok) in verdicts.items() if not ok and (twins or positives)]
+    if failed:
+        parts.append(
+            f'<p class="warn"><b>Controls did not hold at {esc(", ".join(failed))}: no ranking is claimed there '
+            "(see below).</b></p>"
+        )
     if raw.get("paper"):
         parts.append(f'<p class="note">Paper: {esc(raw["paper"])}</p>')
     if raw.get("task"):
@@ -124,7 +154,9 @@ def section(exp: str, s: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any],
     for mode in modes:
         sm = s[s["mode"] == mode]
         m = meta.get(mode, {})
-        rank = ranking(sm)
+        verdict, held = verdicts[mode]
+        ranked = held or not (twins or positives)  # a file without controls keeps the order against the paper
+        rank = ranking(sm) if ranked else {}
         cm = cost[cost["mode"] == mode] if not cost.empty else cost
         rows = []
         for _, r in sm.iterrows():
@@ -147,8 +179,10 @@ def section(exp: str, s: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any],
             ci = "" if math.isnan(r["lo"]) else f"[{_pct(r['lo'])}, {_pct(r['hi'])}]"
             row.update({
                 "accuracy % (mean)": _pct(r["mean"]), "95% interval": ci, "seeds": int(r["seeds"]),
-                "paper top-1 %": _num(r["paper_top1"]), "order vs paper": rank.get(r["variant"], ""),
+                "paper top-1 %": _num(r["paper_top1"]),
             })  # fmt: skip
+            if ranked:
+                row["order vs paper"] = rank.get(r["variant"], "")
             rows.append(row)
         batch = int(cm["batch"].iloc[0]) if not cm.empty else None
         res = int(sm["resolution"].iloc[0])
@@ -156,6 +190,7 @@ def section(exp: str, s: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any],
             f"<h3>{esc(mode)}: trained at {res} px, {int(sm['seeds'].max())} seed(s) per variant"
             f"{', data ' + esc(m.get('data')) if m.get('data') else ''}</h3>"
         )
+        parts.append(verdict)
         parts.append(table_html(pd.DataFrame(rows)))
         parts.append(
             f'<p class="note">MACs per image at the training resolution (FLOPs = 2 x MACs), counted by bench.flops. '
@@ -163,7 +198,8 @@ def section(exp: str, s: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any],
             "inference forward and of one training forward and backward, same batch. "
             "Latency and memory by the harness (bench.measure.measure_module): rounds between calibration probes, "
             f"contended rounds taken again. {esc(conditions(cm.to_dict('records')) if not cm.empty else '')} "
-            f"Accuracy: held-out, mean over seeds with a Student-t 95% interval. {esc(_noise_sentence(sm))}</p>"
+            f"Accuracy: held-out, mean over seeds with a Student-t 95% interval. "
+            f"{esc(_noise_sentence(sm)) if ranked else ''}</p>"
         )
     parts.append(fig_html)
     return Section(exp, str(raw.get("title") or exp), parts)
@@ -247,7 +283,7 @@ def build_page(out_dirs: list[str | Path]) -> str:
             ce = cost[cost["experiment"] == exp] if not cost.empty else cost
             div = pio.to_html(figure(exp, se), full_html=False, include_plotlyjs=False, div_id=f"plot-{i}",
                               config={"displaylogo": False, "responsive": True})  # fmt: skip
-            sections.append(section(exp, se, ce, meta.get(exp, {}), div))
+            sections.append(section(exp, se, ce, meta.get(exp, {}), div, acc=acc))
     names = ", ".join(str(d) for d in out_dirs)
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return document("attnbench reproduce", f"{names} · generated {generated}", sections, nav=len(sections) > 1)

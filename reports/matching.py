@@ -64,6 +64,9 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
         kpq = g["keys_per_query"].iloc[0] or {}
         row["keys/query (cross)"] = kpq.get("cross")
         row["train s"] = float(g["train_s"].mean())
+        if "stereo_epe" in g and g["stereo_epe"].notna().any():  # --data skimage: the stereo pair
+            row["stereo EPE px"] = mean_ci(g["stereo_epe"].dropna().astype(float).tolist())
+            row["stereo within 8 px"] = mean_ci(g["stereo_within_cell"].dropna().astype(float).tolist())
         out.append(row)
     return pd.DataFrame(out)
 
@@ -86,6 +89,13 @@ def display(table: pd.DataFrame) -> pd.DataFrame:
         shown[f"{m} %"] = [_interval(r[m], r[f"{m} lo"], r[f"{m} hi"]) for _, r in table.iterrows()]
     for c in ("keys/query (cross)", "stack MMACs", "attention MMACs", "latency ms", "peak KiB", "params", "train s"):
         shown[c] = table[c].round(3) if table[c].dtype.kind == "f" else table[c]
+    if "stereo EPE px" in table:
+        shown["stereo EPE px"] = [
+            _interval(*v, pct=False) if isinstance(v, tuple) else "-" for v in table["stereo EPE px"]
+        ]
+        shown["stereo within 8 px %"] = [
+            _interval(*v) if isinstance(v, tuple) else "-" for v in table["stereo within 8 px"]
+        ]
     if "cost flags" in table:
         flags = table["cost flags"].fillna("")
         shown["latency ms"] = [f"{v} ({f})" if f else v for v, f in zip(shown["latency ms"], flags, strict=True)]
@@ -272,11 +282,29 @@ def build_report(run_dir: str | Path) -> str:
         else '<p class="empty">no footprints recorded</p>'
     )
     sections = [
+        ("controls", "controls, power and ranking", controls_html(df)),
         ("accuracy", "accuracy against the cost of cross attention", notes + table_html(display(table))),
         ("figure", "accuracy and cost", _fig_html(accuracy_cost(table), "accuracy-cost-figure")),
         ("footprints", "where one query looks", fp_html),
     ]
     return _page("attnbench matching", f"{run_dir} · {len(df)} runs", sections)
+
+
+def controls_html(df: pd.DataFrame) -> str:
+    """The controls' verdict, the smallest detectable difference and the ranking with ties (reports.controls)
+    on AUC@10 and on precision. Controls are runs named MECHANISM.twin (negative) and MECHANISM.self-only
+    (positive: no cross attention), set against MECHANISM."""
+    from attnbench.reports.controls import verdict_html
+
+    mechs = list(dict.fromkeys(df["mechanism"]))
+    twins = {m: m.split(".")[0] for m in mechs if m.endswith(".twin")}
+    positives = {m: m.split(".")[0] for m in mechs if m.endswith(".self-only")}
+    parts = []
+    for metric, what in (("auc@10", "AUC@10"), ("precision", "coarse precision")):
+        samples = {m: g[metric].astype(float).tolist() for m, g in df.groupby("mechanism", sort=False)}
+        html, _ = verdict_html(samples, twins, positives, unit=f"{what} points", what=what)
+        parts.append(f"<h3>{esc(what)}</h3>{html}")
+    return "".join(parts)
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -96,7 +96,8 @@ TRAIN_DOCS: dict[str, str] = {
     "kind": "which kind of row: `train`, `train_epoch`, `match`, `experiment`, `experiment_cost`",
     "model": "the zoo name of the trained model",
     "tiny": "the tiny variant of the model",
-    "data": "`synthetic`, `synthetic-detail`, `cifar10:PATH`, `cifar100:PATH`, `imagenet:PATH` or an image folder",
+    "data": "`synthetic`, `synthetic-detail`, `synthetic-same`, `cifar10:PATH`, `cifar100:PATH`, `imagenet:PATH` or an "
+    "image folder",
     "resolution": "training resolution in pixels",
     "epoch": "the epoch a `train_epoch` row closes",
     "epochs": "epochs in all",
@@ -127,8 +128,8 @@ TOP_DOCS: dict[str, str] = {
     "title": "one line for the report",
     "paper": "the paper whose comparison this is",
     "task": "why the data and resolution can separate the variants",
-    "data": "`synthetic`, `synthetic-detail`, `cifar10:PATH`, `cifar100:PATH`, `imagenet:PATH` or an image folder "
-    "(`--data` overrides)",
+    "data": "`synthetic`, `synthetic-detail`, `synthetic-same`, `cifar10:PATH`, `cifar100:PATH`, `imagenet:PATH` or an "
+    "image folder (`--data` overrides)",
     "seeds": "seeds per variant (`--seeds` overrides)",
     "modes": "the recipes: `quick` (required; CPU, tiny models) and `full` (the published setting)",
     "variants": "the list of variants, each a mapping of the fields below",
@@ -165,6 +166,14 @@ VARIANT_DOCS: dict[str, str] = {
     "full": "overrides of `model`, `config`, `knobs`, `stages` for the full mode",
     "published": "the paper's numbers (below)",
     "notes": "words for the report",
+    "modes": "the modes this variant runs in (default both: `[quick, full]`); drop a variant from `--quick` "
+    "with `[full]` to keep its seeds affordable",
+    "twin_of": "the negative control: another variant's name; this one takes that variant's configuration "
+    "(set none of `model`, `config`, `knobs`, `stages`, `quick`, `full`) and trains on its own seeds "
+    "(seed k runs as 1000 + k); the report checks that their 95% intervals overlap",
+    "positive_control_of": "the positive control: what the experiment studies taken away (e.g. Swin with "
+    "`window: 1`, a token seeing only itself), set against the named variant (full attention); the report "
+    "checks that its 95% interval lies wholly below that variant's",
 }
 STAGE_DOCS: dict[str, str] = {
     "attention": "a mechanism (or a list, cycled over the stage's blocks) replacing the stage's own",

@@ -113,6 +113,46 @@ class SyntheticDetail(SyntheticRelations):
         return img, 2 * int(xb > half) + int(yb > half)
 
 
+class SyntheticSame(SyntheticRelations):
+    """Two large squares (side 5/16 of the image, ten pixels at 32 px), one in each half of the image (left
+    and right), each in one of six colours on a dark noisy background; the label is whether
+    they have the same colour, two classes, half of the images each (else the second colour is one of the
+    other five). Neither square's colour nor place says anything about the label alone, and it cannot be
+    read off the mean of tokens that never saw each other: with a score s(c) per token summed over tokens
+    that do not mix, a pair of different colours scores between the two same-colour pairs, so no threshold
+    tells them all: the best found is 65% (three of the six colours singled out; every integer score 0 to 5
+    per colour and every threshold searched). One block of any global mixing (even the uniform weights of
+    an untrained attention) hands every token the other square's colour: full attention learns the task
+    within a few hundred steps on every seed tried, and attention that sees only its own token cannot.
+    """
+
+    classes = ("different colours", "the same colour")
+    COLOURS = np.array(
+        [[1, 0.1, 0.1], [0.1, 1, 0.1], [0.1, 0.1, 1], [1, 1, 0.1], [0.1, 1, 1], [1, 0.1, 1]], dtype=np.float32
+    )
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        rng = self._rng(index)
+        r = self.resolution
+        s = max(3, (5 * r) // 16)
+        half = r // 2
+        xa = int(rng.integers(0, half - s + 1))  # A in the left half, B in the right one
+        xb = half + int(rng.integers(0, half - s + 1))
+        ya, yb = (int(v) for v in rng.integers(0, r - s + 1, size=2))
+        if rng.integers(0, 2):  # or the other way round
+            ya, yb = yb, ya
+        same = int(rng.integers(0, 2))
+        k = len(self.COLOURS)
+        ca = int(rng.integers(0, k))
+        cb = ca if same else (ca + int(rng.integers(1, k))) % k
+        img = 0.2 + 0.05 * rng.standard_normal((3, r, r), dtype=np.float32)  # (3, R, R)
+        img[:, ya : ya + s, xa : xa + s] = self.COLOURS[ca][:, None, None]
+        img[:, yb : yb + s, xb : xb + s] = self.COLOURS[cb][:, None, None]
+        return _normalise(torch.from_numpy(img).clamp(0, 1)), same
+
+
 class ImageFolder(Dataset):
     """Images in one folder per class, resized to ``resolution`` x ``resolution``."""
 
@@ -309,8 +349,8 @@ class Cifar(Dataset):
 def build(
     data: str, resolution: int, split: str, *, size: int | None = None, seed: int = 0, verify: bool = True
 ) -> Dataset:
-    """``"synthetic"`` or ``"synthetic-detail"`` (``size`` images), ``cifar10:PATH``, ``cifar100:PATH``,
-    ``imagenet:PATH`` (PATH/train and PATH/val of class folders) or the path of an image folder."""
+    """``"synthetic"``, ``"synthetic-detail"`` or ``"synthetic-same"`` (``size`` images), ``cifar10:PATH``,
+    ``cifar100:PATH``, ``imagenet:PATH`` (PATH/train and PATH/val of class folders) or an image folder's path."""
     kind, sep, path = data.partition(":")
     if sep and kind in CIFAR_LAYOUT:
         return Cifar(kind, path, resolution, split)
@@ -322,6 +362,8 @@ def build(
                 f"{root}/val/<class>/<images> (the validation images sorted into class folders)"
             )
         return ImageFolder(root, resolution, split, seed=seed, verify=verify)
+    if data == "synthetic-same":
+        return SyntheticSame(size or (2048 if split == "train" else 512), resolution, split, seed)
     if data == "synthetic-detail":
         return SyntheticDetail(size or (2048 if split == "train" else 512), resolution, split, seed)
     if data == "synthetic":

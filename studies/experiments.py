@@ -56,6 +56,8 @@ from typing import Any
 
 from attnbench.errors import AttnbenchError
 
+from . import controls
+
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 MODES = ("quick", "full")
 
@@ -67,7 +69,10 @@ MODE_FIELDS = {
     "tiny", "resolution", "epochs", "batch", "lr", "train_size", "val_size", "cost_resolutions", "cost_batch",
     "warmup_epochs", "weight_decay", "amp", "threads", "recipe", "ema", "lr_rule", "recipe_source",
 }  # fmt: skip
-VARIANT_FIELDS = {"name", "model", "config", "knobs", "stages", "quick", "full", "published", "notes"}
+VARIANT_FIELDS = {
+    "name", "model", "config", "knobs", "stages", "quick", "full", "published", "notes", "twin_of",
+    "positive_control_of", "modes",
+}  # fmt: skip
 OVERRIDE_FIELDS = {"model", "config", "knobs", "stages"}
 STAGE_FIELDS = {"attention", "knobs"}
 PUBLISHED_FIELDS = {"top1", "params_m", "gmacs", "source"}
@@ -115,6 +120,11 @@ class Experiment:
         if mode not in self.modes:
             raise ExperimentError(f"{self.path}: modes.{mode}: this experiment has no {mode} mode")
         return self.modes[mode]
+
+    def variants_in(self, mode: str) -> list[Variant]:
+        """The variants that run in ``mode`` (a variant's ``modes`` field; smoke runs the quick ones)."""
+        key = "quick" if mode == "smoke" else mode
+        return [v for v in self.variants if key in (v.spec.get("modes") or MODES)]
 
 
 # ---------------------------------------------------------------------- loading and checking
@@ -340,7 +350,8 @@ def load(name_or_file: str) -> Experiment:
     seen: set[str] = set()
     for i, v in enumerate(variants_raw):
         at = f"{where}: variants[{i}]"
-        spec = _fields(v, VARIANT_FIELDS, at, required=VARIANT_REQUIRED)
+        twin = isinstance(v, Mapping) and v.get("twin_of") is not None  # a twin takes its model from its twin
+        spec = _fields(v, VARIANT_FIELDS, at, required=("name",) if twin else VARIANT_REQUIRED)
         name = str(spec.pop("name"))
         if name in seen or not name or "/" in name:
             raise ExperimentError(f"{at}.name: {name!r} must be unique, non-empty and without '/'")
@@ -349,11 +360,15 @@ def load(name_or_file: str) -> Experiment:
         for m in MODES:
             if m in spec:
                 _fields(spec[m], OVERRIDE_FIELDS, f"{at}.{m}")
+        runs_in = spec.get("modes")
+        if runs_in is not None and (not isinstance(runs_in, list) or not runs_in or set(runs_in) - set(MODES)):
+            raise ExperimentError(f"{at}.modes: must list some of {', '.join(MODES)}, got {runs_in!r}")
         published = _fields(spec.pop("published", None) or {}, PUBLISHED_FIELDS, f"{at}.published")
         for key in ("top1", "params_m", "gmacs"):
             if published.get(key) is not None:
                 _number(published[key], f"{at}.published.{key}", low=0.0, limit=1e9)
         variants.append(Variant(name, spec, published))
+    controls.resolve(variants, where, ExperimentError)
     seeds = _positive_int(top.get("seeds", 3), f"{where}: seeds", INT_LIMITS["seeds"])
     for key in ("name", "title", "paper", "task", "data"):
         if key in top and not isinstance(top[key], str):
@@ -492,6 +507,8 @@ def validate(exp: Experiment, mode: str) -> dict[str, Callable[[int], Any]]:
     key = "quick" if mode == "smoke" else mode
     builders = {}
     for i, v in enumerate(exp.variants):
+        if v not in exp.variants_in(mode):
+            continue
         fn = model_fn(exp, v, mode)
         model = fn(4)
         for field, resolutions in (
@@ -566,7 +583,8 @@ def run(
     torch_threads(threads)
     run_dir = RunDir(out, "reproduce")
     run_dir.check()
-    hashes = {v.name: spec_hash(exp, v, mode, data) for v in exp.variants}
+    variants = exp.variants_in(mode)
+    hashes = {v.name: spec_hash(exp, v, mode, data) for v in variants}
     with run_dir.claim(request={"experiment": exp.name, "mode": mode}):
         kill_point("created")
         store = ResultsStore(out)
@@ -585,9 +603,9 @@ def run(
         write_json(meta_path, meta)
         t_start = time.perf_counter()
         trained = measured = skipped = reused_runs = 0
-        total = len(exp.variants) * (n_seeds + len(recipe["cost_resolutions"]))
+        total = len(variants) * (n_seeds + len(recipe["cost_resolutions"]))
         step = 0
-        for v in exp.variants:
+        for v in variants:
             fn = builders[v.name]
             for seed in range(n_seeds):
                 step += 1
@@ -600,8 +618,8 @@ def run(
                     tiny=recipe["tiny"], data=data, resolution=recipe["resolution"], epochs=recipe["epochs"],
                     batch=recipe["batch"], lr=recipe["lr"], weight_decay=recipe["weight_decay"],
                     warmup_epochs=recipe["warmup_epochs"], amp=recipe["amp"], device=device,
-                    train_size=recipe["train_size"], val_size=recipe["val_size"], seed=seed, threads=threads,
-                    recipe=recipe["recipe"], ema=recipe["ema"], nproc=nproc,
+                    train_size=recipe["train_size"], val_size=recipe["val_size"], seed=controls.train_seed(v, seed),
+                    threads=threads, recipe=recipe["recipe"], ema=recipe["ema"], nproc=nproc,
                 )  # fmt: skip
                 if nproc > 1:
                     fn = VariantBuilder(exp.path, mode, v.name)
@@ -615,7 +633,8 @@ def run(
                 kill_point("trained")
                 row = {
                     "point_id": pid, "kind": "experiment", "status": "ok", "experiment": exp.name, "mode": mode,
-                    "variant": v.name, "seed": seed, "data": data, "device": device, "spec_hash": hashes[v.name],
+                    "variant": v.name, "seed": controls.train_seed(v, seed), "data": data, "device": device,
+                    "spec_hash": hashes[v.name],
                     **{k: final.get(k) for k in ("accuracy", "val_loss", "params", "macs", "resolution", "epochs",
                                                  "batch", "mechanism", "images_per_s", "train_images",
                                                  "val_images")},

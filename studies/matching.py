@@ -73,9 +73,36 @@ class MatchRunConfig:
 
     def matcher(self, mechanism: str) -> MatcherConfig:
         s = self.settings()
-        own = attentions.get(mechanism).knob_types()
+        base, control = split_control(mechanism)
+        own = attentions.get(base).knob_types()
         knobs = tuple((k, v) for k, v in self.knobs if k in own)
-        return MatcherConfig(mechanism, resolution=s["resolution"], dim=s["dim"], layers=s["layers"], knobs=knobs)
+        layers = tuple("self" for _ in s["layers"]) if control == "self-only" else tuple(s["layers"])
+        return MatcherConfig(base, resolution=s["resolution"], dim=s["dim"], layers=layers, knobs=knobs)
+
+
+# Controls of the matching task, named MECHANISM.CONTROL in --mechanism (studies/controls.py for experiments):
+# "twin" is the negative control (the mechanism again on its own seeds, 1000 + k), "self-only" the positive one
+# (every cross block replaced by a self block of the same mechanism: as deep, as many parameters, but the two
+# images never see each other before the dual softmax).
+MATCH_CONTROLS = ("twin", "self-only")
+
+
+def split_control(mechanism: str) -> tuple[str, str | None]:
+    """'full.twin' -> ('full', 'twin'); 'full' -> ('full', None); an unknown control raises MatchError."""
+    base, _, control = mechanism.partition(".")
+    if control and control not in MATCH_CONTROLS:
+        raise MatchError(
+            f"{mechanism}: unknown control {control!r}; a control is MECHANISM.twin (negative: the mechanism on "
+            "its own seeds) or MECHANISM.self-only (positive: no cross attention)"
+        )
+    return base, control or None
+
+
+def train_seed(mechanism: str, seed: int) -> int:
+    """Seed k of a twin runs as 1000 + k (its own weights, data order and pairs)."""
+    from .controls import TWIN_SEED_OFFSET
+
+    return TWIN_SEED_OFFSET + seed if split_control(mechanism)[1] == "twin" else seed
 
 
 def validate(cfg: MatchRunConfig) -> None:
@@ -98,12 +125,15 @@ def validate(cfg: MatchRunConfig) -> None:
         raise MatchError(f"--nproc {cfg.nproc}: the batch {cfg.batch} (the global batch) must be a multiple of it")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise MatchError(f"--lr must be a positive finite number, got {cfg.lr}")
+    bases = []
     for mech in cfg.mechanisms:
+        base, _ = split_control(mech)
         try:
-            attentions.get(mech)
+            attentions.get(base)
         except KeyError as exc:
             raise MatchError(str(exc.args[0])) from None
-    unknown = [k for k, _ in cfg.knobs if not any(k in attentions.get(m).knob_types() for m in cfg.mechanisms)]
+        bases.append(base)
+    unknown = [k for k, _ in cfg.knobs if not any(k in attentions.get(m).knob_types() for m in bases)]
     if unknown:
         raise MatchError(f"knob(s) {', '.join(unknown)} belong to none of {', '.join(cfg.mechanisms)}")
     for mech in cfg.mechanisms:
@@ -286,6 +316,7 @@ def train_one(cfg: MatchRunConfig, mech: str, seed: int, rid: str, ck_path: Path
     s = cfg.settings()
     mcfg = cfg.matcher(mech)
     out = Path(cfg.out)
+    seed = train_seed(mech, seed)
     train_set = pairs(s["train_size"], mcfg.resolution, "train", seed, cfg.source)
     val_set = pairs(s["val_size"], mcfg.resolution, "val", seed, cfg.source)
     torch.manual_seed(seed)
@@ -306,6 +337,10 @@ def train_one(cfg: MatchRunConfig, mech: str, seed: int, rid: str, ck_path: Path
     if seed == 0:
         _append_footprints(out, rid, mech, seed, "trained", model, val_set[0])
     cost = stack_cost(model.stack, mcfg, smoke=cfg.preset == "smoke", threads=cfg.threads)
+    if cfg.source == "skimage":  # the stereo pair of the same wheel, never trained on
+        from .matching_images import evaluate_stereo
+
+        metrics.update(evaluate_stereo(model))
     hw = mcfg.coarse_hw
     return {
         "point_id": rid,
@@ -321,7 +356,8 @@ def train_one(cfg: MatchRunConfig, mech: str, seed: int, rid: str, ck_path: Path
         "height": hw[0],
         "width": hw[1],
         "tokens": hw[0] * hw[1],
-        "cross": True,
+        "cross": "cross" in mcfg.layers,
+        "control": split_control(mech)[1],
         "dim": mcfg.dim,
         "heads": mcfg.heads,
         "layers": list(mcfg.layers),

@@ -5,7 +5,8 @@ of image 0 to image 1, pixel centres at integers, kornia's ``align_corners=True`
 frame), then a photometric change of image 1 (gain, bias, noise). Everything is
 drawn from (seed, split, index), so the same pair comes back at any time.
 
-Sources: ``"synthetic"`` renders a textured scene (random ellipses, rectangles
+Sources: ``"skimage"`` crops the photographs of scikit-image's wheel, split by
+source photograph (``matching_images``); ``"synthetic"`` renders a textured scene (random ellipses, rectangles
 and stripes of random grey levels over smooth shading and fine noise), so that
 every 8 x 8 cell has structure to match; an image folder warps real images
 (greyscale, centre-cropped square and resized) the same way.
@@ -148,7 +149,12 @@ class MatchingPairs(Dataset):
             raise DataError(f"the matching dataset needs at least one pair, got size={size}")
         self.size, self.resolution, self.split, self.seed = size, resolution, split, seed
         self.distortion, self.photometric = distortion, photometric
-        self.files = None if source == "synthetic" else scan_folder(source)
+        if source == "skimage":  # photographs of scikit-image's wheel, split by source (matching_images)
+            from .matching_images import skimage_files
+
+            self.files = skimage_files(split)
+        else:
+            self.files = None if source == "synthetic" else scan_folder(source)
         self.source = source
 
     def __len__(self) -> int:
@@ -166,8 +172,14 @@ class MatchingPairs(Dataset):
 
         rng = self._rng(index)
         r = self.resolution
-        # an image folder: train and val draw from the same files with independent homographies
-        scene = render_scene(rng, r) if self.files is None else _load_grey(self.files[index % len(self.files)], r)
+        if self.files is None:
+            scene = render_scene(rng, r)
+        elif self.source == "skimage":  # a random crop of one photograph of the split
+            from .matching_images import crop_grey
+
+            scene = crop_grey(self.files[index % len(self.files)], r, rng)
+        else:  # an image folder: train and val draw from the same files with independent homographies
+            scene = _load_grey(self.files[index % len(self.files)], r)
         h01 = random_homography(rng, r, self.distortion)
         img0 = torch.from_numpy(scene).float()[None]  # (1, R, R)
         img1 = warp_perspective(img0[None], h01.float()[None], (r, r), align_corners=True)[0]  # (1, R, R)

@@ -952,6 +952,17 @@ def _load_avg() -> list[float] | None:
 CPU_SAMPLE_S = 2e-4
 
 
+def block_seconds(step: Callable[[], Any], zero_grads: Callable[[], None], number: int) -> float:
+    """The CPU timer: seconds of one block of ``number`` calls (gradients set to None before each), read
+    with ``time.perf_counter`` around a plain loop. Every CPU sample of the harness is one such block;
+    ``scripts/fast_ratios.py`` times its interleaved A/B blocks with it too."""
+    t0 = time.perf_counter()
+    for _ in range(number):
+        zero_grads()
+        step()
+    return time.perf_counter() - t0
+
+
 def _cpu_times(
     step: Callable[[], Any],
     zero_grads: Callable[[], None],
@@ -976,11 +987,7 @@ def _cpu_times(
     total = 0.0
     deadline = clock() + run_time  # wall-bounded too: a loaded machine stretches every call
     for _ in range(n):
-        t0 = clock()
-        for _ in range(number):
-            zero_grads()
-            step()
-        block = clock() - t0
+        block = block_seconds(step, zero_grads, number)
         total += block
         times.append(block * 1e3 / number)  # one block: its time per call
         if len(times) >= least and (clock() > deadline or budget.remaining() < 2 * per_call_s * number):

@@ -2,7 +2,7 @@
 
 For each mechanism (the quick preset's knobs: dim 96, 3 heads, float32, one thread), map side and
 pass, the reference and the fast module are built with the same seed and timed in alternating
-blocks of calls (A B B A ...) with ``time.perf_counter``, ``--rounds`` times; each round gives one
+blocks of calls (A B B A ...) by the harness's CPU timer, ``--rounds`` times; each round gives one
 ratio fast/reference (its two blocks taken back to back, so a load change hits both). Printed: the
 median ratio and the p20..p80 spread of the rounds' ratios, and the machine's load average.
 ``--versus full`` times each mechanism's fast path against full attention's instead.
@@ -16,24 +16,16 @@ import argparse
 import json
 import os
 import statistics
-import time
 from typing import Any
+
+from attnbench.bench.samples import quantile
 
 
 def _block(step: Any, zero: Any, number: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(number):
-        zero()
-        step()
-    return (time.perf_counter() - t0) / number
+    """Seconds per call of one block, by the harness's CPU timer."""
+    from attnbench.bench.measure import block_seconds
 
-
-def _quantile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    return block_seconds(step, zero, number) / number
 
 
 def ratio(a: Any, b: Any, rounds: int, block_s: float) -> dict[str, float]:
@@ -57,8 +49,8 @@ def ratio(a: Any, b: Any, rounds: int, block_s: float) -> dict[str, float]:
         times_b.append(tb)
     return {
         "ratio": statistics.median(ratios),
-        "p20": _quantile(ratios, 0.2),
-        "p80": _quantile(ratios, 0.8),
+        "p20": quantile(ratios, 0.2),
+        "p80": quantile(ratios, 0.8),
         "a_ms": statistics.median(times_a) * 1e3,
         "b_ms": statistics.median(times_b) * 1e3,
     }

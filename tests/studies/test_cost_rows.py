@@ -49,7 +49,8 @@ def test_a_module_measured_as_a_sweep_point_and_as_a_cost_row_gets_the_same_fiel
     sound(direct)
     assert swept["memory_method"] == direct["memory_method"]
     assert swept["params"] == direct["params"] and swept["threads"] == direct["threads"] == 1
-    assert swept["timing_method"] == direct["timing_method"]
+    # the same timer; the rounds kept (after contended ones were taken again) may differ
+    assert swept["timing_method"].split(";")[0] == direct["timing_method"].split(";")[0]
 
 
 def test_measure_module_records_a_failure_as_its_status():

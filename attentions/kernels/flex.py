@@ -193,13 +193,9 @@ def mvit_terms(
     ``q . R_h`` (B, h, Nq, kh) and ``q . R_w`` (B, h, Nq, kw); the bias of the
     pair (query i, key (y, x)) is ``rel_h[i, y] + rel_w[i, x]``, read by a score_mod.
     """
-    from ..relpos import mvit_index, resize_table
+    from .. import relpos
 
     (qh, qw), (kh, kw) = q_hw, k_hw
-    b, heads, _, d = q.shape
-    rh = resize_table(table_h, 2 * max(qh, kh) - 1)[mvit_index(qh, kh).to(q.device)]  # (qh, kh, d)
-    rw = resize_table(table_w, 2 * max(qw, kw) - 1)[mvit_index(qw, kw).to(q.device)]  # (qw, kw, d)
-    qm = q.reshape(b, heads, qh, qw, d)  # (B, h, qh, qw, d)
-    rel_h = torch.einsum("bnyxd,ykd->bnyxk", qm, rh.to(q.dtype))  # (B, h, qh, qw, kh)
-    rel_w = torch.einsum("bnyxd,xkd->bnyxk", qm, rw.to(q.dtype))  # (B, h, qh, qw, kw)
+    b, heads = q.shape[:2]
+    rel_h, rel_w = relpos.mvit_terms(q, q_hw, k_hw, table_h, table_w)  # (B, h, qh, qw, kh), (.., kw)
     return rel_h.reshape(b, heads, qh * qw, kh), rel_w.reshape(b, heads, qh * qw, kw)

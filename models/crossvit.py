@@ -21,7 +21,13 @@ fuses with the other branch o; ``proj`` is LayerNorm-GELU-Linear from o's width 
   (also for the branch already at that width); the residual is taken at the common width;
 - ``class-token``: ``cls_b + proj(cls_o)``; patch tokens pass unchanged;
 - ``pairwise``: the CLS tokens as in class-token, and each patch token of b adds the
-  token of o at the same place (o's projected patch map resized bilinearly to b's grid).
+  token of o at the same place (o's projected patch map resized bilinearly to b's grid);
+- ``none`` (the paper's Table 6 baseline): the branches never exchange anything; only their
+  heads' logits are averaged.
+
+``patch_mixing=False`` (not in the paper; the positive control of ``experiments/crossvit_fusion.yaml``)
+lets every patch token of a ViT block see only itself, while the CLS token still reads every
+token of its branch: the CLS tokens become read-outs of tokens that never saw each other.
 
 Position embeddings are learned for the native grids and resized (bicubic) to
 the current grids, so other resolutions run without rebuilding.
@@ -41,7 +47,7 @@ from attnbench import attentions
 from .layers import HW, DropPath, Mlp, init_linear
 
 EPS = 1e-6  # CrossViT's LayerNorm eps
-FUSIONS = ("cross-attention", "all-attention", "class-token", "pairwise")
+FUSIONS = ("cross-attention", "all-attention", "class-token", "pairwise", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +64,7 @@ class CrossViTConfig:
     num_classes: int = 1000
     in_chans: int = 3
     fusion: str = "cross-attention"  # one of FUSIONS (the paper's Fig. 3)
+    patch_mixing: bool = True  # False: a patch token sees only itself in the ViT blocks (the CLS reads all)
 
     @property
     def resolution(self) -> int:
@@ -67,8 +74,9 @@ class CrossViTConfig:
 class ViTBlock(nn.Module):
     """Pre-norm ViT block; the CLS token takes part in the attention like any token."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float, patch_mixing: bool = True):
         super().__init__()
+        self.patch_mixing = patch_mixing
         self.norm1 = nn.LayerNorm(dim, eps=EPS)
         self.attn = attentions.build("full", dim=dim, heads=heads, qkv_bias=True)
         self.drop_path = DropPath(drop_path)
@@ -78,11 +86,22 @@ class ViTBlock(nn.Module):
     def macs(self, batch: int, tokens: int) -> int:
         c = self.norm1.normalized_shape[0]
         own = 2 * 5 * tokens * c + self.mlp.macs((1, tokens))
-        return batch * own + self.attn.macs(batch, (1, tokens))
+        mixing = self.attn.macs(batch, (1, tokens))
+        if not self.patch_mixing:  # the whole row for the CLS's output, then each patch token on its own
+            mixing += self.attn.macs(batch * (tokens - 1), (1, 1))
+        return batch * own + mixing
+
+    def _attend(self, h: torch.Tensor) -> torch.Tensor:
+        # Full attention ignores the layout, so CLS + H*W tokens are passed as one 1 x (1 + H*W) row.
+        out = self.attn(h, (1, h.shape[1]))  # (B, 1 + H*W, C)
+        if self.patch_mixing:
+            return out
+        b, n, c = h.shape
+        alone = self.attn(h[:, 1:].reshape(b * (n - 1), 1, c), (1, 1))  # (B * H*W, 1, C): one key each
+        return torch.cat([out[:, :1], alone.reshape(b, n - 1, c)], dim=1)  # (B, 1 + H*W, C)
 
     def forward(self, x: torch.Tensor, hw: HW) -> torch.Tensor:
-        # Full attention ignores the layout, so CLS + H*W tokens are passed as one 1 x (1 + H*W) row.
-        x = x + self.drop_path(self.attn(self.norm1(x), (1, x.shape[1])))
+        x = x + self.drop_path(self._attend(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x), hw))
 
 
@@ -183,7 +202,7 @@ class CrossViT(nn.Module):
             self.branches.append(
                 nn.ModuleList(
                     nn.ModuleList(
-                        ViTBlock(cfg.dims[b], cfg.heads[b], cfg.mlp_ratio, rates[f * per_fusion + j])
+                        ViTBlock(cfg.dims[b], cfg.heads[b], cfg.mlp_ratio, rates[f * per_fusion + j], cfg.patch_mixing)
                         for j in range(cfg.depths[b])
                     )
                     for b in range(2)
@@ -191,6 +210,8 @@ class CrossViT(nn.Module):
             )
             if cfg.fusion == "all-attention":  # one module fuses both branches at once
                 self.fusers.append(_AllAttention(cfg.dims, cfg.heads))
+            elif cfg.fusion == "none":
+                self.fusers.append(nn.ModuleList())
             else:
                 self.fusers.append(nn.ModuleList(_fuser(cfg.fusion, cfg, b, self.native_grids) for b in range(2)))
         self.norms = nn.ModuleList(nn.LayerNorm(d, eps=EPS) for d in cfg.dims)
@@ -235,7 +256,7 @@ class CrossViT(nn.Module):
                 total += sum(blk.macs(batch, 1 + hws[b][0] * hws[b][1]) for blk in blocks[b])
             if isinstance(fusers, _AllAttention):
                 total += fusers.macs(batch, hws)
-            else:
+            elif len(fusers):
                 total += sum(fusers[b].macs(batch, hws[b], hws[1 - b]) for b in range(2))
         return total + batch * sum(5 * d + d * cfg.num_classes for d in cfg.dims)
 
@@ -269,6 +290,8 @@ class CrossViT(nn.Module):
                     xs[b] = blk(xs[b], hws[b])
             if isinstance(fusers, _AllAttention):
                 xs = fusers(xs, list(hws))
+            elif self.config.fusion == "none":
+                continue
             elif self.config.fusion == "cross-attention":
                 xs = [fusers[b](xs[b], hws[b], context=xs[1 - b], context_hw=hws[1 - b]) for b in range(2)]
             else:

@@ -1,4 +1,4 @@
-"""CrossViT's four fusion strategies (Fig. 3 of the paper): what mixes with what, and their cost at
+"""CrossViT's fusion strategies (Fig. 3 of the paper, and Table 6's none): what mixes with what, and their cost at
 CrossViT-S's published configuration."""
 
 from __future__ import annotations
@@ -70,9 +70,37 @@ def test_all_attention_mixes_every_token_of_both_branches():
     assert ((a - b).abs().amax(-1)[0] > 1e-6).all()
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
-def test_every_fusion_trains_tiny_and_its_analytic_count_matches_the_traced_one(fusion):
-    model = CrossViT(CrossViTConfig(**TINY, fusion=fusion, num_classes=4))
+@pytest.mark.parametrize("fusion", ["none", "class-token"])
+def test_no_fusion_lets_nothing_of_one_branch_reach_the_other(fusion):
+    torch.manual_seed(0)
+    model = CrossViT(CrossViTConfig(**TINY, fusion=fusion, num_classes=4)).eval()
+    embed, cls = model._embed, []
+    model.norms[0].register_forward_hook(lambda m, args, out: cls.append(args[0]))  # branch 0's final CLS
+    img = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model(img)
+        # branch 1's tokens replaced by others: branch 0's CLS must not move without fusion (and must with it)
+        model._embed = lambda b, im: (lambda x, hw: (torch.randn_like(x) if b else x, hw))(*embed(b, im))
+        model(img)
+    assert torch.equal(cls[0], cls[1]) == (fusion == "none")
+
+
+def test_without_patch_mixing_a_patch_token_sees_only_itself_and_the_cls_reads_all():
+    torch.manual_seed(0)
+    for mixing in (False, True):
+        blk = CrossViT(CrossViTConfig(**TINY, patch_mixing=mixing)).eval().branches[0][0][0]
+        x = torch.randn(1, 10, 16)
+        moved = x.clone()
+        moved[:, 5] = torch.randn(16)  # one patch token changed (not by a constant LayerNorm would remove)
+        with torch.no_grad():
+            changed = ((blk(x, (3, 3)) - blk(moved, (3, 3))).abs().amax(-1)[0] > 1e-6).tolist()
+        expected = [True] * 10 if mixing else [True, False, False, False, False, True, False, False, False, False]
+        assert changed == expected
+
+
+@pytest.mark.parametrize("fusion,patch_mixing", [(f, True) for f in FUSIONS] + [("class-token", False)])
+def test_every_fusion_trains_tiny_and_its_analytic_count_matches_the_traced_one(fusion, patch_mixing):
+    model = CrossViT(CrossViTConfig(**TINY, fusion=fusion, num_classes=4, patch_mixing=patch_mixing))
     x = torch.randn(2, 3, 32, 32)
     model(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())

@@ -433,7 +433,8 @@ class PoolingAttention(Attention):
 
         kn, clip = self.knobs, len(hw) == 3
         thw = tuple(hw) if clip else (1, *hw)  # an image is a one-frame clip here
-        q_thw, k_thw = self.output_hw(thw), self.kv_hw(thw)
+        q_thw: tuple[int, ...] = self.output_hw(thw)  # type: ignore[arg-type]
+        k_thw: tuple[int, ...] = self.kv_hw(thw)  # type: ignore[arg-type]
         probs = reference_probs(self, x, hw, None, None)  # (1, h, Nq, Nk)
         none = kn.mode == "none"
         steps = (1, 1, 1) if none else (kn.stride_q_t, kn.stride_q, kn.stride_q)

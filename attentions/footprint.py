@@ -1,14 +1,15 @@
 """Attention footprints: for one query, the weight every pixel of the key map receives, per head.
 
 ``Attention.footprint(x, hw, query, context=None, context_hw=None)`` returns
-``(heads, Hk, Wk)``. Most mechanisms form their weights in ``common.attend`` on
+``(heads, Hk, Wk)`` (``(heads, T, Hk, Wk)`` on a clip). Most mechanisms form their weights in ``common.attend`` on
 the reference path; :func:`reference_probs` runs that path once and collects
 them, and each mechanism maps its rows back onto pixels with the pieces here:
 
 - a key made from a rectangle of pixels (a PVT cell, an adaptive-pooling bin, a
   pooling window, a QuadTree region) spreads its weight over them with separable
   row and column matrices (:func:`spread`): by the pooling's own weights where the
-  pooling is an average, uniformly over the pixels it reads otherwise;
+  pooling is an average, uniformly over the pixels it reads otherwise; on a clip a
+  box of frames x rows x columns, with a third matrix over time (:func:`spread_clip`);
 - a bilinear sample (DAT) spreads its weight over its four pixels by the bilinear
   weights (:func:`splat`); corners off the map read zeros and receive nothing.
 """
@@ -69,6 +70,17 @@ def reference_probs(module: Any, x: torch.Tensor, hw: Any, context: Any, context
 def spread(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Weights of keys on a (kh, kw) grid onto pixels: w (h, kh, kw), rows (kh, H), cols (kw, W) -> (h, H, W)."""
     return torch.einsum("hab,ay,bx->hyx", w, rows.to(w), cols.to(w))
+
+
+def spread_clip(w: torch.Tensor, frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Weights of keys on a (kt, kh, kw) grid onto a clip's pixels: w (h, kt, kh, kw), frames (kt, T), rows
+    (kh, H), cols (kw, W) -> (h, T, H, W). Over time first, then :func:`spread` on every frame, so a one-frame
+    clip (frames [[1]]) gives the image's numbers exactly."""
+    heads, _, kh, kw = w.shape
+    w = torch.einsum("htab,tz->hzab", w, frames.to(w))  # (h, T, kh, kw)
+    t = w.shape[1]
+    out = spread(w.reshape(heads * t, kh, kw), rows, cols)  # (h*T, H, W)
+    return out.reshape(heads, t, *out.shape[1:])  # (h, T, H, W)
 
 
 def blocks(size: int, cells: int, width: int) -> torch.Tensor:

@@ -154,6 +154,7 @@ class PoolingAttention(Attention):
     cost_knob = "stride_kv"
     complexity = "O(N^2 / (s_q^2 s_kv^2))"
     supports_cross = False
+    clip_footprint = True
     time = TimeAxis(
         True,
         "MViTv2 video: q, k, v pooled over (t, h, w) (kernel_t, stride_q_t, stride_kv_t), relative position "
@@ -421,26 +422,32 @@ class PoolingAttention(Attention):
 
     # ------------------------------------------------------------------ footprint
     def _footprint(
-        self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
+        self, x: torch.Tensor, hw: HW, query: tuple[int, ...], context: torch.Tensor | None, context_hw: HW | None
     ) -> torch.Tensor:
-        """Softmax weights of the pooled query holding pixel (i // stride_q, j // stride_q) over the
-        pooled keys, each spread over the kernel x kernel window of pixels its value pools: by AvgPool's
-        1 / kernel^2 (padding counted) in ``avg`` mode, evenly over the window's pixels inside the map otherwise.
-        The residual pooling term (+ q) is no key's weight."""
-        from .footprint import reference_probs, spread, windows
+        """Softmax weights of the pooled query holding pixel (i // stride_q, j // stride_q) (on a clip frame
+        t // stride_q_t too) over the pooled keys, each spread over the window of pixels its value pools
+        (kernel_t x kernel x kernel on a clip that pools over time, one frame's kernel x kernel otherwise): by
+        AvgPool's 1 / volume (padding counted) in ``avg`` mode, evenly over the window's pixels inside the
+        map otherwise. The residual pooling term (+ q) is no key's weight."""
+        from .footprint import flat_index, reference_probs, spread_clip, windows
 
-        (qh, qw), (kh, kw) = self.output_hw(hw), self.kv_hw(hw)
+        kn, clip = self.knobs, len(hw) == 3
+        thw = tuple(hw) if clip else (1, *hw)  # an image is a one-frame clip here
+        q_thw: tuple[int, ...] = self.output_hw(thw)  # type: ignore[arg-type]
+        k_thw: tuple[int, ...] = self.kv_hw(thw)  # type: ignore[arg-type]
         probs = reference_probs(self, x, hw, None, None)  # (1, h, Nq, Nk)
-        sq = 1 if self.knobs.mode == "none" else self.knobs.stride_q
-        qi, qj = min(query[0] // sq, qh - 1), min(query[1] // sq, qw - 1)
-        w = probs[0, :, qi * qw + qj].reshape(self.heads, kh, kw)
-        if self.knobs.mode == "none":
-            return w
-        avg, s = self.knobs.mode == "avg", self.knobs.stride_kv
-        k = self.knobs.kernel
-        rows = windows(hw[0], kh, s, k, k // 2, include_pad=avg)
-        cols = windows(hw[1], kw, s, k, k // 2, include_pad=avg)
-        return spread(w, rows, cols)
+        none = kn.mode == "none"
+        steps = (1, 1, 1) if none else (kn.stride_q_t, kn.stride_q, kn.stride_q)
+        t, i, j = query if clip else (0, *query)
+        pooled = tuple(min(a // s, side - 1) for a, s, side in zip((t, i, j), steps, q_thw, strict=True))
+        w = probs[0, :, flat_index(pooled, q_thw)].reshape(self.heads, *k_thw)  # (h, kt, kh, kw)
+        if not none:
+            avg, k, kt = kn.mode == "avg", kn.kernel, kn.kernel_t  # kernel_t is 1 unless the pooling runs over time
+            frames = windows(thw[0], k_thw[0], kn.stride_kv_t, kt, kt // 2, include_pad=avg)
+            rows = windows(thw[1], k_thw[1], kn.stride_kv, k, k // 2, include_pad=avg)
+            cols = windows(thw[2], k_thw[2], kn.stride_kv, k, k // 2, include_pad=avg)
+            w = spread_clip(w, frames, rows, cols)  # (h, T, H, W)
+        return w if clip else w[:, 0]
 
     def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
         return map_tokens(self.kv_hw(hw))

@@ -73,6 +73,7 @@ class PVTAttention(Attention):
     cost_knob = "sr_ratio"
     complexity = "O(N^2/r^2) (v1), O(N) (v2)"
     supports_cross = True
+    clip_footprint = True
     time = TimeAxis(
         True,
         "spatial reduction per frame (keys of every frame), or over time too with sr_ratio_t (v1's Conv3d)",
@@ -195,20 +196,27 @@ class PVTAttention(Attention):
 
     # ------------------------------------------------------------------ footprint
     def _footprint(
-        self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
+        self, x: torch.Tensor, hw: HW, query: tuple[int, ...], context: torch.Tensor | None, context_hw: HW | None
     ) -> torch.Tensor:
         """Softmax weights over the reduced keys, each spread evenly over the pixels it is reduced from:
-        v1 its r x r cell (the rows and columns past the last whole cell feed no key), v2 its adaptive bin."""
-        from .footprint import adaptive_bins, blocks, reference_probs, spread
+        v1 its r x r cell (the rows and columns past the last whole cell feed no key), v2 its adaptive bin.
+        On a clip a key is made from one frame's cell, or with sr_ratio_t > 1 from that cell in sr_ratio_t
+        frames (the frames past the last whole group feed no key)."""
+        from .footprint import adaptive_bins, blocks, flat_index, reference_probs, spread, spread_clip
 
         source_hw = context_hw or hw
-        kh, kw = self.kv_hw(source_hw) if self.reduces else source_hw
+        k_map = self.kv_hw(source_hw) if self.reduces else source_hw  # ([T',] kh, kw)
         probs = reference_probs(self, x, hw, context, context_hw)  # (1, h, N, M')
-        w = probs[0, :, query[0] * hw[1] + query[1]].reshape(self.heads, kh, kw)
+        w = probs[0, :, flat_index(query, hw)].reshape(self.heads, *k_map)  # (h, [T',] kh, kw)
+        (height, width), (kh, kw) = source_hw[-2:], k_map[-2:]
         if self.version == "v2":
-            return spread(w, adaptive_bins(source_hw[0], kh), adaptive_bins(source_hw[1], kw))
-        r = self.sr_ratio
-        return spread(w, blocks(source_hw[0], kh, r), blocks(source_hw[1], kw, r))
+            rows, cols = adaptive_bins(height, kh), adaptive_bins(width, kw)
+        else:
+            rows, cols = blocks(height, kh, self.sr_ratio), blocks(width, kw, self.sr_ratio)
+        if len(source_hw) == 2:
+            return spread(w, rows, cols)
+        frames = blocks(source_hw[0], k_map[0], self.knobs.sr_ratio_t)  # (T', T): identity per frame
+        return spread_clip(w, frames, rows, cols)  # (h, T, H, W)
 
     def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
         source_hw = context_hw or hw

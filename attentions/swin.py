@@ -209,6 +209,7 @@ class SwinAttention(Attention):
     cost_knob = "window"
     complexity = "O(N M^2)"
     supports_cross = False
+    clip_footprint = True
     time = TimeAxis(
         True,
         "Video Swin: window_t x M x M windows shifted by (window_t // 2, S, S) with the 3-D region mask, "
@@ -423,28 +424,34 @@ class SwinAttention(Attention):
 
     # ------------------------------------------------------------------ footprint
     def _footprint(
-        self, x: torch.Tensor, hw: HW, query: tuple[int, int], context: torch.Tensor | None, context_hw: HW | None
+        self, x: torch.Tensor, hw: HW, query: tuple[int, ...], context: torch.Tensor | None, context_hw: HW | None
     ) -> torch.Tensor:
-        """The query's softmax row inside its (shifted) window, put back on the unrolled, unpadded map.
+        """The query's softmax row inside its (shifted) window, put back on the unrolled, unpadded map; on a
+        clip the window is window_t x M x M, shifted in time too.
 
         Keys of the window in another region of the shifted map keep the weight exp(-100) relative
         to the others that the mask gives them, as in the forward pass; nothing outside the window."""
-        from .footprint import reference_probs
+        from .footprint import flat_index, reference_probs
 
-        lay = self.layout(hw)
-        m, s = lay.window, lay.shift
-        hp, wp = lay.padded_hw
-        gw, nw = lay.grid[1], lay.windows
-        probs = reference_probs(self, x, hw, None, None)  # (nW/g, g*h, T, T), g = 1 or nW
+        if len(hw) == 3:
+            clip = self.clip_layout(hw)  # type: ignore[arg-type]
+            win, shift, padded, grid = clip.window, clip.shift, clip.padded, clip.grid
+        else:
+            lay = self.layout(hw)
+            win, shift, padded, grid = (lay.window,) * 2, (lay.shift,) * 2, lay.padded_hw, lay.grid
+        tw, nw = map_tokens(win), map_tokens(grid)
+        probs = reference_probs(self, x, hw, None, None)  # (nW/g, g*h, Tw, Tw), g = 1 or nW
         g = probs.shape[1] // self.heads
-        ry, rx = (query[0] - s) % hp, (query[1] - s) % wp  # the query in the rolled frame
-        win = (ry // m) * gw + rx // m
-        row = probs.reshape(nw // g, g, self.heads, m * m, m * m)[win // g, win % g, :, (ry % m) * m + rx % m]
-        out = torch.zeros(self.heads, hp, wp, dtype=row.dtype, device=row.device)
-        wy, wx = (win // gw) * m, (win % gw) * m
-        out[:, wy : wy + m, wx : wx + m] = row.reshape(self.heads, m, m)  # rolled frame
-        out = torch.roll(out, shifts=(s, s), dims=(1, 2))
-        return out[:, : hw[0], : hw[1]]
+        rolled = [(a - s) % p for a, s, p in zip(query, shift, padded, strict=True)]  # the query in the rolled frame
+        win_at = [r // m for r, m in zip(rolled, win, strict=True)]  # its window on the grid
+        n = flat_index(tuple(win_at), grid)
+        at = flat_index(tuple(r % m for r, m in zip(rolled, win, strict=True)), win)  # its token in the window
+        row = probs.reshape(nw // g, g, self.heads, tw, tw)[n // g, n % g, :, at]  # (h, Tw)
+        out = torch.zeros(self.heads, *padded, dtype=row.dtype, device=row.device)  # (h, [Tp,] Hp, Wp)
+        box = tuple(slice(c * m, (c + 1) * m) for c, m in zip(win_at, win, strict=True))
+        out[(slice(None), *box)] = row.reshape(self.heads, *win)  # rolled frame
+        out = torch.roll(out, shifts=tuple(shift), dims=tuple(range(1, len(hw) + 1)))
+        return out[(slice(None), *(slice(0, side) for side in hw))]  # (h, [T,] H, W)
 
     def keys_per_query(self, hw: HW, context_hw: HW | None = None) -> int:
         if len(hw) == 3:

@@ -881,8 +881,15 @@ def footprint_(
     mechanism: str = typer.Option(
         "full,linear,pvt,swin,quadtree,deformable,pooling,cross", "--mechanism", "-m", help="Mechanisms, comma list."
     ),
-    resolution: str = typer.Option("28", "--resolution", "-r", help="Token map: 28 (square) or 28x56 (H x W)."),
-    query: str = typer.Option(None, "--query", "-q", help="Query pixel I,J of the map (default: its centre)."),
+    resolution: str = typer.Option(
+        "28", "--resolution", "-r", help="Token map: 28 (square), 28x56 (H x W) or 4x28x28 (a T x H x W clip)."
+    ),
+    frames: int = typer.Option(
+        None, "--frames", help="Token frames: the -r map becomes a T x H x W clip, drawn as a strip of frames."
+    ),
+    query: str = typer.Option(
+        None, "--query", "-q", help="Query pixel I,J of the map, T,I,J of a clip (default: its centre)."
+    ),
     cross: bool = typer.Option(False, "--cross", help="Cross attention over a second map, where supported."),
     knob: list[str] = typer.Option(None, "--knob", "-k", help="NAME=VALUE for every mechanism with that knob."),
     dim: int = typer.Option(64, "--dim", help="Width of the tokens."),
@@ -890,15 +897,23 @@ def footprint_(
     seed: int = typer.Option(0, "--seed", help="Seed of the weights and the random tokens."),
     out: str = typer.Option(..., "--out", "-o", help="The HTML file to write."),
 ) -> None:
-    """Draw where one query looks, for each mechanism at initialisation: weights over the key map."""
+    """Draw where one query looks, for each mechanism at initialisation: weights over the key map (on a clip,
+    -r TxHxW or --frames, a strip of frames per mechanism)."""
     from attnbench.reports.matching import write_footprint_page
     from attnbench.studies.matching import standalone_footprints
 
     hw = _flops_hw(resolution, "--resolution")
+    if frames is not None:
+        if len(hw) == 3:
+            raise AttnbenchError(f"--resolution {resolution} is already a clip; drop --frames or the T of -r")
+        if frames < 1:
+            raise AttnbenchError(f"--frames takes a positive number of token frames, got {frames}")
+        hw = (frames, *hw)
     parts = [] if query is None else query.split(",")
-    if query is not None and (len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts)):
-        raise AttnbenchError(f"--query takes I,J (two integers), got {query!r}")
-    q = None if query is None else (int(parts[0]), int(parts[1]))
+    want = "T,I,J (three integers) on a clip" if len(hw) == 3 else "I,J (two integers)"
+    if query is not None and (len(parts) != len(hw) or not all(p.strip().lstrip("-").isdigit() for p in parts)):
+        raise AttnbenchError(f"--query takes {want}, got {query!r}")
+    q = None if query is None else tuple(int(p) for p in parts)
     panels = standalone_footprints(
         [m.strip() for m in mechanism.split(",") if m.strip()], hw, q, cross, _knob_pairs(knob), dim, heads, seed
     )

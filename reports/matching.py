@@ -315,8 +315,8 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
-def write_footprint_page(panels: list[dict[str, Any]], out: str | Path) -> Path:
-    """``attnbench footprint``: one heat map per mechanism, keys read per query and MACs beside it."""
+def _image_footprints(panels: list[dict[str, Any]]) -> go.Figure:
+    """(H, W) maps: one heat map per mechanism, four to a row, each on its own colour scale."""
     n = len(panels)
     cols = min(4, n)
     rows = math.ceil(n / cols)
@@ -339,21 +339,87 @@ def write_footprint_page(panels: list[dict[str, Any]], out: str | Path) -> Path:
     fig.update_layout(template="plotly_white", height=330 * rows + 60, margin=dict(l=30, r=50, t=60, b=30))
     panel_colorbars(fig)
     fig.update_annotations(font_size=11)
-    q = panels[0]["query"] if panels else ["?", "?"]
-    hw = panels[0]["query_hw"] if panels else ["?", "?"]
+    return fig
+
+
+STRIP_WIDTH = 1300  # px the page gives a figure (its main column is at most 1500 px): sizes a strip's rows
+
+
+def clip_footprints(panels: list[dict[str, Any]]) -> go.Figure:
+    """(T, H, W) clips as strips of frames: a row per mechanism, one heat map per frame t = 0 .. T-1 side by
+    side, all frames of a row on one colour scale (from 0 to the row's largest weight, its bar beside the last
+    frame), the query marked in its own frame."""
+    frames, height, width = panels[0]["query_hw"]
+    gap = 0.1 / frames  # between frames, a tenth of the row in all
+    side = STRIP_WIDTH * (1 - 0.1) / frames  # px of one frame's panel
+    row_px = min(360.0, max(90.0, side * height / width))  # pixels about square, rows neither tiny nor huge
+    head_px = 54  # above every row: the mechanism's line and the frames' t = labels
+    total = len(panels) * (row_px + head_px) + 40
+    titles = [f"t={t}" for _ in panels for t in range(frames)]
+    fig = make_subplots(
+        rows=len(panels), cols=frames, subplot_titles=titles, horizontal_spacing=gap,
+        vertical_spacing=head_px / total if len(panels) > 1 else 0.0,
+    )  # fmt: skip
+    for r, p in enumerate(panels, start=1):
+        top = max((w for frame in p["weights"] for line in frame for w in line), default=0.0) or 1.0
+        for t, frame in enumerate(p["weights"]):
+            heat = _heat(frame, 1, f"{p['mechanism']} t={t}")
+            hover = f"t={t}, key (%{{y:.0f}}, %{{x:.0f}}): weight %{{z:.4f}}<extra></extra>"
+            heat.update(zmin=0.0, zmax=top, showscale=t == frames - 1, hovertemplate=hover)
+            fig.add_trace(heat, row=r, col=t + 1)
+        if p["kind"] == "self":
+            qt, qi, qj = p["query"]
+            fig.add_trace(
+                go.Scatter(x=[qj], y=[qi], mode="markers", marker=dict(symbol="x", size=10, color="red"),
+                           showlegend=False, hovertemplate=f"query, t={qt}<extra></extra>"),
+                row=r, col=qt + 1,
+            )  # fmt: skip
+    fig.update_annotations(font_size=11)  # the frames' t = labels; the rows' lines below are larger
+    for r, p in enumerate(panels, start=1):
+        y_top = fig.layout["yaxis" + ("" if r == 1 else str((r - 1) * frames + 1))].domain[1]
+        fig.add_annotation(
+            text=f"<b>{esc(p['mechanism'])}</b> ({p['kind']}): {p['keys_per_query']} keys/query, "
+            f"{p['macs'] / 1e6:.2f} MMACs; one colour scale for its {frames} frames",
+            xref="paper", yref="paper", x=0.0, y=y_top, xanchor="left", yanchor="bottom", yshift=20,
+            showarrow=False, font_size=13,
+        )  # fmt: skip
+    fig.update_yaxes(autorange="reversed", showticklabels=False)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_layout(template="plotly_white", height=total, margin=dict(l=20, r=60, t=head_px, b=20))
+    panel_colorbars(fig)
+    return fig
+
+
+def write_footprint_page(panels: list[dict[str, Any]], out: str | Path) -> Path:
+    """``attnbench footprint``: one heat map per mechanism (a strip of frames on a clip), keys read per query and
+    MACs beside it."""
+    clip = bool(panels) and len(panels[0]["query_hw"]) == 3
+    fig = clip_footprints(panels) if clip else _image_footprints(panels)
+    q = ", ".join(map(str, panels[0]["query"])) if panels else "?, ?"
+    hw = "x".join(map(str, panels[0]["query_hw"])) if panels else "?x?"
     rows_html = pd.DataFrame(
         [{"mechanism": p["mechanism"], "kind": p["kind"], "keys/query": p["keys_per_query"],
           "MMACs": round(p["macs"] / 1e6, 3), "knobs": json.dumps(p["knobs"])} for p in panels]
     )  # fmt: skip
-    note = (
-        f'<p class="note">Query pixel ({q[0]}, {q[1]}) of a {hw[0]}x{hw[1]} token map; each map is the head-mean '
-        "weight every key pixel receives, freshly initialised weights on random tokens. Each panel has its own colour "
-        "scale, read on the bar beside it. MACs: the analytic count "
-        "of one forward call (FLOPs = 2 x MACs).</p>"
-    )
+    if clip:
+        note = (
+            f'<p class="note">Query pixel (t, i, j) = ({q}) of a {hw} (T x H x W) clip of tokens; each row is one '
+            "mechanism's head-mean weight every key pixel receives, drawn as a strip of its frames t = 0, 1, ..., "
+            "freshly initialised weights on random tokens; the query is marked in its own frame. The frames of a "
+            "row share one colour scale, from 0 to the row's largest weight (its bar beside the last frame), so the "
+            "frames can be compared; the rows have their own. MACs: the analytic count of one forward call "
+            "(FLOPs = 2 x MACs).</p>"
+        )
+    else:
+        note = (
+            f'<p class="note">Query pixel ({q}) of a {hw} token map; each map is the head-mean '
+            "weight every key pixel receives, freshly initialised weights on random tokens. Each panel has its own "
+            "colour scale, read on the bar beside it. MACs: the analytic count "
+            "of one forward call (FLOPs = 2 x MACs).</p>"
+        )
     html = _page(
         "attnbench footprints",
-        f"query ({q[0]}, {q[1]}) on {hw[0]}x{hw[1]}",
+        f"query ({q}) on {hw}",
         [("fp", "footprints", note + _fig_html(fig, "footprint-figure") + table_html(rows_html))],
     )
     from attnbench.bench.store import write_atomic

@@ -482,8 +482,8 @@ def _append_footprints(out: Path, rid: str, mech: str, seed: int, state: str, mo
 
 def standalone_footprints(
     mechanisms: list[str],
-    hw: tuple[int, int],
-    query: tuple[int, int] | None,
+    hw: tuple[int, ...],
+    query: tuple[int, ...] | None,
     cross: bool,
     knobs: tuple[tuple[str, str], ...],
     dim: int,
@@ -499,7 +499,22 @@ def standalone_footprints(
     unknown = [k for k, _ in knobs if not any(k in attentions.get(m).knob_types() for m in mechanisms)]
     if unknown:
         raise MatchError(f"knob(s) {', '.join(unknown)} belong to none of {', '.join(mechanisms)}")
-    query = query or (hw[0] // 2, hw[1] // 2)
+    where = "x".join(map(str, hw))
+    if len(hw) == 3:  # a clip: only mechanisms that take time
+        flat = [n for n in mechanisms if not attentions.get(n).time.supported]
+        if flat:
+            timed = [n for n in attentions.available() if attentions.get(n).time.supported]
+            why = "; ".join(f"{n}: {attentions.get(n).time.why_not}" for n in flat)
+            raise MatchError(
+                f"{', '.join(flat)} take(s) no time axis ({why}); a {where} clip can be drawn for "
+                f"{', '.join(timed)}, or draw an H x W map (no --frames, no T in -r)"
+            )
+    query = query or tuple(side // 2 for side in hw)
+    if len(query) != len(hw):
+        what = "T,I,J on a clip" if len(hw) == 3 else "I,J on an (H, W) map"
+        raise MatchError(f"--query takes {what}, got {','.join(map(str, query))} for the {where} map")
+    if not all(0 <= a < side for a, side in zip(query, hw, strict=True)):
+        raise MatchError(f"--query {query} lies outside the {where} map")
     built = []
     for name in mechanisms:
         cls = attentions.get(name)
@@ -513,13 +528,11 @@ def standalone_footprints(
         chw = args[3] if len(args) > 3 else None
         reasons = attn.unsupported(1, hw, chw)
         if reasons:
-            raise MatchError(f"{name} cannot run on a {hw[0]}x{hw[1]} map: {'; '.join(reasons)}")
-        if not (0 <= query[0] < hw[0] and 0 <= query[1] < hw[1]):
-            raise MatchError(f"--query {query} lies outside the {hw[0]}x{hw[1]} map")
+            raise MatchError(f"{name} cannot run on a {where} map: {'; '.join(reasons)}")
         built.append((name, attn, args, chw))
     panels = []
     for name, attn, args, chw in built:
-        fp = attn.footprint(args[0], args[1], query, *args[2:])  # (heads, Hk, Wk)
+        fp = attn.footprint(args[0], args[1], query, *args[2:])  # (heads, Hk, Wk), or (heads, T, Hk, Wk) on a clip
         panels.append(
             {
                 "mechanism": name,

@@ -277,7 +277,185 @@ def test_footprints_of_clips_cover_every_frame_and_one_frame_is_the_image(name):
         m.footprint(x, thw, (3, 0, 0))
 
 
-def test_mechanisms_that_do_not_draw_clips_say_so():
-    m = attentions.build("swin", dim=16, heads=2, window=2)
+def test_every_mechanism_that_takes_time_draws_clip_footprints():
+    assert all(attentions.get(n).clip_footprint for n in TIME)
+    flat = type("FlatFull", (attentions.get("full"),), {"clip_footprint": False})  # a mechanism that opts out
+    m = flat(16, 2, flat.Knobs())
     with pytest.raises(NotImplementedError, match="not of clips"):
         m.footprint(*m.example_inputs(1, (2, 4, 4)), (0, 0, 0))
+    q = attentions.build("quadtree", dim=16, heads=2)
+    with pytest.raises(attentions.UnsupportedPoint, match="takes no time axis"):
+        q.footprint(*q.example_inputs(1, (2, 8, 8)), (0, 0, 0))
+
+
+# ---------------------------------------------------------------------- footprints of pooled, windowed, reduced clips
+def _seeded(name: str, **knobs) -> attentions.Attention:
+    """A reference-path module with its relative-position tables drawn large enough to matter (inits are near 0)."""
+    torch.manual_seed(0)
+    m = attentions.build(name, dim=16, heads=2, impl="reference", **knobs)
+    with torch.no_grad():
+        for pname, p in m.named_parameters():
+            if "table" in pname or "rel_pos" in pname:
+                p.normal_()
+    return m
+
+
+def _output_row(m: attentions.Attention, x: torch.Tensor, thw: tuple[int, ...], index: int) -> torch.Tensor:
+    """The input of the output projection for output token ``index`` in the forward pass, (h, d)."""
+    seen = []
+    handle = m.proj.out.register_forward_hook(lambda mod, a, o: seen.append(a[0]))
+    with torch.no_grad():
+        m(x, thw)
+    handle.remove()
+    return seen[-1][0, index].view(m.heads, -1)
+
+
+# (name, knobs, clip): every clip path of the three mechanisms, time pooled, windowed, shifted, padded, reduced.
+DRAWN_CLIPS = [
+    ("pooling", {"stride_q": 2, "stride_kv": 2}, (3, 8, 8)),
+    ("pooling", {"kernel_t": 3, "stride_q_t": 2, "stride_kv_t": 2, "rel_pos_frames": 4, "stride_kv": 2}, (5, 8, 8)),
+    ("pooling", {"mode": "max", "kernel_t": 3, "stride_kv_t": 2}, (4, 6, 6)),
+    ("pooling", {"mode": "avg", "kernel_t": 3, "stride_kv_t": 2, "stride_kv": 2}, (5, 6, 6)),
+    ("swin", {"window": 4, "window_t": 2, "shift": True}, (4, 8, 8)),
+    ("swin", {"window": 3, "window_t": 2, "shift": True, "pad": True}, (5, 7, 8)),
+    ("pvt", {"sr_ratio": 2}, (3, 8, 8)),
+    ("pvt", {"sr_ratio": 2, "sr_ratio_t": 2}, (5, 8, 8)),
+    ("pvt", {"version": "v2", "pool_size": 3}, (3, 7, 8)),
+]
+
+
+@pytest.mark.parametrize(("name", "knobs", "clip"), DRAWN_CLIPS)
+def test_clip_footprints_sum_to_what_the_weights_sum_to(name, knobs, clip):
+    m = _seeded(name, **knobs)
+    x, thw = m.example_inputs(1, clip, seed=1)
+    fp = m.footprint(x, thw, (clip[0] - 1, 2, 3))
+    assert fp.shape == (2, *clip) and (fp >= 0).all()
+    total = fp.sum((1, 2, 3))
+    if knobs.get("mode") == "avg":
+        # AvgPool3d counts the padding: a key whose window hangs over the clip passes on only its pixels' share
+        assert (total < 0.99).all() and (total > 0).all()
+    else:  # softmax rows, each key spread over pixels by weights summing to 1
+        torch.testing.assert_close(total, torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    ("name", "knobs"),
+    [
+        ("pooling", {}),
+        ("pooling", {"stride_q": 2, "stride_kv": 2, "mode": "avg"}),
+        ("pooling", {"kernel_t": 3, "stride_q_t": 2, "stride_kv_t": 2, "rel_pos_frames": 4}),
+        ("swin", {"window": 3, "shift": True, "pad": True}),
+        ("swin", {"window": 4, "shift": True}),
+        ("pvt", {"sr_ratio": 2}),
+        ("pvt", {"version": "v2", "pool_size": 3}),
+    ],
+)
+def test_a_one_frame_clip_footprint_is_the_image_footprint(name, knobs):
+    m = _seeded(name, **knobs)
+    hw = (7, 8) if knobs.get("pad") else (8, 8)
+    x, _ = m.example_inputs(1, hw, seed=1)
+    clip = m.footprint(x, (1, *hw), (0, 5, 3))
+    assert clip.shape == (2, 1, *hw)
+    assert torch.equal(clip[:, 0], m.footprint(x, hw, (5, 3)))
+
+
+@pytest.mark.parametrize(
+    ("name", "knobs", "clip"),
+    [
+        ("swin", {"window": 3, "window_t": 2, "shift": True, "pad": True}, (5, 7, 8)),
+        ("pvt", {"sr_ratio": 1}, (4, 6, 6)),
+        (
+            "pooling",
+            {"mode": "avg", "kernel_t": 3, "stride_kv_t": 2, "stride_kv": 2, "residual_pooling": False},
+            (5, 6, 6),
+        ),
+    ],
+)
+def test_clip_footprints_over_the_pixel_values_give_the_forward(name, knobs, clip):
+    # Values here are the pixels' projected values (pooled by an average, whose shares the footprint spreads by),
+    # so the footprint applied to them is the query's output before the output projection.
+    m = _seeded(name, **knobs)
+    x, thw = m.example_inputs(1, clip, seed=1)
+    query = (3, 2, 5)
+    fp = m.footprint(x, thw, query)  # (h, T, H, W)
+    _, v = m.proj.keys_values(x)  # (1, h, N, d)
+    expected = torch.einsum("hn,hnd->hd", fp.flatten(1), v[0])
+    row = _output_row(m, x, thw, (query[0] * clip[1] + query[1]) * clip[2] + query[2])
+    torch.testing.assert_close(row, expected, atol=1e-5, rtol=1e-4)
+
+
+def _window_axis(q: int, size: int, window: int, shift: int) -> torch.Tensor:
+    """Positions of one axis in the query's window after rolling by -shift (no padding): (size,) bool."""
+    cell = [((a - shift) % size) // window for a in range(size)]
+    return torch.tensor([c == cell[q] for c in cell])
+
+
+def test_video_swin_clip_footprint_lies_in_the_query_s_shifted_3d_window():
+    m = _seeded("swin", window=3, window_t=2, shift=True)  # on 4x6x6: windows 2x3x3 rolled by (1, 1, 1)
+    x, thw = m.example_inputs(1, (4, 6, 6), seed=1)
+    for query in ((1, 1, 1), (0, 0, 0)):
+        fp = m.footprint(x, thw, query)
+        t, i, j = (_window_axis(a, n, w, 1) for a, n, w in zip(query, (4, 6, 6), (2, 3, 3), strict=True))
+        inside = t[:, None, None] & i[None, :, None] & j[None, None, :]  # (T, H, W)
+        assert inside.sum() == 18 and (fp[:, ~inside] == 0).all()
+        if query == (1, 1, 1):  # frames 1-2, rows and columns 1-3: one region, no wrap-around
+            assert (fp[:, inside] > 0).all()
+            assert inside[1:3, 1:4, 1:4].all()
+        else:  # the window wraps round on every axis; the mask leaves the query alone in its region
+            torch.testing.assert_close(fp[:, 0, 0, 0], torch.ones(2))
+            assert (fp[:, inside].sum(1) - fp[:, 0, 0, 0]).max() < 1e-30
+
+
+@pytest.mark.parametrize("mode", ["avg", "conv"])
+def test_pooling_clip_footprint_is_the_key_weights_times_the_pooling_kernel(mode):
+    from attnbench.attentions.common import split_heads
+    from attnbench.attentions.footprint import reference_probs
+
+    kn = {"kernel_t": 3, "stride_q_t": 2, "stride_kv_t": 2, "stride_kv": 2}
+    if mode == "avg":
+        kn |= {"mode": "avg", "rel_pos": False}
+    else:
+        kn |= {"rel_pos_frames": 4}
+    m = _seeded("pooling", **kn)
+    x, thw = m.example_inputs(1, (5, 6, 6), seed=1)
+    heads, d, query = m.heads, m.head_dim, (3, 2, 5)
+
+    def pool(grid: torch.Tensor, stride_t: int, stride: int, counted: bool = True) -> torch.Tensor:
+        return F.avg_pool3d(grid, 3, stride=(stride_t, stride, stride), padding=1, count_include_pad=counted)
+
+    with torch.no_grad():
+        if mode == "avg":  # the weights from the pooled q and k, written out here
+            q, (k, _) = split_heads(m.proj.q(x), heads)[0], m.proj.keys_values(x)  # (h, N, d), (1, h, N, d)
+            q = pool(q.transpose(1, 2).reshape(heads, d, *thw), 2, 1)[:, :, query[0] // 2, query[1], query[2]]
+            k = pool(k[0].transpose(1, 2).reshape(heads, d, *thw), 2, 2).flatten(2)  # (h, d, M)
+            weights = torch.softmax(torch.einsum("hd,hdm->hm", q, k) * d**-0.5, dim=-1)  # (h, M)
+        else:  # the module's own weights; the pooling is a convolution, spread evenly over pixels inside the clip
+            q_thw = m.output_hw(thw)
+            probs = reference_probs(m, x, thw, None, None)  # (1, h, Nq, M)
+            weights = probs[0, :, (query[0] // 2 * q_thw[1] + query[1]) * q_thw[2] + query[2]]
+    # the share of every pixel in every key, by autograd through torch's own pooling
+    pixels = torch.zeros(heads, 1, *thw, requires_grad=True)
+    (pool(pixels, 2, 2, counted=mode == "avg").flatten(1) * weights).sum().backward()
+    fp = m.footprint(x, thw, query)
+    torch.testing.assert_close(fp, pixels.grad[:, 0], atol=1e-6, rtol=1e-5)
+    assert (fp[:, 0] > 0).any() and (fp[:, 4] > 0).any()  # a 3-frame kernel of stride 2 reaches both ends
+
+
+def test_pvt_clip_footprint_stays_in_the_frames_each_key_is_reduced_from():
+    from attnbench.attentions.footprint import reference_probs
+
+    for rt in (1, 2):
+        m = _seeded("pvt", sr_ratio=2, sr_ratio_t=rt)
+        x, thw = m.example_inputs(1, (5, 8, 8), seed=1)
+        fp = m.footprint(x, thw, (4, 3, 5))  # (h, 5, 8, 8)
+        probs = reference_probs(m, x, thw, None, None)[0, :, (4 * 8 + 3) * 8 + 5]  # (h, M): 16 keys a key frame
+        per_key_frame = probs.view(2, -1, 16).sum(-1)  # (h, T')
+        cells = fp.view(2, 5, 4, 2, 4, 2)
+        assert torch.equal(cells, cells[:, :, :, :1, :, :1].expand_as(cells))  # a key is a whole 2x2 cell
+        if rt == 1:  # frames reduced one by one: each frame holds its own keys' weight
+            torch.testing.assert_close(fp.sum((2, 3)), per_key_frame)
+            assert (fp > 0).all()
+        else:  # pairs of frames reduced together; frame 4 is past the last pair, no key reads it
+            assert (fp[:, 4] == 0).all() and (fp[:, :4] > 0).all()
+            assert torch.equal(fp[:, 0], fp[:, 1]) and torch.equal(fp[:, 2], fp[:, 3])
+            torch.testing.assert_close(fp[:, :4].sum((2, 3)).view(2, 2, 2).sum(-1), per_key_frame)

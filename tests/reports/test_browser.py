@@ -148,3 +148,28 @@ def test_reproduce_page_renders(driver, tmp_path):
     page.write_text(build_page([run]), encoding="utf-8")
     assert _open_and_wait(driver, page) == 1
     assert "quadtree_b_no_lepe" in driver.execute_script("return document.body.innerText")
+
+
+def test_clip_footprint_page_draws_a_strip_of_frames(driver, tmp_path):
+    """``attnbench footprint`` on a clip: every frame of every mechanism drawn, each row's bar once."""
+    from attnbench.reports.matching import write_footprint_page
+
+    frames = 4
+    panels = [
+        {"mechanism": m, "kind": "self", "keys_per_query": 9, "macs": 1e6, "query": [2, 1, 1], "knobs": {},
+         "query_hw": [frames, 3, 3], "weights": [[[s * (t + i + j) for j in range(3)] for i in range(3)]
+                                                 for t in range(frames)]}
+        for m, s in (("pvt", 0.01), ("swin", 0.1))
+    ]  # fmt: skip
+    page = write_footprint_page(panels, tmp_path / "clip.html")
+    # Heat maps are drawn as images (g.hm), not as the .trace groups _open_and_wait counts: wait for those.
+    driver.get_log("browser")
+    driver.get(page.as_uri())
+    count = "return document.querySelectorAll('#footprint-figure .heatmaplayer .hm image').length"
+    deadline, drawn = time.monotonic() + 60, 0
+    while time.monotonic() < deadline and drawn < 2 * frames:
+        time.sleep(0.25)
+        drawn = driver.execute_script(count)
+    bars = driver.execute_script("return document.querySelectorAll('#footprint-figure .colorbar').length")
+    assert (drawn, bars) == (2 * frames, 2)
+    assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]

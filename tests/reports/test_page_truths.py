@@ -131,6 +131,73 @@ def test_the_footprint_page_has_a_bar_per_panel(tmp_path):
     assert html.count('"showscale":true') == 2 and "own colour scale" in html
 
 
+def _page_figure(html: str) -> tuple[list[dict], dict]:
+    """The data and layout of the page's one plotly figure, read back from its Plotly.newPlot call."""
+    assert html.count("Plotly.newPlot(") == 1
+    rest = html[html.index("Plotly.newPlot(") + len("Plotly.newPlot(") :]
+    decoder, at = json.JSONDecoder(), 0
+    parts = []
+    for _ in range(3):  # the div id, the data, the layout
+        while rest[at] in " \n,":
+            at += 1
+        value, at = decoder.raw_decode(rest, at)
+        parts.append(value)
+    return parts[1], parts[2]
+
+
+def _clip_panel(mech: str, frames: int, scale: float, query: list[int]) -> dict:
+    weights = [[[scale * (t + 1) * (i + j + 1) for j in range(3)] for i in range(2)] for t in range(frames)]
+    return {"mechanism": mech, "kind": "self", "keys_per_query": 6 * frames, "macs": 1e6, "weights": weights,
+            "query": query, "query_hw": [frames, 2, 3], "knobs": {}}  # fmt: skip
+
+
+def test_the_footprint_page_of_a_clip_is_a_strip_of_frames_per_mechanism(tmp_path):
+    frames = 3
+    panels = [_clip_panel("pooling", frames, 0.01, [1, 0, 2]), _clip_panel("swin", frames, 0.2, [1, 0, 2])]
+    html = matching_report.write_footprint_page(panels, tmp_path / "clip.html").read_text()
+    data, layout = _page_figure(html)
+    heats = [t for t in data if t["type"] == "heatmap"]
+    assert len(heats) == 2 * frames
+    rows = []
+    for p in panels:
+        mine = [t for t in heats if t["name"].startswith(p["mechanism"] + " ")]
+        assert [t["name"] for t in mine] == [f"{p['mechanism']} t={t}" for t in range(frames)]
+        assert [t["z"] for t in mine] == p["weights"]  # frame t drawn from weights[t]
+        axes = [(t.get("xaxis", "x"), t.get("yaxis", "y")) for t in mine]
+        xs = [layout["xaxis" + x[1:]]["domain"] for x, _ in axes]
+        ys = {tuple(layout["yaxis" + y[1:]]["domain"]) for _, y in axes}
+        assert len(ys) == 1 and all(a[1] < b[0] for a, b in zip(xs, xs[1:], strict=False))  # one row, left to right
+        rows.append(ys.pop())
+        top = max(w for f in p["weights"] for line in f for w in line)
+        assert {(t["zmin"], t["zmax"]) for t in mine} == {(0.0, top)}  # one colour scale for the frames
+        assert [t["showscale"] for t in mine] == [False] * (frames - 1) + [True]  # its bar once, by the last
+        marks = [t for t in data if t["type"] == "scatter" and (t.get("xaxis", "x"), t.get("yaxis", "y")) in axes]
+        assert [(axes.index((m.get("xaxis", "x"), m.get("yaxis", "y"))), m["x"], m["y"]) for m in marks] == [
+            (1, [2], [0])
+        ]  # the query (t, i, j) = (1, 0, 2), marked in frame 1 only
+        label = [a["text"] for a in layout["annotations"] if a["text"].startswith(f"<b>{p['mechanism']}</b>")]
+        assert len(label) == 1 and f"{frames} frames" in label[0]
+    assert rows[0][0] > rows[1][1]  # a row per mechanism, in the panels' order from the top
+    titles = [a["text"] for a in layout["annotations"] if a["text"].startswith("t=")]
+    assert titles == [f"t={t}" for t in range(frames)] * 2
+    assert "strip of its frames" in html and "query (1, 0, 2) on 3x2x3" in html
+
+
+def test_the_footprint_page_of_an_image_keeps_a_panel_and_a_scale_per_mechanism(tmp_path):
+    panels = [
+        {"mechanism": m, "kind": "self", "keys_per_query": 4, "macs": 1e6, "weights": [[w, 0.0], [0.0, w]],
+         "query": [0, 1], "query_hw": [2, 2], "knobs": {}}
+        for m, w in (("full", 0.002), ("swin", 0.02))
+    ]  # fmt: skip
+    data, layout = _page_figure(matching_report.write_footprint_page(panels, tmp_path / "fp.html").read_text())
+    heats = [t for t in data if t["type"] == "heatmap"]
+    assert [t["name"] for t in heats] == ["full", "swin"] and all(t["showscale"] for t in heats)
+    assert all("zmax" not in t for t in heats)  # each panel scaled on its own weights
+    assert len({t.get("xaxis", "x") for t in heats}) == 2
+    assert not any(a["text"].startswith("t=") for a in layout["annotations"])
+    assert [(m["x"], m["y"]) for m in data if m["type"] == "scatter"] == [([1], [0])] * 2
+
+
 def test_one_seed_is_not_within_seed_noise(tmp_path):
     pub = {"a": {"top1": 80.0}, "b": {"top1": 70.0}}
     out = _store(tmp_path, "one", "quick", {"a": [0.5], "b": [0.6]}, published=pub)

@@ -190,3 +190,31 @@ def test_cli_footprint_draws_a_page(tmp_path):
     assert "swin (self): 49 keys\\u002fquery" in text and "pvt (self): 9 keys\\u002fquery" in text
     bad = CliRunner().invoke(app, ["footprint", "-m", "swin", "--cross", "--out", str(page)])
     assert bad.exit_code == 2 and "no cross attention" in bad.output
+
+
+def test_cli_footprint_draws_a_clip_as_frames_and_refuses_what_takes_no_time(tmp_path):
+    import json
+
+    from attnbench.cli import app
+
+    page = tmp_path / "clip.html"
+    for clip in (["-r", "14", "--frames", "3"], ["-r", "3x14x14"]):
+        args = ["footprint", "-m", "swin,pvt,pooling", *clip, "-k", "window_t=3", "-q", "2,3,4", "--out", str(page)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        text = page.read_text()
+        call = text[text.index("Plotly.newPlot(") :]
+        data = json.JSONDecoder().raw_decode(call[call.index("[") :])[0]
+        names = [t["name"] for t in data if t["type"] == "heatmap"]
+        assert names == [f"{m} t={t}" for m in ("swin", "pvt", "pooling") for t in range(3)]
+        assert "query (2, 3, 4) on 3x14x14" in text
+    refusals = {
+        ("-m", "swin,quadtree", "--frames", "2"): "quadtree take(s) no time axis",
+        ("-m", "swin", "--frames", "2", "-q", "3,4"): "--query takes T,I,J",
+        ("-m", "swin", "-r", "2x14x14", "--frames", "2"): "already a clip",
+        ("-m", "swin", "--frames", "2", "-q", "2,0,0"): "lies outside the 2x28x28 map",
+    }
+    for args, says in refusals.items():
+        bad = CliRunner().invoke(app, ["footprint", *args, "--out", str(tmp_path / "no.html")])
+        assert bad.exit_code == 2 and says in bad.output, bad.output
+    assert not (tmp_path / "no.html").exists()

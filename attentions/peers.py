@@ -165,7 +165,7 @@ class TimmSwin(Peer):
         return WindowAttention(self.dim, num_heads=self.heads, window_size=(m, m), qkv_bias=self.knobs.qkv_bias)
 
     def copy_weights(self, ours: Any) -> None:
-        self.peer.relative_position_bias_table.copy_(ours.table)
+        self.peer.relative_position_bias_table.copy_(ours.image_table)  # the rows an image reads (any window_t)
         _load_qkv(self.peer.qkv, ours)
         _copy(self.peer.proj, ours.proj.out)
 

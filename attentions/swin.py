@@ -23,8 +23,10 @@ rows read through the 3-D index ``((dt + Wt - 1)(2M - 1) + dh + M - 1)(2M - 1)
 + dw + M - 1`` (the official ``relative_position_index``). As there, an axis no
 longer than its window gets one window of its length and no shift (time); the
 spatial axes keep the image rule above, the same on square maps. ``pad`` pads T
-too. With ``window_t=1`` the table is the image table and a ``(1, H, W)`` map
-gives exactly the ``(H, W)`` output.
+too. An ``(H, W)`` map is a one-frame clip: its windows read the table's time-offset-0
+slice (the (2M-1)^2 rows from ``(Wt - 1)(2M - 1)^2``; the whole table when ``window_t``
+is 1) in every impl, so it gives exactly the ``(1, H, W)`` output for any ``window_t``
+(the flex path, images only, to float32 rounding).
 """
 
 from __future__ import annotations
@@ -231,7 +233,11 @@ class SwinAttention(Attention):
         # ((2Wt-1)(2M-1)^2, h): the image table ((2M-1)^2, h) when window_t is 1
         self.table = swin_table(knobs.window, heads, knobs.window_t)
         m = knobs.window
-        self.register_buffer("index", swin_index((m, m), m), persistent=False)  # (M*M, M*M)
+        # First row of the time-offset-0 slice, the (2M-1)^2 rows an image reads: on one frame every query and
+        # key are at the same time (dt = 0, the slice Wt - 1 of swin_index_3d's layout).
+        self.image_row0 = (knobs.window_t - 1) * (2 * m - 1) ** 2
+        index = swin_index((m, m), m) + self.image_row0  # (M*M, M*M) rows of self.table
+        self.register_buffer("index", index, persistent=False)
         self._masks: dict[tuple, torch.Tensor | None] = {}
         self._flex_cache: dict[tuple, Any] = {}  # block masks and region ids of the flex path, per resolution
 
@@ -275,11 +281,19 @@ class SwinAttention(Attention):
         )
         return [MapRule(f"the window {lay.window}", multiple=lay.window, fix=fix)]
 
+    @property
+    def image_table(self) -> torch.Tensor:
+        """The ((2M-1)^2, h) rows of the table an image reads (its time-offset-0 slice), a view."""
+        return self.table[self.image_row0 : self.image_row0 + (2 * self.knobs.window - 1) ** 2]
+
     def window_bias(self, hw: HW, device: torch.device) -> torch.Tensor:
         """Relative position bias plus the shift/pad mask: (windows or 1, h, T, T), shared by both impls."""
         lay = self.layout(hw)
         m = lay.window
-        index = self.index if m == self.knobs.window else swin_index((m, m), self.knobs.window).to(device)
+        if m == self.knobs.window:
+            index = self.index  # (T, T) rows of the time-offset-0 slice
+        else:
+            index = (swin_index((m, m), self.knobs.window) + self.image_row0).to(device)  # (T, T)
         bias = swin_bias(self.table, index)[None]  # (1, h, T, T)
         key = (tuple(hw), str(device))
         if key not in self._masks:
@@ -390,11 +404,11 @@ class SwinAttention(Attention):
                 regions = (region, torch.where(valid, region, -1))  # a padded key matches no query
             self._flex_cache[key] = (flex.window_block_mask(nw, t, qkv.device), regions)
         block_mask, regions = self._flex_cache[key]
-        table = self.table  # ((2M-1)^2, h)
+        table, row0 = self.table, self.image_row0  # ((2Wt-1)(2M-1)^2, h); an image reads rows row0 on (dt = 0)
 
         def score_mod(score, bi, hi, qi, ki):
             tq, tk = qi % t, ki % t  # positions inside the window
-            row = (tq // m - tk // m + big - 1) * span + (tq % m - tk % m + big - 1)
+            row = row0 + (tq // m - tk // m + big - 1) * span + (tq % m - tk % m + big - 1)
             score = score + table[row, hi]
             if regions is not None:
                 score = score + (regions[0][qi] != regions[1][ki]) * MASKED

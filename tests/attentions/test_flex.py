@@ -11,11 +11,12 @@ gradients that reach the table and the terms through them.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
-from attnbench.attentions.testing import assert_parity
+from attnbench.attentions.testing import OUTPUT_TOLERANCE, TOLERANCE, assert_parity, outputs_and_grads, rel_error
 
 from attnbench import attentions
 
@@ -60,6 +61,25 @@ def test_swin_flex_small_map_and_single_column_of_windows(build, allow_cpu_backw
     module = build("swin", **knobs)
     args = module.example_inputs(2, hw, device=DEVICE)
     assert_parity(module.to(DEVICE), "flex", torch.float32, args)
+
+
+@pytest.mark.parametrize(("hw", "knobs"), SWIN, ids=[f"{h}x{w}-{k}" for (h, w), k in SWIN])
+@pytest.mark.parametrize("window_t", [2, 4])
+def test_swin_flex_on_an_image_is_the_reference_on_a_one_frame_clip(build, allow_cpu_backward, hw, knobs, window_t):
+    # The flex path takes images only: with a Video Swin table it must read the time-offset-0 slice, as the
+    # reference does on a (1, H, W) clip. Tables drawn at std 1 so that a wrong slice shows above the tolerance.
+    module = build("swin", window_t=window_t, **knobs).to(DEVICE)
+    with torch.no_grad():
+        module.table.normal_()
+    ref = copy.deepcopy(module)
+    module.impl, ref.impl = "flex", "reference"
+    x, _ = module.example_inputs(2, hw, device=DEVICE)
+    actual = outputs_and_grads(module, (x.clone().requires_grad_(True), hw))
+    expected = outputs_and_grads(ref, (x.clone().requires_grad_(True), (1, *hw)))
+    assert actual.keys() == expected.keys() and "grad table" in expected
+    errors = {name: rel_error(actual[name], expected[name]) for name in expected}
+    assert errors.pop("output") <= OUTPUT_TOLERANCE[torch.float32]
+    assert max(errors.values()) <= TOLERANCE[torch.float32], errors
 
 
 def test_swin_flex_never_builds_the_bias(build, allow_cpu_backward, monkeypatch):

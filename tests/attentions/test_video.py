@@ -79,6 +79,57 @@ def test_a_one_frame_clip_of_a_video_swin_reads_the_centre_slice_of_its_table():
     torch.testing.assert_close(video(x, (1, 8, 8)), image(x, (8, 8)), rtol=0, atol=1e-6)
 
 
+# (knobs, image): shifted by M // 2 and by shift_size, padded, and a window shrunk to the map (m = 4 < M = 5).
+SWIN_IMAGES = [
+    ({"window": 4}, (8, 8)),
+    ({"window": 4, "shift": True}, (8, 8)),
+    ({"window": 4, "shift": True, "shift_size": 1}, (8, 12)),
+    ({"window": 3, "shift": True, "pad": True}, (7, 8)),
+    ({"window": 5, "shift": True}, (4, 8)),
+]
+
+
+@pytest.mark.parametrize(("knobs", "hw"), SWIN_IMAGES, ids=[f"{k}-{h}x{w}" for k, (h, w) in SWIN_IMAGES])
+@pytest.mark.parametrize("window_t", [1, 2, 4])
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_an_image_is_a_one_frame_clip_of_a_video_swin_outputs_and_gradients(knobs, hw, window_t, impl):
+    m = _seeded("swin", impl=impl, window_t=window_t, **knobs)  # tables drawn at std 1: every time slice differs
+    x, _ = m.example_inputs(2, hw, seed=1)
+    image = _grads(lambda x: m(x, hw), m, x)
+    clip = _grads(lambda x: m(x, (1, *hw)), m, x)
+    assert torch.equal(image[0], clip[0])
+    for name, a, b in zip(["x", *dict(m.named_parameters())], image[1], clip[1], strict=True):
+        assert torch.equal(a, b), name
+    # the table's gradient reaches the time-offset-0 slice and nothing else
+    span = (2 * m.knobs.window - 1) ** 2
+    table_grad = image[1][1 + list(dict(m.named_parameters())).index("table")].view(2 * window_t - 1, span, 2)
+    assert table_grad[window_t - 1].abs().sum() > 0
+    assert (table_grad[: window_t - 1] == 0).all() and (table_grad[window_t:] == 0).all()
+    assert m.macs(2, hw) == m.macs(2, (1, *hw))
+
+
+@pytest.mark.parametrize(("knobs", "hw"), SWIN_IMAGES, ids=[f"{k}-{h}x{w}" for k, (h, w) in SWIN_IMAGES])
+@pytest.mark.parametrize("window_t", [2, 4])
+def test_an_image_reads_the_time_offset_0_slice_of_a_video_swin_table(knobs, hw, window_t):
+    torch.manual_seed(0)
+    video = attentions.build("swin", dim=32, heads=2, window_t=window_t, **knobs)
+    image = attentions.build("swin", dim=32, heads=2, **knobs)
+    span = (2 * video.knobs.window - 1) ** 2
+    with torch.no_grad():  # slice k (time offset k - Wt + 1) holds 10 k plus a pattern in [0, 1) of its own
+        slices = 10.0 * torch.arange(2 * window_t - 1.0)[:, None, None] + torch.rand(2 * window_t - 1, span, 2)
+        video.table.copy_(slices.reshape(-1, 2))  # ((2Wt-1)(2M-1)^2, h)
+        image.table.copy_(slices[window_t - 1])  # ((2M-1)^2, h): the time-offset-0 slice
+    cpu = torch.device("cpu")
+    bias = video.window_bias(hw, cpu)  # (nW or 1, h, T, T): relative bias plus 0 or -100
+    assert torch.equal(bias, image.window_bias(hw, cpu))
+    unmasked = bias > -50
+    assert unmasked.any()
+    assert ((bias[unmasked] // 10) == window_t - 1).all()  # the slice's constant, dt = 0
+    assert torch.equal(video.image_table, slices[window_t - 1])
+    # and the clip's: on one frame every pair reads the same rows
+    assert torch.equal(bias, video.clip_bias((1, *hw), cpu))
+
+
 def test_a_one_frame_clip_of_a_video_pooling_is_the_image_with_the_centre_taps():
     torch.manual_seed(0)
     kn = {"stride_q": 2, "stride_kv": 2}
@@ -289,10 +340,11 @@ def test_every_mechanism_that_takes_time_draws_clip_footprints():
 
 
 # ---------------------------------------------------------------------- footprints of pooled, windowed, reduced clips
-def _seeded(name: str, **knobs) -> attentions.Attention:
-    """A reference-path module with its relative-position tables drawn large enough to matter (inits are near 0)."""
+def _seeded(name: str, impl: str = "reference", **knobs) -> attentions.Attention:
+    """A module (the reference path unless told) with its relative-position tables drawn large enough to matter
+    (inits are near 0)."""
     torch.manual_seed(0)
-    m = attentions.build(name, dim=16, heads=2, impl="reference", **knobs)
+    m = attentions.build(name, dim=16, heads=2, impl=impl, **knobs)
     with torch.no_grad():
         for pname, p in m.named_parameters():
             if "table" in pname or "rel_pos" in pname:
@@ -346,6 +398,8 @@ def test_clip_footprints_sum_to_what_the_weights_sum_to(name, knobs, clip):
         ("pooling", {"kernel_t": 3, "stride_q_t": 2, "stride_kv_t": 2, "rel_pos_frames": 4}),
         ("swin", {"window": 3, "shift": True, "pad": True}),
         ("swin", {"window": 4, "shift": True}),
+        ("swin", {"window": 4, "window_t": 2, "shift": True}),
+        ("swin", {"window": 3, "window_t": 4, "shift": True, "pad": True}),
         ("pvt", {"sr_ratio": 2}),
         ("pvt", {"version": "v2", "pool_size": 3}),
     ],

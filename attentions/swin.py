@@ -43,6 +43,11 @@ from .relpos import swin_bias, swin_index, swin_index_3d, swin_table
 
 # Added to the score of a masked pair (the official Swin value).
 MASKED = -100.0
+# The fast path's value: exp(-100) = 3.7e-44 is a float32 denormal, and the probabilities of masked pairs held
+# there make every product with them (probs @ v and the backward's matmuls) run at the CPU's slow denormal
+# speed: a shifted window's fwd+bwd took 4x its unshifted time on the CPU (timm's too). At -1e4 they are 0;
+# against -100 a probability moves by at most 4e-44 of its row (the same softmax where every key is masked).
+MASKED_FAST = -1e4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +239,10 @@ class SwinAttention(Attention):
         self._masks: dict[tuple, torch.Tensor | None] = {}
         self._flex_cache: dict[tuple, Any] = {}  # block masks and region ids of the flex path, per resolution
 
+    def _masked(self) -> float:
+        """The score added to a masked pair: the official -100 on the reference path, MASKED_FAST elsewhere."""
+        return MASKED if self.impl == "reference" else MASKED_FAST
+
     def layout(self, hw: HW) -> WindowLayout:
         return window_layout(hw, self.knobs.window, self.knobs.shift, self.knobs.shift_size)
 
@@ -280,11 +289,12 @@ class SwinAttention(Attention):
         m = lay.window
         index = self.index if m == self.knobs.window else swin_index((m, m), self.knobs.window).to(device)
         bias = swin_bias(self.table, index)[None]  # (1, h, T, T)
-        key = (tuple(hw), str(device))
+        masked = self._masked()
+        key = (tuple(hw), str(device), masked)
         if key not in self._masks:
             allowed = window_mask(hw, lay)
-            self._masks[key] = None if allowed is None else (~allowed).float().mul(MASKED).to(device)
-        mask = self._masks[key]  # (nW, T, T) of 0 and -100, or None
+            self._masks[key] = None if allowed is None else (~allowed).float().mul(masked).to(device)
+        mask = self._masks[key]  # (nW, T, T) of 0 and the masked value, or None
         if mask is not None:
             bias = bias + mask[:, None].to(bias.dtype)  # (nW, h, T, T)
         return bias
@@ -295,11 +305,12 @@ class SwinAttention(Attention):
         kn = self.knobs
         index = swin_index_3d(lay.window, (kn.window_t, kn.window)).to(device)  # (Tw, Tw)
         bias = swin_bias(self.table, index)[None]  # (1, h, Tw, Tw)
-        key = (tuple(thw), str(device))
+        masked = self._masked()
+        key = (tuple(thw), str(device), masked)
         if key not in self._masks:
             allowed = clip_mask(thw, lay)
-            self._masks[key] = None if allowed is None else (~allowed).float().mul(MASKED).to(device)
-        mask = self._masks[key]  # (nW, Tw, Tw) of 0 and -100, or None
+            self._masks[key] = None if allowed is None else (~allowed).float().mul(masked).to(device)
+        mask = self._masks[key]  # (nW, Tw, Tw) of 0 and the masked value, or None
         if mask is not None:
             bias = bias + mask[:, None].to(bias.dtype)  # (nW, h, Tw, Tw)
         return bias

@@ -243,6 +243,16 @@ class SwinAttention(Attention):
         """The score added to a masked pair: the official -100 on the reference path, MASKED_FAST elsewhere."""
         return MASKED if self.impl == "reference" else MASKED_FAST
 
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v side by side, (B, N, 3C). The reference concatenates the two projections' outputs; the
+        other paths run one matmul over the stacked weights (as timm's qkv Linear): no (B, N, 3C) copy in
+        the forward, one matmul per gradient in the backward."""
+        p = self.proj
+        if self.impl == "reference":
+            return torch.cat([p.q(x), p.kv(x)], dim=-1)
+        bias = None if p.q.bias is None else torch.cat([p.q.bias, p.kv.bias])
+        return F.linear(x, torch.cat([p.q.weight, p.kv.weight]), bias)
+
     def layout(self, hw: HW) -> WindowLayout:
         return window_layout(hw, self.knobs.window, self.knobs.shift, self.knobs.shift_size)
 
@@ -323,7 +333,7 @@ class SwinAttention(Attention):
         (wt, m, _), (st, s, _), (tp, hp, wp) = lay.window, lay.shift, lay.padded
         gt, gh, gw = lay.grid
         heads, d, tw = self.heads, self.head_dim, lay.tokens
-        qkv = torch.cat([self.proj.q(x), self.proj.kv(x)], dim=-1).view(b, t, h, w, 3 * c)  # (B, T, H, W, 3C)
+        qkv = self._qkv(x).view(b, t, h, w, 3 * c)  # (B, T, H, W, 3C)
         if (tp, hp, wp) != (t, h, w):
             qkv = F.pad(qkv, (0, 0, 0, wp - w, 0, hp - h, 0, tp - t))  # (B, Tp, Hp, Wp, 3C)
         if st or s:
@@ -354,7 +364,7 @@ class SwinAttention(Attention):
         gh, gw = lay.grid
         heads, d = self.heads, self.head_dim
         # q, k, v side by side: the channels are [q | k | v], each (h, d) like split_heads.
-        qkv = torch.cat([self.proj.q(x), self.proj.kv(x)], dim=-1).view(b, h, w, 3 * c)  # (B, H, W, 3C)
+        qkv = self._qkv(x).view(b, h, w, 3 * c)  # (B, H, W, 3C)
         if (hp, wp) != (h, w):
             qkv = F.pad(qkv, (0, 0, 0, wp - w, 0, hp - h))  # (B, Hp, Wp, 3C)
         if s:

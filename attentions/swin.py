@@ -45,6 +45,11 @@ from .relpos import swin_bias, swin_index, swin_index_3d, swin_table
 
 # Added to the score of a masked pair (the official Swin value).
 MASKED = -100.0
+# The fast path's value: exp(-100) = 3.7e-44 is a float32 denormal, and the probabilities of masked pairs held
+# there make every product with them (probs @ v and the backward's matmuls) run at the CPU's slow denormal
+# speed: a shifted window's fwd+bwd took 4x its unshifted time on the CPU (timm's too). At -1e4 they are 0;
+# against -100 a probability moves by at most 4e-44 of its row (the same softmax where every key is masked).
+MASKED_FAST = -1e4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +246,20 @@ class SwinAttention(Attention):
         self._masks: dict[tuple, torch.Tensor | None] = {}
         self._flex_cache: dict[tuple, Any] = {}  # block masks and region ids of the flex path, per resolution
 
+    def _masked(self) -> float:
+        """The score added to a masked pair: the official -100 on the reference path, MASKED_FAST elsewhere."""
+        return MASKED if self.impl == "reference" else MASKED_FAST
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v side by side, (B, N, 3C). The reference concatenates the two projections' outputs; the
+        other paths run one matmul over the stacked weights (as timm's qkv Linear): no (B, N, 3C) copy in
+        the forward, one matmul per gradient in the backward."""
+        p = self.proj
+        if self.impl == "reference":
+            return torch.cat([p.q(x), p.kv(x)], dim=-1)
+        bias = None if p.q.bias is None else torch.cat([p.q.bias, p.kv.bias])
+        return F.linear(x, torch.cat([p.q.weight, p.kv.weight]), bias)
+
     def layout(self, hw: HW) -> WindowLayout:
         return window_layout(hw, self.knobs.window, self.knobs.shift, self.knobs.shift_size)
 
@@ -295,11 +314,12 @@ class SwinAttention(Attention):
         else:
             index = (swin_index((m, m), self.knobs.window) + self.image_row0).to(device)  # (T, T)
         bias = swin_bias(self.table, index)[None]  # (1, h, T, T)
-        key = (tuple(hw), str(device))
+        masked = self._masked()
+        key = (tuple(hw), str(device), masked)
         if key not in self._masks:
             allowed = window_mask(hw, lay)
-            self._masks[key] = None if allowed is None else (~allowed).float().mul(MASKED).to(device)
-        mask = self._masks[key]  # (nW, T, T) of 0 and -100, or None
+            self._masks[key] = None if allowed is None else (~allowed).float().mul(masked).to(device)
+        mask = self._masks[key]  # (nW, T, T) of 0 and the masked value, or None
         if mask is not None:
             bias = bias + mask[:, None].to(bias.dtype)  # (nW, h, T, T)
         return bias
@@ -310,11 +330,12 @@ class SwinAttention(Attention):
         kn = self.knobs
         index = swin_index_3d(lay.window, (kn.window_t, kn.window)).to(device)  # (Tw, Tw)
         bias = swin_bias(self.table, index)[None]  # (1, h, Tw, Tw)
-        key = (tuple(thw), str(device))
+        masked = self._masked()
+        key = (tuple(thw), str(device), masked)
         if key not in self._masks:
             allowed = clip_mask(thw, lay)
-            self._masks[key] = None if allowed is None else (~allowed).float().mul(MASKED).to(device)
-        mask = self._masks[key]  # (nW, Tw, Tw) of 0 and -100, or None
+            self._masks[key] = None if allowed is None else (~allowed).float().mul(masked).to(device)
+        mask = self._masks[key]  # (nW, Tw, Tw) of 0 and the masked value, or None
         if mask is not None:
             bias = bias + mask[:, None].to(bias.dtype)  # (nW, h, Tw, Tw)
         return bias
@@ -327,7 +348,7 @@ class SwinAttention(Attention):
         (wt, m, _), (st, s, _), (tp, hp, wp) = lay.window, lay.shift, lay.padded
         gt, gh, gw = lay.grid
         heads, d, tw = self.heads, self.head_dim, lay.tokens
-        qkv = torch.cat([self.proj.q(x), self.proj.kv(x)], dim=-1).view(b, t, h, w, 3 * c)  # (B, T, H, W, 3C)
+        qkv = self._qkv(x).view(b, t, h, w, 3 * c)  # (B, T, H, W, 3C)
         if (tp, hp, wp) != (t, h, w):
             qkv = F.pad(qkv, (0, 0, 0, wp - w, 0, hp - h, 0, tp - t))  # (B, Tp, Hp, Wp, 3C)
         if st or s:
@@ -358,7 +379,7 @@ class SwinAttention(Attention):
         gh, gw = lay.grid
         heads, d = self.heads, self.head_dim
         # q, k, v side by side: the channels are [q | k | v], each (h, d) like split_heads.
-        qkv = torch.cat([self.proj.q(x), self.proj.kv(x)], dim=-1).view(b, h, w, 3 * c)  # (B, H, W, 3C)
+        qkv = self._qkv(x).view(b, h, w, 3 * c)  # (B, H, W, 3C)
         if (hp, wp) != (h, w):
             qkv = F.pad(qkv, (0, 0, 0, wp - w, 0, hp - h))  # (B, Hp, Wp, 3C)
         if s:

@@ -1,5 +1,5 @@
-"""``python -m attnbench``: the same app as the ``attnbench`` console script."""
+"""``python -m attnbench``: the same entry as the ``attnbench`` console script."""
 
-from attnbench.cli import app
+from attnbench.cli import entry
 
-app()
+entry()

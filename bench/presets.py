@@ -61,8 +61,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             # the coarsest level's tokens), asked of the registry when the grid expands
             "fit_knobs": True,
         },
-        # One thread: on a small shared CPU, spinning intra-op threads make latency erratic.
-        "settings": {"cpu_min_run_time": 0.06, "timeout_s": 30.0, "min_samples": 12, "threads": 1},
+        # One thread: on a small shared CPU, spinning intra-op threads make latency erratic. 45 ms of samples
+        # per point (15 ms per round; at least 4 samples a round): a smoke run checks that every point runs and
+        # reports, and its set-up (imports, module, first call, profiled call, probes) is a fixed cost per
+        # point, so longer sampling makes it slower, not more useful (160 points: 7.2 s of timed calls).
+        "settings": {"cpu_min_run_time": 0.045, "timeout_s": 30.0, "min_samples": 12, "threads": 1},
     },
     "scaling": {
         "description": "GPU: token maps from 16x16 to 384x384, bf16, fwd and fwd+bwd, fast impls",

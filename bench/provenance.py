@@ -45,16 +45,21 @@ class LabelMismatch(RuntimeError):
 
 def profile_ops(step: Callable[[], Any], *, memory: bool = False) -> tuple[Counter[str], int]:
     """Op-name counts of one call of ``step`` and, with ``memory``, the peak of the running
-    sum of CPU allocator events during it (the CPU memory probe shares this profile)."""
-    from torch.profiler import ProfilerActivity, profile
+    sum of CPU allocator events during it (the CPU memory probe shares this profile).
+
+    The Kineto profiler is entered through ``torch.autograd.profiler.profile``, the object that
+    ``torch.profiler.profile`` wraps, with the same CPU activity and memory events: the wrapper asks
+    ``hasattr(torch, "_inductor")`` on every start, which imports inductor and Dynamo (about 1 s) in
+    a process that compiles nothing."""
+    from torch.autograd.profiler import profile
 
     from .measure import _quiet_stderr
 
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=memory) as prof:
+    with _quiet_stderr(), profile(use_cpu=True, use_kineto=True, profile_memory=memory) as prof:
         step()
     names: Counter[str] = Counter()
     running = peak = 0
-    events = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+    events = prof.kineto_results.events()  # type: ignore[union-attr]
     if memory:
         mem = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())
         for e in mem:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from attnbench.attentions.common import attend
 from attnbench.attentions.relpos import swin_bias, swin_index
-from attnbench.attentions.swin import window_layout, window_mask
+from attnbench.attentions.swin import MASKED_FAST, window_layout, window_mask
 from attnbench.attentions.testing import assert_parity, rel_error
 
 from attnbench import attentions
@@ -171,14 +171,26 @@ def test_unshifted_unpadded_windows_need_no_mask():
     assert window_mask((8, 12), window_layout((8, 12), 4, False)) is None
 
 
-def test_masked_pairs_get_minus_100_added_to_the_bias(build):
-    module = build(window=2, shift=True)
+@pytest.mark.parametrize(("impl", "masked"), [("reference", -100.0), ("fast", MASKED_FAST)])
+def test_masked_pairs_get_minus_100_added_to_the_bias(build, impl, masked):
+    # The reference adds the official -100; the fast path a value whose probabilities are 0 rather than float32
+    # denormals (exp(-100) = 3.7e-44), whose products run at the CPU's slow denormal speed.
+    module = build(window=2, shift=True, impl=impl)
     bias = module.window_bias((4, 4), torch.device("cpu"))  # (nW, h, T, T)
     rel = swin_bias(module.table, module.index)  # (h, T, T)
     allowed = window_mask((4, 4), window_layout((4, 4), 2, True))
     diff = (bias - rel).detach()
-    assert torch.equal(diff[:, 0], torch.where(allowed, 0.0, -100.0))
+    assert torch.equal(diff[:, 0], torch.where(allowed, 0.0, masked))
     assert torch.equal(diff[:, 1], diff[:, 0])
+    assert masked == -100.0 or torch.exp(torch.tensor(masked + 100.0)) == 0  # beside a kept pair's: exactly 0
+
+
+def test_the_fast_path_switched_to_the_reference_adds_minus_100(build):
+    module = build(window=2, shift=True, impl="fast")
+    module.window_bias((4, 4), torch.device("cpu"))  # the fast path's mask, cached
+    module.impl = "reference"
+    rel = swin_bias(module.table, module.index)
+    assert (module.window_bias((4, 4), torch.device("cpu")) - rel).detach().min() == -100.0
 
 
 @pytest.mark.parametrize(

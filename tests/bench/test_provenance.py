@@ -7,7 +7,10 @@ recompile limits they exercise are Dynamo's, whatever the backend.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from attnbench.bench.points import Grid, expand
 
 from attnbench import bench
 
+REPO = Path(__file__).resolve().parents[2]
 FAST = dict(cpu_min_run_time=0.005, min_samples=3, remeasure=0, count_flops=False, compile_backend="eager")
 
 
@@ -234,3 +238,20 @@ def test_a_slot_warms_short_calls_only(monkeypatch, per_call_s, warm):
     timing = m._Timing(point, work, per_call_s, settings, m._Budget(60.0, m.time.perf_counter))
     timing.slot()
     assert len(calls) == warm and timed == [1]
+
+
+def test_profiled_step_imports_neither_inductor_nor_dynamo():
+    # The profiled step (op names and the CPU memory probe) of an eager point must not import the compiler
+    # stack: torch.profiler.profile asks hasattr(torch, "_inductor") on every start, which imports inductor
+    # and Dynamo (about 1 s of a smoke sweep). A fresh process: this one may have imported them already.
+    code = (
+        "import sys, torch\n"
+        "from attnbench.bench.provenance import profile_ops\n"
+        "w = torch.randn(8, 8, requires_grad=True)\n"
+        "names, peak = profile_ops(lambda: (w @ w).softmax(-1).sum().backward(), memory=True)\n"
+        "assert names['aten::mm'] >= 1 and peak > 0, (names, peak)\n"
+        "print(sorted(m for m in ('torch._inductor', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -1036,7 +1036,8 @@ def entry() -> None:
     0.3 to 0.5 s after the command is done. Once the app has finished, its output is flushed and the exit
     handlers (``atexit``: logging, weakref finalizers, temporary directories) have run, nothing is left to
     do, so the process ends there (``os._exit``) with the app's exit status. Where another non-daemon
-    thread still runs, the interpreter's usual exit waits for it instead. ``app()`` itself exits as
+    thread still runs, or a profiler or tracer watches (``python -m cProfile -o OUT -m attnbench``, coverage,
+    a debugger), the interpreter's usual exit runs instead. ``app()`` itself exits as
     usual (tests call it in process)."""
     import atexit
     import contextlib
@@ -1049,8 +1050,9 @@ def entry() -> None:
         status: object = 0
     except SystemExit as exc:
         status = exc.code
-    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
-        sys.exit(status)
+    watched = sys.getprofile() is not None or sys.gettrace() is not None  # cProfile, coverage, a debugger
+    if watched or any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+        sys.exit(status)  # the usual exit: a profiler writes its stats, a running thread is waited for
     if status is None:
         status = 0
     elif not isinstance(status, int):  # sys.exit("message"): the message on stderr, status 1

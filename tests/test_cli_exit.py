@@ -38,6 +38,8 @@ def ending(monkeypatch):
     monkeypatch.setattr(os, "_exit", os_exit)
     monkeypatch.setattr(sys, "exit", sys_exit)
     monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: ran.append(True))
+    monkeypatch.setattr(sys, "getprofile", lambda: None)  # as in a plain run, whatever watches the tests
+    monkeypatch.setattr(sys, "gettrace", lambda: None)
 
     def end(exc: BaseException | None) -> tuple[str, object, bool]:
         def app() -> None:
@@ -73,6 +75,20 @@ def test_a_running_thread_gets_the_usual_exit(ending):
     finally:
         release.set()
         worker.join()
+
+
+@pytest.mark.parametrize("hook", ["getprofile", "gettrace"])
+def test_a_profiler_or_tracer_gets_the_usual_exit(ending, monkeypatch, hook):
+    monkeypatch.setattr(sys, hook, lambda: object())  # set after the fixture's plain-run defaults
+    assert ending(SystemExit(0)) == ("sys.exit", 0, False)
+
+
+def test_python_m_cprofile_writes_its_stats(tmp_path):
+    out = tmp_path / "stats.prof"
+    cmd = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "attnbench", "list", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.is_file() and out.stat().st_size > 0
 
 
 def test_an_error_of_the_app_is_raised_not_swallowed(ending):

@@ -378,14 +378,27 @@ class SwinAttention(Attention):
         hp, wp = lay.padded_hw
         gh, gw = lay.grid
         heads, d = self.heads, self.head_dim
-        # q, k, v side by side: the channels are [q | k | v], each (h, d) like split_heads.
-        qkv = self._qkv(x).view(b, h, w, 3 * c)  # (B, H, W, 3C)
-        if (hp, wp) != (h, w):
-            qkv = F.pad(qkv, (0, 0, 0, wp - w, 0, hp - h))  # (B, Hp, Wp, 3C)
-        if s:
-            qkv = torch.roll(qkv, shifts=(-s, -s), dims=(1, 2))
-        qkv = qkv.view(b, gh, m, gw, m, 3, heads, d)  # (B, gh, m, gw, m, 3, h, d)
-        qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, b, gh * gw, heads, m * m, d)  # (3, B, nW, h, T, d)
+        if self.impl == "fast":
+            # Windows first, then one projection per window's tokens (as timm's Swin block): the pad, roll and
+            # partition move C channels, not 3C. Padded tokens project to the bias alone; they are masked as
+            # keys and cropped as queries, so the real tokens' outputs are those of the reference's order.
+            xw = x.view(b, h, w, c)  # (B, H, W, C)
+            if (hp, wp) != (h, w):
+                xw = F.pad(xw, (0, 0, 0, wp - w, 0, hp - h))  # (B, Hp, Wp, C)
+            if s:
+                xw = torch.roll(xw, shifts=(-s, -s), dims=(1, 2))
+            xw = xw.view(b, gh, m, gw, m, c).transpose(2, 3).reshape(b * gh * gw, m * m, c)  # (B*nW, T, C)
+            qkv = self._qkv(xw).view(b, gh * gw, m * m, 3, heads, d)  # (B, nW, T, 3, h, d)
+            qkv = qkv.permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, T, d)
+        else:
+            # q, k, v side by side: the channels are [q | k | v], each (h, d) like split_heads.
+            qkv = self._qkv(x).view(b, h, w, 3 * c)  # (B, H, W, 3C)
+            if (hp, wp) != (h, w):
+                qkv = F.pad(qkv, (0, 0, 0, wp - w, 0, hp - h))  # (B, Hp, Wp, 3C)
+            if s:
+                qkv = torch.roll(qkv, shifts=(-s, -s), dims=(1, 2))
+            qkv = qkv.view(b, gh, m, gw, m, 3, heads, d)  # (B, gh, m, gw, m, 3, h, d)
+            qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, b, gh * gw, heads, m * m, d)  # (3, B, nW, h, T, d)
         if self.impl == "flex":
             o = self._attend_flex(qkv, hw)  # (B, nW, h, T, d)
             o = o.reshape(b, gh, gw, heads, m, m, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, c)
@@ -394,10 +407,16 @@ class SwinAttention(Attention):
             return self.proj.out(o[:, :h, :w].reshape(b, n, c))
         bias = self.window_bias(hw, x.device)  # (g, h, T, T), g = 1 or nW windows with their own mask
         g = bias.shape[0]
-        # Four dimensions for SDPA's fused kernels, the bias broadcast over the leading one, never copied:
-        # windows with their own mask join the head dimension.
-        q, k, v = qkv.reshape(3, b * gh * gw // g, g * heads, m * m, d).unbind(0)  # (B*nW/g, g*h, T, d) each
-        o = attend(q, k, v, bias.reshape(1, g * heads, m * m, m * m), math=self.math)  # (B*nW/g, g*h, T, d)
+        if self.impl == "fast":
+            # Four dimensions for SDPA's fused kernels with the windows in the batch (a view of the projection's
+            # output, no copy of q, k, v); windows with their own mask repeat it per image (no copy at batch 1).
+            q, k, v = qkv.reshape(3, b * gh * gw, heads, m * m, d).unbind(0)  # (B*nW, h, T, d) each
+            mask = bias if g == 1 else bias.expand(b, g, heads, m * m, m * m).reshape(b * g, heads, m * m, m * m)
+            o = attend(q, k, v, mask, math=self.math)  # (B*nW, h, T, d)
+        else:
+            # Four dimensions, the bias broadcast over the leading one: windows with their own mask join the heads.
+            q, k, v = qkv.reshape(3, b * gh * gw // g, g * heads, m * m, d).unbind(0)  # (B*nW/g, g*h, T, d) each
+            o = attend(q, k, v, bias.reshape(1, g * heads, m * m, m * m), math=self.math)  # (B*nW/g, g*h, T, d)
         o = o.view(b, gh, gw, heads, m, m, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, c)  # (B, Hp, Wp, C)
         if s:
             o = torch.roll(o, shifts=(s, s), dims=(1, 2))

@@ -348,17 +348,32 @@ class SwinAttention(Attention):
         (wt, m, _), (st, s, _), (tp, hp, wp) = lay.window, lay.shift, lay.padded
         gt, gh, gw = lay.grid
         heads, d, tw = self.heads, self.head_dim, lay.tokens
-        qkv = self._qkv(x).view(b, t, h, w, 3 * c)  # (B, T, H, W, 3C)
-        if (tp, hp, wp) != (t, h, w):
-            qkv = F.pad(qkv, (0, 0, 0, wp - w, 0, hp - h, 0, tp - t))  # (B, Tp, Hp, Wp, 3C)
-        if st or s:
-            qkv = torch.roll(qkv, shifts=(-st, -s, -s), dims=(1, 2, 3))
-        qkv = qkv.view(b, gt, wt, gh, m, gw, m, 3, heads, d)  # (B, gt, wt, gh, m, gw, m, 3, h, d)
-        qkv = qkv.permute(7, 0, 1, 3, 5, 8, 2, 4, 6, 9).reshape(3, b, lay.windows, heads, tw, d)  # (3, B, nW, h, Tw, d)
+        if self.impl == "fast" and (tp, hp, wp) == (t, h, w):  # windows first, as the image's fast path
+            xw = x.view(b, t, h, w, c)  # (B, T, H, W, C)
+            if st or s:
+                xw = torch.roll(xw, shifts=(-st, -s, -s), dims=(1, 2, 3))
+            xw = xw.view(b, gt, wt, gh, m, gw, m, c).permute(0, 1, 3, 5, 2, 4, 6, 7)  # (B, gt, gh, gw, wt, m, m, C)
+            xw = xw.reshape(b * lay.windows, tw, c)  # (B*nW, Tw, C)
+            qkv = self._qkv(xw).view(b, lay.windows, tw, 3, heads, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, Tw, d)
+        else:
+            qkv = self._qkv(x).view(b, t, h, w, 3 * c)  # (B, T, H, W, 3C)
+            if (tp, hp, wp) != (t, h, w):
+                qkv = F.pad(qkv, (0, 0, 0, wp - w, 0, hp - h, 0, tp - t))  # (B, Tp, Hp, Wp, 3C)
+            if st or s:
+                qkv = torch.roll(qkv, shifts=(-st, -s, -s), dims=(1, 2, 3))
+            qkv = qkv.view(b, gt, wt, gh, m, gw, m, 3, heads, d)  # (B, gt, wt, gh, m, gw, m, 3, h, d)
+            qkv = qkv.permute(7, 0, 1, 3, 5, 8, 2, 4, 6, 9).reshape(
+                3, b, lay.windows, heads, tw, d
+            )  # (3, B, nW, h, Tw, d)
         bias = self.clip_bias(thw, x.device)  # (g, h, Tw, Tw), g = 1 or nW
         g = bias.shape[0]
-        q, k, v = qkv.reshape(3, b * lay.windows // g, g * heads, tw, d).unbind(0)  # (B*nW/g, g*h, Tw, d) each
-        o = attend(q, k, v, bias.reshape(1, g * heads, tw, tw), math=self.math)  # (B*nW/g, g*h, Tw, d)
+        if self.impl == "fast":  # the windows in SDPA's batch, as the image's fast path
+            q, k, v = qkv.reshape(3, b * lay.windows, heads, tw, d).unbind(0)  # (B*nW, h, Tw, d) each
+            mask = bias if g == 1 else bias.expand(b, g, heads, tw, tw).reshape(b * g, heads, tw, tw)
+            o = attend(q, k, v, mask, math=self.math)  # (B*nW, h, Tw, d)
+        else:
+            q, k, v = qkv.reshape(3, b * lay.windows // g, g * heads, tw, d).unbind(0)  # (B*nW/g, g*h, Tw, d) each
+            o = attend(q, k, v, bias.reshape(1, g * heads, tw, tw), math=self.math)  # (B*nW/g, g*h, Tw, d)
         o = o.view(b, gt, gh, gw, heads, wt, m, m, d).permute(
             0, 1, 5, 2, 6, 3, 7, 4, 8
         )  # (B, gt, wt, gh, m, gw, m, h, d)
@@ -378,13 +393,11 @@ class SwinAttention(Attention):
         hp, wp = lay.padded_hw
         gh, gw = lay.grid
         heads, d = self.heads, self.head_dim
-        if self.impl == "fast":
-            # Windows first, then one projection per window's tokens (as timm's Swin block): the pad, roll and
-            # partition move C channels, not 3C. Padded tokens project to the bias alone; they are masked as
-            # keys and cropped as queries, so the real tokens' outputs are those of the reference's order.
+        if self.impl == "fast" and (hp, wp) == (h, w):
+            # Windows first, then one projection of each window's tokens (as timm's Swin block): the roll and
+            # the partition move C channels, not 3C. (With padding the projection comes first, as in the
+            # reference, so that padded tokens are not projected.)
             xw = x.view(b, h, w, c)  # (B, H, W, C)
-            if (hp, wp) != (h, w):
-                xw = F.pad(xw, (0, 0, 0, wp - w, 0, hp - h))  # (B, Hp, Wp, C)
             if s:
                 xw = torch.roll(xw, shifts=(-s, -s), dims=(1, 2))
             xw = xw.view(b, gh, m, gw, m, c).transpose(2, 3).reshape(b * gh * gw, m * m, c)  # (B*nW, T, C)

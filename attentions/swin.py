@@ -251,9 +251,9 @@ class SwinAttention(Attention):
         return MASKED if self.impl == "reference" else MASKED_FAST
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """q, k and v side by side, (B, N, 3C). The reference concatenates the two projections' outputs; the
-        other paths run one matmul over the stacked weights (as timm's qkv Linear): no (B, N, 3C) copy in
-        the forward, one matmul per gradient in the backward."""
+        """q, k and v side by side: tokens (..., C) -> (..., 3C). The reference concatenates the two
+        projections' outputs; the other paths run one matmul over the stacked weights (as timm's qkv Linear):
+        no (..., 3C) copy in the forward, one matmul per gradient in the backward."""
         p = self.proj
         if self.impl == "reference":
             return torch.cat([p.q(x), p.kv(x)], dim=-1)

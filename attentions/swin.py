@@ -340,6 +340,21 @@ class SwinAttention(Attention):
             bias = bias + mask[:, None].to(bias.dtype)  # (nW, h, Tw, Tw)
         return bias
 
+    def _attend_windows(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Attention inside every window of images or clips: qkv (3, B, nW, h, T, d), bias (g, h, T, T) with
+        g = 1 or nW (windows with their own mask) -> the outputs, laid out in memory as (B, nW, h, T, d)."""
+        _, b, nw, heads, t, d = qkv.shape
+        g = bias.shape[0]
+        if self.impl == "fast":
+            # Four dimensions for SDPA's fused kernels with the windows in the batch (a view of the projection's
+            # output, no copy of q, k, v); windows with their own mask repeat it per image (no copy at batch 1).
+            q, k, v = qkv.reshape(3, b * nw, heads, t, d).unbind(0)  # (B*nW, h, T, d) each
+            mask = bias if g == 1 else bias.expand(b, g, heads, t, t).reshape(b * g, heads, t, t)
+            return attend(q, k, v, mask, math=self.math)  # (B*nW, h, T, d)
+        # Four dimensions, the bias broadcast over the leading one: windows with their own mask join the heads.
+        q, k, v = qkv.reshape(3, b * nw // g, g * heads, t, d).unbind(0)  # (B*nW/g, g*h, T, d) each
+        return attend(q, k, v, bias.reshape(1, g * heads, t, t), math=self.math)  # (B*nW/g, g*h, T, d)
+
     def _forward_clip(self, x: torch.Tensor, thw: tuple[int, int, int]) -> torch.Tensor:
         """Video Swin's 3-D (shifted) window attention on a (T, H, W) map."""
         b, n, c = x.shape
@@ -365,15 +380,7 @@ class SwinAttention(Attention):
             qkv = qkv.permute(7, 0, 1, 3, 5, 8, 2, 4, 6, 9).reshape(
                 3, b, lay.windows, heads, tw, d
             )  # (3, B, nW, h, Tw, d)
-        bias = self.clip_bias(thw, x.device)  # (g, h, Tw, Tw), g = 1 or nW
-        g = bias.shape[0]
-        if self.impl == "fast":  # the windows in SDPA's batch, as the image's fast path
-            q, k, v = qkv.reshape(3, b * lay.windows, heads, tw, d).unbind(0)  # (B*nW, h, Tw, d) each
-            mask = bias if g == 1 else bias.expand(b, g, heads, tw, tw).reshape(b * g, heads, tw, tw)
-            o = attend(q, k, v, mask, math=self.math)  # (B*nW, h, Tw, d)
-        else:
-            q, k, v = qkv.reshape(3, b * lay.windows // g, g * heads, tw, d).unbind(0)  # (B*nW/g, g*h, Tw, d) each
-            o = attend(q, k, v, bias.reshape(1, g * heads, tw, tw), math=self.math)  # (B*nW/g, g*h, Tw, d)
+        o = self._attend_windows(qkv, self.clip_bias(thw, x.device))  # (B, nW, h, Tw, d) in memory order
         o = o.view(b, gt, gh, gw, heads, wt, m, m, d).permute(
             0, 1, 5, 2, 6, 3, 7, 4, 8
         )  # (B, gt, wt, gh, m, gw, m, h, d)
@@ -418,18 +425,7 @@ class SwinAttention(Attention):
             if s:
                 o = torch.roll(o, shifts=(s, s), dims=(1, 2))
             return self.proj.out(o[:, :h, :w].reshape(b, n, c))
-        bias = self.window_bias(hw, x.device)  # (g, h, T, T), g = 1 or nW windows with their own mask
-        g = bias.shape[0]
-        if self.impl == "fast":
-            # Four dimensions for SDPA's fused kernels with the windows in the batch (a view of the projection's
-            # output, no copy of q, k, v); windows with their own mask repeat it per image (no copy at batch 1).
-            q, k, v = qkv.reshape(3, b * gh * gw, heads, m * m, d).unbind(0)  # (B*nW, h, T, d) each
-            mask = bias if g == 1 else bias.expand(b, g, heads, m * m, m * m).reshape(b * g, heads, m * m, m * m)
-            o = attend(q, k, v, mask, math=self.math)  # (B*nW, h, T, d)
-        else:
-            # Four dimensions, the bias broadcast over the leading one: windows with their own mask join the heads.
-            q, k, v = qkv.reshape(3, b * gh * gw // g, g * heads, m * m, d).unbind(0)  # (B*nW/g, g*h, T, d) each
-            o = attend(q, k, v, bias.reshape(1, g * heads, m * m, m * m), math=self.math)  # (B*nW/g, g*h, T, d)
+        o = self._attend_windows(qkv, self.window_bias(hw, x.device))  # (B, nW, h, T, d) in memory order
         o = o.view(b, gh, gw, heads, m, m, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, c)  # (B, Hp, Wp, C)
         if s:
             o = torch.roll(o, shifts=(s, s), dims=(1, 2))

@@ -175,6 +175,17 @@ def _grads(out_fn, module, x, seed=1):
     return out.detach(), grads
 
 
+def _assert_same_function(m, x, thw, reference) -> None:
+    """m on the clip and ``reference(m, x, thw)`` agree in float64: outputs, and gradients w.r.t. x and every
+    parameter."""
+    ours, g_ours = _grads(lambda t: m(t, thw), m, x)
+    ref, g_ref = _grads(lambda t: reference(m, t, thw), m, x)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    names = ["x", *(n for n, _ in m.named_parameters())]
+    for name, a, r in zip(names, g_ours, g_ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10, msg=name)
+
+
 def _axis_index(q_size: int, k_size: int) -> list[list[int]]:
     """MViTv2's table row of each (query, key) pair along one axis, from the paper: coordinates of the
     coarser axis stretched by the stride ratio, shifted to be non-negative."""
@@ -228,12 +239,7 @@ def test_video_pooling_matches_a_float64_reference_with_gradients(impl):
         torch.nn.init.normal_(p, std=0.3)
     thw = (4, 8, 8)
     x = torch.randn(2, 4 * 8 * 8, 16, dtype=torch.float64)
-    ours, g_ours = _grads(lambda t: m(t, thw), m, x)
-    ref, g_ref = _grads(lambda t: _pooling_reference(m, t, thw), m, x)
-    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
-    names = ["x", *(n for n, _ in m.named_parameters())]
-    for name, a, r in zip(names, g_ours, g_ref, strict=True):
-        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10, msg=name)
+    _assert_same_function(m, x, thw, _pooling_reference)
 
 
 def _swin_reference(m, x: torch.Tensor, thw: tuple[int, int, int]) -> torch.Tensor:
@@ -297,12 +303,7 @@ def test_video_swin_matches_a_float64_reference_with_gradients(knobs, thw, impl)
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, attentions.map_tokens(thw), 12, dtype=torch.float64)
-    ours, g_ours = _grads(lambda t: m(t, thw), m, x)
-    ref, g_ref = _grads(lambda t: _swin_reference(m, t, thw), m, x)
-    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
-    names = ["x", *(n for n, _ in m.named_parameters())]
-    for name, a, r in zip(names, g_ours, g_ref, strict=True):
-        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10, msg=name)
+    _assert_same_function(m, x, thw, _swin_reference)
 
 
 def test_the_video_swin_index_is_the_official_layout():

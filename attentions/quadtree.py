@@ -343,7 +343,9 @@ class QuadTreeAttention(Attention):
             # value_branch[i] halves the map i times pooled already; lepe[l] acts on level l, coarsest first.
             self.lepe = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1, groups=dim) for _ in range(levels))
         if knobs.variant == "B":
-            self.level_weight = nn.Parameter(torch.randn(levels))  # softmax over levels, coarsest first
+            # softmax over levels, coarsest first; drawn on the CPU and moved: on the meta device of probe modules
+            # randn runs torch's Python reference, whose first use imports Dynamo and sympy (about 1.5 s)
+            self.level_weight = nn.Parameter(torch.randn(levels, device="cpu").to(torch.get_default_device()))
 
     # ------------------------------------------------------------------ knobs
     def topks(self) -> tuple[int, ...]:

@@ -24,13 +24,14 @@ def swin_table(window: int, heads: int, window_t: int = 1) -> nn.Parameter:
     return nn.Parameter(table)
 
 
-def swin_index(window_hw: tuple[int, int], table_window: int) -> torch.Tensor:
+def swin_index(window_hw: tuple[int, int], table_window: int, first_row: int = 0) -> torch.Tensor:
     """Row of a table built for ``table_window`` (M) for each token pair of a window.
 
     ``window_hw`` (wh, ww) may be smaller than M (a window shrunk to a small map);
     it then reads only the offsets it has. Entry [i, j] is
     ``(dh + M - 1) * (2M - 1) + (dw + M - 1)`` with (dh, dw) the position of
     token i minus that of token j (tokens row-major in the window).
+    ``first_row`` is added to every entry (a slice of a larger table, e.g. one time offset of Video Swin's).
     Returns a (wh*ww, wh*ww) long tensor.
     """
     wh, ww = window_hw
@@ -43,7 +44,7 @@ def swin_index(window_hw: tuple[int, int], table_window: int) -> torch.Tensor:
     rows, cols = rows.flatten(), cols.flatten()  # (T,) each
     dh = rows[:, None] - rows[None, :] + table_window - 1  # (T, T), in [0, 2M-2]
     dw = cols[:, None] - cols[None, :] + table_window - 1  # (T, T)
-    return (dh * (2 * table_window - 1) + dw).to(torch.get_default_device())
+    return (dh * (2 * table_window - 1) + dw + first_row).to(torch.get_default_device())
 
 
 def swin_index_3d(window_thw: tuple[int, int, int], table_window: tuple[int, int]) -> torch.Tensor:

@@ -241,7 +241,7 @@ class SwinAttention(Attention):
         # First row of the time-offset-0 slice, the (2M-1)^2 rows an image reads: on one frame every query and
         # key are at the same time (dt = 0, the slice Wt - 1 of swin_index_3d's layout).
         self.image_row0 = (knobs.window_t - 1) * (2 * m - 1) ** 2
-        index = swin_index((m, m), m) + self.image_row0  # (M*M, M*M) rows of self.table
+        index = swin_index((m, m), m, self.image_row0)  # (M*M, M*M) rows of self.table
         self.register_buffer("index", index, persistent=False)
         self._masks: dict[tuple, torch.Tensor | None] = {}
         self._flex_cache: dict[tuple, Any] = {}  # block masks and region ids of the flex path, per resolution
@@ -312,7 +312,7 @@ class SwinAttention(Attention):
         if m == self.knobs.window:
             index = self.index  # (T, T) rows of the time-offset-0 slice
         else:
-            index = (swin_index((m, m), self.knobs.window) + self.image_row0).to(device)  # (T, T)
+            index = swin_index((m, m), self.knobs.window, self.image_row0).to(device)  # (T, T)
         bias = swin_bias(self.table, index)[None]  # (1, h, T, T)
         masked = self._masked()
         key = (tuple(hw), str(device), masked)

@@ -255,3 +255,24 @@ def test_profiled_step_imports_neither_inductor_nor_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_probe_modules_of_every_mechanism_import_no_dynamo():
+    # Grid expansion asks questions of modules built on the meta device; arithmetic on meta tensors runs torch's
+    # Python decompositions, whose first use imports torch._dynamo (about 1.4 s of an eager sweep) or sympy (0.3 s,
+    # torch.randn's reference). Every
+    # mechanism, with its default knobs and each of its examples, must be built without it. A fresh process.
+    code = (
+        "import sys\n"
+        "from attnbench import attentions\n"
+        "from attnbench.attentions.base import probe_module\n"
+        "for name in attentions.available():\n"
+        "    cls = attentions.get(name)\n"
+        "    for knobs in ({}, *cls.examples):\n"
+        "        for impl in cls.impls:\n"
+        "            probe_module(name, 32, 2, cls.make_knobs(**knobs), impl)\n"
+        "print(sorted(m for m in ('torch._inductor', 'torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -29,6 +29,7 @@ from attnbench.errors import AttnbenchError
 from .layers import Mlp
 
 LAYER_KINDS = ("self", "cross")
+STEMS = ("conv", "patch")
 STRIDE = 8  # the stem's stride: one coarse cell (token) per 8 x 8 pixels
 # The largest image side: a 128 x 128 coarse map, 16,384 tokens (full attention's scores: 1 GiB per head and pair).
 MAX_RESOLUTION = 1024
@@ -48,6 +49,13 @@ class MatcherConfig:
     knobs: tuple[tuple[str, Any], ...] = ()  # the mechanism's knobs, (name, value) pairs
     temperature: float = 0.1
     threshold: float = 0.2
+    # "conv": three stride-2 3x3 convolutions and a 3x3 one (each token sees 31 x 31 px, its neighbours' cells
+    # too); "patch": one 8 x 8 stride-8 convolution and a 1 x 1 one (each token sees its own 8 x 8 cell only, so
+    # whatever it learns of its surroundings comes through the attention stack)
+    stem: str = "conv"
+    # The positive control of the matching task: every block's attention lets a token read only itself
+    # (OwnToken), so nothing mixes tokens, within an image or across the pair
+    isolated: bool = False
 
     @property
     def coarse_hw(self) -> tuple[int, int]:
@@ -70,6 +78,8 @@ def check_config(cfg: MatcherConfig) -> None:
     problem = resolution_problem(cfg.resolution)
     if problem:
         raise MatchError(problem)
+    if cfg.stem not in STEMS:
+        raise MatchError(f"stem must be one of {', '.join(STEMS)}, got {cfg.stem!r}")
     bad = [k for k in cfg.layers if k not in LAYER_KINDS]
     if bad or not cfg.layers:
         raise MatchError(f"layers must be a non-empty list of {' and '.join(LAYER_KINDS)}, got {list(cfg.layers)}")
@@ -123,6 +133,39 @@ def sine_encoding(dim: int, hw: tuple[int, int]) -> torch.Tensor:
     return pe.permute(2, 0, 1)[None]
 
 
+class OwnToken(nn.Module):
+    """Attention whose every query has one key, its own token (weight 1): ``proj(v(x))``, the value and output
+    projections of each token on its own. Whatever map a block hands it (its own image or the other), nothing
+    mixes tokens: the matching task's positive control (``MatcherConfig.isolated``)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, hw: tuple[int, int], context: torch.Tensor | None = None, context_hw: Any = None
+    ) -> torch.Tensor:
+        return self.proj(self.v(x))
+
+    def footprint(
+        self, x: torch.Tensor, hw: tuple[int, int], query: tuple[int, int], context: Any = None, context_hw: Any = None
+    ) -> torch.Tensor:
+        """(heads, H, W) over the token's own map: 1 at the query, 0 elsewhere."""
+        out = torch.zeros(self.heads, *hw)
+        out[:, query[0], query[1]] = 1.0
+        return out
+
+    def keys_per_query(self, hw: tuple[int, int], context_hw: Any = None) -> int:
+        return 1
+
+    def macs(self, batch: int, hw: tuple[int, int], context_hw: Any = None) -> int:
+        """The two projections of every token (attention over one key adds no product)."""
+        dim = self.v.in_features
+        return 2 * batch * hw[0] * hw[1] * dim * dim
+
+
 class Block(nn.Module):
     """Pre-norm attention block: x + attn(norm(x), [norm(source)]), then x + mlp(norm(x))."""
 
@@ -130,7 +173,7 @@ class Block(nn.Module):
         super().__init__()
         self.kind = kind
         self.norm1 = nn.LayerNorm(cfg.dim)
-        self.attn = build_attention(cfg)
+        self.attn = OwnToken(cfg.dim, cfg.heads) if cfg.isolated else build_attention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.mlp = Mlp(cfg.dim, 2 * cfg.dim)
 
@@ -174,11 +217,15 @@ class Matcher(nn.Module):
         check_config(cfg)
         self.cfg = cfg
         c = cfg.dim
-        chans = (1, c // 4, c // 2, c)
         stem: list[nn.Module] = []
-        for a, b in zip(chans[:-1], chans[1:], strict=True):
-            stem += [nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
-        stem.append(nn.Conv2d(c, c, 3, padding=1))
+        if cfg.stem == "patch":
+            stem += [nn.Conv2d(1, c, STRIDE, stride=STRIDE, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            stem.append(nn.Conv2d(c, c, 1))
+        else:
+            chans = (1, c // 4, c // 2, c)
+            for a, b in zip(chans[:-1], chans[1:], strict=True):
+                stem += [nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
+            stem.append(nn.Conv2d(c, c, 3, padding=1))
         self.stem = nn.Sequential(*stem)
         self.register_buffer("pe", sine_encoding(c, cfg.coarse_hw), persistent=False)
         self.stack = AttentionStack(cfg)

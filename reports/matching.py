@@ -292,13 +292,14 @@ def build_report(run_dir: str | Path) -> str:
 
 def controls_html(df: pd.DataFrame) -> str:
     """The controls' verdict, the smallest detectable difference and the ranking with ties (reports.controls)
-    on AUC@10 and on precision. Controls are runs named MECHANISM.twin (negative) and MECHANISM.self-only
-    (positive: no cross attention), set against MECHANISM."""
+    on AUC@10 and on precision. Controls are runs named MECHANISM.twin (negative), MECHANISM.isolated or
+    MECHANISM.self-only (positive), set against MECHANISM."""
     from attnbench.reports.controls import verdict_html
+    from attnbench.studies.controls import POSITIVE_CONTROLS
 
     mechs = list(dict.fromkeys(df["mechanism"]))
     twins = {m: m.split(".")[0] for m in mechs if m.endswith(".twin")}
-    positives = {m: m.split(".")[0] for m in mechs if m.endswith(".self-only")}
+    positives = {m: m.split(".")[0] for m in mechs if m.partition(".")[2] in POSITIVE_CONTROLS}
     parts = []
     for metric, what in (("auc@10", "AUC@10"), ("precision", "coarse precision")):
         samples = {m: g[metric].astype(float).tolist() for m, g in df.groupby("mechanism", sort=False)}

@@ -21,6 +21,16 @@ from typing import Any
 
 # Seed k of a twin trains as seed TWIN_SEED_OFFSET + k: far from any seed count a run asks for.
 TWIN_SEED_OFFSET = 1000
+
+# Controls of the matching task (attnbench match), named MECHANISM.CONTROL in --mechanism (an experiment
+# declares its own with twin_of and positive_control_of):
+# "twin" is the negative control (the mechanism again on its own seeds, 1000 + k); two positive ones take
+# attention away: "isolated" (every block's attention lets a token read only itself: no token mixing at all,
+# the quick run's control) and "self-only" (every cross block replaced by a self block of the same mechanism:
+# as deep, as many parameters, but the two images never see each other before the dual softmax).
+MATCH_CONTROLS = ("twin", "isolated", "self-only")
+POSITIVE_CONTROLS = ("isolated", "self-only")
+
 CONTROL_FIELDS = ("twin_of", "positive_control_of")
 # What a twin takes from the variant it repeats (it may set none of these itself).
 TWIN_TAKES = ("model", "config", "knobs", "stages", "quick", "full")

@@ -3,6 +3,7 @@ a tiny matcher that learns above chance in seconds, resumption, and bad input re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -218,3 +219,88 @@ def test_cli_footprint_draws_a_clip_as_frames_and_refuses_what_takes_no_time(tmp
         bad = CliRunner().invoke(app, ["footprint", *args, "--out", str(tmp_path / "no.html")])
         assert bad.exit_code == 2 and says in bad.output, bad.output
     assert not (tmp_path / "no.html").exists()
+
+
+def test_the_matcher_controls_are_parsed_and_built_as_named():
+    cfg = matching_run.MatchRunConfig(mechanisms=("full",), out="unused", preset="smoke")
+    assert matching_run.split_control("full.isolated") == ("full", "isolated")
+    assert matching_run.split_control("pvt") == ("pvt", None)
+    with pytest.raises(MatchError, match="unknown control 'lonely'.*isolated"):
+        matching_run.split_control("full.lonely")
+    isolated, self_only, plain = (cfg.matcher(m) for m in ("full.isolated", "full.self-only", "full"))
+    assert isolated.isolated and set(isolated.layers) == {"self"}
+    assert not self_only.isolated and set(self_only.layers) == {"self"}
+    assert not plain.isolated and "cross" in plain.layers
+    assert matching_run.train_seed("full.twin", 2) == 1002 and matching_run.train_seed("full.isolated", 2) == 2
+
+
+def _stack_outputs(cfg: MatcherConfig, f0: torch.Tensor, f1: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(0)
+    stack = Matcher(cfg).stack.eval()
+    with torch.no_grad():
+        return torch.cat(stack(f0, f1), dim=1)  # (1, N0 + N1, dim)
+
+
+@pytest.mark.parametrize("isolated", [True, False])
+def test_an_isolated_stack_mixes_no_tokens(isolated):
+    # Change one token of image 0 and every token of image 1: with isolated attention only that token's own
+    # output moves; with the mechanism's attention (the same stack otherwise) the others move too.
+    cfg = MatcherConfig("full", resolution=32, dim=16, heads=2, isolated=isolated)
+    n = cfg.coarse_hw[0] * cfg.coarse_hw[1]
+    gen = torch.Generator().manual_seed(1)
+    f0, f1 = torch.randn(1, n, 16, generator=gen), torch.randn(1, n, 16, generator=gen)
+    g0, g1 = f0.clone(), torch.randn(1, n, 16, generator=gen)
+    g0[0, 5] += 1.0
+    moved = (_stack_outputs(cfg, f0, f1) - _stack_outputs(cfg, g0, g1)).abs().amax(-1)[0]  # (N0 + N1,)
+    others = torch.cat([moved[:5], moved[6:n]])
+    assert moved[5] > 1e-3
+    if isolated:
+        assert float(others.max()) == 0.0 and bool((moved[n:] > 0).all())  # image 1's own tokens changed
+    else:
+        assert float(others.min()) > 1e-4
+
+
+def test_an_isolated_block_looks_at_its_own_token_only():
+    model = Matcher(MatcherConfig("full", resolution=32, dim=16, heads=2, isolated=True))
+    pair = MatchingPairs(1, 32, "val", 0)[0]
+    rows = matching_run.footprint_rows(model, pair, query=(1, 2))
+    for row in rows:
+        weights = torch.tensor(row["weights"])
+        assert row["keys_per_query"] == 1 and weights[1, 2] == 1.0 and weights.sum() == 1.0
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_a_token_of_the_patch_stem_sees_its_own_cell_only(stem):
+    # The receptive field of coarse token (1, 1): the pixels whose change moves it (eval mode: BatchNorm per pixel).
+    model = Matcher(MatcherConfig("full", resolution=32, dim=16, stem=stem)).eval()
+    img = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    base = model.features(img)[0, 1 * 4 + 1]
+    rows = set()
+    for r in range(32):
+        bumped = img.clone()
+        bumped[..., r, :] += 0.5
+        if (model.features(bumped)[0, 1 * 4 + 1] - base).abs().max() > 1e-6:
+            rows.add(r)
+    cell = set(range(8, 16))  # the pixel rows of coarse row 1
+    assert rows == cell if stem == "patch" else rows > cell
+
+
+def test_every_seed_and_twin_is_evaluated_on_the_same_held_out_pairs(tmp_path, monkeypatch):
+    seen, trained_on = [], []
+    real_evaluate, real_pairs = matching_run.evaluate, matching_run.pairs
+
+    def evaluate(model, pairs, **kw):
+        seen.append(torch.stack([p[0] for p in pairs]))
+        return real_evaluate(model, pairs, **kw)
+
+    def pairs(size, resolution, split, seed, source):
+        if split == "train":
+            trained_on.append(seed)
+        return real_pairs(size, resolution, split, seed, source)
+
+    monkeypatch.setattr(matching_run, "evaluate", evaluate)
+    monkeypatch.setattr(matching_run, "pairs", pairs)
+    cfg = dataclasses.replace(_tiny(tmp_path, epochs=1, train_size=4, val_size=3), mechanisms=("full", "full.twin"))
+    matching_run.run(dataclasses.replace(cfg, seeds=2), log=lambda s: None)
+    assert len(seen) == 4 and all(torch.equal(s, seen[0]) for s in seen)
+    assert trained_on == [0, 1, 1000, 1001]  # the training pairs are each seed's own

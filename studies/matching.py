@@ -186,6 +186,12 @@ def pairs(size: int, resolution: int, split: str, seed: int, source: str) -> lis
 SAME_SETTINGS = ("preset", "source", "resolution", "knobs", "batch", "lr", "overrides")
 
 
+def _request(cfg: MatchRunConfig) -> dict[str, Any]:
+    """What match.json holds: the command's fields and the settings they resolve to (the preset's, as this
+    version of attnbench defines it, with the overrides applied)."""
+    return json.loads(json.dumps({**dataclasses.asdict(cfg), "settings": cfg.settings()}, default=str))
+
+
 def _check_same(out: Path, cfg: MatchRunConfig) -> None:
     path = out / "match.json"
     if not path.exists():
@@ -194,8 +200,18 @@ def _check_same(out: Path, cfg: MatchRunConfig) -> None:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         raise MatchError(f"{path} is not readable JSON; restore it, or pass another --out") from None
-    now = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    now = _request(cfg)
+    if "settings" not in stored:
+        raise MatchError(
+            f"{out} holds a match run of an earlier attnbench that did not record its preset's settings (they may "
+            "have changed since); pass another --out"
+        )
     diffs = [f"{k}: {stored.get(k)!r} there, {now.get(k)!r} now" for k in SAME_SETTINGS if stored.get(k) != now.get(k)]
+    diffs += [
+        f"{k}: {stored['settings'].get(k)!r} there, {now['settings'].get(k)!r} now"
+        for k in dict.fromkeys([*stored["settings"], *now["settings"]])
+        if stored["settings"].get(k) != now["settings"].get(k) and not any(d.startswith(f"{k}:") for d in diffs)
+    ]
     if diffs:
         raise MatchError(
             f"{out} holds a match run made with other settings ({'; '.join(diffs)}); "
@@ -240,7 +256,7 @@ def _run(cfg: MatchRunConfig, log: Callable[[str], None], progress: bool) -> lis
             r["point_id"]: r for r in store.open(fingerprint(threads=cfg.threads)).records if r.get("kind") == "match"
         }
         D.broadcast_object(sorted(done))  # the other ranks train what rank 0 has not stored
-        write_json(out / "match.json", dataclasses.asdict(cfg))
+        write_json(out / "match.json", _request(cfg))
         total = len(cfg.mechanisms) * cfg.seeds
         with Progress(progress) as bar:
             for i, (mech, seed) in enumerate((m, s) for m in cfg.mechanisms for s in range(cfg.seeds)):

@@ -284,8 +284,16 @@ CASES: dict[str, tuple[list[str], Callable[[Path], None] | None, str]] = {
     ),
     "match-other-settings": (
         ["match", "--smoke", "-m", "full", "--seeds", "1", "-r", "64", "--out", "m"],
-        lambda t: ((t / "m").mkdir(), write("m/match.json", '{"preset": "smoke", "resolution": 32}')(t)),
+        lambda t: (
+            (t / "m").mkdir(),
+            write("m/match.json", '{"preset": "smoke", "resolution": 32, "settings": {}}')(t),
+        ),
         "other settings (",
+    ),
+    "match-of-an-earlier-version": (
+        ["match", "--smoke", "-m", "full", "--seeds", "1", "--out", "m"],
+        lambda t: ((t / "m").mkdir(), write("m/match.json", '{"preset": "smoke"}')(t)),
+        "did not record its preset's settings",
     ),
     # the environment's failures: the path and the OS error, and the data stored before intact
     "disk-full-sweep": (

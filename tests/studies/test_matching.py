@@ -304,3 +304,13 @@ def test_every_seed_and_twin_is_evaluated_on_the_same_held_out_pairs(tmp_path, m
     matching_run.run(dataclasses.replace(cfg, seeds=2), log=lambda s: None)
     assert len(seen) == 4 and all(torch.equal(s, seen[0]) for s in seen)
     assert trained_on == [0, 1, 1000, 1001]  # the training pairs are each seed's own
+
+
+def test_a_run_made_with_other_preset_settings_is_refused(tmp_path, monkeypatch):
+    # The same command line after the preset's contents changed (another version of attnbench) must not add
+    # rows of other settings to the directory.
+    cfg = _tiny(tmp_path, epochs=1, train_size=4, val_size=2)
+    matching_run.run(cfg, log=lambda s: None)
+    monkeypatch.setitem(matching_run.PRESETS, "smoke", {**matching_run.PRESETS["smoke"], "stem": "patch"})
+    with pytest.raises(MatchError, match=r"other settings \(stem: 'conv' there, 'patch' now\)"):
+        matching_run.run(cfg, log=lambda s: None)

@@ -443,6 +443,7 @@ def stack_cost(
     record = measure_module(stack, (f0, f1), cost_settings(smoke, threads), pass_="fwd", macs=out["macs"])
     status, reason = record.pop("status"), record.pop("reason")
     record.pop("macs", None)
+    record.pop("params", None)  # the stack's, which the row holds as stack_params; its params are the matcher's
     out.update(record)
     if status != "ok":  # the training stands; the row says why its cost is missing
         out["cost_reason"] = f"{status}: {reason}"

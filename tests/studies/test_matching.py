@@ -124,6 +124,7 @@ def test_a_tiny_matcher_learns_above_chance(tmp_path):
     (row,) = matching_run.run(_tiny(tmp_path), log=lambda s: None)
     assert row["precision"] > 10 * row["chance_precision"]  # chance: 1 cell in 64
     assert row["matches_per_pair"] > 3
+    assert row["params"] > row["stack_params"] > 0  # the matcher's parameters: the stem's and the stack's
     store = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in store] == ["match"] and store[0]["analytic_macs"] > 0
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -230,7 +230,8 @@ def footprint_figure(fps: list[dict[str, Any]], table: pd.DataFrame) -> go.Figur
                            name=label, showlegend=False, hovertemplate=label + "<extra></extra>"),
                 row=r, col=c,
             )  # fmt: skip
-        fig.layout.annotations[(r - 1) * 4].text += f"<br>attention {macs[m]:.2f} MMACs per pair, {kpq[m]} keys (cross)"
+        keys = "" if pd.isna(kpq[m]) else f", {kpq[m]} keys (cross)"  # an isolated stack has no cross block
+        fig.layout.annotations[(r - 1) * 4].text += f"<br>attention {macs[m]:.2f} MMACs per pair{keys}"
     fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor=None)
     fig.update_xaxes(showticklabels=False)
     fig.update_layout(template="plotly_white", height=270 * len(mechs) + 80, margin=dict(l=20, r=50, t=60, b=20))
@@ -252,11 +253,16 @@ def build_report(run_dir: str | Path) -> str:
         return _page("attnbench matching", str(run_dir), sections)
     table = summary(df)
     first = df.iloc[0]
+    # Rows with a stem field come from the version that evaluates every run on one held-out set; older rows
+    # drew their held-out pairs per seed
+    newer = "stem" in df and isinstance(first.get("stem"), str)
+    held_out = "(the same for every run)" if newer else "per seed"
+    stem = f", stem {esc(first['stem'])}" if newer else ""
     setup = (
         f"{int(first['image_height'])} px image pairs ({esc(first['data'])}), coarse map {int(first['height'])}x"
         f"{int(first['width'])} (stride {STRIDE}), width {int(first['dim'])}, {int(first['heads'])} heads, layers "
         f"{esc(' / '.join(first['layers']))}; {int(first['epochs'])} epochs on {int(first['train_pairs'])} pairs, "
-        f"held out {int(first['val_pairs'])} pairs per seed; preset {esc(first['preset'])}."
+        f"held out {int(first['val_pairs'])} pairs {held_out}; preset {esc(first['preset'])}{stem}."
     )
     cpu = esc(env.get("cpu_model", "?"))
     notes = (

@@ -838,7 +838,11 @@ def _knob_pairs(knob: list[str] | None) -> tuple[tuple[str, str], ...]:
 @app.command("match")
 def match_(
     mechanism: str = typer.Option(
-        "full,linear,pvt,quadtree", "--mechanism", "-m", help="Mechanisms with cross attention, comma-separated."
+        "full,linear,pvt,quadtree",
+        "--mechanism",
+        "-m",
+        help="Mechanisms with cross attention, comma-separated; controls: MECH.twin (negative), MECH.isolated "
+        "(positive: each token reads only itself), MECH.self-only (positive: no cross blocks).",
     ),
     quick: bool = typer.Option(
         False, "--quick", help="Quick preset: 4 mechanisms x 2 seeds in < 10 min on 2 CPU cores."

@@ -281,6 +281,9 @@ class Attention(nn.Module):
         self.head_dim = self.attention_width(dim, knobs) // heads
         self._impl = self.default_impl
         self.impl = impl or self.default_impl
+        # Points (impl, batch, maps, dtype, device) that passed unsupported() in _check_inputs: the verdict depends
+        # on nothing else, so a forward asks it once per point, not on every call
+        self._checked: set[tuple] = set()
 
     # ------------------------------------------------------------------ requirements
     @classmethod
@@ -530,9 +533,13 @@ class Attention(nn.Module):
                     f"{self.name}: context must have shape ({x.shape[0]}, {want}, {self.context_dim}) "
                     f"for context_hw={context_hw}, got {tuple(context.shape)}"
                 )
-        reasons = self.unsupported(x.shape[0], hw, context_hw, dtype=x.dtype, device=x.device)
-        if reasons:
-            raise UnsupportedPoint(self.name, reasons)
+        point = (self.impl, x.shape[0], hw, context_hw, x.dtype, x.device)
+        if torch.compiler.is_compiling() or point not in self._checked:
+            reasons = self.unsupported(x.shape[0], hw, context_hw, dtype=x.dtype, device=x.device)
+            if reasons:
+                raise UnsupportedPoint(self.name, reasons)
+            if not torch.compiler.is_compiling():
+                self._checked.add(point)
         return hw, context_hw
 
     def extra_repr(self) -> str:

@@ -65,9 +65,11 @@ def swin_index_3d(window_thw: tuple[int, int, int], table_window: tuple[int, int
 
 
 def swin_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Gather the per-head bias of every token pair: (rows, heads) x (T, T) -> (heads, T, T)."""
-    t = index.shape[0]
-    return table[index.flatten()].view(t, t, -1).permute(2, 0, 1)
+    """Gather the per-head bias of every token pair: (rows, heads) x (T, T) -> (heads, T, T), contiguous.
+
+    Gathered from the transposed table, so the result is laid out heads first: a (T, T, heads) gather
+    permuted to (heads, T, T) would make every sum with a mask heads-last in memory, and SDPA copy it."""
+    return table.t()[:, index]
 
 
 class AxisOffsets(NamedTuple):

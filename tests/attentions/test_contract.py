@@ -170,6 +170,27 @@ def test_tiny_map_runs_or_is_refused_with_a_reason(name):
             assert torch.isfinite(out).all()
 
 
+def test_a_point_is_checked_once_and_a_refused_point_every_time(monkeypatch):
+    # forward asks unsupported() once per (impl, batch, maps, dtype, device): a second call of the same point
+    # does not, another batch or impl does, and a point that is refused is refused on every call
+    module = attentions.build("swin", dim=DIM, heads=HEADS, window=4)
+    asked = []
+    real = module.unsupported
+    monkeypatch.setattr(module, "unsupported", lambda *a, **k: asked.append(a) or real(*a, **k))
+    x = torch.randn(2, 64, DIM)
+    module(x, (8, 8))
+    module(x, (8, 8))
+    assert len(asked) == 1
+    module(x[:1], (8, 8))
+    module.impl = "reference"
+    module(x, (8, 8))
+    assert len(asked) == 3
+    for _ in range(2):  # 6x6 is not a multiple of the window 4 (pad is off)
+        with pytest.raises(attentions.UnsupportedPoint):
+            module(torch.randn(1, 36, DIM), (6, 6))
+    assert len(asked) == 5
+
+
 @pytest.mark.parametrize("name", attentions.available())
 def test_bad_inputs_say_what_to_change(name):
     module, args = make(name, modes(name)[0])

@@ -270,3 +270,14 @@ def test_table_and_index_shapes():
     assert module.index.shape == (49, 49) and module.index.dtype == torch.long
     assert int(module.index.min()) == 0 and int(module.index.max()) == 13 * 13 - 1
     assert "index" not in module.state_dict()  # rebuilt from the window, never stored
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_the_window_bias_is_laid_out_heads_first(shift):
+    # A heads-last bias (a gather permuted to (h, T, T)) would make the sum with the shift mask heads-last in
+    # memory too, and SDPA copy it on every call; the bias must come out contiguous as (windows, h, T, T).
+    module = attentions.build("swin", dim=32, heads=4, window=4, shift=shift)
+    bias = module.window_bias((8, 8), torch.device("cpu"))
+    assert bias.is_contiguous() and bias.shape == ((4 if shift else 1), 4, 16, 16)
+    by_hand = module.table[module.index.flatten()].view(16, 16, 4).permute(2, 0, 1)  # (h, T, T)
+    assert torch.equal(bias[0], by_hand)  # the first window holds one region: no mask in it

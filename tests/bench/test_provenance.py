@@ -257,6 +257,28 @@ def test_profiled_step_imports_neither_inductor_nor_dynamo():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_the_timed_backward_is_autograds_without_importing_sympy():
+    # fwd+bwd runs the engine call that torch.autograd.backward ends in: the same gradients, without its
+    # per-call checks of the upstream gradient, whose first use imports sympy (0.4 s). A fresh process.
+    code = (
+        "import sys, torch\n"
+        "from attnbench.bench.measure import backward_from\n"
+        "torch.manual_seed(0)\n"
+        "w = torch.randn(8, 8, requires_grad=True)\n"
+        "outs = ((w @ w).softmax(-1), w.sin())\n"
+        "grads = [torch.randn_like(t) for t in outs]\n"
+        "backward_from(outs, grads)\n"
+        "print(sorted(m for m in ('sympy', 'torch._dynamo') if m in sys.modules))\n"
+        "ours = w.grad.clone()\n"
+        "w.grad = None\n"
+        "torch.autograd.backward(((w @ w).softmax(-1), w.sin()), grads)\n"
+        "assert torch.equal(ours, w.grad), (ours - w.grad).abs().max()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_probe_modules_of_every_mechanism_import_no_dynamo():
     # Grid expansion asks questions of modules built on the meta device; arithmetic on meta tensors runs torch's
     # Python decompositions, whose first use imports torch._dynamo (about 1.4 s of an eager sweep) or sympy (0.3 s,

@@ -7,6 +7,7 @@ recompile limits they exercise are Dynamo's, whatever the backend.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import warnings
@@ -240,52 +241,62 @@ def test_a_slot_warms_short_calls_only(monkeypatch, per_call_s, warm):
     assert len(calls) == warm and timed == [1]
 
 
+HEAVY = ("torch._inductor", "torch._dynamo", "sympy")  # what an eager sweep must not import (seconds of start)
+
+
+def _heavy_imports_of(code: str) -> list[str]:
+    """Run ``code`` in a fresh process (this one may have imported anything already) and return which of
+    HEAVY it had imported when ``code`` called ``report()``; the process must succeed."""
+    prelude = (
+        f"import json, sys\ndef report():\n    print('HEAVY', json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("HEAVY ")]
+    return json.loads(line[len("HEAVY ") :])
+
+
 def test_profiled_step_imports_neither_inductor_nor_dynamo():
     # The profiled step (op names and the CPU memory probe) of an eager point must not import the compiler
     # stack: torch.profiler.profile asks hasattr(torch, "_inductor") on every start, which imports inductor
-    # and Dynamo (about 1 s of a smoke sweep). A fresh process: this one may have imported them already.
+    # and Dynamo (about 1 s of a smoke sweep).
     code = (
-        "import sys, torch\n"
+        "import torch\n"
         "from attnbench.bench.provenance import profile_ops\n"
         "w = torch.randn(8, 8, requires_grad=True)\n"
         "names, peak = profile_ops(lambda: (w @ w).softmax(-1).sum().backward(), memory=True)\n"
         "assert names['aten::mm'] >= 1 and peak > 0, (names, peak)\n"
-        "print(sorted(m for m in ('torch._inductor', 'torch._dynamo') if m in sys.modules))\n"
+        "report()\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert not {"torch._inductor", "torch._dynamo"} & set(_heavy_imports_of(code))
 
 
 def test_the_timed_backward_is_autograds_without_importing_sympy():
     # fwd+bwd runs the engine call that torch.autograd.backward ends in: the same gradients, without its
-    # per-call checks of the upstream gradient, whose first use imports sympy (0.4 s). A fresh process.
+    # per-call checks of the upstream gradient, whose first use imports sympy (0.4 s).
     code = (
-        "import sys, torch\n"
+        "import torch\n"
         "from attnbench.bench.measure import backward_from\n"
         "torch.manual_seed(0)\n"
         "w = torch.randn(8, 8, requires_grad=True)\n"
         "outs = ((w @ w).softmax(-1), w.sin())\n"
         "grads = [torch.randn_like(t) for t in outs]\n"
         "backward_from(outs, grads)\n"
-        "print(sorted(m for m in ('sympy', 'torch._dynamo') if m in sys.modules))\n"
+        "report()\n"
         "ours = w.grad.clone()\n"
         "w.grad = None\n"
         "torch.autograd.backward(((w @ w).softmax(-1), w.sin()), grads)\n"
         "assert torch.equal(ours, w.grad), (ours - w.grad).abs().max()\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert _heavy_imports_of(code) == []
 
 
 def test_probe_modules_of_every_mechanism_import_no_dynamo():
     # Grid expansion asks questions of modules built on the meta device; arithmetic on meta tensors runs torch's
-    # Python decompositions, whose first use imports torch._dynamo (about 1.4 s of an eager sweep) or sympy (0.3 s,
-    # torch.randn's reference). Every
-    # mechanism, with its default knobs and each of its examples, must be built without it. A fresh process.
+    # Python decompositions, whose first use imports torch._dynamo (about 1.4 s of an eager sweep) or sympy
+    # (0.3 s, torch.randn's reference). Every mechanism, with its default knobs and each of its examples, must be
+    # built without them.
     code = (
-        "import sys\n"
         "from attnbench import attentions\n"
         "from attnbench.attentions.base import probe_module\n"
         "for name in attentions.available():\n"
@@ -293,8 +304,6 @@ def test_probe_modules_of_every_mechanism_import_no_dynamo():
         "    for knobs in ({}, *cls.examples):\n"
         "        for impl in cls.impls:\n"
         "            probe_module(name, 32, 2, cls.make_knobs(**knobs), impl)\n"
-        "print(sorted(m for m in ('torch._inductor', 'torch._dynamo', 'sympy') if m in sys.modules))\n"
+        "report()\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert _heavy_imports_of(code) == []

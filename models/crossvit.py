@@ -25,9 +25,15 @@ fuses with the other branch o; ``proj`` is LayerNorm-GELU-Linear from o's width 
 - ``none`` (the paper's Table 6 baseline): the branches never exchange anything; only their
   heads' logits are averaged.
 
-``patch_mixing=False`` (not in the paper; the positive control of ``experiments/crossvit_fusion.yaml``)
-lets every patch token of a ViT block see only itself, while the CLS token still reads every
-token of its branch: the CLS tokens become read-outs of tokens that never saw each other.
+``patch_mixing=False`` (not in the paper) lets every patch token of a ViT block see only itself, while
+the CLS token still reads every token of its branch: the CLS tokens become read-outs of tokens that
+never saw each other, and a read-out followed by an MLP can still compare them.
+
+``isolated=True`` (not in the paper; the positive control of ``experiments/crossvit_fusion.yaml``) takes
+every exchange away: in every ViT block each token, the CLS included, sees only itself, the branches do
+not fuse (it needs ``fusion="none"``), and each head reads the mean of its branch's normalised patch
+tokens instead of the CLS token. The logits are then a sum of one term per token, as with the backbones'
+window-1 control and mean-pool head.
 
 Position embeddings are learned for the native grids and resized (bicubic) to
 the current grids, so other resolutions run without rebuilding.
@@ -48,6 +54,7 @@ from .layers import HW, DropPath, Mlp, init_linear
 
 EPS = 1e-6  # CrossViT's LayerNorm eps
 FUSIONS = ("cross-attention", "all-attention", "class-token", "pairwise", "none")
+MIXING = ("all", "cls", "none")  # who a ViT block's tokens see: all, only the CLS reads, each only itself
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +72,7 @@ class CrossViTConfig:
     in_chans: int = 3
     fusion: str = "cross-attention"  # one of FUSIONS (the paper's Fig. 3)
     patch_mixing: bool = True  # False: a patch token sees only itself in the ViT blocks (the CLS reads all)
+    isolated: bool = False  # True: every token sees only itself, no fusion, heads read the mean patch token
 
     @property
     def resolution(self) -> int:
@@ -74,9 +82,11 @@ class CrossViTConfig:
 class ViTBlock(nn.Module):
     """Pre-norm ViT block; the CLS token takes part in the attention like any token."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float, patch_mixing: bool = True):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float, mixing: str = "all"):
         super().__init__()
-        self.patch_mixing = patch_mixing
+        if mixing not in MIXING:
+            raise ValueError(f"ViTBlock mixing must be one of {', '.join(MIXING)}, got {mixing!r}")
+        self.mixing = mixing
         self.norm1 = nn.LayerNorm(dim, eps=EPS)
         self.attn = attentions.build("full", dim=dim, heads=heads, qkv_bias=True)
         self.drop_path = DropPath(drop_path)
@@ -86,17 +96,21 @@ class ViTBlock(nn.Module):
     def macs(self, batch: int, tokens: int) -> int:
         c = self.norm1.normalized_shape[0]
         own = 2 * 5 * tokens * c + self.mlp.macs((1, tokens))
+        if self.mixing == "none":  # every token on its own
+            return batch * own + self.attn.macs(batch * tokens, (1, 1))
         mixing = self.attn.macs(batch, (1, tokens))
-        if not self.patch_mixing:  # the whole row for the CLS's output, then each patch token on its own
+        if self.mixing == "cls":  # the whole row for the CLS's output, then each patch token on its own
             mixing += self.attn.macs(batch * (tokens - 1), (1, 1))
         return batch * own + mixing
 
     def _attend(self, h: torch.Tensor) -> torch.Tensor:
-        # Full attention ignores the layout, so CLS + H*W tokens are passed as one 1 x (1 + H*W) row.
-        out = self.attn(h, (1, h.shape[1]))  # (B, 1 + H*W, C)
-        if self.patch_mixing:
-            return out
         b, n, c = h.shape
+        if self.mixing == "none":
+            return self.attn(h.reshape(b * n, 1, c), (1, 1)).reshape(b, n, c)  # (B * (1 + H*W), 1, C): one key each
+        # Full attention ignores the layout, so CLS + H*W tokens are passed as one 1 x (1 + H*W) row.
+        out = self.attn(h, (1, n))  # (B, 1 + H*W, C)
+        if self.mixing == "all":
+            return out
         alone = self.attn(h[:, 1:].reshape(b * (n - 1), 1, c), (1, 1))  # (B * H*W, 1, C): one key each
         return torch.cat([out[:, :1], alone.reshape(b, n - 1, c)], dim=1)  # (B, 1 + H*W, C)
 
@@ -182,6 +196,12 @@ class CrossViT(nn.Module):
         super().__init__()
         if config.fusion not in FUSIONS:
             raise ValueError(f"CrossViT fusion must be one of {', '.join(FUSIONS)}, got {config.fusion!r}")
+        if config.isolated and config.fusion != "none":
+            raise ValueError(
+                f"an isolated CrossViT has no fusion (its branches exchange nothing): set fusion='none', "
+                f"got {config.fusion!r}"
+            )
+        mixing = "none" if config.isolated else "all" if config.patch_mixing else "cls"
         self.config = cfg = config
         self.prefix = 1
         self.native_grids = [r // p for r, p in zip(cfg.resolutions, cfg.patches, strict=True)]
@@ -202,7 +222,7 @@ class CrossViT(nn.Module):
             self.branches.append(
                 nn.ModuleList(
                     nn.ModuleList(
-                        ViTBlock(cfg.dims[b], cfg.heads[b], cfg.mlp_ratio, rates[f * per_fusion + j], cfg.patch_mixing)
+                        ViTBlock(cfg.dims[b], cfg.heads[b], cfg.mlp_ratio, rates[f * per_fusion + j], mixing)
                         for j in range(cfg.depths[b])
                     )
                     for b in range(2)
@@ -258,7 +278,11 @@ class CrossViT(nn.Module):
                 total += fusers.macs(batch, hws)
             elif len(fusers):
                 total += sum(fusers[b].macs(batch, hws[b], hws[1 - b]) for b in range(2))
-        return total + batch * sum(5 * d + d * cfg.num_classes for d in cfg.dims)
+        if cfg.isolated:  # LayerNorm on every patch token, then the head on their mean (a mean counts none)
+            read = sum(5 * d * hw[0] * hw[1] + d * cfg.num_classes for d, hw in zip(cfg.dims, hws, strict=True))
+        else:
+            read = sum(5 * d + d * cfg.num_classes for d in cfg.dims)
+        return total + batch * read
 
     # ------------------------------------------------------------------ forward
     def _embed(self, b: int, img: torch.Tensor) -> tuple[torch.Tensor, HW]:
@@ -296,5 +320,8 @@ class CrossViT(nn.Module):
                 xs = [fusers[b](xs[b], hws[b], context=xs[1 - b], context_hw=hws[1 - b]) for b in range(2)]
             else:
                 xs = [fusers[b](xs[b], hws[b], xs[1 - b], hws[1 - b]) for b in range(2)]
-        logits = [head(norm(x[:, 0])) for x, norm, head in zip(xs, self.norms, self.heads, strict=True)]
+        # isolated: the mean of each branch's normalised patch tokens (one term per token); else its CLS token
+        iso = self.config.isolated
+        read = [norm(x[:, 1:]).mean(dim=1) if iso else norm(x[:, 0]) for x, norm in zip(xs, self.norms, strict=True)]
+        logits = [head(r) for r, head in zip(read, self.heads, strict=True)]
         return torch.stack(logits).mean(dim=0)

@@ -98,9 +98,43 @@ def test_without_patch_mixing_a_patch_token_sees_only_itself_and_the_cls_reads_a
         assert changed == expected
 
 
-@pytest.mark.parametrize("fusion,patch_mixing", [(f, True) for f in FUSIONS] + [("class-token", False)])
-def test_every_fusion_trains_tiny_and_its_analytic_count_matches_the_traced_one(fusion, patch_mixing):
-    model = CrossViT(CrossViTConfig(**TINY, fusion=fusion, num_classes=4, patch_mixing=patch_mixing))
+def _corner_edits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x with its top-left 4 x 4 px changed, its bottom-right ones changed, and both: regions that share no token
+    of either branch (the large branch's bicubic resize spreads a pixel over about 2 px of its 24)."""
+    a, b = x.clone(), x.clone()
+    a[..., :4, :4] += torch.randn_like(a[..., :4, :4])
+    b[..., -4:, -4:] += torch.randn_like(b[..., -4:, -4:])
+    both = a.clone()
+    both[..., -4:, -4:] = b[..., -4:, -4:]
+    return a, b, both
+
+
+@pytest.mark.parametrize("isolated", [True, False])
+def test_an_isolated_model_scores_each_token_on_its_own(isolated):
+    # Isolated: the logits are a sum of one term per token, so two edits far apart add up exactly; the same
+    # model with its blocks mixing (fusion none too) does not add them up.
+    torch.manual_seed(0)
+    model = CrossViT(CrossViTConfig(**TINY, fusion="none", num_classes=3, isolated=isolated)).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    a, b, both = _corner_edits(x)
+    with torch.no_grad():
+        gap = (model(both) - model(a) - model(b) + model(x)).abs().max().item()
+        moved = (model(a) - model(x)).abs().max().item()
+    assert moved > 1e-3  # each edit does change the logits
+    assert (gap < 1e-12) == isolated, gap
+
+
+def test_an_isolated_model_has_no_fusion():
+    with pytest.raises(ValueError, match="fusion='none'"):
+        CrossViT(CrossViTConfig(**TINY, fusion="cross-attention", isolated=True))
+
+
+@pytest.mark.parametrize(
+    "fusion,patch_mixing,isolated",
+    [(f, True, False) for f in FUSIONS] + [("class-token", False, False), ("none", True, True)],
+)
+def test_every_fusion_trains_tiny_and_its_analytic_count_matches_the_traced_one(fusion, patch_mixing, isolated):
+    model = CrossViT(CrossViTConfig(**TINY, fusion=fusion, num_classes=4, patch_mixing=patch_mixing, isolated=isolated))
     x = torch.randn(2, 3, 32, 32)
     model(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
